@@ -1,0 +1,95 @@
+# visionserve: `make run` serves the default models on http://127.0.0.1:8080, `make test` runs
+# the whole suite. Both prepare everything they need; heavy outputs (the Python/torch
+# environment, cargo's build folder, converted models) live in $(CACHE), keyed by version,
+# so a fresh clone on the same machine reuses them.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+TORCH_VERSION       := 2.13.0
+TORCHVISION_VERSION := 0.28.0
+CACHE      ?= $(or $(VISIONSERVE_CACHE),$(HOME)/.cache/visionserve)
+PY_ENV     := $(CACHE)/py-torch$(TORCH_VERSION)-tv$(TORCHVISION_VERSION)
+PYTHON     := $(PY_ENV)/bin/python
+LOCK_HASH  := $(shell sha256sum requirements.lock | cut -c1-12)
+PY_STAMP   := $(PY_ENV)/.installed-$(LOCK_HASH)
+
+export LIBTORCH_USE_PYTORCH := 1
+export CARGO_TARGET_DIR     := $(CACHE)/cargo-target-torch$(TORCH_VERSION)
+export PATH                 := $(PY_ENV)/bin:$(PATH)
+BIN := target/release/visionserve
+
+# Converted models are keyed by the scripts that make them (and the torch version).
+TEST_MODELS_KEY := $(shell cat models/export.py | sha256sum | cut -c1-12)
+TEST_MODELS     := $(CACHE)/test-models-$(TEST_MODELS_KEY)
+DEFAULT_MODELS  := mobilenet_v2 ssd_mobilenet_v2_coco text_detector_ppocr_v4
+PRETRAINED_KEY  := $(shell cat models/convert_pretrained.py models/weights.sha256 | sha256sum | cut -c1-12)
+PRETRAINED      := $(CACHE)/pretrained-$(PRETRAINED_KEY)
+
+.PHONY: help prereqs pyenv build models test-models run test test-rust test-python zoo clean
+
+help:
+	@echo "make run    - prepare everything and serve the default models on http://127.0.0.1:8080"
+	@echo "make test   - prepare everything and run the whole test suite"
+	@echo "make build  - release binary at $(BIN)"
+	@echo "make models - convert the default pretrained models into models/"
+	@echo "make zoo    - export the torchvision zoo (ZOO_FLAGS=--random-init offline) into ZOO_OUT"
+
+prereqs:
+	@scripts/check-prereqs.sh
+
+# The Python environment: torch and torchvision for libtorch and model export, the converters
+# and the test clients, all pinned in requirements.lock.
+$(PY_STAMP): requirements.lock | prereqs
+	@echo "[setup] Python environment in $(PY_ENV) (first time: about 5 GB, a few minutes)"
+	@test -x $(PYTHON) || python3 -m venv $(PY_ENV)
+	$(PYTHON) -m pip install --progress-bar off -q --upgrade pip
+	$(PYTHON) -m pip install --progress-bar off -r requirements.lock
+	@touch $@
+
+pyenv: $(PY_STAMP)
+
+build: $(PY_STAMP)
+	@echo "[build] cargo build --release (first time: about 5 minutes for torch-sys)"
+	cargo build --release --locked
+	@mkdir -p target/release
+	@install -m 755 $(CARGO_TARGET_DIR)/release/visionserve $(BIN)
+
+# Default pretrained models: converted once per machine into the cache, then linked into
+# models/<name>/ beside their committed config.toml and labels.
+$(PRETRAINED)/.complete: models/convert_pretrained.py models/weights.sha256 | $(PY_STAMP)
+	$(PYTHON) models/convert_pretrained.py --out $(PRETRAINED) --downloads $(CACHE)/downloads
+	@touch $@
+
+models: $(PRETRAINED)/.complete
+	@for m in $(DEFAULT_MODELS); do ln -sfn $(PRETRAINED)/$$m/model.pt models/$$m/model.pt; done
+	@echo "[models] $(DEFAULT_MODELS) ready in models/"
+
+$(TEST_MODELS)/.complete: models/export.py | $(PY_STAMP)
+	$(PYTHON) models/export.py --out $(TEST_MODELS) --set test --random-init
+	@touch $@
+
+test-models: $(TEST_MODELS)/.complete
+
+run: build models
+	$(BIN) --model-repository models
+
+test: build models test-models test-rust test-python
+
+test-rust: build test-models
+	VISIONSERVE_TEST_MODELS=$(TEST_MODELS) cargo test --release --locked
+
+test-python: build models test-models
+	VISIONSERVE_BIN=$(abspath $(BIN)) VISIONSERVE_TEST_MODELS=$(TEST_MODELS) \
+	  VISIONSERVE_DEFAULT_MODELS=$(abspath models) \
+	  $(PYTHON) -m pytest -q tests/python
+
+ZOO_OUT   ?= $(CACHE)/zoo
+ZOO_FLAGS ?=
+zoo: $(PY_STAMP)
+	$(PYTHON) models/export.py --out $(ZOO_OUT) --set zoo $(ZOO_FLAGS)
+
+clean:
+	rm -rf target
+	@for m in $(DEFAULT_MODELS); do rm -f models/$$m/model.pt; done

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One clear sentence per missing prerequisite, before anything slow starts.
+set -u
+missing=0
+need() { # need CMD "sentence"
+  if ! command -v "$1" >/dev/null 2>&1; then echo "visionserve setup: $2" >&2; missing=1; fi
+}
+need python3 "python3 (3.10 or newer) is not installed; install it (Debian: apt-get install python3 python3-venv python3-dev)."
+need c++ "no C++ compiler found; install one (Debian: apt-get install g++), torch-sys compiles a C++ wrapper."
+need cc "no C compiler found; install one (Debian: apt-get install gcc)."
+need cargo "cargo is not installed; install the Rust toolchain from https://rustup.rs."
+if command -v python3 >/dev/null 2>&1; then
+  if ! python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)'; then
+    echo "visionserve setup: python3 is $(python3 -V 2>&1 | cut -d' ' -f2); torch 2.13 needs 3.10 or newer." >&2; missing=1
+  fi
+  if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    echo "visionserve setup: python3 cannot create virtual environments; install python3-venv." >&2; missing=1
+  fi
+  if [ "$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("Py_ENABLE_SHARED") or 0)')" != "1" ]; then
+    echo "visionserve setup: python3 was built without a shared libpython, which torchvision's operators need when loaded from Rust; use a python3 built with --enable-shared (Debian's is)." >&2; missing=1
+  fi
+fi
+exit $missing

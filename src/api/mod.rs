@@ -1,0 +1,91 @@
+//! The HTTP surface: each module exposes a `router()`, merged here under one state and one
+//! stack of layers (request id, tracing, body limit) with a JSON fallback for unknown routes.
+
+mod health;
+pub mod input;
+mod models;
+pub mod params;
+mod predict;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, Request};
+use axum::Router;
+use tokio::sync::Semaphore;
+use tower::ServiceBuilder;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::error::ApiError;
+use crate::repository::ModelRepository;
+
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits {
+    pub max_body_bytes: usize,
+    pub max_image_pixels: u64,
+    pub max_images_per_request: usize,
+}
+
+/// Everything a handler needs, cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub repository: Arc<ModelRepository>,
+    pub limits: RequestLimits,
+    /// Bounds the decode/preprocess work running at once on tokio's blocking pool.
+    pub cpu_permits: Arc<Semaphore>,
+}
+
+impl AppState {
+    /// Runs CPU-heavy, non-libtorch work (decoding, resizing, mask encoding) off the reactor,
+    /// at most `cpu_permits` at a time.
+    pub async fn run_cpu<T, F>(&self, work: F) -> Result<T, ApiError>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        let _permit = self
+            .cpu_permits
+            .acquire()
+            .await
+            .map_err(|_| ApiError::Internal("CPU pool closed".into()))?;
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|e| ApiError::Internal(format!("CPU task failed: {e}")))
+    }
+}
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.limits.max_body_bytes;
+    Router::new()
+        .merge(health::router())
+        .merge(models::router())
+        .merge(predict::router())
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .method_not_allowed_fallback(|| async {
+            ApiError::MethodNotAllowed("method not allowed on this route".into())
+        })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+                .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
+                    let id = request
+                        .headers()
+                        .get(REQUEST_ID)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-");
+                    tracing::info_span!("request", id, method = %request.method(), uri = %request.uri())
+                }))
+                .layer(PropagateRequestIdLayer::new(REQUEST_ID)),
+        )
+        .with_state(state)
+}
+
+/// Milliseconds with microsecond resolution, for timing headers.
+pub fn millis(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1000.0)
+}

@@ -1,0 +1,95 @@
+//! The engine: each model runs on long-lived worker threads that own its libtorch state and
+//! take jobs from one bounded queue. Only plain Rust data crosses the queue; `Tensor` and
+//! `IValue` never leave the worker thread.
+
+mod outputs;
+pub mod ops;
+mod worker;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Sender, TrySendError};
+use tokio::sync::oneshot;
+
+use crate::image::PreparedImage;
+use crate::repository::config::ModelConfig;
+use crate::tasks::detection::Candidate;
+use crate::tasks::segmentation::LabelMap;
+
+pub use worker::{load_model, spawn_workers, LoadedModel};
+
+/// What the worker hands back for one image, before the task-level post-processing.
+#[derive(Debug, Clone)]
+pub enum ModelOutput {
+    /// Class scores, softmax applied when the config asks for it.
+    Probabilities(Vec<f32>),
+    /// Class index per pixel at model-input resolution.
+    LabelMap(LabelMap),
+    /// Boxes in model-input pixels at or above the request's score threshold, before NMS.
+    Candidates(Vec<Candidate>),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct JobOptions {
+    /// Detection candidates below this score are dropped on the worker.
+    pub score_threshold: f32,
+}
+
+/// A request's images, on their way to a worker.
+pub struct Job {
+    pub images: Vec<PreparedImage>,
+    pub options: JobOptions,
+    pub enqueued_at: Instant,
+    pub reply: oneshot::Sender<Result<JobOutput, EngineError>>,
+}
+
+#[derive(Debug)]
+pub struct JobOutput {
+    pub outputs: Vec<ModelOutput>,
+    pub queue_time: Duration,
+    pub inference_time: Duration,
+    /// Images in the forward pass this job ran in (its own and others').
+    pub batch_size: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("the model's forward pass failed: {0}")]
+    Forward(String),
+    #[error("the model's output does not follow the configured convention: {0}")]
+    Output(String),
+    #[error("the queue is full")]
+    QueueFull,
+    #[error("the model's workers have stopped")]
+    Stopped,
+}
+
+/// The handle the HTTP side holds: a sender into the model's bounded queue.
+#[derive(Clone)]
+pub struct ModelRuntime {
+    queue: Sender<Job>,
+    pub config: Arc<ModelConfig>,
+}
+
+impl ModelRuntime {
+    /// Enqueues at once or refuses at once: a full queue is an answer, not a wait.
+    pub async fn infer(
+        &self,
+        images: Vec<PreparedImage>,
+        options: JobOptions,
+    ) -> Result<JobOutput, EngineError> {
+        let (reply, response) = oneshot::channel();
+        let job = Job { images, options, enqueued_at: Instant::now(), reply };
+        match self.queue.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Err(EngineError::QueueFull),
+            Err(TrySendError::Disconnected(_)) => return Err(EngineError::Stopped),
+        }
+        response.await.unwrap_or(Err(EngineError::Stopped))
+    }
+
+    pub fn queue_depth(&self) -> usize {
+        self.queue.len()
+    }
+}

@@ -1,0 +1,271 @@
+//! Model loading, warm-up and the worker loop: take a job, gather more up to the batch size
+//! (waiting at most `max_delay_ms`), skip jobs whose client has gone, run the forward pass,
+//! answer each job with its own outputs, in order.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use tch::{CModule, Device, IValue, Kind, Tensor};
+
+use super::outputs::{parse_batched, parse_torchvision_detection, scale_normalised};
+use super::{EngineError, Job, JobOptions, JobOutput, ModelOutput, ModelRuntime};
+use crate::image::{Geometry, PreparedImage};
+use crate::repository::config::{ModelConfig, OutputConvention, ResizePolicy};
+
+/// A loaded, warmed-up model, ready to get workers.
+pub struct LoadedModel {
+    module: Arc<CModule>,
+    device: Device,
+    pub parameter_count: u64,
+}
+
+pub fn parse_device(spec: &str) -> Result<Device, String> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => Ok(Device::cuda_if_available()),
+        s if s.starts_with("cuda") => {
+            let index = match s.strip_prefix("cuda:") {
+                Some(n) => n.parse::<usize>().map_err(|_| format!("bad device '{s}'"))?,
+                None if s == "cuda" => 0,
+                None => return Err(format!("bad device '{s}'")),
+            };
+            if !tch::Cuda::is_available() || index >= tch::Cuda::device_count() as usize {
+                return Err(format!("device '{s}' is not available on this machine"));
+            }
+            Ok(Device::Cuda(index))
+        }
+        other => Err(format!("unknown device '{other}' (use cpu, cuda:N or auto)")),
+    }
+}
+
+/// Loads the TorchScript file and checks it with `warmup_runs` forward passes on a blank input
+/// of the configured size, so a model whose output does not fit its config fails here, at
+/// start-up, rather than on the first request.
+pub fn load_model(config: &ModelConfig, model_file: &Path, intra_op_threads: usize) -> Result<LoadedModel, String> {
+    let device = parse_device(&config.runtime.device)?;
+    let mut module = CModule::load_on_device(model_file, device)
+        .map_err(|e| format!("TorchScript load failed: {}", first_line(&e.to_string())))?;
+    module.set_eval();
+    let parameter_count = module
+        .named_parameters()
+        .map(|params| params.iter().map(|(_, t)| t.numel() as u64).sum())
+        .unwrap_or(0);
+    let model = LoadedModel { module: Arc::new(module), device, parameter_count };
+    let _no_grad = tch::no_grad_guard();
+    tch::set_num_threads(intra_op_threads.max(1) as i32);
+    let (w, h) = warmup_size(config);
+    for _ in 0..config.runtime.warmup_runs.max(1) {
+        let blank = PreparedImage {
+            data: vec![0.0; (w * h * 3) as usize],
+            geometry: Geometry {
+                original_width: w,
+                original_height: h,
+                input_width: w,
+                input_height: h,
+                scale_x: 1.0,
+                scale_y: 1.0,
+                offset_x: 0.0,
+                offset_y: 0.0,
+            },
+        };
+        run_images(&model, config, &[&blank], JobOptions { score_threshold: 1.0 })
+            .map_err(|e| format!("warm-up failed: {e}"))?;
+    }
+    Ok(model)
+}
+
+fn first_line(message: &str) -> String {
+    message.lines().next().unwrap_or(message).to_string()
+}
+
+fn warmup_size(config: &ModelConfig) -> (u32, u32) {
+    let input = &config.input;
+    match input.resize {
+        ResizePolicy::FitMultiple => {
+            let m = input.multiple.unwrap_or(32).max(1);
+            (input.width.div_ceil(m) * m, input.height.div_ceil(m) * m)
+        }
+        _ => (input.width, input.height),
+    }
+}
+
+/// Starts `workers` threads over one bounded queue and returns the handle to it.
+pub fn spawn_workers(
+    name: &str,
+    model: LoadedModel,
+    config: Arc<ModelConfig>,
+    intra_op_threads: usize,
+) -> ModelRuntime {
+    let (sender, receiver) = crossbeam_channel::bounded::<Job>(config.batching.queue_capacity);
+    let model = Arc::new(model);
+    for index in 0..config.runtime.workers {
+        let receiver = receiver.clone();
+        let model = Arc::clone(&model);
+        let config = Arc::clone(&config);
+        let span = tracing::info_span!("worker", model = %name, index);
+        std::thread::Builder::new()
+            .name(format!("{name}-worker-{index}"))
+            .spawn(move || {
+                let _entered = span.enter();
+                // Grad mode and the intra-op thread count are per thread: set both once, here.
+                let _no_grad = tch::no_grad_guard();
+                tch::set_num_threads(intra_op_threads.max(1) as i32);
+                worker_loop(&model, &config, &receiver);
+            })
+            .expect("spawning a worker thread");
+    }
+    ModelRuntime { queue: sender, config }
+}
+
+fn worker_loop(model: &LoadedModel, config: &ModelConfig, queue: &Receiver<Job>) {
+    let max_batch = config.batching.max_batch_size;
+    let max_delay = Duration::from_millis(config.batching.max_delay_ms);
+    while let Ok(first) = queue.recv() {
+        let mut jobs = vec![first];
+        let mut images: usize = jobs[0].images.len();
+        let deadline = Instant::now() + max_delay;
+        while images < max_batch {
+            let next = if max_delay.is_zero() {
+                queue.try_recv().ok()
+            } else {
+                match queue.recv_deadline(deadline) {
+                    Ok(job) => Some(job),
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
+                }
+            };
+            match next {
+                Some(job) => {
+                    images += job.images.len();
+                    jobs.push(job);
+                }
+                None => break,
+            }
+        }
+        // A client that has gone gets no computation.
+        jobs.retain(|job| !job.reply.is_closed());
+        if !jobs.is_empty() {
+            run_jobs(model, config, jobs);
+        }
+    }
+    tracing::debug!("queue closed; worker exits");
+}
+
+fn run_jobs(model: &LoadedModel, config: &ModelConfig, jobs: Vec<Job>) {
+    let started = Instant::now();
+    let all: Vec<&PreparedImage> = jobs.iter().flat_map(|j| j.images.iter()).collect();
+    // One threshold for the batch: the lowest asked for; each job's own is applied after.
+    let threshold = jobs.iter().map(|j| j.options.score_threshold).fold(f32::INFINITY, f32::min);
+    let batch_size = all.len();
+    let mut results: Vec<Result<ModelOutput, String>> = Vec::with_capacity(batch_size);
+    for chunk in all.chunks(config.batching.max_batch_size.max(1)) {
+        match run_images(model, config, chunk, JobOptions { score_threshold: threshold }) {
+            Ok(outputs) => results.extend(outputs.into_iter().map(Ok)),
+            Err(e) => {
+                tracing::warn!(error = %e, "forward pass failed");
+                results.extend(chunk.iter().map(|_| Err(e.to_string())));
+            }
+        }
+    }
+    let inference_time = started.elapsed();
+    let mut results = results.into_iter();
+    for job in jobs {
+        let mine: Vec<_> = results.by_ref().take(job.images.len()).collect();
+        let outcome = mine
+            .into_iter()
+            .map(|r| {
+                r.map(|output| keep_above(output, job.options.score_threshold))
+                    .map_err(EngineError::Forward)
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(|outputs| JobOutput {
+                outputs,
+                queue_time: started.saturating_duration_since(job.enqueued_at),
+                inference_time,
+                batch_size,
+            });
+        let _ = job.reply.send(outcome);
+    }
+}
+
+fn keep_above(output: ModelOutput, threshold: f32) -> ModelOutput {
+    match output {
+        ModelOutput::Candidates(list) => {
+            ModelOutput::Candidates(list.into_iter().filter(|c| c.score >= threshold).collect())
+        }
+        other => other,
+    }
+}
+
+/// Runs one forward pass over `images` (grouped by size where the model takes a stacked
+/// batch) and parses the outputs. A panic inside libtorch or the parser becomes an error for
+/// these images only.
+fn run_images(
+    model: &LoadedModel,
+    config: &ModelConfig,
+    images: &[&PreparedImage],
+    options: JobOptions,
+) -> Result<Vec<ModelOutput>, EngineError> {
+    catch_unwind(AssertUnwindSafe(|| run_images_inner(model, config, images, options)))
+        .unwrap_or_else(|panic| {
+            let message = panic
+                .downcast_ref::<String>()
+                .map(|s| s.as_str())
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("panic");
+            Err(EngineError::Forward(first_line(message)))
+        })
+}
+
+fn image_tensor(image: &PreparedImage, device: Device) -> Tensor {
+    let g = &image.geometry;
+    Tensor::from_slice(&image.data)
+        .view([3, g.input_height as i64, g.input_width as i64])
+        .to_device(device)
+}
+
+fn run_images_inner(
+    model: &LoadedModel,
+    config: &ModelConfig,
+    images: &[&PreparedImage],
+    options: JobOptions,
+) -> Result<Vec<ModelOutput>, EngineError> {
+    let forward = |input: IValue| {
+        model
+            .module
+            .forward_is(&[input])
+            .map_err(|e| EngineError::Forward(first_line(&e.to_string())))
+    };
+    if config.output.convention == OutputConvention::TorchvisionDetection {
+        let list: Vec<Tensor> = images.iter().map(|img| image_tensor(img, model.device)).collect();
+        let output = forward(IValue::TensorList(list))?;
+        return parse_torchvision_detection(output, images.len(), options.score_threshold);
+    }
+    // Stacked batches need one size: group by input size, keeping each image's slot.
+    let mut outputs: Vec<Option<ModelOutput>> = vec![None; images.len()];
+    let mut pending: Vec<usize> = (0..images.len()).collect();
+    while let Some(&lead) = pending.first() {
+        let size = (images[lead].geometry.input_width, images[lead].geometry.input_height);
+        let (group, rest): (Vec<usize>, Vec<usize>) = pending
+            .iter()
+            .partition(|&&i| (images[i].geometry.input_width, images[i].geometry.input_height) == size);
+        pending = rest;
+        let mut data = Vec::with_capacity(group.len() * images[lead].data.len());
+        for &i in &group {
+            data.extend_from_slice(&images[i].data);
+        }
+        let batch = Tensor::from_slice(&data)
+            .view([group.len() as i64, 3, size.1 as i64, size.0 as i64])
+            .to_kind(Kind::Float)
+            .to_device(model.device);
+        let output = forward(IValue::Tensor(batch))?;
+        let mut parsed = parse_batched(output, &config.output, group.len(), options.score_threshold)?;
+        scale_normalised(&mut parsed, &config.output, &vec![size; group.len()]);
+        for (slot, out) in group.into_iter().zip(parsed) {
+            outputs[slot] = Some(out);
+        }
+    }
+    Ok(outputs.into_iter().map(|o| o.expect("every image has an output")).collect())
+}

@@ -1,0 +1,293 @@
+//! Image → model input, as the model's `[input]` config says: resize policy, value scale, mean,
+//! std and channel order, written straight into a CHW `f32` buffer. The [`Geometry`] records the
+//! affine map from original pixels to model-input pixels so results can be mapped back.
+
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::RgbImage;
+
+use crate::repository::config::{ChannelOrder, InputSpec, ResizePolicy};
+
+/// Per axis: `input = original * scale + offset`, in pixel units (pixel edges, not centres).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Geometry {
+    pub original_width: u32,
+    pub original_height: u32,
+    pub input_width: u32,
+    pub input_height: u32,
+    pub scale_x: f32,
+    pub scale_y: f32,
+    pub offset_x: f32,
+    pub offset_y: f32,
+}
+
+impl Geometry {
+    /// Maps a point in model-input pixels back to the original image, clamped to its bounds.
+    pub fn to_original(&self, x: f32, y: f32) -> (f32, f32) {
+        let ox = ((x - self.offset_x) / self.scale_x).clamp(0.0, self.original_width as f32);
+        let oy = ((y - self.offset_y) / self.scale_y).clamp(0.0, self.original_height as f32);
+        (ox, oy)
+    }
+}
+
+/// A model-ready image: CHW floats of `input_height × input_width`, plus its geometry.
+#[derive(Debug, Clone)]
+pub struct PreparedImage {
+    pub data: Vec<f32>,
+    pub geometry: Geometry,
+}
+
+/// Where the resized image lands on the model-input canvas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Placement {
+    resized_width: u32,
+    resized_height: u32,
+    canvas_width: u32,
+    canvas_height: u32,
+    /// Position of the resized image's top-left corner on the canvas; negative for a crop.
+    left: i64,
+    top: i64,
+}
+
+fn placement(spec: &InputSpec, width: u32, height: u32) -> Placement {
+    let (w, h) = (width as f64, height as f64);
+    match spec.resize {
+        ResizePolicy::ShorterSideCenterCrop => {
+            // torchvision's Resize(int): the long side is truncated, not rounded.
+            let short_target = spec.resize_shorter.unwrap_or(spec.width.min(spec.height));
+            let (rw, rh) = if width <= height {
+                (short_target, ((short_target as f64) * h / w) as u32)
+            } else {
+                (((short_target as f64) * w / h) as u32, short_target)
+            };
+            // torchvision's CenterCrop: Python's round(), which rounds halves to even.
+            let left = ((rw as f64 - spec.width as f64) / 2.0).round_ties_even() as i64;
+            let top = ((rh as f64 - spec.height as f64) / 2.0).round_ties_even() as i64;
+            Placement {
+                resized_width: rw.max(1),
+                resized_height: rh.max(1),
+                canvas_width: spec.width,
+                canvas_height: spec.height,
+                left: -left,
+                top: -top,
+            }
+        }
+        ResizePolicy::Stretch => Placement {
+            resized_width: spec.width,
+            resized_height: spec.height,
+            canvas_width: spec.width,
+            canvas_height: spec.height,
+            left: 0,
+            top: 0,
+        },
+        ResizePolicy::Letterbox => {
+            // The ultralytics LetterBox arithmetic, so a user's own YOLO export sees the input
+            // it was trained on.
+            let r = (spec.width as f64 / w).min(spec.height as f64 / h);
+            let rw = ((w * r).round() as u32).clamp(1, spec.width);
+            let rh = ((h * r).round() as u32).clamp(1, spec.height);
+            let dw = (spec.width - rw) as f64 / 2.0;
+            let dh = (spec.height - rh) as f64 / 2.0;
+            Placement {
+                resized_width: rw,
+                resized_height: rh,
+                canvas_width: spec.width,
+                canvas_height: spec.height,
+                left: (dw - 0.1).round() as i64,
+                top: (dh - 0.1).round() as i64,
+            }
+        }
+        ResizePolicy::FitMultiple => {
+            let max_side = spec.max_side.unwrap_or(spec.width.max(spec.height)) as f64;
+            let multiple = spec.multiple.unwrap_or(32).max(1) as f64;
+            let ratio = (max_side / w.max(h)).min(1.0);
+            let round = |v: f64| (((v * ratio) / multiple).round() * multiple).max(multiple) as u32;
+            let (rw, rh) = (round(w), round(h));
+            Placement {
+                resized_width: rw,
+                resized_height: rh,
+                canvas_width: rw,
+                canvas_height: rh,
+                left: 0,
+                top: 0,
+            }
+        }
+        ResizePolicy::Original => Placement {
+            resized_width: width,
+            resized_height: height,
+            canvas_width: width,
+            canvas_height: height,
+            left: 0,
+            top: 0,
+        },
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("resizing failed: {0}")]
+pub struct PreprocessError(String);
+
+/// Resizes, places and normalises `image` into a CHW float buffer for the model.
+pub fn preprocess(image: &RgbImage, spec: &InputSpec) -> Result<PreparedImage, PreprocessError> {
+    let (width, height) = image.dimensions();
+    let place = placement(spec, width, height);
+    let resized = resize_rgb(image, place.resized_width, place.resized_height)?;
+    let resized_pixels: &[u8] = match &resized {
+        Some(buffer) => buffer,
+        None => image.as_raw(),
+    };
+    let data = normalise_onto_canvas(resized_pixels, &place, spec);
+    let geometry = Geometry {
+        original_width: width,
+        original_height: height,
+        input_width: place.canvas_width,
+        input_height: place.canvas_height,
+        scale_x: place.resized_width as f32 / width as f32,
+        scale_y: place.resized_height as f32 / height as f32,
+        offset_x: place.left as f32,
+        offset_y: place.top as f32,
+    };
+    Ok(PreparedImage { data, geometry })
+}
+
+/// Bilinear resize with antialiasing (Pillow's convolution, which torchvision's PIL path uses).
+/// `None` when the size is unchanged.
+fn resize_rgb(image: &RgbImage, width: u32, height: u32) -> Result<Option<Vec<u8>>, PreprocessError> {
+    if image.dimensions() == (width, height) {
+        return Ok(None);
+    }
+    let src = ImageRef::new(image.width(), image.height(), image.as_raw(), PixelType::U8x3)
+        .map_err(|e| PreprocessError(e.to_string()))?;
+    let mut dst = Image::new(width, height, PixelType::U8x3);
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    Resizer::new()
+        .resize(&src, &mut dst, &options)
+        .map_err(|e| PreprocessError(e.to_string()))?;
+    Ok(Some(dst.into_vec()))
+}
+
+fn normalise_onto_canvas(resized: &[u8], place: &Placement, spec: &InputSpec) -> Vec<f32> {
+    let (cw, ch) = (place.canvas_width as usize, place.canvas_height as usize);
+    let plane = cw * ch;
+    let channels: [usize; 3] = match spec.channel_order {
+        ChannelOrder::Rgb => [0, 1, 2],
+        ChannelOrder::Bgr => [2, 1, 0],
+    };
+    // One multiply-add per value: (v * scale - mean) / std == v * a + b.
+    let mut a = [0f32; 3];
+    let mut b = [0f32; 3];
+    for out_c in 0..3 {
+        let src_c = channels[out_c];
+        a[out_c] = spec.scale / spec.std[src_c];
+        b[out_c] = -spec.mean[src_c] / spec.std[src_c];
+    }
+    let mut data = vec![0f32; plane * 3];
+    let pad = spec.pad_value as f32;
+    for out_c in 0..3 {
+        data[out_c * plane..(out_c + 1) * plane].fill(pad * a[out_c] + b[out_c]);
+    }
+    let rw = place.resized_width as i64;
+    let rh = place.resized_height as i64;
+    // The part of the canvas that the resized image covers.
+    let x0 = place.left.max(0);
+    let y0 = place.top.max(0);
+    let x1 = (place.left + rw).min(cw as i64);
+    let y1 = (place.top + rh).min(ch as i64);
+    for y in y0..y1 {
+        let src_row = ((y - place.top) * rw) as usize * 3;
+        let dst_row = y as usize * cw;
+        for x in x0..x1 {
+            let src = src_row + (x - place.left) as usize * 3;
+            let dst = dst_row + x as usize;
+            for out_c in 0..3 {
+                let value = resized[src + channels[out_c]] as f32;
+                data[out_c * plane + dst] = value * a[out_c] + b[out_c];
+            }
+        }
+    }
+    data
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::Rgb;
+
+    fn spec(resize: ResizePolicy, width: u32, height: u32) -> InputSpec {
+        InputSpec {
+            width,
+            height,
+            resize,
+            resize_shorter: Some(256),
+            max_side: Some(960),
+            multiple: Some(32),
+            pad_value: 114,
+            scale: 1.0,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+            channel_order: ChannelOrder::Rgb,
+        }
+    }
+
+    #[test]
+    fn shorter_side_then_centre_crop_matches_torchvision_arithmetic() {
+        // 640×480: shorter side 480 → 256, long side int(256 * 640 / 480) = 341.
+        let p = placement(&spec(ResizePolicy::ShorterSideCenterCrop, 224, 224), 640, 480);
+        assert_eq!((p.resized_width, p.resized_height), (341, 256));
+        // left = round((341 - 224) / 2) = round(58.5) = 58 (ties to even), top = 16.
+        assert_eq!((p.left, p.top), (-58, -16));
+    }
+
+    #[test]
+    fn letterbox_centres_and_pads() {
+        let p = placement(&spec(ResizePolicy::Letterbox, 640, 640), 1280, 720);
+        assert_eq!((p.resized_width, p.resized_height), (640, 360));
+        assert_eq!((p.left, p.top), (0, 140));
+    }
+
+    #[test]
+    fn fit_multiple_rounds_each_side() {
+        let p = placement(&spec(ResizePolicy::FitMultiple, 640, 640), 1000, 500);
+        assert_eq!((p.resized_width, p.resized_height), (960, 480));
+        let p = placement(&spec(ResizePolicy::FitMultiple, 640, 640), 10, 3);
+        assert_eq!((p.resized_width, p.resized_height), (32, 32));
+    }
+
+    #[test]
+    fn normalises_and_orders_channels() {
+        let img = RgbImage::from_pixel(2, 2, Rgb([10, 20, 30]));
+        let mut s = spec(ResizePolicy::Original, 2, 2);
+        s.mean = [1.0, 2.0, 3.0];
+        s.std = [2.0, 2.0, 2.0];
+        let out = preprocess(&img, &s).unwrap();
+        assert_eq!(out.data.len(), 12);
+        assert_eq!(&out.data[0..4], &[4.5; 4]);
+        assert_eq!(&out.data[8..12], &[13.5; 4]);
+        s.channel_order = ChannelOrder::Bgr;
+        let out = preprocess(&img, &s).unwrap();
+        // First plane is blue now, normalised with the blue statistics.
+        assert_eq!(out.data[0], (30.0 - 3.0) / 2.0);
+    }
+
+    #[test]
+    fn letterbox_padding_gets_the_pad_value_and_geometry_maps_back() {
+        let img = RgbImage::from_pixel(40, 20, Rgb([255, 255, 255]));
+        let out = preprocess(&img, &spec(ResizePolicy::Letterbox, 32, 32)).unwrap();
+        assert_eq!(out.data[0], 114.0); // top-left is padding
+        assert_eq!(out.data[16 * 32 + 16], 255.0); // centre is image
+        let g = out.geometry;
+        assert_eq!((g.input_width, g.input_height), (32, 32));
+        let (x, y) = g.to_original(32.0, 24.0);
+        assert!((x - 40.0).abs() < 1e-4 && (y - 20.0).abs() < 1e-4, "{x} {y}");
+        let (x, y) = g.to_original(0.0, 8.0);
+        assert!(x.abs() < 1e-4 && y.abs() < 1e-4, "{x} {y}");
+    }
+
+    #[test]
+    fn centre_crop_geometry_maps_input_centre_to_original_centre() {
+        let img = RgbImage::from_pixel(640, 480, Rgb([0, 0, 0]));
+        let out = preprocess(&img, &spec(ResizePolicy::ShorterSideCenterCrop, 224, 224)).unwrap();
+        let (x, y) = out.geometry.to_original(112.0, 112.0);
+        assert!((x - 320.0).abs() < 1.5 && (y - 240.0).abs() < 1.5, "{x} {y}");
+    }
+}

@@ -1,0 +1,73 @@
+//! visionserve: libtorch vision models behind a REST API.
+//!
+//! Layers, top to bottom: `api` (HTTP, thin handlers) → `image` (decode, preprocess) and
+//! `tasks` (top-k, NMS, masks) in plain Rust → `engine` (worker threads owning libtorch state)
+//! → `repository` (model folders and their configs).
+
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod image;
+pub mod logging;
+pub mod repository;
+pub mod tasks;
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use api::{AppState, RequestLimits};
+use config::ServerConfig;
+use repository::ModelRepository;
+
+/// Scans the repository, starts listening at once (liveness answers while models load), loads
+/// and warms the models on a background thread, and serves until SIGINT or SIGTERM.
+pub async fn serve(config: ServerConfig) -> Result<(), Box<dyn std::error::Error>> {
+    for library in &config.op_libraries {
+        engine::ops::load_op_library(library)?;
+        tracing::info!(library = %library.display(), "operator library loaded");
+    }
+    let repository = Arc::new(ModelRepository::scan(&config.model_repository, &config.models)?);
+    let names: Vec<&str> = repository.iter().map(|m| m.name.as_str()).collect();
+    tracing::info!(repository = %config.model_repository.display(), models = ?names, "repository scanned");
+
+    let loader = Arc::clone(&repository);
+    std::thread::Builder::new().name("model-loader".into()).spawn(move || loader.load_all())?;
+
+    let state = AppState {
+        repository,
+        limits: RequestLimits {
+            max_body_bytes: config.max_body_bytes,
+            max_image_pixels: config.max_image_pixels,
+            max_images_per_request: config.max_images_per_request,
+        },
+        cpu_permits: Arc::new(Semaphore::new(config.preprocess_thread_count())),
+    };
+    let listener = TcpListener::bind(config.addr).await?;
+    let local = listener.local_addr()?;
+    tracing::info!("listening on http://{local}");
+    axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    tracing::info!("shut down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutdown signal received; draining");
+}

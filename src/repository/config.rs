@@ -1,0 +1,384 @@
+//! The per-model `config.toml`: what the model is, how its input is prepared, how its output
+//! is read, and how it runs. Every field is documented in `models/README.md`.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    Classification,
+    Segmentation,
+    Detection,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelFormat {
+    Torchscript,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Served name; the folder name when absent.
+    pub name: Option<String>,
+    pub task: Task,
+    #[serde(default = "default_format")]
+    pub format: ModelFormat,
+    /// Model file, relative to the model's folder.
+    #[serde(default = "default_model_file")]
+    pub file: PathBuf,
+    /// Labels file (one label a line, line N is class N), relative to the model's folder.
+    pub labels: Option<PathBuf>,
+    #[serde(default)]
+    pub provenance: Provenance,
+    pub input: InputSpec,
+    pub output: OutputSpec,
+    #[serde(default)]
+    pub runtime: RuntimeSpec,
+    #[serde(default)]
+    pub batching: BatchingSpec,
+}
+
+/// Where the weights came from, shown by the metadata endpoints.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Provenance {
+    /// For example `pretrained:IMAGENET1K_V1` or `random-init:seed=0`.
+    #[serde(default = "unknown")]
+    pub weights: String,
+    /// Where the architecture and weights were taken from.
+    #[serde(default)]
+    pub source: Option<String>,
+    #[serde(default)]
+    pub license: Option<String>,
+    /// Parameters of the original model, for files whose weights were folded into constants
+    /// (frozen TorchScript) and so cannot be counted from the module.
+    #[serde(default)]
+    pub parameter_count: Option<u64>,
+}
+
+fn unknown() -> String {
+    "unknown".into()
+}
+fn default_format() -> ModelFormat {
+    ModelFormat::Torchscript
+}
+fn default_model_file() -> PathBuf {
+    PathBuf::from("model.pt")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResizePolicy {
+    /// Resize the shorter side to `resize_shorter`, then centre-crop `width` × `height`
+    /// (torchvision's classification transforms).
+    ShorterSideCenterCrop,
+    /// Resize to exactly `width` × `height`, ignoring the aspect ratio.
+    Stretch,
+    /// Fit inside `width` × `height` keeping the aspect ratio, pad the rest with `pad_value`
+    /// (the YOLO convention).
+    Letterbox,
+    /// Keep the aspect ratio, shrink so the longer side is at most `max_side`, then round each
+    /// side to a multiple of `multiple` (text detectors, fully convolutional models).
+    FitMultiple,
+    /// Feed the image at its own size (torchvision detectors resize internally).
+    Original,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ChannelOrder {
+    #[default]
+    Rgb,
+    Bgr,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    /// Model input width in pixels (for `original` and `fit_multiple`, the warm-up size).
+    pub width: u32,
+    pub height: u32,
+    pub resize: ResizePolicy,
+    /// Shorter-side length before the centre crop (`shorter_side_center_crop`).
+    pub resize_shorter: Option<u32>,
+    /// Longest side after resizing (`fit_multiple`).
+    pub max_side: Option<u32>,
+    /// Side lengths are rounded to a multiple of this (`fit_multiple`).
+    pub multiple: Option<u32>,
+    /// Padding value on the 0..255 scale (`letterbox`).
+    #[serde(default = "default_pad")]
+    pub pad_value: u8,
+    /// Each 0..255 pixel value is multiplied by this before mean and std apply.
+    #[serde(default = "default_scale")]
+    pub scale: f32,
+    #[serde(default = "zeros")]
+    pub mean: [f32; 3],
+    #[serde(default = "ones")]
+    pub std: [f32; 3],
+    #[serde(default)]
+    pub channel_order: ChannelOrder,
+}
+
+fn default_pad() -> u8 {
+    114
+}
+fn default_scale() -> f32 {
+    1.0 / 255.0
+}
+fn zeros() -> [f32; 3] {
+    [0.0; 3]
+}
+fn ones() -> [f32; 3] {
+    [1.0; 3]
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputConvention {
+    /// `Tensor [N, C]` of logits (or probabilities with `softmax = false`).
+    Logits,
+    /// `Tensor [N, C, H, W]`, or torchvision's `{"out": Tensor [N, C, H, W]}`.
+    ClassLogits,
+    /// `Tensor [N, 1, H, W]` of foreground probability, cut at `threshold`.
+    ProbabilityMap,
+    /// torchvision detectors: a list of CHW images in, `(losses, [{boxes, labels, scores}])` out.
+    TorchvisionDetection,
+    /// ultralytics YOLOv8: `Tensor [N, 4 + C, A]`, (cx, cy, w, h) in input pixels.
+    Yolov8,
+    /// `(boxes [N, A, 4], scores [N, A, C])`.
+    BoxesScores,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BoxLayout {
+    #[default]
+    Xyxy,
+    Yxyx,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BoxCoordinates {
+    #[default]
+    Pixels,
+    Normalized,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpec {
+    pub convention: OutputConvention,
+    /// `logits`: apply softmax to get scores (false when the model already emits probabilities).
+    #[serde(default = "yes")]
+    pub softmax: bool,
+    /// `probability_map`: pixels at or above this are the foreground class.
+    #[serde(default = "half")]
+    pub threshold: f32,
+    /// `boxes_scores`: the order of the four box numbers.
+    #[serde(default)]
+    pub box_layout: BoxLayout,
+    /// `boxes_scores`: pixels of the model input, or 0..1 of its width and height.
+    #[serde(default)]
+    pub box_coordinates: BoxCoordinates,
+    /// A class index that is never reported (the background of SSD-style heads).
+    pub background_class: Option<usize>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn half() -> f32 {
+    0.5
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeSpec {
+    /// Worker threads, each running the model on its own.
+    #[serde(default = "one")]
+    pub workers: usize,
+    /// `cpu`, `cuda:N` or `auto` (the first GPU when there is one).
+    #[serde(default = "cpu")]
+    pub device: String,
+    /// Intra-op threads for each worker; 0 divides the cores evenly among all workers.
+    #[serde(default)]
+    pub intra_op_threads: usize,
+    /// Shared libraries with operators this model needs, loaded before it (relative to the
+    /// model's folder or absolute).
+    #[serde(default)]
+    pub op_libraries: Vec<PathBuf>,
+    /// Forward passes run before the model reports ready (TorchScript's profiling executor
+    /// makes the first few slow).
+    #[serde(default = "default_warmup")]
+    pub warmup_runs: usize,
+}
+
+impl Default for RuntimeSpec {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            device: cpu(),
+            intra_op_threads: 0,
+            op_libraries: Vec::new(),
+            warmup_runs: default_warmup(),
+        }
+    }
+}
+
+fn one() -> usize {
+    1
+}
+fn cpu() -> String {
+    "cpu".into()
+}
+fn default_warmup() -> usize {
+    3
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchingSpec {
+    /// Most images a worker runs in one forward pass.
+    #[serde(default = "one")]
+    pub max_batch_size: usize,
+    /// How long an idle worker waits for more requests to fill a batch.
+    #[serde(default)]
+    pub max_delay_ms: u64,
+    /// Requests waiting for a worker before new ones are refused with 503.
+    #[serde(default = "default_queue")]
+    pub queue_capacity: usize,
+}
+
+impl Default for BatchingSpec {
+    fn default() -> Self {
+        Self {
+            max_batch_size: 1,
+            max_delay_ms: 0,
+            queue_capacity: default_queue(),
+        }
+    }
+}
+
+fn default_queue() -> usize {
+    64
+}
+
+impl ModelConfig {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let config: ModelConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the combinations serde cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        use OutputConvention::*;
+        let task_fits = match self.task {
+            Task::Classification => matches!(self.output.convention, Logits),
+            Task::Segmentation => matches!(self.output.convention, ClassLogits | ProbabilityMap),
+            Task::Detection => {
+                matches!(self.output.convention, TorchvisionDetection | Yolov8 | BoxesScores)
+            }
+        };
+        if !task_fits {
+            return Err(format!(
+                "output convention {:?} does not fit task {:?}",
+                self.output.convention, self.task
+            ));
+        }
+        let input = &self.input;
+        if input.width == 0 || input.height == 0 {
+            return Err("input width and height must be positive".into());
+        }
+        match input.resize {
+            ResizePolicy::ShorterSideCenterCrop => match input.resize_shorter {
+                Some(s) if s >= input.width.min(input.height) => {}
+                _ => {
+                    return Err("shorter_side_center_crop needs resize_shorter ≥ the crop size".into())
+                }
+            },
+            ResizePolicy::FitMultiple => {
+                if input.max_side.unwrap_or(0) == 0 || input.multiple.unwrap_or(0) == 0 {
+                    return Err("fit_multiple needs positive max_side and multiple".into());
+                }
+            }
+            _ => {}
+        }
+        if self.task == Task::Classification
+            && !matches!(input.resize, ResizePolicy::ShorterSideCenterCrop | ResizePolicy::Stretch | ResizePolicy::Letterbox)
+        {
+            return Err("classification needs a fixed input size (shorter_side_center_crop, stretch or letterbox)".into());
+        }
+        if self.task == Task::Segmentation && input.resize == ResizePolicy::ShorterSideCenterCrop {
+            return Err("segmentation masks must cover the whole image: use stretch, letterbox, fit_multiple or original".into());
+        }
+        if self.output.convention == TorchvisionDetection && input.resize != ResizePolicy::Original {
+            return Err("torchvision_detection models resize internally: use resize = \"original\"".into());
+        }
+        if input.std.iter().any(|s| *s == 0.0) {
+            return Err("input std must not be zero".into());
+        }
+        if self.runtime.workers == 0 {
+            return Err("runtime.workers must be at least 1".into());
+        }
+        if self.batching.max_batch_size == 0 || self.batching.queue_capacity == 0 {
+            return Err("batching.max_batch_size and batching.queue_capacity must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.output.threshold) {
+            return Err("output.threshold must be within 0..1".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLASSIFIER: &str = r#"
+        task = "classification"
+        [input]
+        width = 224
+        height = 224
+        resize = "shorter_side_center_crop"
+        resize_shorter = 256
+        mean = [0.485, 0.456, 0.406]
+        std = [0.229, 0.224, 0.225]
+        [output]
+        convention = "logits"
+    "#;
+
+    #[test]
+    fn parses_a_classifier_with_defaults() {
+        let config = ModelConfig::parse(CLASSIFIER).unwrap();
+        assert_eq!(config.task, Task::Classification);
+        assert_eq!(config.file, PathBuf::from("model.pt"));
+        assert_eq!(config.runtime.workers, 1);
+        assert_eq!(config.batching.max_batch_size, 1);
+        assert!((config.input.scale - 1.0 / 255.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn rejects_a_convention_that_does_not_fit_the_task() {
+        let text = CLASSIFIER.replace("\"logits\"", "\"yolov8\"");
+        let err = ModelConfig::parse(&text).unwrap_err();
+        assert!(err.contains("does not fit"), "{err}");
+    }
+
+    #[test]
+    fn rejects_unknown_fields() {
+        let text = CLASSIFIER.replace("[output]", "colour = 1\n[output]");
+        assert!(ModelConfig::parse(&text).is_err());
+    }
+
+    #[test]
+    fn rejects_centre_crop_without_shorter_side() {
+        let text = CLASSIFIER.replace("resize_shorter = 256", "");
+        assert!(ModelConfig::parse(&text).unwrap_err().contains("resize_shorter"));
+    }
+}

@@ -1,0 +1,128 @@
+//! Starting the real `visionserve` binary on an ephemeral port for integration tests.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub struct Server {
+    pub base: String,
+    child: Child,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The random-init test repository made by `models/export.py --set test` (`make test-models`).
+pub fn test_models() -> PathBuf {
+    let dir = std::env::var("VISIONSERVE_TEST_MODELS").expect(
+        "VISIONSERVE_TEST_MODELS is not set: run the suite with `make test`, which exports the test models first",
+    );
+    let dir = PathBuf::from(dir);
+    assert!(dir.is_dir(), "VISIONSERVE_TEST_MODELS={} is not a folder", dir.display());
+    dir
+}
+
+impl Server {
+    /// Starts the server with `args` on 127.0.0.1:0 and waits until it listens.
+    pub fn start(args: &[&str]) -> Server {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_visionserve"));
+        command
+            .args(["--addr", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: prctl in the child before exec; it only asks the kernel to kill the server
+        // when this test process dies, so a failed test never leaves a server running.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        // PR_SET_PDEATHSIG fires when the spawning *thread* exits, and test threads end with
+        // their test: spawn from a helper thread that lives as long as the test process.
+        let (child_tx, child_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = child_tx.send(command.spawn());
+            loop {
+                std::thread::park();
+            }
+        });
+        let mut child = child_rx.recv().unwrap().expect("starting visionserve");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("listening on http://").nth(1) {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+                if std::env::var_os("VISIONSERVE_TEST_LOGS").is_some() {
+                    eprintln!("[server] {line}");
+                }
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(60)).expect("server did not report its address");
+        Server { base: format!("http://{addr}"), child }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Waits until `/health/ready` answers `expected` (200 or 503 with failures settled).
+    pub fn wait_until_settled(&self, timeout: Duration) -> reqwest::blocking::Response {
+        let client = reqwest::blocking::Client::new();
+        let started = Instant::now();
+        loop {
+            if let Ok(response) = client.get(self.url("/v1/models")).send() {
+                let body: serde_json::Value = response.json().unwrap();
+                let loading = body["models"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|m| m["status"] == "loading");
+                if !loading {
+                    return client.get(self.url("/health/ready")).send().unwrap();
+                }
+            }
+            assert!(started.elapsed() < timeout, "models still loading after {timeout:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+}
+
+/// A synthetic photo-like RGB image: gradients and a few solid shapes.
+pub fn synthetic_image(width: u32, height: u32, seed: u8) -> image::RgbImage {
+    image::RgbImage::from_fn(width, height, |x, y| {
+        let inside = (x / 40 + y / 40 + seed as u32) % 3 == 0;
+        if inside {
+            image::Rgb([200u8.wrapping_add(seed), 40, 60])
+        } else {
+            image::Rgb([(x * 255 / width) as u8, (y * 255 / height) as u8, seed.wrapping_mul(37)])
+        }
+    })
+}
+
+pub fn encode(image: &image::RgbImage, format: image::ImageFormat) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::ImageRgb8(image.clone()).write_to(&mut out, format).unwrap();
+    out.into_inner()
+}

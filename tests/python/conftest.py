@@ -1,0 +1,84 @@
+"""Fixtures that start the real visionserve binary on an ephemeral port."""
+import io
+import os
+import re
+import subprocess
+import threading
+import time
+
+import pytest
+import requests
+
+
+class Server:
+    def __init__(self, repository, extra_args=()):
+        binary = os.environ.get("VISIONSERVE_BIN")
+        if not binary:
+            raise RuntimeError("VISIONSERVE_BIN is not set: run the suite with `make test`")
+        self.process = subprocess.Popen(
+            [binary, "--addr", "127.0.0.1:0", "--model-repository", repository, *extra_args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "RUST_LOG": "info"},
+        )
+        self.log = []
+        found = threading.Event()
+        self.base = None
+
+        def pump():
+            for line in self.process.stderr:
+                self.log.append(line)
+                match = re.search(r"listening on (http://\S+)", line)
+                if match and not found.is_set():
+                    self.base = match.group(1)
+                    found.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        if not found.wait(60):
+            self.stop()
+            raise RuntimeError("visionserve did not start:\n" + "".join(self.log))
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            models = requests.get(self.base + "/v1/models", timeout=10).json()["models"]
+            if all(m["status"] != "loading" for m in models):
+                break
+            time.sleep(0.2)
+        ready = requests.get(self.base + "/health/ready", timeout=10)
+        if ready.status_code != 200:
+            self.stop()
+            raise RuntimeError(f"models failed to load: {ready.text}")
+
+    def url(self, path):
+        return self.base + path
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@pytest.fixture(scope="session")
+def test_server():
+    repo = os.environ.get("VISIONSERVE_TEST_MODELS")
+    if not repo:
+        raise RuntimeError("VISIONSERVE_TEST_MODELS is not set: run the suite with `make test`")
+    server = Server(repo)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def default_server():
+    repo = os.environ.get("VISIONSERVE_DEFAULT_MODELS")
+    if not repo:
+        raise RuntimeError("VISIONSERVE_DEFAULT_MODELS is not set: run the suite with `make test`")
+    server = Server(repo)
+    yield server
+    server.stop()
+
+
+def encode(image, fmt, **kwargs):
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()

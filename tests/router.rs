@@ -1,0 +1,119 @@
+//! In-process router tests: the axum app driven with `oneshot`, no socket and no model. A
+//! repository with only broken models exercises routing, error shapes and readiness.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use tower::ServiceExt;
+use visionserve::api::{router, AppState, RequestLimits};
+use visionserve::repository::ModelRepository;
+
+fn app() -> (axum::Router, tempfile::TempDir) {
+    let repo = tempfile::tempdir().unwrap();
+    let broken = repo.path().join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    std::fs::write(
+        broken.join("config.toml"),
+        "task = \"classification\"\n[input]\nwidth = 8\nheight = 8\nresize = \"stretch\"\n[output]\nconvention = \"logits\"\n",
+    )
+    .unwrap(); // valid config, but no model.pt
+    std::fs::create_dir(repo.path().join("not_a_model")).unwrap(); // no config: ignored
+    let repository = ModelRepository::scan(repo.path(), &[]).unwrap();
+    let state = AppState {
+        repository: Arc::new(repository),
+        limits: RequestLimits { max_body_bytes: 1024, max_image_pixels: 1_000_000, max_images_per_request: 2 },
+        cpu_permits: Arc::new(Semaphore::new(1)),
+    };
+    (router(state), repo)
+}
+
+async fn call(request: Request<Body>) -> (StatusCode, Option<String>, Value) {
+    let (app, _repo) = app();
+    let response = app.oneshot(request).await.unwrap();
+    let status = response.status();
+    let request_id = response.headers().get("x-request-id").map(|v| v.to_str().unwrap().to_string());
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, request_id, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+fn get(uri: &str) -> Request<Body> {
+    Request::get(uri).body(Body::empty()).unwrap()
+}
+
+fn post(uri: &str, content_type: &str, body: &'static [u8]) -> Request<Body> {
+    Request::post(uri).header("content-type", content_type).body(Body::from(body)).unwrap()
+}
+
+#[tokio::test]
+async fn liveness_is_independent_of_models_and_carries_a_request_id() {
+    let (status, id, body) = call(get("/health/live")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["status"], "live");
+    assert!(id.is_some_and(|id| id.len() >= 32));
+}
+
+#[tokio::test]
+async fn readiness_names_the_broken_model_and_why() {
+    let (status, _, body) = call(get("/health/ready")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["not_ready"][0]["name"], "broken");
+    assert_eq!(body["not_ready"][0]["status"], "failed");
+    assert!(body["not_ready"][0]["reason"].as_str().unwrap().contains("model.pt"));
+}
+
+#[tokio::test]
+async fn model_list_shows_only_folders_with_a_config() {
+    let (status, _, body) = call(get("/v1/models")).await;
+    assert_eq!(status, StatusCode::OK);
+    let models = body["models"].as_array().unwrap();
+    assert_eq!(models.len(), 1);
+    assert_eq!(models[0]["name"], "broken");
+    assert_eq!(models[0]["task"], "classification");
+}
+
+#[tokio::test]
+async fn predict_on_a_failed_model_is_503_and_unknown_model_404() {
+    let (status, _, body) = call(post("/v1/models/broken/predict", "image/png", b"x")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["error"]["code"], "model_not_ready");
+    let (status, _, body) = call(post("/v1/models/ghost/predict", "image/png", b"x")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"]["code"], "model_not_found");
+    let (status, _, body) = call(get("/v1/models/ghost")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"]["code"], "model_not_found");
+}
+
+#[tokio::test]
+async fn body_limit_content_type_and_image_count_are_enforced_before_any_model() {
+    let big: &'static [u8] = Box::leak(vec![0u8; 4096].into_boxed_slice());
+    let (status, _, body) = call(post("/v1/models/broken/predict", "image/jpeg", big)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(body["error"]["code"], "payload_too_large");
+    let (status, _, body) = call(post("/v1/models/broken/predict", "text/csv", b"a,b")).await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(body["error"]["code"], "unsupported_media_type");
+    let (status, _, body) =
+        call(post("/v1/models/broken/predict", "application/json", br#"{"images": ["aGk=", "aGk=", "aGk="]}"#)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["error"]["message"].as_str().unwrap().contains("limit of 2"));
+    let (status, _, body) = call(post("/v1/models/broken/predict", "application/json", br#"{"images": []}"#)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"]["code"], "bad_request");
+    let (status, _, body) = call(post("/v1/models/broken/predict", "multipart/form-data", b"--x--")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_answer_json() {
+    let (status, _, body) = call(get("/v2/nothing")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"]["code"], "not_found");
+    let (status, _, body) = call(get("/v1/models/broken/predict")).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(body["error"]["code"], "method_not_allowed");
+}
