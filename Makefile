@@ -27,7 +27,7 @@ DEFAULT_MODELS  := mobilenet_v2 ssd_mobilenet_v2_coco text_detector_ppocr_v4
 PRETRAINED_KEY  := $(shell cat models/convert_pretrained.py models/weights.sha256 | sha256sum | cut -c1-12)
 PRETRAINED      := $(CACHE)/pretrained-$(PRETRAINED_KEY)
 
-.PHONY: help prereqs pyenv build models test-models run test test-rust test-python zoo clean
+.PHONY: help prereqs pyenv build models test-models run test test-rust test-python test-browser zoo clean
 
 help:
 	@echo "make run    - prepare everything and serve the default models on http://127.0.0.1:8080"
@@ -58,7 +58,8 @@ build: $(PY_STAMP)
 
 # Default pretrained models: converted once per machine into the cache, then linked into
 # models/<name>/ beside their committed config.toml and labels.
-$(PRETRAINED)/.complete: models/convert_pretrained.py models/weights.sha256 | $(PY_STAMP)
+# The folder name already holds a hash of the scripts, so the stamp needs no file prerequisite.
+$(PRETRAINED)/.complete: | $(PY_STAMP)
 	$(PYTHON) models/convert_pretrained.py --out $(PRETRAINED) --downloads $(CACHE)/downloads
 	@touch $@
 
@@ -66,7 +67,7 @@ models: $(PRETRAINED)/.complete
 	@for m in $(DEFAULT_MODELS); do ln -sfn $(PRETRAINED)/$$m/model.pt models/$$m/model.pt; done
 	@echo "[models] $(DEFAULT_MODELS) ready in models/"
 
-$(TEST_MODELS)/.complete: models/export.py | $(PY_STAMP)
+$(TEST_MODELS)/.complete: | $(PY_STAMP)
 	$(PYTHON) models/export.py --out $(TEST_MODELS) --set test --random-init
 	@touch $@
 
@@ -75,7 +76,7 @@ test-models: $(TEST_MODELS)/.complete
 run: build models
 	$(BIN) --model-repository models
 
-test: build models test-models test-rust test-python
+test: build models test-models test-rust test-python test-browser
 
 test-rust: build test-models
 	VISIONSERVE_TEST_MODELS=$(TEST_MODELS) cargo test --release --locked
@@ -84,6 +85,14 @@ test-python: build models test-models
 	VISIONSERVE_BIN=$(abspath $(BIN)) VISIONSERVE_TEST_MODELS=$(TEST_MODELS) \
 	  VISIONSERVE_DEFAULT_MODELS=$(abspath models) \
 	  $(PYTHON) -m pytest -q tests/python
+
+# The web page in Debian's headless Chromium, driven by playwright-core; screenshots land in
+# test-output/browser/ (VISIONSERVE_UPDATE_SCREENSHOTS=1 refreshes docs/screenshots/).
+test-browser: build models
+	@scripts/ensure-chromium.sh
+	@command -v npm >/dev/null || { echo "visionserve setup: npm is not installed; install Node.js 18+ (Debian: apt-get install nodejs npm)." >&2; exit 1; }
+	cd tests/browser && npm ci --no-audit --no-fund --silent
+	cd tests/browser && VISIONSERVE_BIN=$(abspath $(BIN)) VISIONSERVE_DEFAULT_MODELS=$(abspath models) node --test page.test.mjs
 
 ZOO_OUT   ?= $(CACHE)/zoo
 ZOO_FLAGS ?=

@@ -10,6 +10,7 @@ pub mod engine;
 pub mod error;
 pub mod image;
 pub mod logging;
+pub mod render;
 pub mod repository;
 pub mod tasks;
 

@@ -329,3 +329,57 @@ fn broken_model_folders_are_reported_and_the_others_serve() {
     let body: Value = response.json().unwrap();
     assert_eq!(body["error"]["code"], "model_not_ready");
 }
+
+#[test]
+fn rendered_overlays_are_pngs_of_the_input_size() {
+    for (model, query, accept) in [
+        (CLASSIFIER, "?render=png", "application/json"),
+        (SEGMENTER, "", "image/png"),
+        (YOLO, "?render=png&score_threshold=0.3", "*/*"),
+        (RCNN, "?render=png&score_threshold=0", "*/*"),
+    ] {
+        let response = client()
+            .post(server().url(&format!("/v1/models/{model}/predict{query}")))
+            .header("content-type", "image/jpeg")
+            .header("accept", accept)
+            .body(jpeg(300, 180, 7))
+            .send()
+            .unwrap();
+        assert_eq!(response.status(), 200, "{model}");
+        assert_eq!(response.headers()["content-type"], "image/png", "{model}");
+        assert!(response.headers().contains_key("x-inference-time-ms"));
+        let png = image::load_from_memory(&response.bytes().unwrap()).unwrap().to_rgb8();
+        assert_eq!(png.dimensions(), (300, 180), "{model}");
+        // Something was drawn: the overlay differs from the decoded input.
+        let input = image::load_from_memory(&jpeg(300, 180, 7)).unwrap().to_rgb8();
+        let changed = png.pixels().zip(input.pixels()).filter(|(a, b)| a != b).count();
+        assert!(changed > 300, "{model}: only {changed} pixels changed");
+    }
+    let form = multipart::Form::new()
+        .part("image", multipart::Part::bytes(jpeg(40, 40, 1)).file_name("a.jpg"))
+        .part("image", multipart::Part::bytes(jpeg(40, 40, 2)).file_name("b.jpg"));
+    let response = client()
+        .post(server().url(&format!("/v1/models/{CLASSIFIER}/predict?render=png")))
+        .multipart(form)
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 422);
+    let (s, b) = predict_raw(CLASSIFIER, "?render=gif", jpeg(40, 40, 1), "image/jpeg");
+    assert_error(s, &b, 422, "invalid_parameter");
+}
+
+#[test]
+fn the_web_page_and_its_samples_are_served_from_the_binary() {
+    let page = client().get(server().url("/")).send().unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    let html = page.text().unwrap();
+    assert!(html.contains("/v1/models") && !html.contains("https://"), "the page must not load from a CDN");
+    let samples: Value = client().get(server().url("/samples")).send().unwrap().json().unwrap();
+    for sample in samples["samples"].as_array().unwrap() {
+        let bytes = client().get(server().url(sample["url"].as_str().unwrap())).send().unwrap().bytes().unwrap();
+        assert!(image::load_from_memory(&bytes).is_ok(), "{sample}");
+    }
+    let missing = client().get(server().url("/samples/nope.jpg")).send().unwrap();
+    assert_eq!(missing.status(), 404);
+}

@@ -16,7 +16,8 @@ use super::AppState;
 use crate::error::ApiError;
 
 /// Names a multipart text field or JSON key may use to carry a parameter instead of the query.
-pub const PARAMETER_NAMES: [&str; 5] = ["top_k", "score_threshold", "iou_threshold", "max_detections", "mask_format"];
+pub const PARAMETER_NAMES: [&str; 6] =
+    ["top_k", "score_threshold", "iou_threshold", "max_detections", "mask_format", "render"];
 
 /// The encoded images of one request, in order, and parameters found in the body.
 #[derive(Debug, Default)]
@@ -40,7 +41,11 @@ impl FromRequest<AppState> for ImageUploads {
         let uploads = match essence.as_str() {
             "multipart/form-data" => from_multipart(req, state, limit).await?,
             "application/json" => from_json(&body_bytes(req, state, limit).await?)?,
-            "" | "application/octet-stream" => single(body_bytes(req, state, limit).await?),
+            // curl's `--data-binary @photo.jpg` labels the body form-urlencoded: take it as the
+            // raw image, as TorchServe does; the decoder decides whether it is one.
+            "" | "application/octet-stream" | "application/x-www-form-urlencoded" => {
+                single(body_bytes(req, state, limit).await?)
+            }
             t if t.starts_with("image/") => single(body_bytes(req, state, limit).await?),
             other => {
                 return Err(ApiError::UnsupportedMediaType(format!(

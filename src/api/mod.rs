@@ -6,6 +6,7 @@ pub mod input;
 mod models;
 pub mod params;
 mod predict;
+mod web;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,6 +65,7 @@ pub fn router(state: AppState) -> Router {
         .merge(health::router())
         .merge(models::router())
         .merge(predict::router())
+        .merge(web::router())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError::MethodNotAllowed("method not allowed on this route".into())

@@ -1,0 +1,217 @@
+//! Rendered overlays: the input image with the result drawn on it, as a PNG. Drawing and text
+//! come from `imageproc` and `ab_glyph` with an embedded font, so the output is the same on
+//! every machine (tests compare against committed images).
+
+use std::sync::OnceLock;
+
+use ab_glyph::{FontRef, PxScale};
+use image::{Rgb, RgbImage};
+use imageproc::drawing::{draw_filled_rect_mut, draw_hollow_rect_mut, draw_text_mut, text_size};
+use imageproc::rect::Rect;
+
+use crate::tasks::segmentation::{resample_to_original, LabelMap};
+use crate::tasks::{Detection, Prediction, SegmentationResult};
+use crate::image::Geometry;
+
+const FONT_BYTES: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+
+fn font() -> &'static FontRef<'static> {
+    static FONT: OnceLock<FontRef<'static>> = OnceLock::new();
+    FONT.get_or_init(|| FontRef::try_from_slice(FONT_BYTES).expect("the embedded font parses"))
+}
+
+/// A fixed palette of well-separated colours; class `i` always gets `PALETTE[i % len]`.
+const PALETTE: [[u8; 3]; 20] = [
+    [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+    [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
+    [0, 128, 128], [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0],
+    [170, 255, 195], [128, 128, 0], [255, 215, 180], [0, 0, 128], [128, 128, 128],
+];
+
+pub fn class_colour(index: usize) -> Rgb<u8> {
+    Rgb(PALETTE[index % PALETTE.len()])
+}
+
+/// Text size that reads well at the image's scale.
+fn text_scale(image: &RgbImage) -> PxScale {
+    let side = image.width().min(image.height()) as f32;
+    PxScale::from((side / 28.0).clamp(12.0, 40.0))
+}
+
+/// Black or white, whichever reads better on `background`.
+fn ink_for(background: Rgb<u8>) -> Rgb<u8> {
+    let [r, g, b] = background.0;
+    let luma = 0.299 * r as f32 + 0.587 * g as f32 + 0.114 * b as f32;
+    if luma > 150.0 { Rgb([0, 0, 0]) } else { Rgb([255, 255, 255]) }
+}
+
+/// A label on a filled box whose top-left corner is at (x, y), kept inside the image.
+fn draw_tag(image: &mut RgbImage, x: i32, y: i32, text: &str, colour: Rgb<u8>, scale: PxScale) {
+    let (w, h) = text_size(scale, font(), text);
+    let pad = (scale.y / 6.0).ceil() as i32;
+    let box_w = w as i32 + 2 * pad;
+    let box_h = h as i32 + 2 * pad;
+    let x = x.clamp(0, (image.width() as i32 - box_w).max(0));
+    let y = y.clamp(0, (image.height() as i32 - box_h).max(0));
+    draw_filled_rect_mut(image, Rect::at(x, y).of_size(box_w as u32, box_h as u32), colour);
+    draw_text_mut(image, ink_for(colour), x + pad, y + pad, scale, font(), text);
+}
+
+pub fn draw_detections(image: &mut RgbImage, detections: &[Detection]) {
+    let scale = text_scale(image);
+    let thickness = ((image.width().min(image.height()) as f32) / 200.0).clamp(2.0, 6.0) as i32;
+    // Lowest score first, so the best box and its tag end up on top.
+    for d in detections.iter().rev() {
+        let colour = class_colour(d.index);
+        let (x1, y1) = (d.bbox.x1.round() as i32, d.bbox.y1.round() as i32);
+        let (x2, y2) = (d.bbox.x2.round() as i32, d.bbox.y2.round() as i32);
+        for t in 0..thickness {
+            let w = (x2 - x1 - 2 * t).max(1) as u32;
+            let h = (y2 - y1 - 2 * t).max(1) as u32;
+            draw_hollow_rect_mut(image, Rect::at(x1 + t, y1 + t).of_size(w, h), colour);
+        }
+        let tag = format!("{} {:.2}", d.label, d.score);
+        let (_, tag_h) = text_size(scale, font(), &tag);
+        let above = y1 - tag_h as i32 - (scale.y / 3.0) as i32;
+        draw_tag(image, x1, if above >= 0 { above } else { y1 + thickness }, &tag, colour, scale);
+    }
+}
+
+/// Colours every non-background pixel (class index ≠ 0) half transparent, then a legend of the
+/// classes present with their share of the image.
+pub fn draw_segmentation(image: &mut RgbImage, labels: &LabelMap, result: &SegmentationResult) {
+    for (pixel, &class) in image.pixels_mut().zip(&labels.labels) {
+        if class != 0 {
+            let c = class_colour(class as usize).0;
+            for k in 0..3 {
+                pixel.0[k] = ((pixel.0[k] as u16 + c[k] as u16) / 2) as u8;
+            }
+        }
+    }
+    let scale = text_scale(image);
+    let mut y = 4;
+    for class in &result.classes {
+        let text = format!("{} {:.1}%", class.label, class.fraction * 100.0);
+        let colour = if class.index == 0 { Rgb([40, 40, 40]) } else { class_colour(class.index) };
+        draw_tag(image, 4, y, &text, colour, scale);
+        y += text_size(scale, font(), &text).1 as i32 + (scale.y / 3.0) as i32 + 4;
+    }
+}
+
+/// The top-k as a panel: one line per class with a bar as long as its score.
+pub fn draw_classification(image: &mut RgbImage, predictions: &[Prediction]) {
+    let scale = text_scale(image);
+    let line = (scale.y * 1.5) as i32;
+    let panel_w = (image.width() as i32 * 2 / 3).max(120);
+    let panel_h = line * predictions.len() as i32 + 8;
+    let panel = Rect::at(0, 0).of_size(panel_w.min(image.width() as i32) as u32, panel_h.min(image.height() as i32).max(1) as u32);
+    // Darken the panel area so white text reads on any photo.
+    for y in panel.top()..=panel.bottom().min(image.height() as i32 - 1) {
+        for x in panel.left()..=panel.right().min(image.width() as i32 - 1) {
+            let p = image.get_pixel_mut(x as u32, y as u32);
+            for k in 0..3 {
+                p.0[k] /= 3;
+            }
+        }
+    }
+    for (i, p) in predictions.iter().enumerate() {
+        let y = 4 + i as i32 * line;
+        let bar = ((panel_w - 8) as f32 * p.score.clamp(0.0, 1.0)).round() as u32;
+        if bar > 0 {
+            draw_filled_rect_mut(image, Rect::at(4, y).of_size(bar, (line - 4).max(1) as u32), class_colour(i));
+        }
+        let text = format!("{} {:.1}%", p.label, p.score * 100.0);
+        draw_text_mut(image, Rgb([255, 255, 255]), 8, y + (line - scale.y as i32) / 2 - 1, scale, font(), &text);
+    }
+}
+
+/// The segmentation overlay needs the full-resolution label map, which the JSON path only
+/// encodes; this resamples it again from the model's map.
+pub fn full_resolution_labels(model_map: &LabelMap, geometry: &Geometry) -> LabelMap {
+    resample_to_original(model_map, geometry)
+}
+
+pub fn encode_png(image: &RgbImage) -> Result<Vec<u8>, image::ImageError> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    image.write_to(&mut out, image::ImageFormat::Png)?;
+    Ok(out.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tasks::detection::BoundingBox;
+    use crate::tasks::segmentation::{summarise, MaskFormat};
+
+    fn canvas() -> RgbImage {
+        RgbImage::from_fn(320, 240, |x, y| Rgb([(x % 256) as u8, (y % 256) as u8, 128]))
+    }
+
+    /// Compares with the committed image in tests/expected/, or writes it when
+    /// `VISIONSERVE_UPDATE_EXPECTED=1`. Tolerates tiny rasteriser differences only.
+    fn assert_matches_expected(name: &str, image: &RgbImage) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/expected").join(name);
+        if std::env::var_os("VISIONSERVE_UPDATE_EXPECTED").is_some() {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            image.save(&path).unwrap();
+        }
+        let expected = image::open(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (set VISIONSERVE_UPDATE_EXPECTED=1 to create it)", path.display()))
+            .to_rgb8();
+        assert_eq!(expected.dimensions(), image.dimensions());
+        let differing = expected
+            .pixels()
+            .zip(image.pixels())
+            .filter(|(a, b)| a.0.iter().zip(b.0.iter()).any(|(x, y)| x.abs_diff(*y) > 8))
+            .count();
+        let share = differing as f64 / (image.width() * image.height()) as f64;
+        assert!(share < 0.002, "{name}: {:.3}% of pixels differ from the expected image", share * 100.0);
+    }
+
+    #[test]
+    fn detection_overlay_matches_the_expected_image() {
+        let mut image = canvas();
+        let detections = vec![
+            Detection { index: 17, label: "cat".into(), score: 0.92, bbox: BoundingBox { x1: 20.0, y1: 30.0, x2: 200.0, y2: 220.0 } },
+            Detection { index: 1, label: "person".into(), score: 0.61, bbox: BoundingBox { x1: 150.0, y1: 0.0, x2: 310.0, y2: 120.0 } },
+        ];
+        draw_detections(&mut image, &detections);
+        // The box outline is the class colour.
+        assert_eq!(*image.get_pixel(20, 120), class_colour(17));
+        assert_matches_expected("overlay_detection.png", &image);
+    }
+
+    #[test]
+    fn segmentation_overlay_matches_the_expected_image() {
+        let mut image = canvas();
+        let map = LabelMap {
+            width: 320,
+            height: 240,
+            labels: (0..320 * 240).map(|i| if (i % 320) > 160 { 1 } else { 0 }).collect(),
+        };
+        let labels = vec!["background".to_string(), "text".to_string()];
+        let classes = summarise(&map, &labels);
+        let result = SegmentationResult { width: 320, height: 240, classes, mask: None };
+        let _ = MaskFormat::None;
+        let before = *image.get_pixel(300, 200);
+        draw_segmentation(&mut image, &map, &result);
+        let after = *image.get_pixel(300, 200);
+        let c = class_colour(1).0;
+        for k in 0..3 {
+            assert_eq!(after.0[k], ((before.0[k] as u16 + c[k] as u16) / 2) as u8, "half-transparent blend");
+        }
+        assert_matches_expected("overlay_segmentation.png", &image);
+    }
+
+    #[test]
+    fn classification_overlay_matches_the_expected_image() {
+        let mut image = canvas();
+        let predictions = vec![
+            Prediction { index: 285, label: "Egyptian cat".into(), score: 0.72 },
+            Prediction { index: 282, label: "tiger cat".into(), score: 0.14 },
+            Prediction { index: 281, label: "tabby".into(), score: 0.13 },
+        ];
+        draw_classification(&mut image, &predictions);
+        assert_matches_expected("overlay_classification.png", &image);
+    }
+}
