@@ -27,7 +27,7 @@ DEFAULT_MODELS  := mobilenet_v2 ssd_mobilenet_v2_coco text_detector_ppocr_v4
 PRETRAINED_KEY  := $(shell cat models/convert_pretrained.py models/weights.sha256 | sha256sum | cut -c1-12)
 PRETRAINED      := $(CACHE)/pretrained-$(PRETRAINED_KEY)
 
-.PHONY: help prereqs pyenv build models test-models run test test-rust test-python test-browser zoo clean
+.PHONY: help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean
 
 help:
 	@echo "make run    - prepare everything and serve the default models on http://127.0.0.1:8080"
@@ -35,6 +35,9 @@ help:
 	@echo "make build  - release binary at $(BIN)"
 	@echo "make models - convert the default pretrained models into models/"
 	@echo "make zoo    - export the torchvision zoo (ZOO_FLAGS=--random-init offline) into ZOO_OUT"
+	@echo "make bench  - load-test the server against the in-process ceiling (BENCHMARKS.md)"
+	@echo "make soak   - ten minutes at 70 % load, resident memory over time"
+	@echo "make bench-torchserve - the same load on TorchServe 0.12 and on visionserve"
 
 prereqs:
 	@scripts/check-prereqs.sh
@@ -76,7 +79,7 @@ test-models: $(TEST_MODELS)/.complete
 run: build models
 	$(BIN) --model-repository models
 
-test: build models test-models test-rust test-python test-browser
+test: build models test-models test-rust test-python validate-manifests docker-test test-browser
 
 test-rust: build test-models
 	VISIONSERVE_TEST_MODELS=$(TEST_MODELS) cargo test --release --locked
@@ -93,6 +96,49 @@ test-browser: build models
 	@command -v npm >/dev/null || { echo "visionserve setup: npm is not installed; install Node.js 18+ (Debian: apt-get install nodejs npm)." >&2; exit 1; }
 	cd tests/browser && npm ci --no-audit --no-fund --silent
 	cd tests/browser && VISIONSERVE_BIN=$(abspath $(BIN)) VISIONSERVE_DEFAULT_MODELS=$(abspath models) node --test page.test.mjs
+
+# The load-test bench: in-process ceiling vs served throughput, on resnet18 (random-init, from
+# the test set) and the default detector. Appends to BENCHMARKS.md, draws docs/bench/*.png.
+BENCH_SECONDS ?= 6
+bench: build models test-models
+	cargo run --release --locked --example bench -- --server $(BIN) --seconds $(BENCH_SECONDS) \
+	  --models $(TEST_MODELS)/resnet18,models/ssd_mobilenet_v2_coco
+
+# TorchServe 0.12 (Java 17, PyPI) on the same TorchScript file, same load, same run.
+bench-torchserve: build test-models
+	scripts/bench-torchserve.sh $(CACHE) $(TEST_MODELS)/resnet18 $(abspath $(BIN)) $(BENCH_SECONDS)
+
+# Ten minutes at 70 % of capacity; reports resident memory over time into BENCHMARKS.md.
+SOAK_SECONDS ?= 600
+soak: build test-models
+	cargo run --release --locked --example bench -- --server $(BIN) --soak-seconds $(SOAK_SECONDS) \
+	  --models $(TEST_MODELS)/resnet18
+
+# The CPU image, assembled from the host build (docker/Dockerfile explains why).
+docker-image: build models
+	cargo build --release --locked --example bench
+	scripts/docker-context.sh
+	DOCKER_BUILDKIT=1 /usr/bin/docker build --network host -t visionserve:latest -f docker/Dockerfile docker
+
+# Builds and runs the image as a user would; starts (and stops) a Docker engine if needed.
+docker-test: build models
+	cargo build --release --locked --example bench
+	scripts/docker-test.sh $(CACHE)
+
+# docker/k8s/*.yaml against the Kubernetes schemas, offline.
+validate-manifests: $(PY_STAMP)
+	$(PYTHON) scripts/validate-manifests.py
+
+# On a machine with an NVIDIA GPU: a build that links libtorch_cuda, the integration and
+# reference tests with every test model on cuda:0 (the reference side stays on CPU).
+GPU_TEST_MODELS := $(CACHE)/test-models-cuda-$(TEST_MODELS_KEY)
+test-gpu: $(PY_STAMP)
+	$(PYTHON) -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "make test-gpu: no CUDA device visible")'
+	VISIONSERVE_CUDA=1 cargo build --release --locked
+	@install -m 755 $(CARGO_TARGET_DIR)/release/visionserve $(BIN)
+	test -f $(GPU_TEST_MODELS)/.complete || { $(PYTHON) models/export.py --out $(GPU_TEST_MODELS) --set test --random-init --device cuda:0 && touch $(GPU_TEST_MODELS)/.complete; }
+	VISIONSERVE_CUDA=1 VISIONSERVE_TEST_MODELS=$(GPU_TEST_MODELS) cargo test --release --locked --test server
+	VISIONSERVE_BIN=$(abspath $(BIN)) VISIONSERVE_TEST_MODELS=$(GPU_TEST_MODELS) $(PYTHON) -m pytest -q tests/python/test_reference.py
 
 ZOO_OUT   ?= $(CACHE)/zoo
 ZOO_FLAGS ?=

@@ -167,6 +167,26 @@ class TinyBoxesScores(nn.Module):
         return boxes, scores
 
 
+class FaultProbe(nn.Module):
+    """A test model for the serving machinery, not for vision: it takes about 0.1 s a forward
+    pass (so queues fill and deadlines pass), and raises when an image is nearly white (so one
+    bad input fails inside a batch)."""
+
+    def __init__(self, iterations: int = 15000):
+        super().__init__()
+        self.register_buffer("w", torch.randn(256, 256) / 16)
+        self.iterations = iterations
+
+    def forward(self, x):
+        if bool((x.flatten(1).mean(1) > 0.9).any()):
+            raise RuntimeError("fault probe: an image in this batch is too bright")
+        y = x.flatten(1)[:, :256]
+        for _ in range(self.iterations):
+            y = torch.tanh(y @ self.w)
+        m = y.mean(1)
+        return torch.stack([m, -m], 1)
+
+
 def classification(name, size=224, resize_shorter=256):
     return {"kind": "torchvision", "task": "classification", "arch": name, "export": "trace",
             "input": {"width": size, "height": size, "resize": "shorter_side_center_crop",
@@ -220,6 +240,10 @@ TEST = {
                                 "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "channel_order": "bgr"},
                       "output": {"convention": "probability_map", "threshold": 0.5},
                       "labels": ["background", "foreground"]},
+    "fault_probe": {"kind": "fault_probe", "task": "classification", "export": "script",
+                    "input": {"width": 16, "height": 16, "resize": "stretch"},
+                    "output": {"convention": "logits"}, "labels": ["dark", "light"],
+                    "batching": {"max_batch_size": 4, "max_delay_ms": 150, "queue_capacity": 2}},
     "tiny_ssd": {"kind": "boxes_scores", "task": "detection",
                  "input": {"width": 128, "height": 128, "resize": "stretch"},
                  "output": {"convention": "boxes_scores", "box_layout": "xyxy", "box_coordinates": "normalized",
@@ -259,6 +283,8 @@ def build(name, spec, random_init, seed):
         return TinyYolo(), COCO80, provenance, "visionserve models/export.py (YOLOv8 layout)", "Apache-2.0"
     if kind == "probability_map":
         return TinyProbabilityMap(), spec["labels"], provenance, "visionserve models/export.py", "Apache-2.0"
+    if kind == "fault_probe":
+        return FaultProbe(), spec["labels"], provenance, "visionserve models/export.py (test probe)", "Apache-2.0"
     if kind == "boxes_scores":
         return TinyBoxesScores(len(spec["labels"])), spec["labels"], provenance, "visionserve models/export.py", "Apache-2.0"
     raise SystemExit(f"unknown model kind {kind}")
@@ -275,7 +301,7 @@ def to_torchscript(model, spec):
         return torch.jit.freeze(traced)
 
 
-def export_one(name, spec, out, random_init, seed):
+def export_one(name, spec, out, random_init, seed, device="cpu"):
     started = time.time()
     folder = os.path.join(out, name)
     os.makedirs(folder, exist_ok=True)
@@ -286,7 +312,7 @@ def export_one(name, spec, out, random_init, seed):
     scripted.save(tmp)
     os.replace(tmp, os.path.join(folder, "model.pt"))
     write_labels(folder, labels)
-    runtime = {}
+    runtime = {"device": device} if device != "cpu" else {}
     if spec.get("needs_torchvision_ops"):
         runtime["op_libraries"] = torchvision_op_libraries()
     sections = {
@@ -297,8 +323,9 @@ def export_one(name, spec, out, random_init, seed):
     }
     if runtime:
         sections["runtime"] = runtime
-    sections["batching"] = {"max_batch_size": 4 if spec["output"]["convention"] != "torchvision_detection" else 2,
-                            "max_delay_ms": 2, "queue_capacity": 64}
+    sections["batching"] = spec.get("batching") or {
+        "max_batch_size": 4 if spec["output"]["convention"] != "torchvision_detection" else 2,
+        "max_delay_ms": 2, "queue_capacity": 64}
     write_config(folder, {"task": spec["task"], "format": "torchscript", "file": "model.pt", "labels": "labels.txt"}, sections)
     size = os.path.getsize(os.path.join(folder, "model.pt"))
     progress(f"{name}: {size / 1e6:.1f} MB, {provenance}, {time.time() - started:.1f} s")
@@ -311,6 +338,7 @@ def main():
     parser.add_argument("--models", default="", help="comma-separated subset of the set")
     parser.add_argument("--random-init", action="store_true", help="seeded random weights (no download)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="runtime.device written into each config (cpu, cuda:0, auto)")
     args = parser.parse_args()
     catalogue = ZOO if args.set == "zoo" else TEST
     if args.set == "test" and not args.random_init:
@@ -322,7 +350,7 @@ def main():
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     for i, name in enumerate(names, 1):
         progress(f"({i}/{len(names)}) exporting {name} ...")
-        export_one(name, catalogue[name], args.out, args.random_init, args.seed)
+        export_one(name, catalogue[name], args.out, args.random_init, args.seed, args.device)
     progress(f"done: {len(names)} models in {args.out}")
 
 

@@ -38,6 +38,12 @@ pub struct ServerConfig {
     #[arg(long, env = "VISIONSERVE_MAX_IMAGES_PER_REQUEST", default_value_t = 32)]
     pub max_images_per_request: usize,
 
+    /// Default time a predict request may take, queue and inference included, before it is
+    /// answered 504 and dropped from the queue. A request may ask for another with the
+    /// `x-request-timeout-ms` header.
+    #[arg(long, env = "VISIONSERVE_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    pub request_timeout_ms: u64,
+
     /// CPU threads for decoding and preprocessing; 0 means one per core.
     #[arg(long, env = "VISIONSERVE_PREPROCESS_THREADS", default_value_t = 0)]
     pub preprocess_threads: usize,
@@ -45,16 +51,27 @@ pub struct ServerConfig {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "VISIONSERVE_LOG_JSON", default_value_t = false)]
     pub log_json: bool,
+
+    /// Do not serve: ask the server at --addr whether it is ready and exit 0 (ready) or 1.
+    /// For container health checks in images without curl.
+    #[arg(long)]
+    pub check_ready: bool,
 }
 
 impl ServerConfig {
     /// Checks what clap cannot, once, right after parsing.
     pub fn validate(&self) -> Result<(), String> {
+        if self.check_ready {
+            return Ok(());
+        }
         if self.max_body_bytes == 0 {
             return Err("--max-body-bytes must be positive".into());
         }
         if self.max_image_pixels == 0 {
             return Err("--max-image-pixels must be positive".into());
+        }
+        if self.request_timeout_ms == 0 {
+            return Err("--request-timeout-ms must be positive".into());
         }
         if self.max_images_per_request == 0 {
             return Err("--max-images-per-request must be positive".into());

@@ -29,6 +29,8 @@ pub enum ApiError {
     ModelNotReady { name: String, reason: String },
     #[error("model '{0}' has a full queue; retry shortly")]
     Overloaded(String),
+    #[error("no answer within the request's deadline of {0} ms")]
+    DeadlineExceeded(u64),
     #[error("internal error")]
     Internal(String),
 }
@@ -45,6 +47,7 @@ impl ApiError {
             ApiError::ModelNotReady { .. } | ApiError::Overloaded(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ApiError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -62,6 +65,7 @@ impl ApiError {
             ApiError::InvalidParameter(_) => "invalid_parameter",
             ApiError::ModelNotReady { .. } => "model_not_ready",
             ApiError::Overloaded(_) => "overloaded",
+            ApiError::DeadlineExceeded(_) => "deadline_exceeded",
             ApiError::Internal(_) => "internal",
         }
     }

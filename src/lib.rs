@@ -10,6 +10,7 @@ pub mod engine;
 pub mod error;
 pub mod image;
 pub mod logging;
+pub mod metrics;
 pub mod render;
 pub mod repository;
 pub mod tasks;
@@ -43,8 +44,10 @@ pub async fn serve(config: ServerConfig) -> Result<(), Box<dyn std::error::Error
             max_body_bytes: config.max_body_bytes,
             max_image_pixels: config.max_image_pixels,
             max_images_per_request: config.max_images_per_request,
+            request_timeout_ms: config.request_timeout_ms,
         },
         cpu_permits: Arc::new(Semaphore::new(config.preprocess_thread_count())),
+        metrics: metrics::handle(),
     };
     let listener = TcpListener::bind(config.addr).await?;
     let local = listener.local_addr()?;
@@ -52,6 +55,28 @@ pub async fn serve(config: ServerConfig) -> Result<(), Box<dyn std::error::Error
     axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown_signal()).await?;
     tracing::info!("shut down");
     Ok(())
+}
+
+/// `GET /health/ready` over a plain TCP connection: 0 when the answer is 200, 1 otherwise.
+/// A listener on 0.0.0.0 is asked on loopback.
+pub fn health_probe(addr: std::net::SocketAddr) -> i32 {
+    use std::io::{Read, Write};
+    let mut target = addr;
+    if target.ip().is_unspecified() {
+        target.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let timeout = std::time::Duration::from_secs(3);
+    let answer = std::net::TcpStream::connect_timeout(&target, timeout).and_then(|mut stream| {
+        stream.set_read_timeout(Some(timeout))?;
+        write!(stream, "GET /health/ready HTTP/1.0\r\nHost: {target}\r\n\r\n")?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head)?;
+        Ok(head)
+    });
+    match answer {
+        Ok(head) if head.starts_with(b"HTTP/1.") && &head[9..12] == b"200" => 0,
+        _ => 1,
+    }
 }
 
 async fn shutdown_signal() {

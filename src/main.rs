@@ -5,6 +5,9 @@ use visionserve::config::ServerConfig;
 #[tokio::main]
 async fn main() {
     let config = ServerConfig::parse();
+    if config.check_ready {
+        std::process::exit(visionserve::health_probe(config.addr));
+    }
     visionserve::logging::init_logging(config.log_json);
     if let Err(message) = config.validate() {
         eprintln!("visionserve: {message}");

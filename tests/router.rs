@@ -25,8 +25,14 @@ fn app() -> (axum::Router, tempfile::TempDir) {
     let repository = ModelRepository::scan(repo.path(), &[]).unwrap();
     let state = AppState {
         repository: Arc::new(repository),
-        limits: RequestLimits { max_body_bytes: 1024, max_image_pixels: 1_000_000, max_images_per_request: 2 },
+        limits: RequestLimits {
+            max_body_bytes: 1024,
+            max_image_pixels: 1_000_000,
+            max_images_per_request: 2,
+            request_timeout_ms: 1000,
+        },
         cpu_permits: Arc::new(Semaphore::new(1)),
+        metrics: visionserve::metrics::handle(),
     };
     (router(state), repo)
 }

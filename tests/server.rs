@@ -18,6 +18,8 @@ const RCNN: &str = "fasterrcnn_mobilenet_v3_large_320_fpn";
 const YOLO: &str = "yolo_tiny";
 const PROBABILITY_MAP: &str = "tiny_text_map";
 const BOXES_SCORES: &str = "tiny_ssd";
+/// About 0.1 s a forward pass, raises on a nearly white image; batch 4, 150 ms delay, queue 2.
+const FAULT_PROBE: &str = "fault_probe";
 
 fn server() -> &'static Server {
     static SERVER: OnceLock<Server> = OnceLock::new();
@@ -65,7 +67,7 @@ fn health_and_model_metadata() {
 
     let list: Value = client().get(s.url("/v1/models")).send().unwrap().json().unwrap();
     let models = list["models"].as_array().unwrap();
-    assert_eq!(models.len(), 6, "{list}");
+    assert_eq!(models.len(), 7, "{list}");
     for m in models {
         assert_eq!(m["status"], "ready");
         assert!(m["provenance"]["weights"].as_str().unwrap().starts_with("random-init"), "{m}");
@@ -382,4 +384,130 @@ fn the_web_page_and_its_samples_are_served_from_the_binary() {
     }
     let missing = client().get(server().url("/samples/nope.jpg")).send().unwrap();
     assert_eq!(missing.status(), 404);
+}
+
+fn png_of(value: u8) -> Vec<u8> {
+    encode(&image::RgbImage::from_pixel(16, 16, image::Rgb([value; 3])), ImageFormat::Png)
+}
+
+fn probe(body: Vec<u8>, timeout: Option<Duration>, request_timeout_ms: Option<u64>) -> reqwest::Result<reqwest::blocking::Response> {
+    let mut builder = Client::builder();
+    if let Some(t) = timeout {
+        builder = builder.timeout(t);
+    }
+    let mut request = builder
+        .build()
+        .unwrap()
+        .post(server().url(&format!("/v1/models/{FAULT_PROBE}/predict")))
+        .header("content-type", "image/png")
+        .body(body);
+    if let Some(ms) = request_timeout_ms {
+        request = request.header("x-request-timeout-ms", ms.to_string());
+    }
+    request.send()
+}
+
+fn metric_value(metrics: &str, name: &str, labels: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The queue, batcher and deadlines, on one model, in one sequence (the scenarios would
+/// disturb each other in parallel).
+#[test]
+fn batcher_isolates_failures_and_enforces_deadlines_queue_limits_and_disconnects() {
+    let s = server();
+    // 1. A bad image and a good one in the same batch: only the bad one fails.
+    let bright = std::thread::spawn(|| probe(png_of(255), None, None).unwrap());
+    std::thread::sleep(Duration::from_millis(30));
+    let dark = probe(png_of(20), None, None).unwrap();
+    let bright = bright.join().unwrap();
+    assert_eq!(dark.status(), 200);
+    assert_eq!(dark.headers()["x-batch-size"], "2", "the two requests should share a batch");
+    assert_eq!(bright.status(), 500);
+    let body: Value = bright.json().unwrap();
+    assert_eq!(body["error"]["code"], "internal");
+    assert!(!body["error"]["message"].as_str().unwrap().contains("TorchScript"), "internals leak: {body}");
+    // 2. The same worker keeps serving.
+    assert_eq!(probe(png_of(40), None, None).unwrap().status(), 200);
+
+    // 3. A deadline shorter than the work: 504, and the job is dropped, not computed.
+    let started = std::time::Instant::now();
+    let late = probe(png_of(30), None, Some(60)).unwrap();
+    assert_eq!(late.status(), 504);
+    let body: Value = late.json().unwrap();
+    assert_eq!(body["error"]["code"], "deadline_exceeded");
+    assert!(started.elapsed() < Duration::from_millis(1000));
+    let invalid = client()
+        .post(s.url(&format!("/v1/models/{FAULT_PROBE}/predict")))
+        .header("content-type", "image/png")
+        .header("x-request-timeout-ms", "soon")
+        .body(png_of(30))
+        .send()
+        .unwrap();
+    assert_eq!(invalid.status(), 422);
+
+    // 4. Over capacity: refused at once with 503 and Retry-After; the rest are answered.
+    let burst: Vec<_> = (0..12)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let started = std::time::Instant::now();
+                let response = probe(png_of(10 + i), None, None).unwrap();
+                (response.status().as_u16(), response.headers().get("retry-after").is_some(), started.elapsed())
+            })
+        })
+        .collect();
+    let outcomes: Vec<_> = burst.into_iter().map(|t| t.join().unwrap()).collect();
+    let refused: Vec<_> = outcomes.iter().filter(|o| o.0 == 503).collect();
+    assert!(!refused.is_empty(), "12 requests at once on a queue of 2 must overflow: {outcomes:?}");
+    assert!(outcomes.iter().all(|o| o.0 == 200 || o.0 == 503), "{outcomes:?}");
+    for (_, retry_after, took) in &refused {
+        assert!(retry_after, "503 without Retry-After");
+        assert!(*took < Duration::from_millis(250), "a refusal took {took:?}");
+    }
+
+    // 5. A client that hangs up while queued is skipped, not computed.
+    let metrics = || client().get(s.url("/metrics")).send().unwrap().text().unwrap();
+    let skipped_before = metric_value(&metrics(), "visionserve_jobs_skipped_total", &[FAULT_PROBE]);
+    let busy: Vec<_> = (0..2).map(|i| std::thread::spawn(move || probe(png_of(50 + i), None, None).unwrap().status())).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(probe(png_of(60), Some(Duration::from_millis(60)), None).is_err(), "the client should give up first");
+    for b in busy {
+        assert_eq!(b.join().unwrap(), 200);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let text = metrics();
+    let skipped_after = metric_value(&text, "visionserve_jobs_skipped_total", &[FAULT_PROBE]);
+    assert!(skipped_after > skipped_before, "no skipped job counted:\n{text}");
+}
+
+#[test]
+fn metrics_expose_the_documented_names() {
+    let (status, _) = predict_raw(CLASSIFIER, "", jpeg(64, 64, 3), "image/jpeg");
+    assert_eq!(status, 200);
+    let (status, _) = predict_raw(CLASSIFIER, "?top_k=0", jpeg(64, 64, 3), "image/jpeg");
+    assert_eq!(status, 422);
+    let response = client().get(server().url("/metrics")).send().unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().unwrap();
+    for name in [
+        "visionserve_requests_total",
+        "visionserve_request_duration_seconds_bucket",
+        "visionserve_preprocess_duration_seconds_bucket",
+        "visionserve_queue_duration_seconds_bucket",
+        "visionserve_inference_duration_seconds_bucket",
+        "visionserve_postprocess_duration_seconds_bucket",
+        "visionserve_batch_size_bucket",
+        "visionserve_queue_depth",
+        "visionserve_in_flight_requests",
+        "visionserve_model_ready",
+    ] {
+        assert!(text.contains(name), "/metrics lacks {name}");
+    }
+    assert!(metric_value(&text, "visionserve_requests_total", &["model=\"resnet18\"", "status=\"200\""]) >= 1.0);
+    assert!(metric_value(&text, "visionserve_requests_total", &["model=\"resnet18\"", "status=\"422\""]) >= 1.0);
+    assert_eq!(metric_value(&text, "visionserve_model_ready", &["model=\"resnet18\""]), 1.0);
 }

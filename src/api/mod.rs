@@ -2,6 +2,7 @@
 //! stack of layers (request id, tracing, body limit) with a JSON fallback for unknown routes.
 
 mod health;
+mod metrics_route;
 pub mod input;
 mod models;
 pub mod params;
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
+use metrics_exporter_prometheus::PrometheusHandle;
 use axum::http::{HeaderName, Request};
 use axum::Router;
 use tokio::sync::Semaphore;
@@ -27,6 +29,8 @@ pub struct RequestLimits {
     pub max_body_bytes: usize,
     pub max_image_pixels: u64,
     pub max_images_per_request: usize,
+    /// Default deadline of a predict request, in milliseconds.
+    pub request_timeout_ms: u64,
 }
 
 /// Everything a handler needs, cheap to clone.
@@ -36,6 +40,7 @@ pub struct AppState {
     pub limits: RequestLimits,
     /// Bounds the decode/preprocess work running at once on tokio's blocking pool.
     pub cpu_permits: Arc<Semaphore>,
+    pub metrics: PrometheusHandle,
 }
 
 impl AppState {
@@ -63,6 +68,7 @@ pub fn router(state: AppState) -> Router {
     let body_limit = state.limits.max_body_bytes;
     Router::new()
         .merge(health::router())
+        .merge(metrics_route::router())
         .merge(models::router())
         .merge(predict::router())
         .merge(web::router())

@@ -3,10 +3,11 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, Request, State};
+use axum::middleware::{self, Next};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -20,12 +21,52 @@ use crate::engine::{EngineError, JobOptions, ModelOutput};
 use crate::error::ApiError;
 use crate::image::{decode_image, preprocess, DecodeLimits, Geometry, PreparedImage};
 use crate::repository::config::{ModelConfig, Task};
+use crate::metrics as m;
 use crate::render;
 use crate::tasks::{classification, detection, segmentation, TaskResult};
 use image::RgbImage;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/models/{name}/predict", post(predict))
+    Router::new()
+        .route("/v1/models/{name}/predict", post(predict))
+        .route_layer(middleware::from_fn(track_request))
+}
+
+/// Counts every predict request by model and status (extractor rejections included), times
+/// it whole, and keeps the in-flight gauge honest even when the client goes away mid-request.
+async fn track_request(request: Request, next: Next) -> Response {
+    let model = request.uri().path().split('/').nth(3).unwrap_or("").to_string();
+    let in_flight = metrics::gauge!(m::IN_FLIGHT, "model" => model.clone());
+    in_flight.increment(1.0);
+    struct Leave(metrics::Gauge);
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            self.0.decrement(1.0);
+        }
+    }
+    let _leave = Leave(in_flight);
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!(m::REQUESTS, "model" => model.clone(), "status" => status).increment(1);
+    metrics::histogram!(m::REQUEST_SECONDS, "model" => model).record(m::seconds(started.elapsed()));
+    response
+}
+
+/// The request's deadline: the server default, or `x-request-timeout-ms` when given.
+fn deadline(headers: &HeaderMap, default_ms: u64, started: Instant) -> Result<(Instant, u64), ApiError> {
+    let ms = match headers.get("x-request-timeout-ms") {
+        None => default_ms,
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|ms| (1..=600_000).contains(ms))
+            .ok_or_else(|| {
+                ApiError::InvalidParameter("header 'x-request-timeout-ms' must be an integer within 1..=600000".into())
+            })?,
+    };
+    Ok((started + Duration::from_millis(ms), ms))
 }
 
 async fn predict(
@@ -35,6 +76,8 @@ async fn predict(
     headers: HeaderMap,
     uploads: ImageUploads,
 ) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let (deadline, timeout_ms) = deadline(&headers, state.limits.request_timeout_ms, started)?;
     let model = state.repository.get(&name).ok_or_else(|| ApiError::ModelNotFound(name.clone()))?;
     let config = model
         .config
@@ -53,8 +96,10 @@ async fn predict(
     let runtime = model
         .runtime()
         .map_err(|reason| ApiError::ModelNotReady { name: name.clone(), reason })?;
+    if runtime.is_full() {
+        return Err(ApiError::Overloaded(name));
+    }
 
-    let started = Instant::now();
     let limits = DecodeLimits { max_pixels: state.limits.max_image_pixels };
     let prep_config = Arc::clone(&config);
     let (prepared, original) =
@@ -63,9 +108,9 @@ async fn predict(
 
     let geometries: Vec<Geometry> = prepared.iter().map(|p| p.geometry).collect();
     let output = runtime
-        .infer(prepared, JobOptions { score_threshold: params.score_threshold })
+        .infer(prepared, JobOptions { score_threshold: params.score_threshold }, deadline)
         .await
-        .map_err(|e| engine_error(&name, e))?;
+        .map_err(|e| engine_error(&name, e, timeout_ms))?;
 
     let post_started = Instant::now();
     let labels = Arc::clone(&model.labels);
@@ -85,6 +130,14 @@ async fn predict(
         }
     };
     let postprocess_time = post_started.elapsed();
+    for (metric, time) in [
+        (m::PREPROCESS_SECONDS, preprocess_time),
+        (m::QUEUE_SECONDS, output.queue_time),
+        (m::INFERENCE_SECONDS, output.inference_time),
+        (m::POSTPROCESS_SECONDS, postprocess_time),
+    ] {
+        metrics::histogram!(metric, "model" => name.clone()).record(m::seconds(time));
+    }
     let headers = response.headers_mut();
     for (header, value) in [
         ("x-preprocess-time-ms", millis(preprocess_time)),
@@ -168,9 +221,10 @@ fn render_overlay(
     render::encode_png(&image).map_err(|e| ApiError::Internal(format!("PNG encoding failed: {e}")))
 }
 
-fn engine_error(model: &str, error: EngineError) -> ApiError {
+fn engine_error(model: &str, error: EngineError, timeout_ms: u64) -> ApiError {
     match error {
         EngineError::QueueFull => ApiError::Overloaded(model.to_string()),
+        EngineError::DeadlineExceeded => ApiError::DeadlineExceeded(timeout_ms),
         EngineError::Stopped => ApiError::ModelNotReady { name: model.to_string(), reason: "its workers have stopped".into() },
         // The model itself failed on this input: a server-side fault, logged with detail.
         other => ApiError::Internal(format!("model '{model}': {other}")),

@@ -41,6 +41,8 @@ pub struct Job {
     pub images: Vec<PreparedImage>,
     pub options: JobOptions,
     pub enqueued_at: Instant,
+    /// Past this the caller has answered 504 and the worker drops the job uncomputed.
+    pub deadline: Instant,
     pub reply: oneshot::Sender<Result<JobOutput, EngineError>>,
 }
 
@@ -63,6 +65,10 @@ pub enum EngineError {
     QueueFull,
     #[error("the model's workers have stopped")]
     Stopped,
+    #[error("the worker failed while running this request")]
+    WorkerFailed,
+    #[error("the request's deadline passed before it was answered")]
+    DeadlineExceeded,
 }
 
 /// The handle the HTTP side holds: a sender into the model's bounded queue.
@@ -73,23 +79,38 @@ pub struct ModelRuntime {
 }
 
 impl ModelRuntime {
-    /// Enqueues at once or refuses at once: a full queue is an answer, not a wait.
+    /// Enqueues at once or refuses at once: a full queue is an answer, not a wait. Waits for
+    /// the answer until `deadline`; a caller that gives up (or whose client goes away) drops
+    /// the reply channel, and the worker skips the job.
     pub async fn infer(
         &self,
         images: Vec<PreparedImage>,
         options: JobOptions,
+        deadline: Instant,
     ) -> Result<JobOutput, EngineError> {
         let (reply, response) = oneshot::channel();
-        let job = Job { images, options, enqueued_at: Instant::now(), reply };
+        let job = Job { images, options, enqueued_at: Instant::now(), deadline, reply };
         match self.queue.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => return Err(EngineError::QueueFull),
             Err(TrySendError::Disconnected(_)) => return Err(EngineError::Stopped),
         }
-        response.await.unwrap_or(Err(EngineError::Stopped))
+        match tokio::time::timeout_at(deadline.into(), response).await {
+            Ok(Ok(answer)) => answer,
+            // The sender was dropped unanswered: the worker died on this batch.
+            Ok(Err(_)) => Err(EngineError::WorkerFailed),
+            Err(_) => Err(EngineError::DeadlineExceeded),
+        }
     }
 
     pub fn queue_depth(&self) -> usize {
         self.queue.len()
+    }
+
+    /// Whether a job would be refused now. Checked before decoding, so that a request over
+    /// capacity is refused without paying for its preprocessing; `infer`'s `try_send` stays
+    /// the authority.
+    pub fn is_full(&self) -> bool {
+        self.queue.is_full()
     }
 }

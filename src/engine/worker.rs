@@ -13,6 +13,7 @@ use tch::{CModule, Device, IValue, Kind, Tensor};
 use super::outputs::{parse_batched, parse_torchvision_detection, scale_normalised};
 use super::{EngineError, Job, JobOptions, JobOutput, ModelOutput, ModelRuntime};
 use crate::image::{Geometry, PreparedImage};
+use crate::metrics as m;
 use crate::repository::config::{ModelConfig, OutputConvention, ResizePolicy};
 
 /// A loaded, warmed-up model, ready to get workers.
@@ -106,6 +107,7 @@ pub fn spawn_workers(
         let model = Arc::clone(&model);
         let config = Arc::clone(&config);
         let span = tracing::info_span!("worker", model = %name, index);
+        let model_name = name.to_string();
         std::thread::Builder::new()
             .name(format!("{name}-worker-{index}"))
             .spawn(move || {
@@ -113,14 +115,24 @@ pub fn spawn_workers(
                 // Grad mode and the intra-op thread count are per thread: set both once, here.
                 let _no_grad = tch::no_grad_guard();
                 tch::set_num_threads(intra_op_threads.max(1) as i32);
-                worker_loop(&model, &config, &receiver);
+                // A panic outside the guarded forward pass ends the loop; the jobs it held are
+                // dropped (their callers answer 500) and the loop starts again on this thread.
+                loop {
+                    match catch_unwind(AssertUnwindSafe(|| worker_loop(&model_name, &model, &config, &receiver))) {
+                        Ok(()) => break,
+                        Err(_) => {
+                            metrics::counter!(m::WORKER_RESTARTS, "model" => model_name.clone()).increment(1);
+                            tracing::error!("worker panicked; restarting it");
+                        }
+                    }
+                }
             })
             .expect("spawning a worker thread");
     }
     ModelRuntime { queue: sender, config }
 }
 
-fn worker_loop(model: &LoadedModel, config: &ModelConfig, queue: &Receiver<Job>) {
+fn worker_loop(name: &str, model: &LoadedModel, config: &ModelConfig, queue: &Receiver<Job>) {
     let max_batch = config.batching.max_batch_size;
     let max_delay = Duration::from_millis(config.batching.max_delay_ms);
     while let Ok(first) = queue.recv() {
@@ -144,28 +156,52 @@ fn worker_loop(model: &LoadedModel, config: &ModelConfig, queue: &Receiver<Job>)
                 None => break,
             }
         }
-        // A client that has gone gets no computation.
-        jobs.retain(|job| !job.reply.is_closed());
+        // A client that has gone, or whose deadline passed, gets no computation.
+        let now = Instant::now();
+        jobs.retain(|job| {
+            let reason = if job.reply.is_closed() {
+                "disconnected"
+            } else if job.deadline <= now {
+                "deadline"
+            } else {
+                return true;
+            };
+            metrics::counter!(m::JOBS_SKIPPED, "model" => name.to_string(), "reason" => reason).increment(1);
+            false
+        });
         if !jobs.is_empty() {
-            run_jobs(model, config, jobs);
+            run_jobs(name, model, config, jobs);
         }
     }
     tracing::debug!("queue closed; worker exits");
 }
 
-fn run_jobs(model: &LoadedModel, config: &ModelConfig, jobs: Vec<Job>) {
+fn run_jobs(name: &str, model: &LoadedModel, config: &ModelConfig, jobs: Vec<Job>) {
     let started = Instant::now();
     let all: Vec<&PreparedImage> = jobs.iter().flat_map(|j| j.images.iter()).collect();
     // One threshold for the batch: the lowest asked for; each job's own is applied after.
     let threshold = jobs.iter().map(|j| j.options.score_threshold).fold(f32::INFINITY, f32::min);
     let batch_size = all.len();
     let mut results: Vec<Result<ModelOutput, String>> = Vec::with_capacity(batch_size);
+    let options = JobOptions { score_threshold: threshold };
     for chunk in all.chunks(config.batching.max_batch_size.max(1)) {
-        match run_images(model, config, chunk, JobOptions { score_threshold: threshold }) {
+        metrics::histogram!(m::BATCH_SIZE, "model" => name.to_string()).record(chunk.len() as f64);
+        match run_images(model, config, chunk, options) {
             Ok(outputs) => results.extend(outputs.into_iter().map(Ok)),
+            Err(e) if chunk.len() > 1 => {
+                // Run the images one by one so that only the one the model fails on fails.
+                tracing::warn!(error = %e, images = chunk.len(), "batched forward failed; retrying one by one");
+                for image in chunk {
+                    results.push(
+                        run_images(model, config, &[image], options)
+                            .map(|mut out| out.remove(0))
+                            .map_err(|e| e.to_string()),
+                    );
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "forward pass failed");
-                results.extend(chunk.iter().map(|_| Err(e.to_string())));
+                results.push(Err(e.to_string()));
             }
         }
     }
@@ -219,11 +255,27 @@ fn run_images(
         })
 }
 
+/// A tensor over `data` without copying it (for CPU; other devices get their copy). The
+/// tensor must not outlive `data`: every caller converts outputs to Rust data first.
+fn borrowed_tensor(data: &[f32], size: &[i64], device: Device) -> Tensor {
+    assert_eq!(data.len() as i64, size.iter().product::<i64>(), "tensor size matches its data");
+    let mut strides = vec![1i64; size.len()];
+    for i in (0..size.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * size[i + 1];
+    }
+    // SAFETY: `data` is a live, contiguous f32 slice of exactly `size` elements, and the
+    // tensor (and anything viewing it) is dropped before `data` in every caller.
+    let tensor = unsafe { Tensor::from_blob(data.as_ptr() as *const u8, size, &strides, Kind::Float, Device::Cpu) };
+    if device == Device::Cpu {
+        tensor
+    } else {
+        tensor.to_device(device)
+    }
+}
+
 fn image_tensor(image: &PreparedImage, device: Device) -> Tensor {
     let g = &image.geometry;
-    Tensor::from_slice(&image.data)
-        .view([3, g.input_height as i64, g.input_width as i64])
-        .to_device(device)
+    borrowed_tensor(&image.data, &[3, g.input_height as i64, g.input_width as i64], device)
 }
 
 fn run_images_inner(
@@ -252,14 +304,15 @@ fn run_images_inner(
             .iter()
             .partition(|&&i| (images[i].geometry.input_width, images[i].geometry.input_height) == size);
         pending = rest;
-        let mut data = Vec::with_capacity(group.len() * images[lead].data.len());
-        for &i in &group {
-            data.extend_from_slice(&images[i].data);
-        }
-        let batch = Tensor::from_slice(&data)
-            .view([group.len() as i64, 3, size.1 as i64, size.0 as i64])
-            .to_kind(Kind::Float)
-            .to_device(model.device);
+        // One copy to lay the images side by side; a lone image is used where it lies.
+        let joined: Vec<f32>;
+        let data: &[f32] = if group.len() == 1 {
+            &images[lead].data
+        } else {
+            joined = group.iter().flat_map(|&i| images[i].data.iter().copied()).collect();
+            &joined
+        };
+        let batch = borrowed_tensor(data, &[group.len() as i64, 3, size.1 as i64, size.0 as i64], model.device);
         let output = forward(IValue::Tensor(batch))?;
         let mut parsed = parse_batched(output, &config.output, group.len(), options.score_threshold)?;
         scale_normalised(&mut parsed, &config.output, &vec![size; group.len()]);

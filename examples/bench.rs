@@ -1,0 +1,657 @@
+//! `make bench`: how close the served throughput comes to what libtorch alone can do here.
+//!
+//! 1. The ceiling, in process, no HTTP: the same TorchScript file, {1 worker × 2 threads,
+//!    2 workers × 1 thread} × batch {1, 4, 8}, with decode and preprocessing excluded and
+//!    included.
+//! 2. The server (the release binary, on 127.0.0.1), closed-loop load at each concurrency,
+//!    for each worker/thread split, with and without dynamic batching.
+//! 3. Overload: open-loop at twice the best sustained rate against a short queue.
+//!
+//! Prints a table, appends it to BENCHMARKS.md and draws a PNG chart. Every run is bounded in
+//! time; all traffic goes to 127.0.0.1. `--soak-seconds N` instead runs N seconds at 70 % of
+//! the measured capacity and reports the server's resident memory over time.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use plotters::prelude::*;
+use tch::{CModule, IValue, Tensor};
+use visionserve::image::{decode_image, preprocess, DecodeLimits};
+use visionserve::repository::config::{ModelConfig, OutputConvention};
+
+#[derive(Parser)]
+struct Args {
+    /// The server binary.
+    #[arg(long, default_value = "target/release/visionserve")]
+    server: PathBuf,
+    /// Model folders to measure (config.toml + model.pt).
+    #[arg(long, value_delimiter = ',', required_unless_present = "url")]
+    models: Vec<PathBuf>,
+    /// Instead of everything else: drive this predict URL of a running server (for example
+    /// from docker compose) at each concurrency and print the table.
+    #[arg(long)]
+    url: Option<String>,
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    concurrency: Vec<usize>,
+    /// Seconds of load at each step.
+    #[arg(long, default_value_t = 6.0)]
+    seconds: f64,
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    out: PathBuf,
+    #[arg(long, default_value = "docs/bench")]
+    chart_dir: PathBuf,
+    /// Run a soak test of this many seconds instead of the sweep (first model, best split).
+    #[arg(long, default_value_t = 0)]
+    soak_seconds: u64,
+    /// Instead of the sweep: compare this server (first model) with other servers' predict
+    /// URLs for the same model, given as `LABEL=URL` (repeatable), at concurrency 1 and 16.
+    #[arg(long)]
+    compare: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Split {
+    workers: usize,
+    threads: usize,
+}
+
+const SPLITS: [Split; 2] = [Split { workers: 1, threads: 2 }, Split { workers: 2, threads: 1 }];
+
+fn main() {
+    let args = Args::parse();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let body = sample_jpeg();
+    println!("[bench] {cores} cores, {cpu}; body: 640×480 JPEG, {} bytes", body.len());
+    if let Some(url) = &args.url {
+        println!("| concurrency | req/s | p50 ms | p95 ms | p99 ms | errors |\n|---|---|---|---|---|---|");
+        for &c in &args.concurrency {
+            let s = closed_loop(url, &body, c, Duration::from_secs_f64(args.seconds));
+            println!("| {c} | {:.1} | {:.1} | {:.1} | {:.1} | {} |", s.throughput, s.p50, s.p95, s.p99, s.errors);
+        }
+        return;
+    }
+    if args.soak_seconds > 0 {
+        soak(&args, &body);
+        return;
+    }
+    if !args.compare.is_empty() {
+        compare(&args, &body, &cpu, cores);
+        return;
+    }
+    let mut report = format!(
+        "\n## Run of {} — {cores} cores, {cpu}\n\nLoad: a 640×480 JPEG (`assets/samples/coffee.jpg` resized), closed loop, {} s per step, 127.0.0.1.\n",
+        utc_now(),
+        args.seconds
+    );
+    let mut charts = Vec::new();
+    for dir in &args.models {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let config = ModelConfig::parse(&std::fs::read_to_string(dir.join("config.toml")).unwrap()).unwrap();
+        println!("[bench] {name}: measuring the in-process ceiling");
+        let ceiling = measure_ceiling(dir, &config, &body);
+        let best_ceiling = ceiling.iter().filter(|c| c.with_preprocessing).map(|c| c.images_per_second).fold(0.0, f64::max);
+        let single_forward = ceiling
+            .iter()
+            .find(|c| c.split == SPLITS[0] && c.batch == 1 && !c.with_preprocessing)
+            .map(|c| 1000.0 / c.images_per_second)
+            .unwrap_or(0.0);
+        let single_with_decode = ceiling
+            .iter()
+            .find(|c| c.split == SPLITS[0] && c.batch == 1 && c.with_preprocessing)
+            .map(|c| 1000.0 / c.images_per_second)
+            .unwrap_or(0.0);
+        let mut rows = Vec::new();
+        for split in SPLITS {
+            for batching in [false, true] {
+                let server = ServerUnderTest::start(&args.server, dir, split, batching, 64);
+                for &c in &args.concurrency {
+                    println!("[bench] {name}: {} workers × {} threads, batching {}, concurrency {c}", split.workers, split.threads, if batching { "on" } else { "off" });
+                    let stats = closed_loop(&server.url(&name), &body, c, Duration::from_secs_f64(args.seconds));
+                    println!("        {:.1} req/s, p50 {:.1} ms, p99 {:.1} ms, errors {}", stats.throughput, stats.p50, stats.p99, stats.errors);
+                    rows.push(Row { split, batching, concurrency: c, stats });
+                }
+            }
+        }
+        let best = rows.iter().filter(|r| r.concurrency == 16).max_by(|a, b| a.stats.throughput.total_cmp(&b.stats.throughput)).cloned();
+        // Overload: the lowest-latency setting at concurrency 1, with a queue of one request
+        // per worker, driven at twice the best sustained rate.
+        let quick = rows.iter().filter(|r| r.concurrency == 1).min_by(|a, b| a.stats.p99.total_cmp(&b.stats.p99)).cloned();
+        let overload = best.as_ref().zip(quick.as_ref()).map(|(b, q)| {
+            println!("[bench] {name}: overload at twice {:.1} req/s", b.stats.throughput);
+            let server = ServerUnderTest::start(&args.server, dir, q.split, q.batching, q.split.workers);
+            let stats = open_loop(&server.url(&name), &body, b.stats.throughput * 2.0, Duration::from_secs_f64(args.seconds));
+            (q.split, q.batching, stats)
+        });
+        report.push_str(&render_report(&name, &ceiling, &rows, best_ceiling, single_forward, single_with_decode, overload.as_ref()));
+        charts.push((name, rows));
+    }
+    std::fs::create_dir_all(&args.chart_dir).unwrap();
+    for (name, rows) in &charts {
+        let path = args.chart_dir.join(format!("{name}.png"));
+        draw_chart(&path, name, rows);
+        report.push_str(&format!("\n![{name}: throughput and p99 against concurrency]({})\n", path.display()));
+    }
+    println!("{report}");
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&args.out).unwrap();
+    file.write_all(report.as_bytes()).unwrap();
+    println!("[bench] appended to {} and drew {}", args.out.display(), args.chart_dir.display());
+}
+
+fn utc_now() -> String {
+    let out = Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output().ok();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+}
+
+fn sample_jpeg() -> Vec<u8> {
+    let source = image::load_from_memory(include_bytes!("../assets/samples/coffee.jpg")).unwrap();
+    let resized = source.resize_exact(640, 480, image::imageops::FilterType::Triangle);
+    let mut out = std::io::Cursor::new(Vec::new());
+    resized.write_to(&mut out, image::ImageFormat::Jpeg).unwrap();
+    out.into_inner()
+}
+
+// --- the ceiling -----------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+struct Ceiling {
+    split: Split,
+    batch: usize,
+    with_preprocessing: bool,
+    images_per_second: f64,
+}
+
+fn measure_ceiling(dir: &Path, config: &ModelConfig, body: &[u8]) -> Vec<Ceiling> {
+    let module = Arc::new(CModule::load(dir.join(&config.file)).unwrap());
+    let mut out = Vec::new();
+    for split in SPLITS {
+        for batch in [1usize, 4, 8] {
+            for with_preprocessing in [false, true] {
+                let images_per_second = ceiling_run(&module, config, body, split, batch, with_preprocessing, Duration::from_secs(2));
+                println!("        {} × {} threads, batch {batch}, preprocessing {}: {images_per_second:.1} img/s",
+                    split.workers, split.threads, if with_preprocessing { "included" } else { "excluded" });
+                out.push(Ceiling { split, batch, with_preprocessing, images_per_second });
+            }
+        }
+    }
+    out
+}
+
+fn ceiling_run(module: &Arc<CModule>, config: &ModelConfig, body: &[u8], split: Split, batch: usize, with_preprocessing: bool, duration: Duration) -> f64 {
+    let images = Arc::new(AtomicU64::new(0));
+    let handles: Vec<_> = (0..split.workers)
+        .map(|_| {
+            let module = Arc::clone(module);
+            let config = config.clone();
+            let body = body.to_vec();
+            let images = Arc::clone(&images);
+            std::thread::spawn(move || {
+                let _guard = tch::no_grad_guard();
+                tch::set_num_threads(split.threads as i32);
+                let prepare = || {
+                    let rgb = decode_image(&body, DecodeLimits { max_pixels: u64::MAX }).unwrap();
+                    preprocess(&rgb, &config.input).unwrap()
+                };
+                let fixed = prepare();
+                let run = |data: &[f32], n: usize| {
+                    let g = fixed.geometry;
+                    let input = Tensor::from_slice(data).view([n as i64, 3, g.input_height as i64, g.input_width as i64]);
+                    if config.output.convention == OutputConvention::TorchvisionDetection {
+                        let list: Vec<Tensor> = (0..n as i64).map(|i| input.get(i)).collect();
+                        module.forward_is(&[IValue::TensorList(list)]).unwrap();
+                    } else {
+                        module.forward_is(&[IValue::Tensor(input)]).unwrap();
+                    }
+                };
+                let batch_data: Vec<f32> = (0..batch).flat_map(|_| fixed.data.iter().copied()).collect();
+                for _ in 0..2 {
+                    run(&batch_data, batch); // warm-up: the profiling executor's first runs
+                }
+                let started = Instant::now();
+                while started.elapsed() < duration {
+                    if with_preprocessing {
+                        let data: Vec<f32> = (0..batch).flat_map(|_| prepare().data).collect();
+                        run(&data, batch);
+                    } else {
+                        run(&batch_data, batch);
+                    }
+                    images.fetch_add(batch as u64, Ordering::Relaxed);
+                }
+                started.elapsed()
+            })
+        })
+        .collect();
+    let elapsed = handles.into_iter().map(|h| h.join().unwrap()).max().unwrap();
+    images.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64()
+}
+
+// --- the server ------------------------------------------------------------------------------
+
+struct ServerUnderTest {
+    child: Child,
+    base: String,
+    _repo: tempfile::TempDir,
+}
+
+impl ServerUnderTest {
+    fn start(binary: &Path, model_dir: &Path, split: Split, batching: bool, queue_capacity: usize) -> Self {
+        let repo = tempfile::tempdir().unwrap();
+        let name = model_dir.file_name().unwrap();
+        let target = repo.path().join(name);
+        std::fs::create_dir(&target).unwrap();
+        let mut config: toml::Table = std::fs::read_to_string(model_dir.join("config.toml")).unwrap().parse().unwrap();
+        for entry in std::fs::read_dir(model_dir).unwrap().flatten() {
+            if entry.file_name() != "config.toml" {
+                std::os::unix::fs::symlink(std::fs::canonicalize(entry.path()).unwrap(), target.join(entry.file_name())).unwrap();
+            }
+        }
+        let runtime = config.entry("runtime").or_insert(toml::Value::Table(Default::default())).as_table_mut().unwrap();
+        runtime.insert("workers".into(), (split.workers as i64).into());
+        runtime.insert("intra_op_threads".into(), (split.threads as i64).into());
+        let batching_table = config.entry("batching").or_insert(toml::Value::Table(Default::default())).as_table_mut().unwrap();
+        batching_table.insert("max_batch_size".into(), (if batching { 8 } else { 1 }).into());
+        batching_table.insert("max_delay_ms".into(), (if batching { 2 } else { 0 }).into());
+        batching_table.insert("queue_capacity".into(), (queue_capacity as i64).into());
+        std::fs::write(target.join("config.toml"), toml::to_string(&config).unwrap()).unwrap();
+
+        let mut child = Command::new(binary)
+            .args(["--addr", "127.0.0.1:0", "--model-repository"])
+            .arg(repo.path())
+            .env("RUST_LOG", "warn,visionserve=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting the server");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+            }
+        });
+        let base = rx.recv_timeout(Duration::from_secs(60)).expect("server address");
+        let server = ServerUnderTest { child, base, _repo: repo };
+        let started = Instant::now();
+        while reqwest::blocking::get(format!("{}/health/ready", server.base)).map(|r| r.status() != 200).unwrap_or(true) {
+            assert!(started.elapsed() < Duration::from_secs(120), "server not ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server
+    }
+
+    fn url(&self, model: &str) -> String {
+        format!("{}/v1/models/{model}/predict", self.base)
+    }
+
+    fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for ServerUnderTest {
+    fn drop(&mut self) {
+        // SIGTERM for a graceful drain, then make sure.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct Stats {
+    throughput: f64,
+    p50: f64,
+    p95: f64,
+    p99: f64,
+    errors: u64,
+    refused: u64,
+    refused_p99: f64,
+}
+
+#[derive(Clone, Debug)]
+struct Row {
+    split: Split,
+    batching: bool,
+    concurrency: usize,
+    stats: Stats,
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    // One thread for the load generator: it shares the machine with the server.
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+fn closed_loop(url: &str, body: &[u8], concurrency: usize, duration: Duration) -> Stats {
+    let rt = runtime();
+    rt.block_on(async {
+        let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build().unwrap();
+        let body = bytes_of(body);
+        // Warm the connections and the model.
+        for _ in 0..concurrency.min(4) {
+            let _ = client.post(url).header("content-type", "image/jpeg").body(body.clone()).send().await;
+        }
+        let histogram = Arc::new(Mutex::new(Histogram::<u64>::new(3).unwrap()));
+        let errors = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..concurrency)
+            .map(|_| {
+                let (client, body, url) = (client.clone(), body.clone(), url.to_string());
+                let (histogram, errors, stop) = (Arc::clone(&histogram), Arc::clone(&errors), Arc::clone(&stop));
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let t = Instant::now();
+                        let ok = match client.post(&url).header("content-type", "image/jpeg").body(body.clone()).send().await {
+                            Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
+                            Err(_) => false,
+                        };
+                        if ok {
+                            histogram.lock().unwrap().record(t.elapsed().as_micros() as u64).unwrap();
+                        } else {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(duration).await;
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            let _ = t.await;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let h = histogram.lock().unwrap();
+        Stats {
+            throughput: h.len() as f64 / elapsed,
+            p50: h.value_at_quantile(0.5) as f64 / 1000.0,
+            p95: h.value_at_quantile(0.95) as f64 / 1000.0,
+            p99: h.value_at_quantile(0.99) as f64 / 1000.0,
+            errors: errors.load(Ordering::Relaxed),
+            ..Default::default()
+        }
+    })
+}
+
+fn bytes_of(body: &[u8]) -> axum::body::Bytes {
+    axum::body::Bytes::copy_from_slice(body)
+}
+
+/// Requests at a fixed rate, whether or not earlier ones have been answered.
+fn open_loop(url: &str, body: &[u8], rate: f64, duration: Duration) -> Stats {
+    let rt = runtime();
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        let accepted = Arc::new(Mutex::new(Histogram::<u64>::new(3).unwrap()));
+        let refused = Arc::new(Mutex::new(Histogram::<u64>::new(3).unwrap()));
+        let errors = Arc::new(AtomicU64::new(0));
+        let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        while started.elapsed() < duration {
+            interval.tick().await;
+            let (client, url, body) = (client.clone(), url.to_string(), body.to_vec());
+            let (accepted, refused, errors) = (Arc::clone(&accepted), Arc::clone(&refused), Arc::clone(&errors));
+            tasks.push(tokio::spawn(async move {
+                let t = Instant::now();
+                match client.post(&url).header("content-type", "image/jpeg").body(body).send().await {
+                    Ok(r) if r.status() == 200 => {
+                        let _ = r.bytes().await;
+                        accepted.lock().unwrap().record(t.elapsed().as_micros() as u64).unwrap();
+                    }
+                    Ok(r) if r.status() == 503 => refused.lock().unwrap().record(t.elapsed().as_micros() as u64).unwrap(),
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let a = accepted.lock().unwrap();
+        let r = refused.lock().unwrap();
+        Stats {
+            throughput: a.len() as f64 / elapsed,
+            p50: a.value_at_quantile(0.5) as f64 / 1000.0,
+            p95: a.value_at_quantile(0.95) as f64 / 1000.0,
+            p99: a.value_at_quantile(0.99) as f64 / 1000.0,
+            errors: errors.load(Ordering::Relaxed),
+            refused: r.len(),
+            refused_p99: r.value_at_quantile(0.99) as f64 / 1000.0,
+        }
+    })
+}
+
+// --- the report ------------------------------------------------------------------------------
+
+fn split_name(s: Split) -> String {
+    format!("{}×{}", s.workers, s.threads)
+}
+
+fn render_report(
+    name: &str,
+    ceiling: &[Ceiling],
+    rows: &[Row],
+    best_ceiling: f64,
+    single_forward_ms: f64,
+    single_with_decode_ms: f64,
+    overload: Option<&(Split, bool, Stats)>,
+) -> String {
+    let mut s = format!("\n### {name}\n\nIn-process ceiling (img/s; workers × threads):\n\n| split | batch | preprocessing excluded | included |\n|---|---|---|---|\n");
+    for split in SPLITS {
+        for batch in [1, 4, 8] {
+            let get = |pre: bool| {
+                ceiling.iter().find(|c| c.split == split && c.batch == batch && c.with_preprocessing == pre).map_or(0.0, |c| c.images_per_second)
+            };
+            s += &format!("| {} | {batch} | {:.1} | {:.1} |\n", split_name(split), get(false), get(true));
+        }
+    }
+    s += "\nServed (closed loop):\n\n| split | batching | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors | server ÷ ceiling |\n|---|---|---|---|---|---|---|---|---|\n";
+    for r in rows {
+        s += &format!(
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.0} % |\n",
+            split_name(r.split),
+            if r.batching { "8, 2 ms" } else { "off" },
+            r.concurrency,
+            r.stats.throughput,
+            r.stats.p50,
+            r.stats.p95,
+            r.stats.p99,
+            r.stats.errors,
+            100.0 * r.stats.throughput / best_ceiling.max(1e-9)
+        );
+    }
+    let best16 = rows.iter().filter(|r| r.concurrency == 16).map(|r| r.stats.throughput).fold(0.0, f64::max);
+    let p99_c1 = rows.iter().filter(|r| r.concurrency == 1).map(|r| r.stats.p99).fold(f64::INFINITY, f64::min);
+    s += &format!(
+        "\n- Best served throughput at concurrency 16: **{best16:.1} req/s** = **{:.0} %** of the best in-process ceiling with decode and preprocessing ({best_ceiling:.1} img/s; target ≥ 90 %).\n",
+        100.0 * best16 / best_ceiling.max(1e-9)
+    );
+    s += &format!(
+        "- p99 at concurrency 1 (best setting): **{p99_c1:.1} ms**, against one forward ({single_forward_ms:.1} ms) + decode and preprocessing = {single_with_decode_ms:.1} ms: ratio **{:.2}** (target ≤ 1.3).\n",
+        p99_c1 / single_with_decode_ms.max(1e-9)
+    );
+    if let Some((split, batching, o)) = overload {
+        let unloaded_p99 = rows.iter().filter(|r| r.concurrency == 1).map(|r| r.stats.p99).fold(f64::INFINITY, f64::min);
+        s += &format!(
+            "- Overload (open loop at 2× the best rate; split {}, batching {}, queue of {} = one per worker): accepted {:.1} req/s with p99 {:.1} ms ({:.1}× the unloaded p99; target ≤ 2×); {} refused with 503, p99 of a refusal {:.1} ms (target ≤ 10 ms); {} other errors.\n",
+            split_name(*split), if *batching { "on" } else { "off" }, split.workers,
+            o.throughput, o.p99, o.p99 / unloaded_p99.max(1e-9), o.refused, o.refused_p99, o.errors
+        );
+    }
+    s
+}
+
+fn draw_chart(path: &Path, name: &str, rows: &[Row]) {
+    let font: &'static [u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
+    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, font);
+    let root = BitMapBackend::new(path, (1200, 480)).into_drawing_area();
+    root.fill(&WHITE).unwrap();
+    let (left, right) = root.split_horizontally(600);
+    let concurrencies: Vec<usize> = {
+        let mut c: Vec<usize> = rows.iter().map(|r| r.concurrency).collect();
+        c.sort();
+        c.dedup();
+        c
+    };
+    let x_of = |c: usize| concurrencies.iter().position(|&x| x == c).unwrap() as f64;
+    let series: Vec<(String, Vec<&Row>)> = SPLITS
+        .iter()
+        .flat_map(|&split| [false, true].map(move |batching| (split, batching)))
+        .map(|(split, batching)| {
+            (
+                format!("{} workers×threads, batching {}", split_name(split), if batching { "on" } else { "off" }),
+                rows.iter().filter(|r| r.split == split && r.batching == batching).collect(),
+            )
+        })
+        .collect();
+    let colours = [RED, BLUE, GREEN, MAGENTA];
+    for (area, title, metric) in [
+        (&left, format!("{name}: throughput (req/s)"), 0),
+        (&right, format!("{name}: p99 latency (ms)"), 1),
+    ] {
+        let value = |r: &Row| if metric == 0 { r.stats.throughput } else { r.stats.p99 };
+        let max = rows.iter().map(value).fold(1.0, f64::max) * 1.15;
+        let mut chart = ChartBuilder::on(area)
+            .caption(title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(-0.2f64..(concurrencies.len() as f64 - 0.8), 0f64..max)
+            .unwrap();
+        chart
+            .configure_mesh()
+            .x_labels(concurrencies.len())
+            .x_label_formatter(&|x| concurrencies.get(x.round() as usize).map(|c| c.to_string()).unwrap_or_default())
+            .x_desc("concurrency")
+            .draw()
+            .unwrap();
+        for ((label, points), colour) in series.iter().zip(colours) {
+            let data: Vec<(f64, f64)> = points.iter().map(|r| (x_of(r.concurrency), value(r))).collect();
+            chart
+                .draw_series(LineSeries::new(data.clone(), colour.stroke_width(2)))
+                .unwrap()
+                .label(label.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2)));
+            chart.draw_series(data.iter().map(|&p| Circle::new(p, 3, colour.filled()))).unwrap();
+        }
+        chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).position(SeriesLabelPosition::UpperLeft).draw().unwrap();
+    }
+    root.present().unwrap();
+}
+
+// --- soak ------------------------------------------------------------------------------------
+
+fn soak(args: &Args, body: &[u8]) {
+    let dir = &args.models[0];
+    let name = dir.file_name().unwrap().to_string_lossy().to_string();
+    let split = Split { workers: 2, threads: 1 };
+    let server = ServerUnderTest::start(&args.server, dir, split, true, 64);
+    println!("[soak] measuring capacity at concurrency 16");
+    let capacity = closed_loop(&server.url(&name), body, 16, Duration::from_secs(10)).throughput;
+    let rate = capacity * 0.7;
+    println!("[soak] {capacity:.1} req/s capacity; {rate:.1} req/s for {} s", args.soak_seconds);
+    let warm_rss = server.rss_kib();
+    let mut samples = vec![(0u64, warm_rss)];
+    let mut total = Stats::default();
+    let mut elapsed = 0;
+    while elapsed < args.soak_seconds {
+        let step = 30.min(args.soak_seconds - elapsed);
+        let stats = open_loop(&server.url(&name), body, rate, Duration::from_secs(step));
+        elapsed += step;
+        let rss = server.rss_kib();
+        samples.push((elapsed, rss));
+        total.errors += stats.errors + stats.refused;
+        println!("[soak] {elapsed:>4} s: RSS {:.1} MiB, {:.1} req/s, p99 {:.1} ms, errors {}", rss as f64 / 1024.0, stats.throughput, stats.p99, stats.errors + stats.refused);
+    }
+    // Growth measured from the first sample after a minute of load (warm-up done).
+    let baseline = samples.iter().find(|(t, _)| *t >= 60).map(|s| s.1).unwrap_or(warm_rss);
+    let last = samples.last().unwrap().1;
+    let growth = 100.0 * (last as f64 - baseline as f64) / baseline as f64;
+    let mut report = format!(
+        "\n## Soak of {} — {name}, {} s at {rate:.1} req/s (70 % of {capacity:.1})\n\n| second | RSS MiB |\n|---|---|\n",
+        utc_now(),
+        args.soak_seconds
+    );
+    for (t, rss) in &samples {
+        report += &format!("| {t} | {:.1} |\n", *rss as f64 / 1024.0);
+    }
+    report += &format!("\nResident memory grew **{growth:.2} %** after warm-up (target < 5 %); {} errors or refusals.\n", total.errors);
+    println!("{report}");
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&args.out).unwrap();
+    file.write_all(report.as_bytes()).unwrap();
+}
+
+// --- side by side with another server ---------------------------------------------------------
+
+fn compare(args: &Args, body: &[u8], cpu: &str, cores: usize) {
+    let dir = &args.models[0];
+    let name = dir.file_name().unwrap().to_string_lossy().to_string();
+    let duration = Duration::from_secs_f64(args.seconds);
+    let mut results: Vec<(String, usize, Stats)> = Vec::new();
+    for split in [Split { workers: 2, threads: 1 }, Split { workers: 1, threads: 2 }] {
+        let label = format!("visionserve {} workers × threads, batch 8 / 2 ms", split_name(split));
+        let server = ServerUnderTest::start(&args.server, dir, split, true, 64);
+        for c in [1usize, 16] {
+            println!("[compare] {label}, concurrency {c}");
+            let stats = closed_loop(&server.url(&name), body, c, duration);
+            println!("          {:.1} req/s, p99 {:.1} ms, errors {}", stats.throughput, stats.p99, stats.errors);
+            results.push((label.clone(), c, stats));
+        }
+    }
+    for entry in &args.compare {
+        let (label, url) = entry.split_once('=').expect("--compare takes LABEL=URL");
+        for c in [1usize, 16] {
+            println!("[compare] {label}, concurrency {c}");
+            let stats = closed_loop(url, body, c, duration);
+            println!("          {:.1} req/s, p99 {:.1} ms, errors {}", stats.throughput, stats.p99, stats.errors);
+            results.push((label.to_string(), c, stats));
+        }
+    }
+    let mut report = format!(
+        "\n## Side by side, {} — {cores} cores, {cpu}\n\nThe same TorchScript file (`{name}`), the same 640×480 JPEG, the same closed-loop client, {} s per step, 127.0.0.1.\n\n| server and setting | concurrency | req/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|---|\n",
+        utc_now(),
+        args.seconds
+    );
+    for (label, c, s) in &results {
+        report += &format!("| {label} | {c} | {:.1} | {:.1} | {:.1} | {} |\n", s.throughput, s.p50, s.p99, s.errors);
+    }
+    let best = |ours: bool| {
+        results
+            .iter()
+            .filter(|(l, c, _)| *c == 16 && l.starts_with("visionserve") == ours)
+            .max_by(|a, b| a.2.throughput.total_cmp(&b.2.throughput))
+            .cloned()
+    };
+    if let (Some(us), Some(them)) = (best(true), best(false)) {
+        report += &format!(
+            "\nAt concurrency 16, the best visionserve setting ({}) serves **{:.2}×** the throughput of the best other ({}), {:.1} against {:.1} req/s (target ≥ 1.3×), with p99 {:.0} ms against {:.0} ms (target: lower).\n",
+            us.0, us.2.throughput / them.2.throughput.max(1e-9), them.0, us.2.throughput, them.2.throughput, us.2.p99, them.2.p99
+        );
+    }
+    println!("{report}");
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&args.out).unwrap();
+    file.write_all(report.as_bytes()).unwrap();
+}

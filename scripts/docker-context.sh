@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Gathers docker/context/: the release binary (debug info stripped), the shared libraries it
+# loads from the torch install (found with ldd, so nothing else of the 5 GB wheel ships), and
+# the default model repository with the model files resolved from their cache links.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=target/release/visionserve
+ctx=docker/context
+rm -rf "$ctx" && mkdir -p "$ctx/bin" "$ctx/lib" "$ctx/models"
+strip --strip-debug -o "$ctx/bin/visionserve" "$bin"
+# The load tool of `make bench`, for docker compose's load-test service.
+bench=${CARGO_TARGET_DIR:-target}/release/examples/bench
+[ -x "$bench" ] && strip --strip-debug -o "$ctx/bin/visionserve-bench" "$bench"
+torch_lib=$(readelf -d "$bin" | sed -n 's/.*R.*PATH.*\[\(.*\)\]/\1/p' | tr ':' '\n' | head -1)
+ldd "$bin" | awk '/=> \// {print $3}' | while read -r lib; do
+  case "$lib" in "$torch_lib"/*|*/site-packages/*) cp -L "$lib" "$ctx/lib/" ;; esac
+done
+for dir in models/*/; do
+  [ -f "$dir/config.toml" ] || continue
+  name=$(basename "$dir")
+  mkdir -p "$ctx/models/$name"
+  cp "$dir/config.toml" "$ctx/models/$name/"
+  [ -f "$dir/labels.txt" ] && cp "$dir/labels.txt" "$ctx/models/$name/"
+  cp -L "$dir/model.pt" "$ctx/models/$name/model.pt"
+done
+du -sh "$ctx"/* | sed 's/^/[docker-context] /'

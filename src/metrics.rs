@@ -1,0 +1,64 @@
+//! The one place metrics are defined: names, units and buckets, recorded through the `metrics`
+//! facade and served as Prometheus text at `GET /metrics`.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const REQUESTS: &str = "visionserve_requests_total";
+pub const REQUEST_SECONDS: &str = "visionserve_request_duration_seconds";
+pub const PREPROCESS_SECONDS: &str = "visionserve_preprocess_duration_seconds";
+pub const QUEUE_SECONDS: &str = "visionserve_queue_duration_seconds";
+pub const INFERENCE_SECONDS: &str = "visionserve_inference_duration_seconds";
+pub const POSTPROCESS_SECONDS: &str = "visionserve_postprocess_duration_seconds";
+pub const BATCH_SIZE: &str = "visionserve_batch_size";
+pub const QUEUE_DEPTH: &str = "visionserve_queue_depth";
+pub const IN_FLIGHT: &str = "visionserve_in_flight_requests";
+pub const MODEL_READY: &str = "visionserve_model_ready";
+pub const WORKER_RESTARTS: &str = "visionserve_worker_restarts_total";
+pub const JOBS_SKIPPED: &str = "visionserve_jobs_skipped_total";
+
+const SECONDS_BUCKETS: [f64; 16] =
+    [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 10.0];
+const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0, 32.0, 64.0];
+
+/// Installs the process-wide recorder on first use and returns the handle that renders it.
+pub fn handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS)
+                .expect("static buckets")
+                .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &BATCH_BUCKETS)
+                .expect("static buckets")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may exist when embedded; then ours only renders what it sees.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(REQUESTS, "Predict requests by model and HTTP status");
+    describe_histogram!(REQUEST_SECONDS, Unit::Seconds, "Whole predict request, body read to answer");
+    describe_histogram!(PREPROCESS_SECONDS, Unit::Seconds, "Decode, resize and normalise");
+    describe_histogram!(QUEUE_SECONDS, Unit::Seconds, "Waiting in the model's queue and for a batch");
+    describe_histogram!(INFERENCE_SECONDS, Unit::Seconds, "Forward pass of the batch the request ran in");
+    describe_histogram!(POSTPROCESS_SECONDS, Unit::Seconds, "Top-k, NMS, mask encoding or overlay drawing");
+    describe_histogram!(BATCH_SIZE, "Images per forward pass");
+    describe_gauge!(QUEUE_DEPTH, "Requests waiting in the model's queue");
+    describe_gauge!(IN_FLIGHT, "Predict requests being handled");
+    describe_gauge!(MODEL_READY, "1 when the model serves, 0 otherwise");
+    describe_counter!(WORKER_RESTARTS, "Worker threads restarted after a panic");
+    describe_counter!(JOBS_SKIPPED, "Queued requests not computed: client gone or deadline passed");
+}
+
+pub fn seconds(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
