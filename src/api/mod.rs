@@ -7,6 +7,7 @@ pub mod input;
 mod models;
 pub mod params;
 mod predict;
+mod v2;
 mod web;
 
 use std::sync::Arc;
@@ -72,6 +73,7 @@ pub fn router(state: AppState) -> Router {
         .merge(models::router())
         .merge(predict::router())
         .merge(web::router())
+        .merge(v2::router())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError::MethodNotAllowed("method not allowed on this route".into())

@@ -171,7 +171,7 @@ fn wants_png(render: Option<&str>, headers: &HeaderMap) -> Result<bool, ApiError
 
 /// Decodes and preprocesses every image; keeps the first decoded image when an overlay will
 /// be drawn on it.
-fn prepare_all(
+pub(super) fn prepare_all(
     images: &[axum::body::Bytes],
     config: &ModelConfig,
     limits: DecodeLimits,
