@@ -7,6 +7,7 @@ pub mod input;
 mod models;
 pub mod params;
 mod predict;
+mod torchserve;
 mod v2;
 mod web;
 
@@ -74,6 +75,7 @@ pub fn router(state: AppState) -> Router {
         .merge(predict::router())
         .merge(web::router())
         .merge(v2::router())
+        .merge(torchserve::router())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError::MethodNotAllowed("method not allowed on this route".into())

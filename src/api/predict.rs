@@ -108,7 +108,7 @@ async fn predict(
 
     let geometries: Vec<Geometry> = prepared.iter().map(|p| p.geometry).collect();
     let output = runtime
-        .infer(prepared, JobOptions { score_threshold: params.score_threshold }, deadline)
+        .infer(prepared, JobOptions { score_threshold: params.score_threshold, want_confidence: false }, deadline)
         .await
         .map_err(|e| engine_error(&name, e, timeout_ms))?;
 

@@ -249,7 +249,7 @@ async fn run_infer(State(state): State<AppState>, name: String, version: Option<
     let geometries: Vec<Geometry> = prepared.iter().map(|p| p.geometry).collect();
     let deadline = started + Duration::from_millis(state.limits.request_timeout_ms);
     let output = runtime
-        .infer(prepared, JobOptions { score_threshold }, deadline)
+        .infer(prepared, JobOptions { score_threshold, want_confidence: false }, deadline)
         .await
         .map_err(|e| match e {
             EngineError::QueueFull => V2Error::from(ApiError::Overloaded(name.clone())),

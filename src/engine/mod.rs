@@ -34,6 +34,8 @@ pub enum ModelOutput {
 pub struct JobOptions {
     /// Detection candidates below this score are dropped on the worker.
     pub score_threshold: f32,
+    /// Segmentation: also return each pixel's class probability.
+    pub want_confidence: bool,
 }
 
 /// A request's images, on their way to a worker.

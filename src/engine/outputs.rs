@@ -71,8 +71,9 @@ pub fn parse_batched(
     value: IValue,
     spec: &OutputSpec,
     batch: usize,
-    score_threshold: f32,
+    options: super::JobOptions,
 ) -> Result<Vec<ModelOutput>, EngineError> {
+    let score_threshold = options.score_threshold;
     match spec.convention {
         OutputConvention::Logits => {
             let logits = tensor_of(value, "logits")?.to_device(tch::Device::Cpu);
@@ -93,7 +94,10 @@ pub fn parse_batched(
                 return Err(err(format!("{} classes do not fit an 8-bit mask", size[1])));
             }
             let labels = logits.argmax(1, false).to_kind(Kind::Uint8).to_device(tch::Device::Cpu);
-            label_maps(&labels, batch, size[2], size[3])
+            let confidence = options
+                .want_confidence
+                .then(|| logits.softmax(1, Kind::Float).amax(&[1i64][..], false).to_device(tch::Device::Cpu));
+            label_maps(&labels, confidence.as_ref(), batch, size[2], size[3])
         }
         OutputConvention::ProbabilityMap => {
             let probabilities = tensor_of(value, "probability map")?;
@@ -101,11 +105,14 @@ pub fn parse_batched(
             if size[1] != 1 {
                 return Err(err(format!("probability map must have one channel, got {size:?}")));
             }
-            let labels = probabilities
-                .ge(f64::from(spec.threshold))
-                .to_kind(Kind::Uint8)
-                .to_device(tch::Device::Cpu);
-            label_maps(&labels, batch, size[2], size[3])
+            let foreground = probabilities.ge(f64::from(spec.threshold));
+            let labels = foreground.to_kind(Kind::Uint8).to_device(tch::Device::Cpu);
+            // The probability of the chosen class: p for foreground, 1 - p for background.
+            let confidence = options.want_confidence.then(|| {
+                let p = probabilities.to_kind(Kind::Float);
+                p.where_self(&foreground, &(1.0 - &p)).to_device(tch::Device::Cpu)
+            });
+            label_maps(&labels, confidence.as_ref(), batch, size[2], size[3])
         }
         OutputConvention::Yolov8 => {
             let raw = tensor_of(value, "YOLOv8 head")?.to_device(tch::Device::Cpu).to_kind(Kind::Float);
@@ -174,8 +181,15 @@ pub fn scale_normalised(outputs: &mut [ModelOutput], spec: &OutputSpec, sizes: &
     }
 }
 
-fn label_maps(labels: &Tensor, batch: usize, height: i64, width: i64) -> Result<Vec<ModelOutput>, EngineError> {
+fn label_maps(
+    labels: &Tensor,
+    confidence: Option<&Tensor>,
+    batch: usize,
+    height: i64,
+    width: i64,
+) -> Result<Vec<ModelOutput>, EngineError> {
     let flat = Vec::<u8>::try_from(&labels.contiguous().view(-1)).map_err(|e| err(e.to_string()))?;
+    let confidence = confidence.map(to_f32_vec).transpose()?.unwrap_or_default();
     let plane = (height * width) as usize;
     Ok((0..batch)
         .map(|i| {
@@ -183,6 +197,7 @@ fn label_maps(labels: &Tensor, batch: usize, height: i64, width: i64) -> Result<
                 width: width as u32,
                 height: height as u32,
                 labels: flat[i * plane..(i + 1) * plane].to_vec(),
+                confidence: if confidence.is_empty() { Vec::new() } else { confidence[i * plane..(i + 1) * plane].to_vec() },
             })
         })
         .collect())

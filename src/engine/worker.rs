@@ -72,7 +72,7 @@ pub fn load_model(config: &ModelConfig, model_file: &Path, intra_op_threads: usi
                 offset_y: 0.0,
             },
         };
-        run_images(&model, config, &[&blank], JobOptions { score_threshold: 1.0 })
+        run_images(&model, config, &[&blank], JobOptions { score_threshold: 1.0, want_confidence: false })
             .map_err(|e| format!("warm-up failed: {e}"))?;
     }
     Ok(model)
@@ -183,7 +183,8 @@ fn run_jobs(name: &str, model: &LoadedModel, config: &ModelConfig, jobs: Vec<Job
     let threshold = jobs.iter().map(|j| j.options.score_threshold).fold(f32::INFINITY, f32::min);
     let batch_size = all.len();
     let mut results: Vec<Result<ModelOutput, String>> = Vec::with_capacity(batch_size);
-    let options = JobOptions { score_threshold: threshold };
+    let want_confidence = jobs.iter().any(|j| j.options.want_confidence);
+    let options = JobOptions { score_threshold: threshold, want_confidence };
     for chunk in all.chunks(config.batching.max_batch_size.max(1)) {
         metrics::histogram!(m::BATCH_SIZE, "model" => name.to_string()).record(chunk.len() as f64);
         match run_images(model, config, chunk, options) {
@@ -314,7 +315,7 @@ fn run_images_inner(
         };
         let batch = borrowed_tensor(data, &[group.len() as i64, 3, size.1 as i64, size.0 as i64], model.device);
         let output = forward(IValue::Tensor(batch))?;
-        let mut parsed = parse_batched(output, &config.output, group.len(), options.score_threshold)?;
+        let mut parsed = parse_batched(output, &config.output, group.len(), options)?;
         scale_normalised(&mut parsed, &config.output, &vec![size; group.len()]);
         for (slot, out) in group.into_iter().zip(parsed) {
             outputs[slot] = Some(out);

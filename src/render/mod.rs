@@ -188,6 +188,7 @@ mod tests {
             width: 320,
             height: 240,
             labels: (0..320 * 240).map(|i| if (i % 320) > 160 { 1 } else { 0 }).collect(),
+            confidence: vec![],
         };
         let labels = vec!["background".to_string(), "text".to_string()];
         let classes = summarise(&map, &labels);

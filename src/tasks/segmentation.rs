@@ -15,6 +15,9 @@ pub struct LabelMap {
     pub width: u32,
     pub height: u32,
     pub labels: Vec<u8>,
+    /// The probability of each pixel's class, when asked for (TorchServe's segmenter answer
+    /// needs it); empty otherwise.
+    pub confidence: Vec<f32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -70,12 +73,18 @@ pub fn resample_to_original(map: &LabelMap, geometry: &Geometry) -> LabelMap {
         .map(|x| source_index((x as f32 + 0.5) * geometry.scale_x + geometry.offset_x, map.width))
         .collect();
     let mut labels = Vec::with_capacity(w as usize * h as usize);
+    let mut confidence = Vec::with_capacity(if map.confidence.is_empty() { 0 } else { labels.capacity() });
     for y in 0..h {
         let sy = source_index((y as f32 + 0.5) * geometry.scale_y + geometry.offset_y, map.height);
-        let row = &map.labels[sy * map.width as usize..(sy + 1) * map.width as usize];
+        let start = sy * map.width as usize;
+        let row = &map.labels[start..start + map.width as usize];
         labels.extend(column_source.iter().map(|&sx| row[sx]));
+        if !map.confidence.is_empty() {
+            let row = &map.confidence[start..start + map.width as usize];
+            confidence.extend(column_source.iter().map(|&sx| row[sx]));
+        }
     }
-    LabelMap { width: w, height: h, labels }
+    LabelMap { width: w, height: h, labels, confidence }
 }
 
 fn source_index(coordinate: f32, size: u32) -> usize {
@@ -207,7 +216,7 @@ mod tests {
         // 2 rows × 3 columns:
         // 1 0 0
         // 1 1 0
-        let map = LabelMap { width: 3, height: 2, labels: vec![1, 0, 0, 1, 1, 0] };
+        let map = LabelMap { width: 3, height: 2, labels: vec![1, 0, 0, 1, 1, 0], confidence: vec![] };
         // Column-major: 1 1 | 0 1 | 0 0 → runs: 0 zeros, 2 ones, 1 zero, 1 one, 2 zeros.
         assert_eq!(run_lengths(&map, 1), vec![0, 2, 1, 1, 2]);
         assert_eq!(run_lengths(&map, 0), vec![2, 1, 1, 2]);
@@ -224,7 +233,7 @@ mod tests {
 
     #[test]
     fn resamples_a_half_scale_map_onto_the_original() {
-        let small = LabelMap { width: 2, height: 1, labels: vec![3, 7] };
+        let small = LabelMap { width: 2, height: 1, labels: vec![3, 7], confidence: vec![] };
         let g = Geometry { scale_x: 0.5, scale_y: 0.5, ..identity(4, 2) };
         let big = resample_to_original(&small, &g);
         assert_eq!(big.labels, vec![3, 3, 7, 7, 3, 3, 7, 7]);
@@ -232,7 +241,7 @@ mod tests {
 
     #[test]
     fn summary_counts_each_class_and_png_round_trips() {
-        let map = LabelMap { width: 2, height: 2, labels: vec![0, 1, 1, 1] };
+        let map = LabelMap { width: 2, height: 2, labels: vec![0, 1, 1, 1], confidence: vec![] };
         let summary = summarise(&map, &["background".into(), "text".into()]);
         assert_eq!(summary.len(), 2);
         assert_eq!(summary[1].label, "text");

@@ -1,0 +1,69 @@
+"""The Open Inference Protocol (V2) REST endpoints through an unmodified real client:
+tritonclient[http] from PyPI, JSON tensors (the binary extension is not implemented yet)."""
+import base64
+
+import numpy as np
+import requests
+import tritonclient.http as httpclient
+from PIL import Image
+
+from conftest import encode
+from test_default_models import CAT_CLASSES, photo
+
+
+def client_for(server):
+    return httpclient.InferenceServerClient(url=server.base.removeprefix("http://"))
+
+
+def test_readiness_and_metadata(default_server):
+    client = client_for(default_server)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("mobilenet_v2")
+    assert not client.is_model_ready("mobilenet_v2", model_version="9")
+    meta = client.get_model_metadata("mobilenet_v2")
+    assert meta["inputs"][0] == {"name": "image", "datatype": "BYTES", "shape": [-1]}
+    assert meta["outputs"][0]["name"] == "scores"
+    assert "classification" in client.get_server_metadata()["extensions"]
+
+
+def v1_top(server, image_bytes):
+    return requests.post(server.url("/v1/models/mobilenet_v2/predict"), data=image_bytes).json()["results"][0]["predictions"]
+
+
+def test_bytes_image_input_matches_v1_and_classification_extension(default_server):
+    client = client_for(default_server)
+    image = encode(photo("chelsea"), "JPEG")
+    expected = v1_top(default_server, image)
+    image_input = httpclient.InferInput("image", [1], "BYTES")
+    image_input.set_data_from_numpy(np.array([base64.b64encode(image).decode()], dtype=object), binary_data=False)
+    result = client.infer("mobilenet_v2", [image_input],
+                          outputs=[httpclient.InferRequestedOutput("scores", binary_data=False)])
+    scores = result.as_numpy("scores")
+    assert scores.shape == (1, 1000)
+    assert int(scores[0].argmax()) == expected[0]["index"]
+    assert abs(float(scores[0].max()) - expected[0]["score"]) < 1e-5
+
+    result = client.infer("mobilenet_v2", [image_input],
+                          outputs=[httpclient.InferRequestedOutput("scores", binary_data=False, class_count=3)])
+    top = [s.decode() if isinstance(s, bytes) else s for s in result.as_numpy("scores")[0]]
+    score, index, label = top[0].split(":", 2)
+    assert int(index) == expected[0]["index"] and label in CAT_CLASSES
+
+
+def test_uint8_pixels_and_fp32_tensors(default_server):
+    client = client_for(default_server)
+    picture = photo("coffee")
+    expected = v1_top(default_server, encode(picture, "PNG"))
+    pixels = httpclient.InferInput("pixels", [1, picture.height, picture.width, 3], "UINT8")
+    pixels.set_data_from_numpy(np.asarray(picture, dtype=np.uint8)[None], binary_data=False)
+    scores = client.infer("mobilenet_v2", [pixels]).as_numpy("scores")
+    assert int(scores[0].argmax()) == expected[0]["index"]
+
+    # A preprocessed tensor goes straight to the model: here, the detector's 300×300 0..255 input.
+    resized = np.asarray(picture.resize((300, 300), Image.BILINEAR), dtype=np.float32).transpose(2, 0, 1)[None]
+    tensor = httpclient.InferInput("input", list(resized.shape), "FP32")
+    tensor.set_data_from_numpy(resized, binary_data=False)
+    result = client.infer("ssd_mobilenet_v2_coco", [tensor])
+    count = int(result.as_numpy("num_detections")[0])
+    classes = result.as_numpy("classes")[0][:count].tolist()
+    assert 47 in classes  # COCO's "cup"
