@@ -36,8 +36,9 @@ const IOU_THRESHOLD: f32 = 0.45;
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/ping", get(ping))
-        .route("/predictions/{model}", post(predict))
-        .route("/predictions/{model}/{version}", post(predict_versioned))
+        // `curl -T image.jpg`, as TorchServe's documentation shows it, sends a PUT.
+        .route("/predictions/{model}", post(predict).put(predict))
+        .route("/predictions/{model}/{version}", post(predict_versioned).put(predict_versioned))
 }
 
 async fn ping(State(state): State<AppState>) -> Response {

@@ -32,6 +32,9 @@ def test_classifier_answers_label_probabilities_top5(default_server):
     text = requests.post(default_server.url("/predictions/mobilenet_v2"), data=base64.b64encode(image),
                          headers={"content-type": "text/plain"}).json()
     assert list(text) == labels
+    # `curl -T kitten.jpg URL` sends a PUT.
+    put = requests.put(default_server.url("/predictions/mobilenet_v2"), data=image).json()
+    assert list(put) == labels
 
 
 def test_detector_answers_label_box_score_objects(default_server):
