@@ -52,6 +52,26 @@ pub struct ServerConfig {
     #[arg(long, env = "VISIONSERVE_LOG_JSON", default_value_t = false)]
     pub log_json: bool,
 
+    /// API keys that inference routes require as `Authorization: Bearer <key>` (comma
+    /// separated). None configured: inference is open. Never logged.
+    #[arg(long, env = "VISIONSERVE_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Vec<String>,
+
+    /// A file with one API key a line (blank lines and `#` comments skipped), added to
+    /// --api-keys; keeps keys out of the process environment.
+    #[arg(long, env = "VISIONSERVE_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// Origins allowed to call the API from a browser (comma separated, `*` for any). CORS is
+    /// off when empty.
+    #[arg(long, env = "VISIONSERVE_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+
+    /// Seconds a client may take to send its request body; a slower upload is cut off and
+    /// refused, so slow clients cannot hold a request open indefinitely.
+    #[arg(long, env = "VISIONSERVE_BODY_TIMEOUT_SECS", default_value_t = 30)]
+    pub body_timeout_secs: u64,
+
     /// Do not serve: ask the server at --addr whether it is ready and exit 0 (ready) or 1.
     /// For container health checks in images without curl.
     #[arg(long)]
@@ -83,6 +103,16 @@ impl ServerConfig {
             ));
         }
         Ok(())
+    }
+
+    /// Keys from the flag and the file, trimmed, empty ones dropped.
+    pub fn load_api_keys(&self) -> Result<Vec<String>, String> {
+        let mut keys: Vec<String> = self.api_keys.iter().map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).collect();
+        if let Some(path) = &self.api_keys_file {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read --api-keys-file {}: {e}", path.display()))?;
+            keys.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from));
+        }
+        Ok(keys)
     }
 
     pub fn preprocess_thread_count(&self) -> usize {

@@ -48,13 +48,41 @@ pub async fn serve(config: ServerConfig) -> Result<(), Box<dyn std::error::Error
         },
         cpu_permits: Arc::new(Semaphore::new(config.preprocess_thread_count())),
         metrics: metrics::handle(),
+        api_keys: Arc::new(config.load_api_keys()?),
     };
     let listener = TcpListener::bind(config.addr).await?;
     let local = listener.local_addr()?;
     tracing::info!("listening on http://{local}");
-    axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    if !state.api_keys.is_empty() {
+        tracing::info!(keys = state.api_keys.len(), "inference routes require an API key");
+    }
+    let mut app = api::router(state)
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(std::time::Duration::from_secs(config.body_timeout_secs)));
+    if let Some(cors) = cors_layer(&config.cors_origins)? {
+        app = app.layer(cors);
+    }
+    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
     tracing::info!("shut down");
     Ok(())
+}
+
+/// CORS is off unless origins are configured; `*` allows any origin.
+fn cors_layer(origins: &[String]) -> Result<Option<tower_http::cors::CorsLayer>, Box<dyn std::error::Error>> {
+    use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+    let origins: Vec<&str> = origins.iter().map(|o| o.trim()).filter(|o| !o.is_empty()).collect();
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let allow = if origins.contains(&"*") {
+        AllowOrigin::any()
+    } else {
+        let parsed = origins
+            .iter()
+            .map(|o| o.parse().map_err(|_| format!("--cors-origins: '{o}' is not a valid origin")))
+            .collect::<Result<Vec<axum::http::HeaderValue>, _>>()?;
+        AllowOrigin::list(parsed)
+    };
+    Ok(Some(CorsLayer::new().allow_origin(allow).allow_methods(Any).allow_headers(Any)))
 }
 
 /// `GET /health/ready` over a plain TCP connection: 0 when the answer is 200, 1 otherwise.

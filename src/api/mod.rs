@@ -1,6 +1,7 @@
 //! The HTTP surface: each module exposes a `router()`, merged here under one state and one
 //! stack of layers (request id, tracing, body limit) with a JSON fallback for unknown routes.
 
+mod auth;
 mod health;
 mod metrics_route;
 pub mod input;
@@ -43,6 +44,8 @@ pub struct AppState {
     /// Bounds the decode/preprocess work running at once on tokio's blocking pool.
     pub cpu_permits: Arc<Semaphore>,
     pub metrics: PrometheusHandle,
+    /// Keys inference routes require; empty means open.
+    pub api_keys: Arc<Vec<String>>,
 }
 
 impl AppState {
@@ -80,6 +83,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(|| async {
             ApiError::MethodNotAllowed("method not allowed on this route".into())
         })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(
             ServiceBuilder::new()

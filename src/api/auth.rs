@@ -1,0 +1,82 @@
+//! Optional API keys for the inference routes (`/v1/models/*/predict`, `/v2/models/*/infer`,
+//! `/predictions/*`): `Authorization: Bearer <key>`. A missing key is 401 (with
+//! `WWW-Authenticate: Bearer`), a wrong one 403. Keys are compared in constant time and never
+//! logged. Health, metadata, metrics and the web page stay open.
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use super::AppState;
+
+fn is_inference(path: &str) -> bool {
+    (path.starts_with("/v1/models/") && path.ends_with("/predict"))
+        || (path.starts_with("/v2/models/") && path.ends_with("/infer"))
+        || path.starts_with("/predictions/")
+}
+
+/// Equal without an early exit, so timing does not reveal how much of a key matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
+    for (i, x) in a.iter().enumerate() {
+        diff |= x ^ b.get(i).copied().unwrap_or(0);
+    }
+    diff == 0
+}
+
+fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
+    let mut response = (status, Json(json!({"error": {"code": code, "message": message}}))).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    response
+}
+
+pub async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if state.api_keys.is_empty() || !is_inference(request.uri().path()) {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim);
+    let Some(presented) = presented else {
+        return refuse(StatusCode::UNAUTHORIZED, "unauthorized", "this route needs an API key: Authorization: Bearer <key>");
+    };
+    // Check every key, so the time taken does not depend on which one matched.
+    let matched = state.api_keys.iter().fold(false, |found, key| found | constant_time_eq(presented.as_bytes(), key.as_bytes()));
+    if matched {
+        next.run(request).await
+    } else {
+        refuse(StatusCode::FORBIDDEN, "forbidden", "the API key is not valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_compares_whole_keys() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+        assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn only_inference_routes_are_guarded() {
+        assert!(is_inference("/v1/models/resnet18/predict"));
+        assert!(is_inference("/v2/models/resnet18/versions/1/infer"));
+        assert!(is_inference("/predictions/resnet18"));
+        assert!(!is_inference("/v1/models/resnet18"));
+        assert!(!is_inference("/health/ready"));
+        assert!(!is_inference("/metrics"));
+    }
+}
