@@ -221,7 +221,8 @@ fn render_overlay(
     render::encode_png(&image).map_err(|e| ApiError::Internal(format!("PNG encoding failed: {e}")))
 }
 
-fn engine_error(model: &str, error: EngineError, timeout_ms: u64) -> ApiError {
+/// The one mapping of engine failures to HTTP errors, shared by every protocol's handler.
+pub(super) fn engine_error(model: &str, error: EngineError, timeout_ms: u64) -> ApiError {
     match error {
         EngineError::QueueFull => ApiError::Overloaded(model.to_string()),
         EngineError::DeadlineExceeded => ApiError::DeadlineExceeded(timeout_ms),

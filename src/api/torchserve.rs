@@ -22,7 +22,7 @@ use serde_json::{json, Map, Value};
 
 use super::input::{decode_base64, ImageUploads};
 use super::AppState;
-use crate::engine::{EngineError, JobOptions, ModelOutput};
+use crate::engine::{JobOptions, ModelOutput};
 use crate::error::ApiError;
 use crate::image::{DecodeLimits, Geometry};
 use crate::repository::config::Task;
@@ -103,12 +103,10 @@ async fn answer(State(state): State<AppState>, name: String, request: Request) -
     let geometries: Vec<Geometry> = prepared.iter().map(|p| p.geometry).collect();
     let deadline = started + Duration::from_millis(state.limits.request_timeout_ms);
     let options = JobOptions { score_threshold: SCORE_THRESHOLD, want_confidence: config.task == Task::Segmentation };
-    let output = runtime.infer(prepared, options, deadline).await.map_err(|e| match e {
-        EngineError::QueueFull => ApiError::Overloaded(name.clone()),
-        EngineError::DeadlineExceeded => ApiError::DeadlineExceeded(state.limits.request_timeout_ms),
-        EngineError::Stopped => ApiError::ModelNotReady { name: name.clone(), reason: "its workers have stopped".into() },
-        other => ApiError::Internal(format!("model '{name}': {other}")),
-    })?;
+    let output = runtime
+        .infer(prepared, options, deadline)
+        .await
+        .map_err(|e| super::predict::engine_error(&name, e, state.limits.request_timeout_ms))?;
     let labels = Arc::clone(&entry.labels);
     let task = config.task;
     let mut answers = state.run_cpu(move || handler_answers(task, output.outputs, &geometries, &labels)).await??;

@@ -23,7 +23,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::AppState;
-use crate::engine::{EngineError, JobOptions, ModelOutput};
+use crate::engine::{JobOptions, ModelOutput};
 use crate::error::ApiError;
 use crate::image::{preprocess, DecodeLimits, Geometry, PreparedImage};
 use crate::repository::config::{ModelConfig, ResizePolicy, Task};
@@ -251,12 +251,7 @@ async fn run_infer(State(state): State<AppState>, name: String, version: Option<
     let output = runtime
         .infer(prepared, JobOptions { score_threshold, want_confidence: false }, deadline)
         .await
-        .map_err(|e| match e {
-            EngineError::QueueFull => V2Error::from(ApiError::Overloaded(name.clone())),
-            EngineError::DeadlineExceeded => V2Error::from(ApiError::DeadlineExceeded(state.limits.request_timeout_ms)),
-            EngineError::Stopped => V2Error(StatusCode::SERVICE_UNAVAILABLE, format!("model '{name}' has stopped")),
-            other => V2Error::from(ApiError::Internal(format!("model '{name}': {other}"))),
-        })?;
+        .map_err(|e| V2Error::from(super::predict::engine_error(&name, e, state.limits.request_timeout_ms)))?;
     let labels = Arc::clone(&entry.labels);
     let task = config.task;
     let mut outputs = build_outputs(task, output.outputs, &geometries, &labels, iou_threshold, max_detections)?;
@@ -336,19 +331,7 @@ fn prepare_input(datatype: &str, shape: &[i64], values: &[Value], config: &Model
                 .collect::<Result<Vec<f32>, _>>()?;
             let plane = 3 * h as usize * w as usize;
             Ok((0..n)
-                .map(|i| PreparedImage {
-                    data: floats[i * plane..(i + 1) * plane].to_vec(),
-                    geometry: Geometry {
-                        original_width: w,
-                        original_height: h,
-                        input_width: w,
-                        input_height: h,
-                        scale_x: 1.0,
-                        scale_y: 1.0,
-                        offset_x: 0.0,
-                        offset_y: 0.0,
-                    },
-                })
+                .map(|i| PreparedImage { data: floats[i * plane..(i + 1) * plane].to_vec(), geometry: Geometry::identity(w, h) })
                 .collect())
         }
         other => Err(V2Error(StatusCode::BAD_REQUEST, format!("input datatype {other} is not accepted: use BYTES, UINT8 or FP32"))),

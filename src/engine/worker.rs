@@ -59,19 +59,7 @@ pub fn load_model(config: &ModelConfig, model_file: &Path, intra_op_threads: usi
     tch::set_num_threads(intra_op_threads.max(1) as i32);
     let (w, h) = warmup_size(config);
     for _ in 0..config.runtime.warmup_runs.max(1) {
-        let blank = PreparedImage {
-            data: vec![0.0; (w * h * 3) as usize],
-            geometry: Geometry {
-                original_width: w,
-                original_height: h,
-                input_width: w,
-                input_height: h,
-                scale_x: 1.0,
-                scale_y: 1.0,
-                offset_x: 0.0,
-                offset_y: 0.0,
-            },
-        };
+        let blank = PreparedImage { data: vec![0.0; (w * h * 3) as usize], geometry: Geometry::identity(w, h) };
         run_images(&model, config, &[&blank], JobOptions { score_threshold: 1.0, want_confidence: false })
             .map_err(|e| format!("warm-up failed: {e}"))?;
     }

@@ -22,6 +22,21 @@ pub struct Geometry {
 }
 
 impl Geometry {
+    /// A `width × height` input that is its own original: no resize, no offset (warm-up
+    /// blanks, already-preprocessed tensors).
+    pub fn identity(width: u32, height: u32) -> Self {
+        Geometry {
+            original_width: width,
+            original_height: height,
+            input_width: width,
+            input_height: height,
+            scale_x: 1.0,
+            scale_y: 1.0,
+            offset_x: 0.0,
+            offset_y: 0.0,
+        }
+    }
+
     /// Maps a point in model-input pixels back to the original image, clamped to its bounds.
     pub fn to_original(&self, x: f32, y: f32) -> (f32, f32) {
         let ox = ((x - self.offset_x) / self.scale_x).clamp(0.0, self.original_width as f32);

@@ -198,19 +198,6 @@ pub fn build_result(
 mod tests {
     use super::*;
 
-    fn identity(w: u32, h: u32) -> Geometry {
-        Geometry {
-            original_width: w,
-            original_height: h,
-            input_width: w,
-            input_height: h,
-            scale_x: 1.0,
-            scale_y: 1.0,
-            offset_x: 0.0,
-            offset_y: 0.0,
-        }
-    }
-
     #[test]
     fn run_lengths_are_column_major_and_start_with_zeros() {
         // 2 rows × 3 columns:
@@ -234,7 +221,7 @@ mod tests {
     #[test]
     fn resamples_a_half_scale_map_onto_the_original() {
         let small = LabelMap { width: 2, height: 1, labels: vec![3, 7], confidence: vec![] };
-        let g = Geometry { scale_x: 0.5, scale_y: 0.5, ..identity(4, 2) };
+        let g = Geometry { scale_x: 0.5, scale_y: 0.5, ..Geometry::identity(4, 2) };
         let big = resample_to_original(&small, &g);
         assert_eq!(big.labels, vec![3, 3, 7, 7, 3, 3, 7, 7]);
     }
