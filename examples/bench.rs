@@ -380,17 +380,15 @@ fn closed_loop(url: &str, body: &[u8], concurrency: usize, duration: Duration) -
         for t in tasks {
             let _ = t.await;
         }
-        let elapsed = started.elapsed().as_secs_f64();
         let h = histogram.lock().unwrap();
-        Stats {
-            throughput: h.len() as f64 / elapsed,
-            p50: h.value_at_quantile(0.5) as f64 / 1000.0,
-            p95: h.value_at_quantile(0.95) as f64 / 1000.0,
-            p99: h.value_at_quantile(0.99) as f64 / 1000.0,
-            errors: errors.load(Ordering::Relaxed),
-            ..Default::default()
-        }
+        Stats { errors: errors.load(Ordering::Relaxed), ..answered(&h, started.elapsed()) }
     })
+}
+
+/// Throughput and latency quantiles (ms) of the answered requests in `h` (microseconds).
+fn answered(h: &Histogram<u64>, elapsed: Duration) -> Stats {
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    Stats { throughput: h.len() as f64 / elapsed.as_secs_f64(), p50: ms(0.5), p95: ms(0.95), p99: ms(0.99), ..Default::default() }
 }
 
 fn bytes_of(body: &[u8]) -> axum::body::Bytes {
@@ -429,17 +427,13 @@ fn open_loop(url: &str, body: &[u8], rate: f64, duration: Duration) -> Stats {
         for t in tasks {
             let _ = t.await;
         }
-        let elapsed = started.elapsed().as_secs_f64();
         let a = accepted.lock().unwrap();
         let r = refused.lock().unwrap();
         Stats {
-            throughput: a.len() as f64 / elapsed,
-            p50: a.value_at_quantile(0.5) as f64 / 1000.0,
-            p95: a.value_at_quantile(0.95) as f64 / 1000.0,
-            p99: a.value_at_quantile(0.99) as f64 / 1000.0,
             errors: errors.load(Ordering::Relaxed),
             refused: r.len(),
             refused_p99: r.value_at_quantile(0.99) as f64 / 1000.0,
+            ..answered(&a, started.elapsed())
         }
     })
 }

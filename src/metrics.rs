@@ -45,15 +45,15 @@ pub fn handle() -> PrometheusHandle {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!(REQUESTS, "Predict requests by model and HTTP status");
-    describe_histogram!(REQUEST_SECONDS, Unit::Seconds, "Whole predict request, body read to answer");
+    describe_counter!(REQUESTS, "Inference requests (/v1, /v2, /predictions) by model and HTTP status");
+    describe_histogram!(REQUEST_SECONDS, Unit::Seconds, "Whole inference request, body read to answer");
     describe_histogram!(PREPROCESS_SECONDS, Unit::Seconds, "Decode, resize and normalise");
     describe_histogram!(QUEUE_SECONDS, Unit::Seconds, "Waiting in the model's queue and for a batch");
     describe_histogram!(INFERENCE_SECONDS, Unit::Seconds, "Forward pass of the batch the request ran in");
     describe_histogram!(POSTPROCESS_SECONDS, Unit::Seconds, "Top-k, NMS, mask encoding or overlay drawing");
     describe_histogram!(BATCH_SIZE, "Images per forward pass");
     describe_gauge!(QUEUE_DEPTH, "Requests waiting in the model's queue");
-    describe_gauge!(IN_FLIGHT, "Predict requests being handled");
+    describe_gauge!(IN_FLIGHT, "Inference requests being handled");
     describe_gauge!(MODEL_READY, "1 when the model serves, 0 otherwise");
     describe_counter!(WORKER_RESTARTS, "Worker threads restarted after a panic");
     describe_counter!(JOBS_SKIPPED, "Queued requests not computed: client gone or deadline passed");

@@ -10,13 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use super::AppState;
-
-fn is_inference(path: &str) -> bool {
-    (path.starts_with("/v1/models/") && path.ends_with("/predict"))
-        || (path.starts_with("/v2/models/") && path.ends_with("/infer"))
-        || path.starts_with("/predictions/")
-}
+use super::{inference_model, AppState};
 
 /// Equal without an early exit, so timing does not reveal how much of a key matched.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -36,7 +30,7 @@ fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
 }
 
 pub async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if state.api_keys.is_empty() || !is_inference(request.uri().path()) {
+    if state.api_keys.is_empty() || inference_model(request.uri().path()).is_none() {
         return next.run(request).await;
     }
     let presented = request
@@ -68,15 +62,5 @@ mod tests {
         assert!(!constant_time_eq(b"secret", b"secret2"));
         assert!(!constant_time_eq(b"", b"x"));
         assert!(constant_time_eq(b"", b""));
-    }
-
-    #[test]
-    fn only_inference_routes_are_guarded() {
-        assert!(is_inference("/v1/models/resnet18/predict"));
-        assert!(is_inference("/v2/models/resnet18/versions/1/infer"));
-        assert!(is_inference("/predictions/resnet18"));
-        assert!(!is_inference("/v1/models/resnet18"));
-        assert!(!is_inference("/health/ready"));
-        assert!(!is_inference("/metrics"));
     }
 }

@@ -1,13 +1,16 @@
 //! `GET /metrics`: Prometheus text. Gauges that describe the present (queue depth, readiness)
 //! are read at scrape time, so they are never stale.
 
-use axum::extract::State;
+use std::time::Instant;
+
+use axum::extract::{Request, State};
 use axum::http::header;
-use axum::response::IntoResponse;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
-use super::AppState;
+use super::{inference_model, AppState};
 use crate::metrics as m;
 use crate::repository::ModelStatus;
 
@@ -24,4 +27,28 @@ async fn render(State(state): State<AppState>) -> impl IntoResponse {
         metrics::gauge!(m::QUEUE_DEPTH, "model" => name).set(depth as f64);
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
+}
+
+/// Counts every inference request (all three protocols) by model and status, extractor
+/// rejections included, times it whole, and keeps the in-flight gauge honest even when the
+/// client goes away mid-request. Other routes pass through untouched.
+pub async fn track_inference(request: Request, next: Next) -> Response {
+    let Some(model) = inference_model(request.uri().path()).map(str::to_string) else {
+        return next.run(request).await;
+    };
+    let in_flight = metrics::gauge!(m::IN_FLIGHT, "model" => model.clone());
+    in_flight.increment(1.0);
+    struct Leave(metrics::Gauge);
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            self.0.decrement(1.0);
+        }
+    }
+    let _leave = Leave(in_flight);
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!(m::REQUESTS, "model" => model.clone(), "status" => status).increment(1);
+    metrics::histogram!(m::REQUEST_SECONDS, "model" => model).record(m::seconds(started.elapsed()));
+    response
 }

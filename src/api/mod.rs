@@ -84,6 +84,7 @@ pub fn router(state: AppState) -> Router {
             ApiError::MethodNotAllowed("method not allowed on this route".into())
         })
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key))
+        .layer(axum::middleware::from_fn(metrics_route::track_inference))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(
             ServiceBuilder::new()
@@ -99,6 +100,37 @@ pub fn router(state: AppState) -> Router {
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID)),
         )
         .with_state(state)
+}
+
+/// The model an inference route addresses — `/v1/models/{m}/predict`,
+/// `/v2/models/{m}[/versions/{v}]/infer`, `/predictions/{m}[/{v}]` — and `None` for every other
+/// route. The one place that knows which routes run models: API keys and request metrics
+/// both ask it.
+pub fn inference_model(path: &str) -> Option<&str> {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["v1", "models", model, "predict"] => Some(model),
+        ["v2", "models", model, "infer"] | ["v2", "models", model, "versions", _, "infer"] => Some(model),
+        ["predictions", model] | ["predictions", model, _] => Some(model),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::inference_model;
+
+    #[test]
+    fn inference_routes_name_their_model_and_others_none() {
+        assert_eq!(inference_model("/v1/models/resnet18/predict"), Some("resnet18"));
+        assert_eq!(inference_model("/v2/models/resnet18/infer"), Some("resnet18"));
+        assert_eq!(inference_model("/v2/models/resnet18/versions/1/infer"), Some("resnet18"));
+        assert_eq!(inference_model("/predictions/resnet18"), Some("resnet18"));
+        assert_eq!(inference_model("/predictions/resnet18/1.0"), Some("resnet18"));
+        for other in ["/v1/models/resnet18", "/v2/models/resnet18/ready", "/health/ready", "/metrics", "/", "/predictions"] {
+            assert_eq!(inference_model(other), None, "{other}");
+        }
+    }
 }
 
 /// Milliseconds with microsecond resolution, for timing headers.

@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, Request, State};
-use axum::middleware::{self, Next};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -27,30 +26,7 @@ use crate::tasks::{classification, detection, segmentation, TaskResult};
 use image::RgbImage;
 
 pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/models/{name}/predict", post(predict))
-        .route_layer(middleware::from_fn(track_request))
-}
-
-/// Counts every predict request by model and status (extractor rejections included), times
-/// it whole, and keeps the in-flight gauge honest even when the client goes away mid-request.
-async fn track_request(request: Request, next: Next) -> Response {
-    let model = request.uri().path().split('/').nth(3).unwrap_or("").to_string();
-    let in_flight = metrics::gauge!(m::IN_FLIGHT, "model" => model.clone());
-    in_flight.increment(1.0);
-    struct Leave(metrics::Gauge);
-    impl Drop for Leave {
-        fn drop(&mut self) {
-            self.0.decrement(1.0);
-        }
-    }
-    let _leave = Leave(in_flight);
-    let started = Instant::now();
-    let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!(m::REQUESTS, "model" => model.clone(), "status" => status).increment(1);
-    metrics::histogram!(m::REQUEST_SECONDS, "model" => model).record(m::seconds(started.elapsed()));
-    response
+    Router::new().route("/v1/models/{name}/predict", post(predict))
 }
 
 /// The request's deadline: the server default, or `x-request-timeout-ms` when given.
