@@ -62,6 +62,16 @@ pub struct ServerConfig {
     #[arg(long, env = "VISIONSERVE_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
 
+    /// Token the management routes (`/v2/repository/*`, `/models*`) require as
+    /// `Authorization: Bearer <token>`. The management API is off unless one is configured.
+    /// Never logged.
+    #[arg(long, env = "VISIONSERVE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// A file holding the admin token (first non-comment line), instead of --admin-token.
+    #[arg(long, env = "VISIONSERVE_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
     /// Origins allowed to call the API from a browser (comma separated, `*` for any). CORS is
     /// off when empty.
     #[arg(long, env = "VISIONSERVE_CORS_ORIGINS", value_delimiter = ',')]
@@ -113,6 +123,22 @@ impl ServerConfig {
             keys.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from));
         }
         Ok(keys)
+    }
+
+    /// The admin token from the flag or the file; `None` keeps the management API off.
+    pub fn load_admin_token(&self) -> Result<Option<String>, String> {
+        let from_file = match &self.admin_token_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read --admin-token-file {}: {e}", path.display()))?;
+                text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).map(String::from)
+            }
+        };
+        let token = self.admin_token.as_deref().map(str::trim).filter(|t| !t.is_empty()).map(String::from).or(from_file);
+        if token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err("the admin token must be at least 16 characters".into());
+        }
+        Ok(token)
     }
 
     pub fn preprocess_thread_count(&self) -> usize {

@@ -31,6 +31,9 @@ pub enum ApiError {
     Overloaded(String),
     #[error("no answer within the request's deadline of {0} ms")]
     DeadlineExceeded(u64),
+    /// The model's forward pass failed on this request's input; the detail goes to the log.
+    #[error("model '{model}' failed on this input (the server log has the detail)")]
+    ModelFailed { model: String, detail: String },
     #[error("internal error")]
     Internal(String),
 }
@@ -48,7 +51,7 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::ModelFailed { .. } | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -66,6 +69,7 @@ impl ApiError {
             ApiError::ModelNotReady { .. } => "model_not_ready",
             ApiError::Overloaded(_) => "overloaded",
             ApiError::DeadlineExceeded(_) => "deadline_exceeded",
+            ApiError::ModelFailed { .. } => "model_failed",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -74,8 +78,8 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if let ApiError::Internal(detail) = &self {
-            tracing::error!(%detail, "internal error");
+        if let ApiError::Internal(detail) | ApiError::ModelFailed { detail, .. } = &self {
+            tracing::error!(%detail, "{self}");
         } else {
             tracing::debug!(code = self.code(), message = %self, "request rejected");
         }

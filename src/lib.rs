@@ -32,7 +32,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), Box<dyn std::error::Error
         tracing::info!(library = %library.display(), "operator library loaded");
     }
     let repository = Arc::new(ModelRepository::scan(&config.model_repository, &config.models)?);
-    let names: Vec<&str> = repository.iter().map(|m| m.name.as_str()).collect();
+    let names: Vec<String> = repository.families().iter().map(|f| f.name.clone()).collect();
     tracing::info!(repository = %config.model_repository.display(), models = ?names, "repository scanned");
 
     let loader = Arc::clone(&repository);
@@ -49,12 +49,16 @@ pub async fn serve(config: ServerConfig) -> Result<(), Box<dyn std::error::Error
         cpu_permits: Arc::new(Semaphore::new(config.preprocess_thread_count())),
         metrics: metrics::handle(),
         api_keys: Arc::new(config.load_api_keys()?),
+        admin_token: config.load_admin_token()?.map(Arc::new),
     };
     let listener = TcpListener::bind(config.addr).await?;
     let local = listener.local_addr()?;
     tracing::info!("listening on http://{local}");
     if !state.api_keys.is_empty() {
         tracing::info!(keys = state.api_keys.len(), "inference routes require an API key");
+    }
+    if state.admin_token.is_some() {
+        tracing::info!("management API on; it requires the admin token");
     }
     let mut app = api::router(state)
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(std::time::Duration::from_secs(config.body_timeout_secs)));

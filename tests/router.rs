@@ -34,6 +34,7 @@ fn app() -> (axum::Router, tempfile::TempDir) {
         cpu_permits: Arc::new(Semaphore::new(1)),
         metrics: visionserve::metrics::handle(),
         api_keys: Arc::new(Vec::new()),
+        admin_token: None,
     };
     (router(state), repo)
 }

@@ -429,7 +429,7 @@ fn batcher_isolates_failures_and_enforces_deadlines_queue_limits_and_disconnects
     assert_eq!(dark.headers()["x-batch-size"], "2", "the two requests should share a batch");
     assert_eq!(bright.status(), 500);
     let body: Value = bright.json().unwrap();
-    assert_eq!(body["error"]["code"], "internal");
+    assert_eq!(body["error"]["code"], "model_failed");
     assert!(!body["error"]["message"].as_str().unwrap().contains("TorchScript"), "internals leak: {body}");
     // 2. The same worker keeps serving.
     assert_eq!(probe(png_of(40), None, None).unwrap().status(), 200);

@@ -13,7 +13,7 @@ use serde_json::json;
 use super::{inference_model, AppState};
 
 /// Equal without an early exit, so timing does not reveal how much of a key matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
     for (i, x) in a.iter().enumerate() {
         diff |= x ^ b.get(i).copied().unwrap_or(0);
@@ -21,7 +21,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
+pub(super) fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
     let mut response = (status, Json(json!({"error": {"code": code, "message": message}}))).into_response();
     if status == StatusCode::UNAUTHORIZED {
         response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -29,16 +29,20 @@ fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
     response
 }
 
+/// The token of an `Authorization: Bearer <token>` header.
+pub(super) fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+}
+
 pub async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
     if state.api_keys.is_empty() || inference_model(request.uri().path()).is_none() {
         return next.run(request).await;
     }
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim);
+    let presented = bearer_token(request.headers());
     let Some(presented) = presented else {
         return refuse(StatusCode::UNAUTHORIZED, "unauthorized", "this route needs an API key: Authorization: Bearer <key>");
     };

@@ -9,7 +9,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use super::AppState;
-use crate::repository::ModelStatus;
+use crate::repository::{ModelStatus, FLAT_VERSION};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/health/live", get(live)).route("/health/ready", get(ready))
@@ -22,10 +22,13 @@ async fn live() -> impl IntoResponse {
 async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     let mut ready = Vec::new();
     let mut not_ready = Vec::new();
-    for model in state.repository.iter() {
+    // Every version that should serve; models an admin unloaded (or --models left out) do not
+    // hold readiness back.
+    for model in state.repository.serving_entries() {
+        let name = if model.version == FLAT_VERSION { model.name.clone() } else { format!("{}/{}", model.name, model.version) };
         match model.status() {
-            (ModelStatus::Ready, _) => ready.push(model.name.clone()),
-            (status, reason) => not_ready.push(json!({"name": model.name, "status": status, "reason": reason})),
+            (ModelStatus::Ready, _) => ready.push(name),
+            (status, reason) => not_ready.push(json!({"name": name, "status": status, "reason": reason})),
         }
     }
     if not_ready.is_empty() && !ready.is_empty() {

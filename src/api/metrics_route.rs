@@ -19,7 +19,7 @@ pub fn router() -> Router<AppState> {
 }
 
 async fn render(State(state): State<AppState>) -> impl IntoResponse {
-    for model in state.repository.iter() {
+    for model in state.repository.iter().iter() {
         let name = model.name.clone();
         let (status, _) = model.status();
         metrics::gauge!(m::MODEL_READY, "model" => name.clone()).set(if status == ModelStatus::Ready { 1.0 } else { 0.0 });

@@ -1,7 +1,9 @@
 //! The HTTP surface: each module exposes a `router()`, merged here under one state and one
 //! stack of layers (request id, tracing, body limit) with a JSON fallback for unknown routes.
 
+mod admin;
 mod auth;
+mod inference;
 mod health;
 mod metrics_route;
 pub mod input;
@@ -9,7 +11,7 @@ mod models;
 pub mod params;
 mod predict;
 mod torchserve;
-mod v2;
+pub mod v2;
 mod web;
 
 use std::sync::Arc;
@@ -46,6 +48,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Keys inference routes require; empty means open.
     pub api_keys: Arc<Vec<String>>,
+    /// Token management routes require; `None` turns them off.
+    pub admin_token: Option<Arc<String>>,
 }
 
 impl AppState {
@@ -79,11 +83,13 @@ pub fn router(state: AppState) -> Router {
         .merge(web::router())
         .merge(v2::router())
         .merge(torchserve::router())
+        .merge(admin::router())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError::MethodNotAllowed("method not allowed on this route".into())
         })
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), admin::require_admin_token))
         .layer(axum::middleware::from_fn(metrics_route::track_inference))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(

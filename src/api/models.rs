@@ -1,4 +1,5 @@
-//! Model metadata: the list, and one model in detail.
+//! Model metadata: the list (every model in the repository, loaded or not), one model in
+//! detail, and one version of it.
 
 use axum::extract::{Path, State};
 use axum::routing::get;
@@ -10,12 +11,15 @@ use crate::error::ApiError;
 use crate::repository::ModelEntry;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/models", get(list)).route("/v1/models/{name}", get(detail))
+    Router::new()
+        .route("/v1/models", get(list))
+        .route("/v1/models/{name}", get(detail))
+        .route("/v1/models/{name}/versions/{version}", get(version_detail))
 }
 
 fn summary(model: &ModelEntry) -> Value {
     let (status, reason) = model.status();
-    let mut value = json!({"name": model.name, "status": status});
+    let mut value = json!({"name": model.name, "version": model.version, "status": status});
     if let Some(reason) = reason {
         value["reason"] = json!(reason);
     }
@@ -28,20 +32,39 @@ fn summary(model: &ModelEntry) -> Value {
     value
 }
 
-async fn list(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({"models": state.repository.iter().map(|m| summary(m)).collect::<Vec<_>>()}))
+fn with_versions(state: &AppState, model: &ModelEntry, mut value: Value) -> Value {
+    if let Some(family) = state.repository.family(&model.name) {
+        value["versions"] = json!(family.version_names());
+        value["default_version"] = json!(family.default_version);
+    }
+    value
 }
 
-async fn detail(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
-    let model = state.repository.get(&name).ok_or_else(|| ApiError::ModelNotFound(name.clone()))?;
-    let mut value = summary(model);
+async fn list(State(state): State<AppState>) -> Json<Value> {
+    let models: Vec<Value> = state.repository.iter().iter().map(|m| with_versions(&state, m, summary(m))).collect();
+    Json(json!({"models": models}))
+}
+
+fn describe(state: &AppState, model: &ModelEntry) -> Value {
+    let mut value = with_versions(state, model, summary(model));
     if let Some(config) = &model.config {
         value["labels_count"] = json!(model.labels.len());
         value["output"] = json!(config.output);
         value["runtime"] = json!(config.runtime);
+        value["workers"] = json!(model.workers());
         value["batching"] = json!(config.batching);
         value["parameter_count"] = json!(model.parameter_count());
         value["file_size_bytes"] = json!(model.file_size);
     }
-    Ok(Json(value))
+    value
+}
+
+async fn detail(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    let model = state.repository.get(&name, None)?;
+    Ok(Json(describe(&state, &model)))
+}
+
+async fn version_detail(State(state): State<AppState>, Path((name, version)): Path<(String, String)>) -> Result<Json<Value>, ApiError> {
+    let model = state.repository.get(&name, Some(&version))?;
+    Ok(Json(describe(&state, &model)))
 }

@@ -3,62 +3,63 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
+use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::json;
 
+use super::inference::{self, Deadline, Inference, Target};
 use super::input::ImageUploads;
 use super::params::PredictParams;
-use super::{millis, AppState};
-use crate::engine::{EngineError, JobOptions, ModelOutput};
+use super::AppState;
+use crate::engine::{JobOptions, ModelOutput};
 use crate::error::ApiError;
 use crate::image::{decode_image, preprocess, DecodeLimits, Geometry, PreparedImage};
 use crate::repository::config::{ModelConfig, Task};
-use crate::metrics as m;
 use crate::render;
 use crate::tasks::{classification, detection, segmentation, TaskResult};
 use image::RgbImage;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/models/{name}/predict", post(predict))
-}
-
-/// The request's deadline: the server default, or `x-request-timeout-ms` when given.
-fn deadline(headers: &HeaderMap, default_ms: u64, started: Instant) -> Result<(Instant, u64), ApiError> {
-    let ms = match headers.get("x-request-timeout-ms") {
-        None => default_ms,
-        Some(value) => value
-            .to_str()
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .filter(|ms| (1..=600_000).contains(ms))
-            .ok_or_else(|| {
-                ApiError::InvalidParameter("header 'x-request-timeout-ms' must be an integer within 1..=600000".into())
-            })?,
-    };
-    Ok((started + Duration::from_millis(ms), ms))
+    Router::new()
+        .route("/v1/models/{name}/predict", post(predict))
+        .route("/v1/models/{name}/versions/{version}/predict", post(predict_versioned))
 }
 
 async fn predict(
-    State(state): State<AppState>,
+    state: State<AppState>,
     Path(name): Path<String>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
     headers: HeaderMap,
     uploads: ImageUploads,
 ) -> Result<Response, ApiError> {
-    let started = Instant::now();
-    let (deadline, timeout_ms) = deadline(&headers, state.limits.request_timeout_ms, started)?;
-    let model = state.repository.get(&name).ok_or_else(|| ApiError::ModelNotFound(name.clone()))?;
-    let config = model
-        .config
-        .clone()
-        .ok_or_else(|| ApiError::ModelNotReady { name: name.clone(), reason: model.status().1.unwrap_or_default() })?;
+    answer(state, name, None, query, headers, uploads).await
+}
+
+async fn predict_versioned(
+    state: State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    headers: HeaderMap,
+    uploads: ImageUploads,
+) -> Result<Response, ApiError> {
+    answer(state, name, Some(version), query, headers, uploads).await
+}
+
+async fn answer(
+    State(state): State<AppState>,
+    name: String,
+    version: Option<String>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    headers: HeaderMap,
+    uploads: ImageUploads,
+) -> Result<Response, ApiError> {
+    let deadline = Deadline::from_headers(&headers, state.limits.request_timeout_ms, Instant::now())?;
     let Query(mut raw) = query.map_err(|e| ApiError::InvalidParameter(format!("malformed query string: {}", e.body_text())))?;
     raw.extend(uploads.body_parameters);
     let render = wants_png(raw.remove("render").as_deref(), &headers)?;
@@ -68,64 +69,43 @@ async fn predict(
             uploads.images.len()
         )));
     }
-    let params = PredictParams::from_raw(&raw, config.task)?;
-    let runtime = model
-        .runtime()
-        .map_err(|reason| ApiError::ModelNotReady { name: name.clone(), reason })?;
-    if runtime.is_full() {
-        return Err(ApiError::Overloaded(name));
-    }
+    let target = Target::resolve(&state, &name, version.as_deref())?;
+    let params = PredictParams::from_raw(&raw, target.config.task)?;
 
     let limits = DecodeLimits { max_pixels: state.limits.max_image_pixels };
-    let prep_config = Arc::clone(&config);
-    let (prepared, original) =
-        state.run_cpu(move || prepare_all(&uploads.images, &prep_config, limits, render)).await??;
-    let preprocess_time = started.elapsed();
-
-    let geometries: Vec<Geometry> = prepared.iter().map(|p| p.geometry).collect();
-    let output = runtime
-        .infer(prepared, JobOptions { score_threshold: params.score_threshold, want_confidence: false }, deadline)
-        .await
-        .map_err(|e| engine_error(&name, e, timeout_ms))?;
+    // The overlay is drawn on the decoded original, which the preparation step hands over here.
+    let original = Arc::new(std::sync::Mutex::new(None));
+    let keep = render.then(|| Arc::clone(&original));
+    let images = uploads.images;
+    let prepare = move |config: &ModelConfig| {
+        let (prepared, decoded) = prepare_all(&images, config, limits, keep.is_some())?;
+        if let Some(slot) = keep {
+            *slot.lock().unwrap() = decoded;
+        }
+        Ok(prepared)
+    };
+    let options = JobOptions { score_threshold: params.score_threshold, want_confidence: false };
+    let inference = inference::run(&state, &target, prepare, options, deadline).await?;
 
     let post_started = Instant::now();
-    let labels = Arc::clone(&model.labels);
-    let task = config.task;
+    let labels = Arc::clone(&target.entry.labels);
+    let task = target.config.task;
+    let Inference { outputs, geometries, timings } = inference;
+    let original = original.lock().unwrap().take();
     let mut response = match original {
         Some(image) => {
             let png = state
-                .run_cpu(move || render_overlay(task, output.outputs, &geometries, &labels, &params, image))
+                .run_cpu(move || render_overlay(task, outputs, &geometries, &labels, &params, image))
                 .await??;
             ([(header::CONTENT_TYPE, "image/png")], png).into_response()
         }
         None => {
-            let results = state
-                .run_cpu(move || postprocess(task, output.outputs, &geometries, &labels, &params))
-                .await??;
-            Json(json!({"model": name, "task": task, "results": results})).into_response()
+            let results = state.run_cpu(move || postprocess(task, outputs, &geometries, &labels, &params)).await??;
+            Json(json!({"model": target.name(), "version": target.entry.version, "task": task, "results": results}))
+                .into_response()
         }
     };
-    let postprocess_time = post_started.elapsed();
-    for (metric, time) in [
-        (m::PREPROCESS_SECONDS, preprocess_time),
-        (m::QUEUE_SECONDS, output.queue_time),
-        (m::INFERENCE_SECONDS, output.inference_time),
-        (m::POSTPROCESS_SECONDS, postprocess_time),
-    ] {
-        metrics::histogram!(metric, "model" => name.clone()).record(m::seconds(time));
-    }
-    let headers = response.headers_mut();
-    for (header, value) in [
-        ("x-preprocess-time-ms", millis(preprocess_time)),
-        ("x-queue-time-ms", millis(output.queue_time)),
-        ("x-inference-time-ms", millis(output.inference_time)),
-        ("x-postprocess-time-ms", millis(postprocess_time)),
-        ("x-batch-size", output.batch_size.to_string()),
-    ] {
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            headers.insert(HeaderName::from_static(header), v);
-        }
-    }
+    timings.finish(target.name(), post_started.elapsed(), response.headers_mut());
     Ok(response)
 }
 
@@ -195,17 +175,6 @@ fn render_overlay(
         (task, _) => return Err(ApiError::Internal(format!("worker output does not match task {task:?}"))),
     }
     render::encode_png(&image).map_err(|e| ApiError::Internal(format!("PNG encoding failed: {e}")))
-}
-
-/// The one mapping of engine failures to HTTP errors, shared by every protocol's handler.
-pub(super) fn engine_error(model: &str, error: EngineError, timeout_ms: u64) -> ApiError {
-    match error {
-        EngineError::QueueFull => ApiError::Overloaded(model.to_string()),
-        EngineError::DeadlineExceeded => ApiError::DeadlineExceeded(timeout_ms),
-        EngineError::Stopped => ApiError::ModelNotReady { name: model.to_string(), reason: "its workers have stopped".into() },
-        // The model itself failed on this input: a server-side fault, logged with detail.
-        other => ApiError::Internal(format!("model '{model}': {other}")),
-    }
 }
 
 fn postprocess(

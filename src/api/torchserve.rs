@@ -9,7 +9,7 @@
 //! One image gives its answer; several (multipart) give a list of answers, in order.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Path, Request, State};
@@ -20,11 +20,13 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
+use super::inference::{self, Deadline, Inference, Target};
 use super::input::{decode_base64, ImageUploads};
 use super::AppState;
 use crate::engine::{JobOptions, ModelOutput};
 use crate::error::ApiError;
 use crate::image::{DecodeLimits, Geometry};
+use crate::repository::config::ModelConfig;
 use crate::repository::config::Task;
 use crate::repository::ModelStatus;
 use crate::tasks::{classification, detection, segmentation};
@@ -42,7 +44,7 @@ pub fn router() -> Router<AppState> {
 }
 
 async fn ping(State(state): State<AppState>) -> Response {
-    let healthy = state.repository.iter().all(|m| m.status().0 == ModelStatus::Ready);
+    let healthy = state.repository.serving_entries().iter().all(|m| m.status().0 == ModelStatus::Ready);
     if healthy {
         Json(json!({"status": "Healthy"})).into_response()
     } else {
@@ -51,15 +53,11 @@ async fn ping(State(state): State<AppState>) -> Response {
 }
 
 async fn predict(state: State<AppState>, Path(model): Path<String>, request: Request) -> Result<Response, ApiError> {
-    answer(state, model, request).await
+    answer(state, model, None, request).await
 }
 
 async fn predict_versioned(state: State<AppState>, Path((model, version)): Path<(String, String)>, request: Request) -> Result<Response, ApiError> {
-    // Repositories hold one version per model for now; TorchServe names it "1.0".
-    if version != "1" && version != "1.0" {
-        return Err(ApiError::NotFound(format!("model '{model}' has no version '{version}'")));
-    }
-    answer(state, model, request).await
+    answer(state, model, Some(version), request).await
 }
 
 /// Raw, multipart and JSON bodies as on /v1; `text/plain` bodies are base64 images, as
@@ -85,33 +83,23 @@ async fn images_of(request: Request, state: &AppState) -> Result<Vec<Bytes>, Api
     Ok(ImageUploads::from_request(request, state).await?.images)
 }
 
-async fn answer(State(state): State<AppState>, name: String, request: Request) -> Result<Response, ApiError> {
-    let started = Instant::now();
-    let entry = Arc::clone(state.repository.get(&name).ok_or_else(|| ApiError::ModelNotFound(name.clone()))?);
-    let config = entry
-        .config
-        .clone()
-        .ok_or_else(|| ApiError::ModelNotReady { name: name.clone(), reason: entry.status().1.unwrap_or_default() })?;
+async fn answer(State(state): State<AppState>, name: String, version: Option<String>, request: Request) -> Result<Response, ApiError> {
+    let deadline = Deadline::from_headers(request.headers(), state.limits.request_timeout_ms, Instant::now())?;
+    // Resolved before the body is read: an unknown or full model costs no upload.
+    let target = Target::resolve(&state, &name, version.as_deref())?;
     let images = images_of(request, &state).await?;
-    let runtime = entry.runtime().map_err(|reason| ApiError::ModelNotReady { name: name.clone(), reason })?;
-    if runtime.is_full() {
-        return Err(ApiError::Overloaded(name));
-    }
     let limits = DecodeLimits { max_pixels: state.limits.max_image_pixels };
-    let prep_config = Arc::clone(&config);
-    let (prepared, _) = state.run_cpu(move || super::predict::prepare_all(&images, &prep_config, limits, false)).await??;
-    let geometries: Vec<Geometry> = prepared.iter().map(|p| p.geometry).collect();
-    let deadline = started + Duration::from_millis(state.limits.request_timeout_ms);
-    let options = JobOptions { score_threshold: SCORE_THRESHOLD, want_confidence: config.task == Task::Segmentation };
-    let output = runtime
-        .infer(prepared, options, deadline)
-        .await
-        .map_err(|e| super::predict::engine_error(&name, e, state.limits.request_timeout_ms))?;
-    let labels = Arc::clone(&entry.labels);
-    let task = config.task;
-    let mut answers = state.run_cpu(move || handler_answers(task, output.outputs, &geometries, &labels)).await??;
+    let prepare = move |config: &ModelConfig| super::predict::prepare_all(&images, config, limits, false).map(|(p, _)| p);
+    let options = JobOptions { score_threshold: SCORE_THRESHOLD, want_confidence: target.config.task == Task::Segmentation };
+    let Inference { outputs, geometries, timings } = inference::run(&state, &target, prepare, options, deadline).await?;
+    let post_started = Instant::now();
+    let labels = Arc::clone(&target.entry.labels);
+    let task = target.config.task;
+    let mut answers = state.run_cpu(move || handler_answers(task, outputs, &geometries, &labels)).await??;
     let body = if answers.len() == 1 { answers.remove(0) } else { Value::Array(answers) };
-    Ok(Json(body).into_response())
+    let mut response = Json(body).into_response();
+    timings.finish(target.name(), post_started.elapsed(), response.headers_mut());
+    Ok(response)
 }
 
 fn handler_answers(task: Task, outputs: Vec<ModelOutput>, geometries: &[Geometry], labels: &[String]) -> Result<Vec<Value>, ApiError> {

@@ -73,14 +73,27 @@ pub enum EngineError {
     DeadlineExceeded,
 }
 
-/// The handle the HTTP side holds: a sender into the model's bounded queue.
+/// The handle the HTTP side holds: a sender into the model's bounded queue. The workers
+/// behind it exit once every handle is dropped and the queue is drained.
 #[derive(Clone)]
 pub struct ModelRuntime {
     queue: Sender<Job>,
     pub config: Arc<ModelConfig>,
+    model: Arc<LoadedModel>,
+    workers: usize,
+    intra_op_threads: usize,
 }
 
 impl ModelRuntime {
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// A new pool of `workers` threads over the same loaded module, with its own queue.
+    pub fn rescaled(&self, name: &str, workers: usize) -> ModelRuntime {
+        spawn_workers(name, Arc::clone(&self.model), Arc::clone(&self.config), workers, self.intra_op_threads)
+    }
+
     /// Enqueues at once or refuses at once: a full queue is an answer, not a wait. Waits for
     /// the answer until `deadline`; a caller that gives up (or whose client goes away) drops
     /// the reply channel, and the worker skips the job.

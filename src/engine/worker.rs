@@ -84,13 +84,13 @@ fn warmup_size(config: &ModelConfig) -> (u32, u32) {
 /// Starts `workers` threads over one bounded queue and returns the handle to it.
 pub fn spawn_workers(
     name: &str,
-    model: LoadedModel,
+    model: Arc<LoadedModel>,
     config: Arc<ModelConfig>,
+    workers: usize,
     intra_op_threads: usize,
 ) -> ModelRuntime {
     let (sender, receiver) = crossbeam_channel::bounded::<Job>(config.batching.queue_capacity);
-    let model = Arc::new(model);
-    for index in 0..config.runtime.workers {
+    for index in 0..workers.max(1) {
         let receiver = receiver.clone();
         let model = Arc::clone(&model);
         let config = Arc::clone(&config);
@@ -117,7 +117,7 @@ pub fn spawn_workers(
             })
             .expect("spawning a worker thread");
     }
-    ModelRuntime { queue: sender, config }
+    ModelRuntime { queue: sender, config, model, workers: workers.max(1), intra_op_threads }
 }
 
 fn worker_loop(name: &str, model: &LoadedModel, config: &ModelConfig, queue: &Receiver<Job>) {

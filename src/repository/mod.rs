@@ -1,12 +1,17 @@
 //! The model repository: one folder per model, each with a `config.toml`, a model file and
-//! optional labels. Scanning never fails as a whole: a broken folder becomes a model that is
-//! `failed` with its reason, and the others serve.
+//! optional labels — or, for a model with several versions, numbered sub-folders
+//! (`models/<name>/<version>/config.toml`). Scanning never fails as a whole: a broken folder
+//! becomes a model that is `failed` with its reason, and the others serve.
+//!
+//! The map of models is swapped, never edited in place: a handler takes an `Arc<ModelEntry>`
+//! at the start of a request and keeps config, labels and workers of that one version until it
+//! answers, while the management API loads, reloads, scales or unloads behind it.
 
 pub mod config;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -14,12 +19,17 @@ use serde::Serialize;
 use crate::engine::{self, ModelRuntime};
 use config::ModelConfig;
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+/// The version a folder without numbered sub-folders has.
+pub const FLAT_VERSION: &str = "1";
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelStatus {
     Loading,
     Ready,
     Failed,
+    /// In the repository but not serving: left out by `--models`, or unloaded by an admin.
+    Unloaded,
 }
 
 #[derive(Clone)]
@@ -27,11 +37,13 @@ enum ModelState {
     Loading,
     Ready(ModelRuntime),
     Failed(String),
+    Unloaded,
 }
 
-/// One model of the repository and where it stands.
+/// One version of one model and where it stands.
 pub struct ModelEntry {
     pub name: String,
+    pub version: String,
     pub dir: PathBuf,
     /// `None` when the config itself could not be read; the reason is in the state.
     pub config: Option<Arc<ModelConfig>>,
@@ -42,9 +54,10 @@ pub struct ModelEntry {
 }
 
 impl ModelEntry {
-    fn failed(name: String, dir: PathBuf, reason: String) -> Self {
+    fn failed(name: String, version: String, dir: PathBuf, reason: String) -> Self {
         Self {
             name,
+            version,
             dir,
             config: None,
             labels: Arc::new(Vec::new()),
@@ -59,6 +72,7 @@ impl ModelEntry {
             ModelState::Loading => (ModelStatus::Loading, None),
             ModelState::Ready(_) => (ModelStatus::Ready, None),
             ModelState::Failed(reason) => (ModelStatus::Failed, Some(reason.clone())),
+            ModelState::Unloaded => (ModelStatus::Unloaded, Some("not loaded".into())),
         }
     }
 
@@ -68,6 +82,7 @@ impl ModelEntry {
             ModelState::Ready(runtime) => Ok(runtime.clone()),
             ModelState::Loading => Err("still loading".into()),
             ModelState::Failed(reason) => Err(reason.clone()),
+            ModelState::Unloaded => Err("not loaded".into()),
         }
     }
 
@@ -81,112 +96,395 @@ impl ModelEntry {
     pub fn model_file(&self) -> Option<PathBuf> {
         self.config.as_ref().map(|c| self.dir.join(&c.file))
     }
+
+    /// Worker threads serving now (0 unless ready).
+    pub fn workers(&self) -> usize {
+        self.runtime().map(|r| r.workers()).unwrap_or(0)
+    }
+
+    fn set_state(&self, state: ModelState) {
+        *self.state.write().unwrap() = state;
+    }
+
+    /// Loads the model file, warms it up and starts its workers; records the outcome.
+    fn load(&self, default_threads: usize) -> Result<(), String> {
+        let Some(config) = self.config.clone() else {
+            return Err(self.status().1.unwrap_or_default());
+        };
+        if let (ModelStatus::Failed, Some(reason)) = self.status() {
+            // Broken at scan time (missing file, unreadable labels): loading cannot help.
+            return Err(reason);
+        }
+        let threads = if config.runtime.intra_op_threads > 0 { config.runtime.intra_op_threads } else { default_threads };
+        let started = Instant::now();
+        let result = load_op_libraries(&self.dir, &config)
+            .and_then(|()| engine::load_model(&config, &self.dir.join(&config.file), threads));
+        match result {
+            Ok(loaded) => {
+                *self.parameter_count.write().unwrap() = Some(loaded.parameter_count);
+                let runtime = engine::spawn_workers(&self.name, Arc::new(loaded), Arc::clone(&config), config.runtime.workers, threads);
+                self.set_state(ModelState::Ready(runtime));
+                tracing::info!(
+                    model = %self.name,
+                    version = %self.version,
+                    workers = config.runtime.workers,
+                    intra_op_threads = threads,
+                    seconds = started.elapsed().as_secs_f32(),
+                    "model ready"
+                );
+                Ok(())
+            }
+            Err(reason) => {
+                tracing::error!(model = %self.name, version = %self.version, %reason, "model failed to load");
+                self.set_state(ModelState::Failed(reason.clone()));
+                Err(reason)
+            }
+        }
+    }
+}
+
+/// Every version of one model, and the one a request gets when it names none.
+#[derive(Clone)]
+pub struct ModelFamily {
+    pub name: String,
+    pub versions: BTreeMap<VersionKey, Arc<ModelEntry>>,
+    pub default_version: String,
+}
+
+/// Versions order numerically ("10" after "9"), whatever their text.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct VersionKey(u64, String);
+
+impl VersionKey {
+    pub fn new(version: &str) -> Self {
+        VersionKey(version.parse().unwrap_or(u64::MAX), version.to_string())
+    }
+}
+
+impl ModelFamily {
+    pub fn default_entry(&self) -> &Arc<ModelEntry> {
+        self.versions
+            .get(&VersionKey::new(&self.default_version))
+            .or_else(|| self.versions.values().next_back())
+            .expect("a family has at least one version")
+    }
+
+    pub fn version(&self, version: &str) -> Option<&Arc<ModelEntry>> {
+        // TorchServe clients name versions "1.0"; a folder is named "1".
+        let plain = version.strip_suffix(".0").unwrap_or(version);
+        self.versions.get(&VersionKey::new(version)).or_else(|| self.versions.get(&VersionKey::new(plain)))
+    }
+
+    pub fn version_names(&self) -> Vec<String> {
+        self.versions.values().map(|e| e.version.clone()).collect()
+    }
+}
+
+/// Why a lookup found nothing.
+#[derive(Debug)]
+pub enum LookupError {
+    NoModel(String),
+    NoVersion { name: String, version: String, known: Vec<String> },
+}
+
+impl std::fmt::Display for LookupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LookupError::NoModel(name) => write!(f, "model '{name}' is not in the repository"),
+            LookupError::NoVersion { name, version, known } => {
+                write!(f, "model '{name}' has no version '{version}' (it has {})", known.join(", "))
+            }
+        }
+    }
 }
 
 /// All models found in the repository folder, by name.
 pub struct ModelRepository {
     pub root: PathBuf,
-    models: BTreeMap<String, Arc<ModelEntry>>,
+    families: RwLock<BTreeMap<String, Arc<ModelFamily>>>,
+    /// One management operation at a time: loads are slow and must not interleave.
+    admin: Mutex<()>,
 }
 
 impl ModelRepository {
-    /// Reads every `*/config.toml` under `root` (only `only`, when given). Reading is cheap;
-    /// loading the models happens in [`ModelRepository::load_all`].
+    /// Reads every model folder under `root`. Models not named in `only` (when given) are
+    /// listed but left unloaded. Reading is cheap; loading happens in
+    /// [`ModelRepository::load_all`].
     pub fn scan(root: &Path, only: &[String]) -> std::io::Result<Self> {
-        let mut models = BTreeMap::new();
-        let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)?
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .filter(|p| p.join("config.toml").is_file())
-            .collect();
-        dirs.sort();
-        for dir in dirs {
-            let entry = read_entry(&dir);
-            if only.is_empty() || only.contains(&entry.name) {
-                models.insert(entry.name.clone(), Arc::new(entry));
+        let mut families = BTreeMap::new();
+        for dir in model_folders(root)? {
+            let family = read_family(&dir);
+            if !only.is_empty() && !only.contains(&family.name) {
+                for entry in family.versions.values() {
+                    entry.set_state(ModelState::Unloaded);
+                }
             }
+            families.insert(family.name.clone(), Arc::new(family));
         }
         for wanted in only {
-            if !models.contains_key(wanted) {
+            if !families.contains_key(wanted) {
                 let reason = format!("no folder with a config.toml for '{wanted}' in {}", root.display());
-                models.insert(wanted.clone(), Arc::new(ModelEntry::failed(wanted.clone(), root.join(wanted), reason)));
+                let entry = ModelEntry::failed(wanted.clone(), FLAT_VERSION.into(), root.join(wanted), reason);
+                families.insert(wanted.clone(), Arc::new(family_of(wanted.clone(), vec![entry])));
             }
         }
-        Ok(Self { root: root.to_path_buf(), models })
+        Ok(Self { root: root.to_path_buf(), families: RwLock::new(families), admin: Mutex::new(()) })
     }
 
-    pub fn get(&self, name: &str) -> Option<&Arc<ModelEntry>> {
-        self.models.get(name)
+    /// The model's default version, or the version asked for.
+    pub fn get(&self, name: &str, version: Option<&str>) -> Result<Arc<ModelEntry>, LookupError> {
+        let family = self.family(name).ok_or_else(|| LookupError::NoModel(name.to_string()))?;
+        match version {
+            None => Ok(Arc::clone(family.default_entry())),
+            Some(v) => family.version(v).cloned().ok_or_else(|| LookupError::NoVersion {
+                name: name.to_string(),
+                version: v.to_string(),
+                known: family.version_names(),
+            }),
+        }
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<ModelEntry>> {
-        self.models.values()
+    pub fn family(&self, name: &str) -> Option<Arc<ModelFamily>> {
+        self.families.read().unwrap().get(name).cloned()
     }
 
-    /// Total workers of the models that will load, to divide the cores among them.
-    fn total_workers(&self) -> usize {
-        self.models
-            .values()
-            .filter_map(|m| m.config.as_ref())
-            .map(|c| c.runtime.workers)
-            .sum::<usize>()
-            .max(1)
+    pub fn families(&self) -> Vec<Arc<ModelFamily>> {
+        self.families.read().unwrap().values().cloned().collect()
     }
 
-    /// Loads and warms up every model that is `loading`, one after another, then starts its
-    /// workers. Failures are recorded per model and logged with the model's name.
-    pub fn load_all(&self) {
+    /// The default version of every model.
+    pub fn iter(&self) -> Vec<Arc<ModelEntry>> {
+        self.families().iter().map(|f| Arc::clone(f.default_entry())).collect()
+    }
+
+    /// Every version of every model.
+    pub fn entries(&self) -> Vec<Arc<ModelEntry>> {
+        self.families().iter().flat_map(|f| f.versions.values().cloned().collect::<Vec<_>>()).collect()
+    }
+
+    /// The versions that should serve: everything not deliberately unloaded.
+    pub fn serving_entries(&self) -> Vec<Arc<ModelEntry>> {
+        self.entries().into_iter().filter(|e| e.status().0 != ModelStatus::Unloaded).collect()
+    }
+
+    /// Intra-op threads per worker when a config leaves it to the server: the cores divided
+    /// among all workers of the models that serve or will.
+    fn default_threads(&self, extra_workers: usize) -> usize {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let default_threads = (cores / self.total_workers()).max(1);
-        for entry in self.models.values() {
-            let Some(config) = entry.config.clone() else {
-                let (_, reason) = entry.status();
-                tracing::error!(model = %entry.name, reason = reason.unwrap_or_default(), "model is broken");
-                continue;
-            };
-            let threads = if config.runtime.intra_op_threads > 0 { config.runtime.intra_op_threads } else { default_threads };
-            let started = Instant::now();
-            let result = load_op_libraries(entry, &config)
-                .and_then(|()| engine::load_model(&config, &entry.dir.join(&config.file), threads));
-            match result {
-                Ok(loaded) => {
-                    *entry.parameter_count.write().unwrap() = Some(loaded.parameter_count);
-                    let runtime = engine::spawn_workers(&entry.name, loaded, Arc::clone(&config), threads);
-                    *entry.state.write().unwrap() = ModelState::Ready(runtime);
-                    tracing::info!(
-                        model = %entry.name,
-                        workers = config.runtime.workers,
-                        intra_op_threads = threads,
-                        seconds = started.elapsed().as_secs_f32(),
-                        "model ready"
-                    );
+        let workers: usize = self
+            .serving_entries()
+            .iter()
+            .filter(|e| e.status().0 != ModelStatus::Failed)
+            .filter_map(|e| e.config.as_ref().map(|c| c.runtime.workers))
+            .sum();
+        (cores / (workers + extra_workers).max(1)).max(1)
+    }
+
+    /// Loads and warms up every version that is `loading`, one after another, then starts its
+    /// workers. Failures are recorded per version and logged with the model's name.
+    pub fn load_all(&self) {
+        let _admin = self.admin.lock().unwrap();
+        let threads = self.default_threads(0);
+        for entry in self.entries() {
+            match entry.status() {
+                (ModelStatus::Loading, _) => {
+                    let _ = entry.load(threads);
                 }
-                Err(reason) => {
-                    tracing::error!(model = %entry.name, %reason, "model failed to load");
-                    *entry.state.write().unwrap() = ModelState::Failed(reason);
+                (ModelStatus::Failed, reason) => {
+                    tracing::error!(model = %entry.name, version = %entry.version, reason = reason.unwrap_or_default(), "model is broken");
                 }
+                _ => {}
             }
         }
+    }
+
+    /// Reads the model's folder again and loads every version, then swaps the whole model in
+    /// at once. Requests already holding the old version finish on it; new ones get the new
+    /// one. When any version fails, nothing is swapped and the old model keeps serving.
+    /// Blocking: call it off the async reactor.
+    pub fn load(&self, name: &str) -> Result<Vec<String>, String> {
+        let _admin = self.admin.lock().unwrap();
+        let dir = self.folder_of(name)?;
+        let family = read_family(&dir);
+        if family.name != name {
+            return Err(format!("the folder for '{name}' serves a model named '{}'", family.name));
+        }
+        let workers: usize = family.versions.values().filter_map(|e| e.config.as_ref()).map(|c| c.runtime.workers).sum();
+        let replaced_workers: usize = self.family(name).map_or(0, |f| f.versions.values().map(|e| e.workers()).sum());
+        let threads = self.default_threads(workers.saturating_sub(replaced_workers));
+        for entry in family.versions.values() {
+            entry.load(threads).map_err(|reason| format!("version {}: {reason}", entry.version))?;
+        }
+        // Keep a default version chosen through the API when it still exists.
+        let mut family = family;
+        if let Some(old) = self.family(name) {
+            if family.versions.contains_key(&VersionKey::new(&old.default_version)) {
+                family.default_version = old.default_version.clone();
+            }
+        }
+        let versions = family.version_names();
+        self.families.write().unwrap().insert(name.to_string(), Arc::new(family));
+        tracing::info!(model = %name, ?versions, "model loaded and swapped in");
+        Ok(versions)
+    }
+
+    /// Stops serving one version, or all. Requests already holding it finish; its workers
+    /// exit once its queue is drained.
+    pub fn unload(&self, name: &str, version: Option<&str>) -> Result<(), LookupError> {
+        let _admin = self.admin.lock().unwrap();
+        let targets = match version {
+            Some(_) => vec![self.get(name, version)?],
+            None => self.family(name).ok_or_else(|| LookupError::NoModel(name.to_string()))?.versions.values().cloned().collect(),
+        };
+        for entry in targets {
+            if entry.config.is_some() {
+                entry.set_state(ModelState::Unloaded);
+                tracing::info!(model = %name, version = %entry.version, "model unloaded");
+            }
+        }
+        Ok(())
+    }
+
+    /// Serves the version with `workers` worker threads: a new pool over the same loaded
+    /// module takes the queue over at once; the old pool finishes what it holds and exits.
+    pub fn scale(&self, name: &str, version: Option<&str>, workers: usize) -> Result<(), ScaleError> {
+        let _admin = self.admin.lock().unwrap();
+        let entry = self.get(name, version).map_err(ScaleError::Lookup)?;
+        let runtime = entry.runtime().map_err(ScaleError::NotReady)?;
+        let scaled = runtime.rescaled(&entry.name, workers);
+        entry.set_state(ModelState::Ready(scaled));
+        tracing::info!(model = %name, version = %entry.version, workers, "model scaled");
+        Ok(())
+    }
+
+    pub fn set_default_version(&self, name: &str, version: &str) -> Result<(), LookupError> {
+        let _admin = self.admin.lock().unwrap();
+        let entry = self.get(name, Some(version))?;
+        let mut families = self.families.write().unwrap();
+        let family = families.get(name).ok_or_else(|| LookupError::NoModel(name.to_string()))?;
+        let mut changed = (**family).clone();
+        changed.default_version = entry.version.clone();
+        families.insert(name.to_string(), Arc::new(changed));
+        Ok(())
+    }
+
+    /// Model folders on disk that are not (yet) in the repository's map, by name.
+    pub fn unlisted_on_disk(&self) -> Vec<String> {
+        let known = self.families.read().unwrap().keys().cloned().collect::<Vec<_>>();
+        model_folders(&self.root)
+            .unwrap_or_default()
+            .iter()
+            .map(|dir| read_family(dir).name)
+            .filter(|name| !known.contains(name))
+            .collect()
+    }
+
+    /// The folder a model lives in: its known folder, or a folder of that name.
+    fn folder_of(&self, name: &str) -> Result<PathBuf, String> {
+        if let Some(family) = self.family(name) {
+            let entry = family.default_entry();
+            let dir = if family.versions.len() == 1 && entry.version == FLAT_VERSION && entry.dir.join("config.toml").is_file() {
+                entry.dir.clone()
+            } else {
+                entry.dir.parent().map(Path::to_path_buf).unwrap_or_else(|| entry.dir.clone())
+            };
+            if dir.is_dir() {
+                return Ok(dir);
+            }
+        }
+        if !is_safe_name(name) {
+            return Err(format!("'{name}' is not a valid model name"));
+        }
+        model_folders(&self.root)
+            .map_err(|e| format!("repository unreadable: {e}"))?
+            .into_iter()
+            .find(|dir| read_family(dir).name == name)
+            .ok_or_else(|| format!("no folder for model '{name}' in the repository"))
     }
 }
 
-fn load_op_libraries(entry: &ModelEntry, config: &ModelConfig) -> Result<(), String> {
+#[derive(Debug)]
+pub enum ScaleError {
+    Lookup(LookupError),
+    NotReady(String),
+}
+
+/// A model name can only name a folder directly under the repository.
+fn is_safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && name != "."
+        && name != ".."
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+fn load_op_libraries(dir: &Path, config: &ModelConfig) -> Result<(), String> {
     for lib in &config.runtime.op_libraries {
-        let path = if lib.is_absolute() { lib.clone() } else { entry.dir.join(lib) };
+        let path = if lib.is_absolute() { lib.clone() } else { dir.join(lib) };
         engine::ops::load_op_library(&path)?;
     }
     Ok(())
 }
 
-fn read_entry(dir: &Path) -> ModelEntry {
+/// Folders directly under `root` that hold a model: a `config.toml`, or numbered version
+/// folders that do.
+fn model_folders(root: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.join("config.toml").is_file() || !version_folders(p).is_empty())
+        .collect();
+    dirs.sort();
+    Ok(dirs)
+}
+
+fn version_folders(dir: &Path) -> Vec<(String, PathBuf)> {
+    let Ok(read) = std::fs::read_dir(dir) else { return Vec::new() };
+    read.filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.join("config.toml").is_file())
+        .filter_map(|p| {
+            let name = p.file_name()?.to_str()?.to_string();
+            (!name.is_empty() && name.chars().all(|c| c.is_ascii_digit())).then_some((name, p))
+        })
+        .collect()
+}
+
+fn family_of(name: String, entries: Vec<ModelEntry>) -> ModelFamily {
+    let versions: BTreeMap<VersionKey, Arc<ModelEntry>> =
+        entries.into_iter().map(|e| (VersionKey::new(&e.version), Arc::new(e))).collect();
+    let default_version = versions.values().next_back().map(|e| e.version.clone()).unwrap_or_else(|| FLAT_VERSION.into());
+    ModelFamily { name, versions, default_version }
+}
+
+/// One model folder: flat (version 1) or with numbered versions; the newest is the default.
+fn read_family(dir: &Path) -> ModelFamily {
     let folder_name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if dir.join("config.toml").is_file() {
+        let entry = read_entry(dir, folder_name.clone(), FLAT_VERSION);
+        let name = entry.name.clone();
+        return family_of(name, vec![entry]);
+    }
+    let entries = version_folders(dir)
+        .into_iter()
+        .map(|(version, path)| {
+            let mut entry = read_entry(&path, folder_name.clone(), &version);
+            // A versioned model is named by its folder, whatever each version's config says.
+            entry.name = folder_name.clone();
+            entry
+        })
+        .collect();
+    family_of(folder_name, entries)
+}
+
+fn read_entry(dir: &Path, folder_name: String, version: &str) -> ModelEntry {
     let text = match std::fs::read_to_string(dir.join("config.toml")) {
         Ok(t) => t,
-        Err(e) => return ModelEntry::failed(folder_name, dir.into(), format!("config.toml unreadable: {e}")),
+        Err(e) => return ModelEntry::failed(folder_name, version.into(), dir.into(), format!("config.toml unreadable: {e}")),
     };
     let config = match ModelConfig::parse(&text) {
         Ok(c) => c,
-        Err(e) => return ModelEntry::failed(folder_name, dir.into(), format!("bad config.toml: {e}")),
+        Err(e) => return ModelEntry::failed(folder_name, version.into(), dir.into(), format!("bad config.toml: {e}")),
     };
     let name = config.name.clone().unwrap_or(folder_name);
     let mut state = ModelState::Loading;
@@ -207,11 +505,59 @@ fn read_entry(dir: &Path) -> ModelEntry {
     };
     ModelEntry {
         name,
+        version: version.to_string(),
         dir: dir.into(),
         config: Some(Arc::new(config)),
         labels: Arc::new(labels),
         file_size,
         state: RwLock::new(state),
         parameter_count: RwLock::new(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_order_numerically_and_accept_torchserve_names() {
+        assert!(VersionKey::new("10") > VersionKey::new("9"));
+        let entry = |v: &str| ModelEntry::failed("m".into(), v.into(), PathBuf::new(), "x".into());
+        let family = family_of("m".into(), vec![entry("2"), entry("10"), entry("1")]);
+        assert_eq!(family.default_version, "10");
+        assert_eq!(family.version("1.0").unwrap().version, "1");
+        assert_eq!(family.version_names(), ["1", "2", "10"]);
+        assert!(family.version("3").is_none());
+    }
+
+    #[test]
+    fn model_names_cannot_leave_the_repository() {
+        for bad in ["", ".", "..", "../etc", "a/b", "a\0b", "%2e%2e", &"x".repeat(201)] {
+            assert!(!is_safe_name(bad), "{bad:?}");
+        }
+        assert!(is_safe_name("resnet18_v1.2-int8"));
+    }
+
+    #[test]
+    fn scan_reads_flat_and_versioned_folders() {
+        let root = tempfile::tempdir().unwrap();
+        let config = "task = \"classification\"\n[input]\nwidth = 8\nheight = 8\nresize = \"stretch\"\n[output]\nconvention = \"logits\"\n";
+        for dir in ["flat", "versioned/1", "versioned/3", "versioned/notes"] {
+            std::fs::create_dir_all(root.path().join(dir)).unwrap();
+            std::fs::write(root.path().join(dir).join("config.toml"), config).unwrap();
+        }
+        let repo = ModelRepository::scan(root.path(), &["flat".into()]).unwrap();
+        let versioned = repo.family("versioned").unwrap();
+        assert_eq!(versioned.version_names(), ["1", "3"]);
+        assert_eq!(repo.get("versioned", None).unwrap().version, "3");
+        // Not in --models: listed, not loaded.
+        assert_eq!(repo.get("versioned", Some("1")).unwrap().status().0, ModelStatus::Unloaded);
+        // In --models but its file is missing: failed, with the reason.
+        let (status, reason) = repo.get("flat", None).unwrap().status();
+        assert_eq!(status, ModelStatus::Failed);
+        assert!(reason.unwrap().contains("missing"));
+        assert!(matches!(repo.get("versioned", Some("2")), Err(LookupError::NoVersion { .. })));
+        repo.set_default_version("versioned", "1").unwrap();
+        assert_eq!(repo.get("versioned", None).unwrap().version, "1");
     }
 }

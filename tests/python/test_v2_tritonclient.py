@@ -1,5 +1,5 @@
 """The Open Inference Protocol (V2) REST endpoints through an unmodified real client:
-tritonclient[http] from PyPI, JSON tensors (the binary extension is not implemented yet)."""
+tritonclient[http] from PyPI, with JSON tensors and with the binary tensor data extension."""
 import base64
 
 import numpy as np
@@ -23,7 +23,8 @@ def test_readiness_and_metadata(default_server):
     meta = client.get_model_metadata("mobilenet_v2")
     assert meta["inputs"][0] == {"name": "image", "datatype": "BYTES", "shape": [-1]}
     assert meta["outputs"][0]["name"] == "scores"
-    assert "classification" in client.get_server_metadata()["extensions"]
+    extensions = client.get_server_metadata()["extensions"]
+    assert "classification" in extensions and "binary_tensor_data" in extensions
 
 
 def v1_top(server, image_bytes):
@@ -67,3 +68,49 @@ def test_uint8_pixels_and_fp32_tensors(default_server):
     count = int(result.as_numpy("num_detections")[0])
     classes = result.as_numpy("classes")[0][:count].tolist()
     assert 47 in classes  # COCO's "cup"
+
+
+def test_binary_tensor_extension_matches_json(default_server):
+    client = client_for(default_server)
+    image = encode(photo("chelsea"), "JPEG")
+    expected = v1_top(default_server, image)
+    # Raw encoded bytes, no base64: the binary BYTES layout (length-prefixed elements).
+    raw = httpclient.InferInput("image", [1], "BYTES")
+    raw.set_data_from_numpy(np.array([image], dtype=object), binary_data=True)
+    result = client.infer("mobilenet_v2", [raw], outputs=[httpclient.InferRequestedOutput("scores", binary_data=True)])
+    scores = result.as_numpy("scores")
+    assert scores.dtype == np.float32 and scores.shape == (1, 1000)
+    assert int(scores[0].argmax()) == expected[0]["index"]
+    assert abs(float(scores[0].max()) - expected[0]["score"]) < 1e-5
+    assert result.get_output("scores")["parameters"]["binary_data_size"] == 4000
+
+    result = client.infer("mobilenet_v2", [raw],
+                          outputs=[httpclient.InferRequestedOutput("scores", binary_data=True, class_count=2)])
+    top = result.as_numpy("scores")[0]
+    assert len(top) == 2 and int(top[0].decode().split(":")[1]) == expected[0]["index"]
+
+    # Raw pixels in binary, every detector output back in binary, equal to the JSON answer.
+    picture = np.asarray(photo("coffee"), dtype=np.uint8)[None]
+    answers = []
+    for binary in (False, True):
+        pixels = httpclient.InferInput("pixels", list(picture.shape), "UINT8")
+        pixels.set_data_from_numpy(picture, binary_data=binary)
+        names = ["boxes", "scores", "classes", "num_detections"]
+        result = client.infer("ssd_mobilenet_v2_coco", [pixels],
+                              outputs=[httpclient.InferRequestedOutput(n, binary_data=binary) for n in names])
+        answers.append({n: result.as_numpy(n) for n in names})
+    json_answer, binary_answer = answers
+    assert int(binary_answer["num_detections"][0]) == int(json_answer["num_detections"][0]) > 0
+    assert binary_answer["classes"].dtype == np.int64 and binary_answer["num_detections"].dtype == np.int32
+    np.testing.assert_array_equal(binary_answer["classes"], json_answer["classes"])
+    np.testing.assert_allclose(binary_answer["boxes"], json_answer["boxes"], atol=1e-3)
+
+
+def test_binary_requests_that_do_not_add_up_are_400(default_server):
+    head = b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 100}}]}'
+    response = requests.post(default_server.url("/v2/models/mobilenet_v2/infer"), data=head + b"\x05\x00",
+                             headers={"Inference-Header-Content-Length": str(len(head))})
+    assert response.status_code == 400 and "ends first" in response.json()["error"]
+    response = requests.post(default_server.url("/v2/models/mobilenet_v2/infer"), data=head,
+                             headers={"Inference-Header-Content-Length": "9999"})
+    assert response.status_code == 400 and "error" in response.json()

@@ -1,27 +1,32 @@
-//! Open Inference Protocol (KServe V2) over REST with JSON tensors: server and model metadata,
-//! health, readiness and infer, so KServe, Triton clients and gateways can call visionserve.
+//! Open Inference Protocol (KServe V2) over REST: server and model metadata, health, readiness
+//! and infer, with JSON tensors or the binary tensor data extension, so KServe, Triton
+//! clients and gateways can call visionserve.
 //!
-//! Inputs (exactly one per request): `BYTES [N]` of base64-encoded images, `UINT8 [N, H, W, 3]`
-//! raw RGB pixels (both go through the model's preprocessing), or `FP32 [N, 3, H, W]` already
-//! preprocessed (straight to the model). Outputs, by task: `scores FP32 [N, C]`;
-//! `mask UINT8 [N, H, W]` (class per original pixel); `boxes FP32 [N, K, 4]`,
-//! `scores FP32 [N, K]`, `classes INT64 [N, K]`, `num_detections INT32 [N]` after NMS, in
-//! original pixels. Triton's classification extension (`"parameters": {"classification": k}`
-//! on an output) answers `"score:index:label"` strings. Errors are `{"error": "..."}` with
-//! Triton's status mapping. The binary tensor extension is not implemented yet.
+//! Inputs (exactly one per request): `BYTES [N]` of encoded images (base64 in JSON, raw in
+//! binary), `UINT8 [N, H, W, 3]` raw RGB pixels (both go through the model's preprocessing),
+//! or `FP32 [N, 3, H, W]` already preprocessed (straight to the model). Outputs, by task:
+//! `scores FP32 [N, C]`; `mask UINT8 [N, H, W]` (class per original pixel); `boxes FP32
+//! [N, K, 4]`, `scores FP32 [N, K]`, `classes INT64 [N, K]`, `num_detections INT32 [N]` after
+//! NMS, in original pixels. These are the model's outputs after the task's post-processing
+//! (softmax, NMS, resampling to the original size), which is what a client can use; the
+//! worker does not keep raw logits. Triton's classification extension
+//! (`"parameters": {"classification": k}` on an output) answers `"score:index:label"` strings.
+//! Errors are `{"error": "..."}` with Triton's status mapping.
+
+pub mod tensors;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use super::inference::{self, Deadline, Inference, Target};
 use super::AppState;
 use crate::engine::{JobOptions, ModelOutput};
 use crate::error::ApiError;
@@ -29,9 +34,9 @@ use crate::image::{preprocess, DecodeLimits, Geometry, PreparedImage};
 use crate::repository::config::{ModelConfig, ResizePolicy, Task};
 use crate::repository::{ModelEntry, ModelStatus};
 use crate::tasks::{classification, detection, segmentation};
+use tensors::{InferRequest, InputTensor, OutputData, OutputTensor};
 
-/// The only version each model has until versioned repositories exist.
-const VERSION: &str = "1";
+const HEADER_LENGTH: HeaderName = HeaderName::from_static("inference-header-content-length");
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -59,15 +64,21 @@ impl From<ApiError> for V2Error {
             StatusCode::GATEWAY_TIMEOUT => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::BAD_REQUEST,
         };
-        if let ApiError::Internal(detail) = &e {
-            tracing::error!(%detail, "internal error");
+        if let ApiError::Internal(detail) | ApiError::ModelFailed { detail, .. } = &e {
+            tracing::error!(%detail, "{e}");
         }
         V2Error(status, e.to_string())
     }
 }
 
 fn bad(message: impl Into<String>) -> V2Error {
-    V2Error(StatusCode::BAD_REQUEST, message.into())
+    V2Error::bad(message)
+}
+
+impl V2Error {
+    pub fn bad(message: impl Into<String>) -> V2Error {
+        V2Error(StatusCode::BAD_REQUEST, message.into())
+    }
 }
 
 impl IntoResponse for V2Error {
@@ -81,30 +92,22 @@ impl IntoResponse for V2Error {
 }
 
 async fn server_metadata() -> Json<Value> {
-    Json(json!({"name": "visionserve", "version": env!("CARGO_PKG_VERSION"), "extensions": ["classification"]}))
+    Json(json!({
+        "name": "visionserve",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": ["classification", "binary_tensor_data", "model_repository"]
+    }))
 }
 
 async fn server_ready(State(state): State<AppState>) -> Response {
-    let ready = state.repository.iter().next().is_some()
-        && state.repository.iter().all(|m| m.status().0 == ModelStatus::Ready);
+    let serving = state.repository.serving_entries();
+    let ready = !serving.is_empty() && serving.iter().all(|m| m.status().0 == ModelStatus::Ready);
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(json!({"ready": ready}))).into_response()
 }
 
-fn model<'a>(state: &'a AppState, name: &str, version: Option<&str>) -> Result<&'a Arc<ModelEntry>, V2Error> {
-    let entry = state.repository.get(name).ok_or_else(|| V2Error(StatusCode::NOT_FOUND, format!("model '{name}' is not in the repository")))?;
-    if let Some(v) = version {
-        if v != VERSION {
-            return Err(V2Error(StatusCode::NOT_FOUND, format!("model '{name}' has no version '{v}' (only '{VERSION}')")));
-        }
-    }
-    Ok(entry)
-}
-
-fn config_of(entry: &ModelEntry) -> Result<Arc<ModelConfig>, V2Error> {
-    entry.config.clone().ok_or_else(|| {
-        V2Error(StatusCode::SERVICE_UNAVAILABLE, format!("model '{}' is not ready: {}", entry.name, entry.status().1.unwrap_or_default()))
-    })
+fn model(state: &AppState, name: &str, version: Option<&str>) -> Result<Arc<ModelEntry>, V2Error> {
+    state.repository.get(name, version).map_err(|e| V2Error(StatusCode::NOT_FOUND, e.to_string()))
 }
 
 fn tensor_spec(name: &str, datatype: &str, shape: &[i64]) -> Value {
@@ -121,7 +124,9 @@ async fn model_metadata_versioned(state: State<AppState>, Path((name, version)):
 
 fn metadata(state: &AppState, name: &str, version: Option<&str>) -> Result<Json<Value>, V2Error> {
     let entry = model(state, name, version)?;
-    let config = config_of(entry)?;
+    let config = entry.config.clone().ok_or_else(|| {
+        V2Error(StatusCode::SERVICE_UNAVAILABLE, format!("model '{name}' is not ready: {}", entry.status().1.unwrap_or_default()))
+    })?;
     let classes = entry.labels.len().max(1) as i64;
     let outputs = match config.task {
         Task::Classification => vec![tensor_spec("scores", "FP32", &[-1, classes])],
@@ -133,14 +138,16 @@ fn metadata(state: &AppState, name: &str, version: Option<&str>) -> Result<Json<
             tensor_spec("num_detections", "INT32", &[-1]),
         ],
     };
+    let versions = state.repository.family(name).map(|f| f.version_names()).unwrap_or_default();
     Ok(Json(json!({
         "name": entry.name,
-        "versions": [VERSION],
+        "versions": versions,
         "platform": "pytorch_torchscript",
         "inputs": [tensor_spec("image", "BYTES", &[-1])],
         "outputs": outputs,
         "parameters": {
             "task": config.task,
+            "version": entry.version,
             "also_accepts": [
                 {"datatype": "UINT8", "shape": [-1, -1, -1, 3], "meaning": "raw RGB pixels"},
                 {"datatype": "FP32", "shape": [-1, 3, config.input.height, config.input.width], "meaning": "preprocessed input"}
@@ -164,43 +171,17 @@ fn ready(state: &AppState, name: &str, version: Option<&str>) -> Result<Response
     Ok((status, Json(json!({"name": entry.name, "ready": is_ready}))).into_response())
 }
 
-#[derive(Deserialize)]
-struct InferRequest {
-    id: Option<String>,
-    #[serde(default)]
-    parameters: Map<String, Value>,
-    inputs: Vec<InferInput>,
-    outputs: Option<Vec<RequestedOutput>>,
+async fn infer(state: State<AppState>, Path(name): Path<String>, headers: HeaderMap, body: Bytes) -> Result<Response, V2Error> {
+    run_infer(state, name, None, headers, body).await
 }
 
-#[derive(Deserialize)]
-struct InferInput {
-    name: String,
-    shape: Vec<i64>,
-    datatype: String,
-    data: Value,
-}
-
-#[derive(Deserialize)]
-struct RequestedOutput {
-    name: String,
-    #[serde(default)]
-    parameters: Map<String, Value>,
-}
-
-async fn infer(state: State<AppState>, Path(name): Path<String>, body: Bytes) -> Result<Response, V2Error> {
-    run_infer(state, name, None, body).await
-}
-
-async fn infer_versioned(state: State<AppState>, Path((name, version)): Path<(String, String)>, body: Bytes) -> Result<Response, V2Error> {
-    run_infer(state, name, Some(version), body).await
-}
-
-fn flatten(value: &Value, out: &mut Vec<Value>) {
-    match value {
-        Value::Array(items) => items.iter().for_each(|v| flatten(v, out)),
-        other => out.push(other.clone()),
-    }
+async fn infer_versioned(
+    state: State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, V2Error> {
+    run_infer(state, name, Some(version), headers, body).await
 }
 
 fn number_param(parameters: &Map<String, Value>, key: &str, default: f64, low: f64, high: f64) -> Result<f64, V2Error> {
@@ -213,87 +194,112 @@ fn number_param(parameters: &Map<String, Value>, key: &str, default: f64, low: f
     }
 }
 
-async fn run_infer(State(state): State<AppState>, name: String, version: Option<String>, body: Bytes) -> Result<Response, V2Error> {
-    let started = Instant::now();
-    let entry = Arc::clone(model(&state, &name, version.as_deref())?);
-    let config = config_of(&entry)?;
-    let request: InferRequest = serde_json::from_slice(&body).map_err(|e| bad(format!("malformed inference request: {e}")))?;
+fn bool_param(parameters: &Map<String, Value>, key: &str) -> Result<Option<bool>, V2Error> {
+    match parameters.get(key) {
+        None => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(bad(format!("parameter '{key}' must be true or false"))),
+    }
+}
+
+async fn run_infer(
+    State(state): State<AppState>,
+    name: String,
+    version: Option<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, V2Error> {
+    let deadline = Deadline::from_headers(&headers, state.limits.request_timeout_ms, Instant::now())?;
+    let header_length = match headers.get(HEADER_LENGTH) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .ok_or_else(|| bad("Inference-Header-Content-Length must be a byte count"))?,
+        ),
+    };
+    // Unknown model and version are 404 whatever the body holds.
+    model(&state, &name, version.as_deref())?;
+    let request = tensors::parse_request(body, header_length).map_err(bad)?;
     let [input] = request.inputs.as_slice() else {
         return Err(bad(format!("expected exactly one input, got {}", request.inputs.len())));
     };
-    let runtime = entry.runtime().map_err(|reason| V2Error(StatusCode::SERVICE_UNAVAILABLE, format!("model '{name}' is not ready: {reason}")))?;
-    if runtime.is_full() {
-        return Err(ApiError::Overloaded(name).into());
-    }
     let score_threshold = number_param(&request.parameters, "score_threshold", 0.5, 0.0, 1.0)? as f32;
     let iou_threshold = number_param(&request.parameters, "iou_threshold", 0.45, 0.0, 1.0)? as f32;
     let max_detections = number_param(&request.parameters, "max_detections", 100.0, 1.0, 10_000.0)? as usize;
-
-    let mut values = Vec::new();
-    flatten(&input.data, &mut values);
-    let expected: i64 = input.shape.iter().product();
-    if input.shape.iter().any(|&d| d < 0) || expected != values.len() as i64 {
-        return Err(bad(format!("input '{}' has shape {:?} but {} values", input.name, input.shape, values.len())));
-    }
+    let all_binary = bool_param(&request.parameters, "binary_data_output")?.unwrap_or(false);
     let batch = *input.shape.first().ok_or_else(|| bad("input shape is empty"))? as usize;
     if batch == 0 || batch > state.limits.max_images_per_request {
         return Err(bad(format!("batch of {batch} images; 1..={} are accepted", state.limits.max_images_per_request)));
     }
+    let target = Target::resolve(&state, &name, version.as_deref())?;
     let limits = DecodeLimits { max_pixels: state.limits.max_image_pixels };
-    let prep_config = Arc::clone(&config);
-    let datatype = input.datatype.clone();
-    let shape = input.shape.clone();
-    let prepared = state
-        .run_cpu(move || prepare_input(&datatype, &shape, &values, &prep_config, limits))
-        .await??;
-    let geometries: Vec<Geometry> = prepared.iter().map(|p| p.geometry).collect();
-    let deadline = started + Duration::from_millis(state.limits.request_timeout_ms);
-    let output = runtime
-        .infer(prepared, JobOptions { score_threshold, want_confidence: false }, deadline)
-        .await
-        .map_err(|e| V2Error::from(super::predict::engine_error(&name, e, state.limits.request_timeout_ms)))?;
-    let labels = Arc::clone(&entry.labels);
-    let task = config.task;
-    let mut outputs = build_outputs(task, output.outputs, &geometries, &labels, iou_threshold, max_detections)?;
-    if let Some(requested) = &request.outputs {
-        let mut chosen = Vec::new();
-        for r in requested {
-            let tensor = outputs
-                .iter()
-                .find(|o| o["name"] == r.name.as_str())
-                .cloned()
-                .ok_or_else(|| bad(format!("model '{name}' has no output '{}'", r.name)))?;
-            match r.parameters.get("classification") {
-                None => chosen.push(tensor),
-                Some(k) => {
-                    let k = k.as_u64().filter(|k| *k >= 1).ok_or_else(|| bad("'classification' must be a positive integer"))?;
-                    chosen.push(classification_strings(&tensor, k as usize, &labels)?);
+    let InferRequest { id, inputs, outputs: requested, .. } = request;
+    let input = inputs.into_iter().next().expect("one input, checked above");
+    let prepare = move |config: &ModelConfig| {
+        prepare_input(&input, config, limits).map_err(|V2Error(status, message)| match status {
+            StatusCode::INTERNAL_SERVER_ERROR => ApiError::Internal(message),
+            _ => ApiError::BadRequest(message),
+        })
+    };
+    let options = JobOptions { score_threshold, want_confidence: false };
+    let Inference { outputs, geometries, timings } = inference::run(&state, &target, prepare, options, deadline).await?;
+
+    let post_started = Instant::now();
+    let labels = Arc::clone(&target.entry.labels);
+    let mut tensors = build_outputs(target.config.task, outputs, &geometries, &labels, iou_threshold, max_detections)?;
+    let mut chosen = Vec::new();
+    match &requested {
+        None => chosen.extend(tensors.drain(..).map(|t| (t, all_binary))),
+        Some(requested) => {
+            for r in requested {
+                let tensor = tensors
+                    .iter()
+                    .find(|o| o.name == r.name)
+                    .cloned()
+                    .ok_or_else(|| bad(format!("model '{name}' has no output '{}'", r.name)))?;
+                let binary = bool_param(&r.parameters, "binary_data")?.unwrap_or(all_binary);
+                match r.parameters.get("classification") {
+                    None => chosen.push((tensor, binary)),
+                    Some(k) => {
+                        let k = k.as_u64().filter(|k| *k >= 1).ok_or_else(|| bad("'classification' must be a positive integer"))?;
+                        chosen.push((classification_strings(&tensor, k as usize, &labels)?, binary));
+                    }
                 }
             }
         }
-        outputs = chosen;
     }
-    let mut answer = json!({"model_name": name, "model_version": VERSION, "outputs": outputs});
-    if let Some(id) = request.id {
-        answer["id"] = json!(id);
+    let mut head = Map::new();
+    head.insert("model_name".into(), json!(target.name()));
+    head.insert("model_version".into(), json!(target.entry.version));
+    if let Some(id) = id {
+        head.insert("id".into(), json!(id));
     }
-    Ok(Json(answer).into_response())
+    let (body, json_length) = tensors::encode_response(head, &chosen);
+    let mut response = match json_length {
+        Some(length) => (
+            [(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream")), (HEADER_LENGTH, HeaderValue::from(length))],
+            body,
+        )
+            .into_response(),
+        None => ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response(),
+    };
+    timings.finish(target.name(), post_started.elapsed(), response.headers_mut());
+    Ok(response)
 }
 
 /// Turns the one input tensor into model-ready images.
-fn prepare_input(datatype: &str, shape: &[i64], values: &[Value], config: &ModelConfig, limits: DecodeLimits) -> Result<Vec<PreparedImage>, V2Error> {
-    match datatype {
+fn prepare_input(input: &InputTensor, config: &ModelConfig, limits: DecodeLimits) -> Result<Vec<PreparedImage>, V2Error> {
+    let shape = input.shape.as_slice();
+    match input.datatype.as_str() {
         "BYTES" => {
             if shape.len() > 2 || shape.get(1).is_some_and(|&d| d != 1) {
                 return Err(bad("BYTES input must have shape [N] or [N, 1]: one encoded image each"));
             }
-            let images = values
-                .iter()
-                .map(|v| {
-                    let text = v.as_str().ok_or_else(|| bad("BYTES elements must be strings (base64 images)"))?;
-                    super::input::decode_base64(text).map_err(|e| bad(format!("BYTES element is not base64: {e}")))
-                })
-                .collect::<Result<Vec<Bytes>, _>>()?;
+            let images = input
+                .bytes_elements(|text| super::input::decode_base64(text).map_err(|e| format!("BYTES element is not base64: {e}")))
+                .map_err(bad)?;
             super::predict::prepare_all(&images, config, limits, false).map(|(p, _)| p).map_err(V2Error::from)
         }
         "UINT8" => {
@@ -301,16 +307,14 @@ fn prepare_input(datatype: &str, shape: &[i64], values: &[Value], config: &Model
                 return Err(bad("UINT8 input must have shape [N, H, W, 3] (RGB pixels)"));
             };
             let (n, h, w) = (*n as usize, *h as usize, *w as usize);
-            if (h * w) as u64 > limits.max_pixels || h == 0 || w == 0 {
+            if h == 0 || w == 0 || (h as u64).saturating_mul(w as u64) > limits.max_pixels {
                 return Err(bad(format!("{w}×{h} images are outside the accepted size")));
             }
-            let bytes = values
-                .iter()
-                .map(|v| v.as_u64().filter(|x| *x <= 255).map(|x| x as u8).ok_or_else(|| bad("UINT8 values must be integers within 0..=255")))
-                .collect::<Result<Vec<u8>, _>>()?;
+            let bytes = input.u8_values().map_err(bad)?;
+            let plane = h * w * 3;
             (0..n)
                 .map(|i| {
-                    let pixels = bytes[i * h * w * 3..(i + 1) * h * w * 3].to_vec();
+                    let pixels = bytes[i * plane..(i + 1) * plane].to_vec();
                     let image = image::RgbImage::from_raw(w as u32, h as u32, pixels).ok_or_else(|| bad("pixel count mismatch"))?;
                     preprocess(&image, &config.input).map_err(|e| V2Error::from(ApiError::Internal(e.to_string())))
                 })
@@ -325,17 +329,21 @@ fn prepare_input(datatype: &str, shape: &[i64], values: &[Value], config: &Model
             if fixed && (w, h) != (config.input.width, config.input.height) {
                 return Err(bad(format!("FP32 input must be {}×{} for this model, got {w}×{h}", config.input.width, config.input.height)));
             }
-            let floats = values
-                .iter()
-                .map(|v| v.as_f64().map(|x| x as f32).ok_or_else(|| bad("FP32 values must be numbers")))
-                .collect::<Result<Vec<f32>, _>>()?;
+            if w == 0 || h == 0 || u64::from(w) * u64::from(h) > limits.max_pixels {
+                return Err(bad(format!("{w}×{h} inputs are outside the accepted size")));
+            }
+            let floats = input.f32_values().map_err(bad)?;
             let plane = 3 * h as usize * w as usize;
             Ok((0..n)
                 .map(|i| PreparedImage { data: floats[i * plane..(i + 1) * plane].to_vec(), geometry: Geometry::identity(w, h) })
                 .collect())
         }
-        other => Err(V2Error(StatusCode::BAD_REQUEST, format!("input datatype {other} is not accepted: use BYTES, UINT8 or FP32"))),
+        other => Err(bad(format!("input datatype {other} is not accepted: use BYTES, UINT8 or FP32"))),
     }
+}
+
+fn mismatch() -> V2Error {
+    V2Error::from(ApiError::Internal("output does not match the task".into()))
 }
 
 fn build_outputs(
@@ -345,24 +353,25 @@ fn build_outputs(
     labels: &[String],
     iou_threshold: f32,
     max_detections: usize,
-) -> Result<Vec<Value>, V2Error> {
+) -> Result<Vec<OutputTensor>, V2Error> {
     let n = outputs.len() as i64;
+    let tensor = |name: &str, shape: Vec<i64>, data: OutputData| OutputTensor { name: name.into(), shape, data };
     match task {
         Task::Classification => {
             let mut data = Vec::new();
             let mut classes = 0;
             for output in outputs {
-                let ModelOutput::Probabilities(p) = output else { return Err(ApiError::Internal("output does not match the task".into()).into()) };
-                classes = p.len();
+                let ModelOutput::Probabilities(p) = output else { return Err(mismatch()) };
+                classes = p.len() as i64;
                 data.extend(p);
             }
-            Ok(vec![json!({"name": "scores", "datatype": "FP32", "shape": [n, classes], "data": data})])
+            Ok(vec![tensor("scores", vec![n, classes], OutputData::Fp32(data))])
         }
         Task::Segmentation => {
             let mut data = Vec::new();
             let mut size = None;
             for (output, geometry) in outputs.into_iter().zip(geometries) {
-                let ModelOutput::LabelMap(map) = output else { return Err(ApiError::Internal("output does not match the task".into()).into()) };
+                let ModelOutput::LabelMap(map) = output else { return Err(mismatch()) };
                 let full = segmentation::resample_to_original(&map, geometry);
                 if size.is_some_and(|s| s != (full.height, full.width)) {
                     return Err(bad("images of different sizes give masks of different shapes: send one per request"));
@@ -371,7 +380,7 @@ fn build_outputs(
                 data.extend(full.labels);
             }
             let (h, w) = size.unwrap_or((0, 0));
-            Ok(vec![json!({"name": "mask", "datatype": "UINT8", "shape": [n, h, w], "data": data})])
+            Ok(vec![tensor("mask", vec![n, h as i64, w as i64], OutputData::Uint8(data))])
         }
         Task::Detection => {
             let per_image: Vec<Vec<detection::Detection>> = outputs
@@ -379,7 +388,7 @@ fn build_outputs(
                 .zip(geometries)
                 .map(|(output, geometry)| match output {
                     ModelOutput::Candidates(c) => Ok(detection::to_detections(&detection::non_max_suppression(c, iou_threshold, max_detections), geometry, labels)),
-                    _ => Err(V2Error::from(ApiError::Internal("output does not match the task".into()))),
+                    _ => Err(mismatch()),
                 })
                 .collect::<Result<_, _>>()?;
             let k = per_image.iter().map(Vec::len).max().unwrap_or(0);
@@ -402,11 +411,12 @@ fn build_outputs(
                     }
                 }
             }
+            let k = k as i64;
             Ok(vec![
-                json!({"name": "boxes", "datatype": "FP32", "shape": [n, k, 4], "data": boxes}),
-                json!({"name": "scores", "datatype": "FP32", "shape": [n, k], "data": scores}),
-                json!({"name": "classes", "datatype": "INT64", "shape": [n, k], "data": classes}),
-                json!({"name": "num_detections", "datatype": "INT32", "shape": [n], "data": counts}),
+                tensor("boxes", vec![n, k, 4], OutputData::Fp32(boxes)),
+                tensor("scores", vec![n, k], OutputData::Fp32(scores)),
+                tensor("classes", vec![n, k], OutputData::Int64(classes)),
+                tensor("num_detections", vec![n], OutputData::Int32(counts)),
             ])
         }
     }
@@ -414,18 +424,16 @@ fn build_outputs(
 
 /// Triton's classification extension: the top `k` of a `[N, C]` score tensor as
 /// `"score:index:label"` strings, `BYTES [N, k]`.
-fn classification_strings(tensor: &Value, k: usize, labels: &[String]) -> Result<Value, V2Error> {
-    let shape: Vec<i64> = serde_json::from_value(tensor["shape"].clone()).map_err(|_| bad("bad output shape"))?;
-    let [n, c] = shape[..] else {
-        return Err(bad(format!("output '{}' is not a [N, C] score tensor", tensor["name"])));
+fn classification_strings(tensor: &OutputTensor, k: usize, labels: &[String]) -> Result<OutputTensor, V2Error> {
+    let (&[n, c], OutputData::Fp32(data)) = (tensor.shape.as_slice(), &tensor.data) else {
+        return Err(bad(format!("output '{}' is not a [N, C] score tensor", tensor.name)));
     };
-    let data: Vec<f32> = serde_json::from_value(tensor["data"].clone()).map_err(|_| bad("classification needs a numeric output"))?;
     let k = k.min(c as usize);
     let mut strings = Vec::new();
-    for row in data.chunks(c as usize) {
+    for row in data.chunks(c.max(1) as usize) {
         for p in classification::top_k(row, k, labels) {
             strings.push(format!("{}:{}:{}", p.score, p.index, p.label));
         }
     }
-    Ok(json!({"name": tensor["name"], "datatype": "BYTES", "shape": [n, k], "data": strings}))
+    Ok(OutputTensor { name: tensor.name.clone(), shape: vec![n, k as i64], data: OutputData::Bytes(strings) })
 }

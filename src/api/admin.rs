@@ -1,0 +1,249 @@
+//! Model management, off unless an admin token is configured and always behind it, in the two
+//! shapes existing tooling speaks:
+//! - Triton's model repository extension: `POST /v2/repository/index`,
+//!   `POST /v2/repository/models/{name}/load` (loads, or reloads a loaded model),
+//!   `POST /v2/repository/models/{name}/unload`;
+//! - TorchServe's management API: `GET /models`, `GET /models/{name}[/{version}]`,
+//!   `POST /models?url=<folder>` (register = load), `PUT /models/{name}[/{version}]?min_worker=N`
+//!   (scale), `PUT /models/{name}/{version}/set-default`, `DELETE /models/{name}[/{version}]`
+//!   (unregister = unload).
+//!
+//! A load reads the model's folder again, loads and warms every version on a blocking thread,
+//! then swaps the model in at once: requests in flight finish on the old version. A failed
+//! load swaps nothing.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use super::auth::{bearer_token, constant_time_eq, refuse};
+use super::v2::V2Error;
+use super::AppState;
+use crate::error::ApiError;
+use crate::repository::{LookupError, ModelStatus, ScaleError};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v2/repository/index", post(index))
+        .route("/v2/repository/models/{name}/load", post(triton_load))
+        .route("/v2/repository/models/{name}/unload", post(triton_unload))
+        .route("/models", get(list).post(register))
+        .route("/models/{name}", get(describe).put(scale).delete(unregister))
+        .route("/models/{name}/{version}", get(describe_version).put(scale_version).delete(unregister_version))
+        .route("/models/{name}/{version}/set-default", put(set_default))
+}
+
+/// Whether a path belongs to the management API.
+pub fn is_management(path: &str) -> bool {
+    path.starts_with("/v2/repository/") || path == "/v2/repository" || path == "/models" || path.starts_with("/models/")
+}
+
+/// Management routes need the admin token; with none configured they are off.
+pub async fn require_admin_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if !is_management(request.uri().path()) {
+        return next.run(request).await;
+    }
+    let Some(token) = state.admin_token.as_deref() else {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "management_disabled",
+            "the management API is off: start the server with --admin-token or --admin-token-file",
+        );
+    };
+    let presented = bearer_token(request.headers());
+    match presented {
+        None => refuse(StatusCode::UNAUTHORIZED, "unauthorized", "management routes need the admin token: Authorization: Bearer <token>"),
+        Some(p) if constant_time_eq(p.as_bytes(), token.as_bytes()) => next.run(request).await,
+        Some(_) => refuse(StatusCode::FORBIDDEN, "forbidden", "the admin token is not valid"),
+    }
+}
+
+fn state_name(status: ModelStatus) -> &'static str {
+    match status {
+        ModelStatus::Ready => "READY",
+        ModelStatus::Loading => "LOADING",
+        ModelStatus::Failed | ModelStatus::Unloaded => "UNAVAILABLE",
+    }
+}
+
+/// Every version of every model in the repository map, then folders on disk not yet in it.
+async fn index(State(state): State<AppState>, body: axum::body::Bytes) -> Result<Json<Value>, V2Error> {
+    let ready_only = if body.is_empty() {
+        false
+    } else {
+        let request: Value = serde_json::from_slice(&body).map_err(|e| V2Error::bad(format!("malformed index request: {e}")))?;
+        match request.get("ready") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(V2Error::bad("'ready' must be true or false")),
+        }
+    };
+    let mut models = Vec::new();
+    for entry in state.repository.entries() {
+        let (status, reason) = entry.status();
+        if ready_only && status != ModelStatus::Ready {
+            continue;
+        }
+        let mut model = json!({"name": entry.name, "version": entry.version, "state": state_name(status)});
+        if let Some(reason) = reason {
+            model["reason"] = json!(reason);
+        }
+        models.push(model);
+    }
+    if !ready_only {
+        let repository = state.repository.clone();
+        let unlisted = tokio::task::spawn_blocking(move || repository.unlisted_on_disk()).await.unwrap_or_default();
+        for name in unlisted {
+            models.push(json!({"name": name, "state": "UNAVAILABLE", "reason": "not loaded"}));
+        }
+    }
+    Ok(Json(Value::Array(models)))
+}
+
+/// Loads (or reloads) on a blocking thread; the admin lock serialises loads.
+async fn load(state: &AppState, name: String) -> Result<Vec<String>, String> {
+    let repository = state.repository.clone();
+    tokio::task::spawn_blocking(move || repository.load(&name))
+        .await
+        .unwrap_or_else(|e| Err(format!("the load failed: {e}")))
+}
+
+async fn triton_load(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, V2Error> {
+    load(&state, name).await.map(|_| Json(json!({}))).map_err(V2Error::bad)
+}
+
+async fn triton_unload(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, V2Error> {
+    state
+        .repository
+        .unload(&name, None)
+        .map(|()| Json(json!({})))
+        .map_err(|e| V2Error::from(ApiError::from(e)))
+}
+
+async fn list(State(state): State<AppState>) -> Json<Value> {
+    let models: Vec<Value> = state
+        .repository
+        .families()
+        .iter()
+        .map(|f| json!({"modelName": f.name, "modelUrl": f.name}))
+        .collect();
+    Json(json!({"models": models}))
+}
+
+fn version_description(state: &AppState, name: &str, version: Option<&str>) -> Result<Vec<Value>, ApiError> {
+    let family = state.repository.family(name).ok_or_else(|| ApiError::ModelNotFound(name.to_string()))?;
+    let entries = match version {
+        Some(v) => vec![state.repository.get(name, Some(v))?],
+        None => family.versions.values().cloned().collect(),
+    };
+    Ok(entries
+        .iter()
+        .map(|entry| {
+            let (status, reason) = entry.status();
+            let batching = entry.config.as_ref().map(|c| c.batching.clone());
+            json!({
+                "modelName": entry.name,
+                "modelVersion": entry.version,
+                "modelUrl": entry.dir.file_name().map(|n| n.to_string_lossy().into_owned()),
+                "isDefault": entry.version == family.default_version,
+                "status": status,
+                "reason": reason,
+                "minWorkers": entry.workers(),
+                "maxWorkers": entry.workers(),
+                "batchSize": batching.as_ref().map(|b| b.max_batch_size),
+                "maxBatchDelay": batching.as_ref().map(|b| b.max_delay_ms),
+                "workers": (0..entry.workers()).map(|i| json!({"id": i, "status": "READY"})).collect::<Vec<_>>(),
+            })
+        })
+        .collect())
+}
+
+async fn describe(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    version_description(&state, &name, None).map(|v| Json(json!(v)))
+}
+
+async fn describe_version(State(state): State<AppState>, Path((name, version)): Path<(String, String)>) -> Result<Json<Value>, ApiError> {
+    version_description(&state, &name, Some(&version)).map(|v| Json(json!(v)))
+}
+
+async fn register(State(state): State<AppState>, Query(query): Query<HashMap<String, String>>) -> Result<Response, ApiError> {
+    let name = query
+        .get("url")
+        .or_else(|| query.get("model_name"))
+        .ok_or_else(|| ApiError::InvalidParameter("parameter 'url' (the model's folder in the repository) is required".into()))?
+        .trim_end_matches(".mar")
+        .to_string();
+    let versions = load(&state, name.clone()).await.map_err(ApiError::BadRequest)?;
+    let message = format!("Model \"{name}\" Version: {} registered", versions.join(", "));
+    Ok((StatusCode::OK, Json(json!({"status": message}))).into_response())
+}
+
+fn workers_param(query: &HashMap<String, String>) -> Result<usize, ApiError> {
+    let raw = query
+        .get("min_worker")
+        .ok_or_else(|| ApiError::InvalidParameter("parameter 'min_worker' (worker threads, 1..=64) is required".into()))?;
+    raw.parse::<usize>()
+        .ok()
+        .filter(|n| (1..=64).contains(n))
+        .ok_or_else(|| ApiError::InvalidParameter(format!("'min_worker' must be an integer within 1..=64, got '{raw}'")))
+}
+
+fn do_scale(state: &AppState, name: &str, version: Option<&str>, query: &HashMap<String, String>) -> Result<Json<Value>, ApiError> {
+    let workers = workers_param(query)?;
+    state.repository.scale(name, version, workers).map_err(|e| match e {
+        ScaleError::Lookup(e) => ApiError::from(e),
+        ScaleError::NotReady(reason) => ApiError::ModelNotReady { name: name.to_string(), reason },
+    })?;
+    Ok(Json(json!({"status": format!("Model \"{name}\" now has {workers} workers")})))
+}
+
+async fn scale(State(state): State<AppState>, Path(name): Path<String>, Query(query): Query<HashMap<String, String>>) -> Result<Json<Value>, ApiError> {
+    do_scale(&state, &name, None, &query)
+}
+
+async fn scale_version(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    do_scale(&state, &name, Some(&version), &query)
+}
+
+async fn set_default(State(state): State<AppState>, Path((name, version)): Path<(String, String)>) -> Result<Json<Value>, ApiError> {
+    state.repository.set_default_version(&name, &version)?;
+    Ok(Json(json!({"status": format!("Default version successfully updated for model \"{name}\" to \"{version}\"")})))
+}
+
+fn do_unregister(state: &AppState, name: &str, version: Option<&str>) -> Result<Json<Value>, ApiError> {
+    state.repository.unload(name, version).map_err(|e: LookupError| ApiError::from(e))?;
+    Ok(Json(json!({"status": format!("Model \"{name}\" unregistered")})))
+}
+
+async fn unregister(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    do_unregister(&state, &name, None)
+}
+
+async fn unregister_version(State(state): State<AppState>, Path((name, version)): Path<(String, String)>) -> Result<Json<Value>, ApiError> {
+    do_unregister(&state, &name, Some(&version))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_management;
+
+    #[test]
+    fn management_paths_are_recognised() {
+        for path in ["/models", "/models/resnet18", "/models/resnet18/2/set-default", "/v2/repository/index", "/v2/repository/models/x/load"] {
+            assert!(is_management(path), "{path}");
+        }
+        for path in ["/v1/models", "/v2/models/x", "/modelsx", "/predictions/x"] {
+            assert!(!is_management(path), "{path}");
+        }
+    }
+}

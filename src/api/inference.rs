@@ -1,0 +1,164 @@
+//! The steps every protocol's inference handler shares, in one place: find the model version,
+//! refuse early when its queue is full, prepare the images on the CPU pool, run them through
+//! the model's queue within the deadline, and record the per-stage timings.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+
+use super::{millis, AppState};
+use crate::engine::{EngineError, JobOptions, ModelOutput, ModelRuntime};
+use crate::error::ApiError;
+use crate::image::{Geometry, PreparedImage};
+use crate::metrics as m;
+use crate::repository::config::ModelConfig;
+use crate::repository::{LookupError, ModelEntry};
+
+impl From<LookupError> for ApiError {
+    fn from(e: LookupError) -> Self {
+        match e {
+            LookupError::NoModel(name) => ApiError::ModelNotFound(name),
+            other => ApiError::NotFound(other.to_string()),
+        }
+    }
+}
+
+/// One version of one model, serving, as a request sees it from start to end.
+pub struct Target {
+    pub entry: Arc<ModelEntry>,
+    pub config: Arc<ModelConfig>,
+    runtime: ModelRuntime,
+}
+
+impl Target {
+    /// The model (its default version unless one is named) if it serves and has room.
+    pub fn resolve(state: &AppState, name: &str, version: Option<&str>) -> Result<Target, ApiError> {
+        let entry = state.repository.get(name, version)?;
+        let not_ready = |reason: String| ApiError::ModelNotReady { name: name.to_string(), reason };
+        let config = entry.config.clone().ok_or_else(|| not_ready(entry.status().1.unwrap_or_default()))?;
+        let runtime = entry.runtime().map_err(not_ready)?;
+        // Checked before decoding, so a request over capacity costs no preprocessing.
+        if runtime.is_full() {
+            return Err(ApiError::Overloaded(name.to_string()));
+        }
+        Ok(Target { entry, config, runtime })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.entry.name
+    }
+}
+
+/// What came back, with the time each stage took.
+pub struct Inference {
+    pub outputs: Vec<ModelOutput>,
+    pub geometries: Vec<Geometry>,
+    pub timings: StageTimings,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct StageTimings {
+    pub preprocess_time: Duration,
+    pub queue_time: Duration,
+    pub inference_time: Duration,
+    /// Images in the forward pass the request ran in (its own and others').
+    pub batch_size: usize,
+}
+
+/// Prepares the images with `prepare` on the CPU pool and runs them through the model.
+pub async fn run<P>(
+    state: &AppState,
+    target: &Target,
+    prepare: P,
+    options: JobOptions,
+    deadline: Deadline,
+) -> Result<Inference, ApiError>
+where
+    P: FnOnce(&ModelConfig) -> Result<Vec<PreparedImage>, ApiError> + Send + 'static,
+{
+    let started = Instant::now();
+    let config = Arc::clone(&target.config);
+    let prepared = state.run_cpu(move || prepare(&config)).await??;
+    let preprocess_time = started.elapsed();
+    let geometries = prepared.iter().map(|p| p.geometry).collect();
+    let output = target
+        .runtime
+        .infer(prepared, options, deadline.at)
+        .await
+        .map_err(|e| engine_error(target.name(), e, deadline.ms))?;
+    let name = target.name().to_string();
+    for (metric, time) in [
+        (m::PREPROCESS_SECONDS, preprocess_time),
+        (m::QUEUE_SECONDS, output.queue_time),
+        (m::INFERENCE_SECONDS, output.inference_time),
+    ] {
+        metrics::histogram!(metric, "model" => name.clone()).record(m::seconds(time));
+    }
+    Ok(Inference {
+        outputs: output.outputs,
+        geometries,
+        timings: StageTimings {
+            preprocess_time,
+            queue_time: output.queue_time,
+            inference_time: output.inference_time,
+            batch_size: output.batch_size,
+        },
+    })
+}
+
+impl StageTimings {
+    /// Records the post-processing time and puts every stage's time on the response.
+    pub fn finish(&self, model: &str, postprocess_time: Duration, headers: &mut HeaderMap) {
+        metrics::histogram!(m::POSTPROCESS_SECONDS, "model" => model.to_string()).record(m::seconds(postprocess_time));
+        for (header, value) in [
+            ("x-preprocess-time-ms", millis(self.preprocess_time)),
+            ("x-queue-time-ms", millis(self.queue_time)),
+            ("x-inference-time-ms", millis(self.inference_time)),
+            ("x-postprocess-time-ms", millis(postprocess_time)),
+            ("x-batch-size", self.batch_size.to_string()),
+        ] {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                headers.insert(HeaderName::from_static(header), v);
+            }
+        }
+    }
+}
+
+/// When a request must be answered by: the server default, or `x-request-timeout-ms`.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    pub at: Instant,
+    pub ms: u64,
+}
+
+impl Deadline {
+    pub fn from_headers(headers: &HeaderMap, default_ms: u64, started: Instant) -> Result<Deadline, ApiError> {
+        let ms = match headers.get("x-request-timeout-ms") {
+            None => default_ms,
+            Some(value) => value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .filter(|ms| (1..=600_000).contains(ms))
+                .ok_or_else(|| {
+                    ApiError::InvalidParameter("header 'x-request-timeout-ms' must be an integer within 1..=600000".into())
+                })?,
+        };
+        Ok(Deadline { at: started + Duration::from_millis(ms), ms })
+    }
+}
+
+/// The one mapping of engine failures to HTTP errors, shared by every protocol's handler.
+pub fn engine_error(model: &str, error: EngineError, timeout_ms: u64) -> ApiError {
+    match error {
+        EngineError::QueueFull => ApiError::Overloaded(model.to_string()),
+        EngineError::DeadlineExceeded => ApiError::DeadlineExceeded(timeout_ms),
+        EngineError::Stopped => ApiError::ModelNotReady { name: model.to_string(), reason: "its workers have stopped".into() },
+        // The model itself failed on this input: a server-side fault, logged with detail.
+        EngineError::Forward(detail) | EngineError::Output(detail) => {
+            ApiError::ModelFailed { model: model.to_string(), detail }
+        }
+        EngineError::WorkerFailed => ApiError::ModelFailed { model: model.to_string(), detail: "the worker died".into() },
+    }
+}
