@@ -27,6 +27,9 @@ pub enum ApiError {
     InvalidParameter(String),
     #[error("model '{name}' is not ready: {reason}")]
     ModelNotReady { name: String, reason: String },
+    /// The request is valid but the model's state does not allow it (scaling an unloaded model).
+    #[error("{0}")]
+    Conflict(String),
     #[error("model '{0}' has a full queue; retry shortly")]
     Overloaded(String),
     #[error("no answer within the request's deadline of {0} ms")]
@@ -50,6 +53,7 @@ impl ApiError {
             ApiError::ModelNotReady { .. } | ApiError::Overloaded(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::ModelFailed { .. } | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -67,6 +71,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::InvalidParameter(_) => "invalid_parameter",
             ApiError::ModelNotReady { .. } => "model_not_ready",
+            ApiError::Conflict(_) => "conflict",
             ApiError::Overloaded(_) => "overloaded",
             ApiError::DeadlineExceeded(_) => "deadline_exceeded",
             ApiError::ModelFailed { .. } => "model_failed",

@@ -125,3 +125,22 @@ async fn unknown_routes_and_methods_answer_json() {
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(body["error"]["code"], "method_not_allowed");
 }
+
+#[tokio::test]
+async fn management_is_off_without_an_admin_token() {
+    for (method, uri) in [("POST", "/v2/repository/index"), ("GET", "/models"), ("DELETE", "/models/broken")] {
+        let request = Request::builder().method(method).uri(uri).body(Body::empty()).unwrap();
+        let (status, _, body) = call(request).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{method} {uri}");
+        assert_eq!(body["error"]["code"], "management_disabled", "{method} {uri}");
+    }
+}
+
+#[tokio::test]
+async fn the_contract_and_its_page_are_served() {
+    let (app, _repo) = app();
+    let response = app.oneshot(get("/openapi.yaml")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(text.starts_with(b"openapi: 3.1"));
+}

@@ -198,7 +198,7 @@ fn do_scale(state: &AppState, name: &str, version: Option<&str>, query: &HashMap
     let workers = workers_param(query)?;
     state.repository.scale(name, version, workers).map_err(|e| match e {
         ScaleError::Lookup(e) => ApiError::from(e),
-        ScaleError::NotReady(reason) => ApiError::ModelNotReady { name: name.to_string(), reason },
+        ScaleError::NotReady(reason) => ApiError::Conflict(format!("model '{name}' cannot be scaled now: {reason}; load it first")),
     })?;
     Ok(Json(json!({"status": format!("Model \"{name}\" now has {workers} workers")})))
 }

@@ -3,6 +3,7 @@
 
 mod admin;
 mod auth;
+mod docs;
 mod inference;
 mod health;
 mod metrics_route;
@@ -84,6 +85,7 @@ pub fn router(state: AppState) -> Router {
         .merge(v2::router())
         .merge(torchserve::router())
         .merge(admin::router())
+        .merge(docs::router())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError::MethodNotAllowed("method not allowed on this route".into())
