@@ -27,7 +27,7 @@ DEFAULT_MODELS  := mobilenet_v2 ssd_mobilenet_v2_coco text_detector_ppocr_v4
 PRETRAINED_KEY  := $(shell cat models/convert_pretrained.py models/weights.sha256 | sha256sum | cut -c1-12)
 PRETRAINED      := $(CACHE)/pretrained-$(PRETRAINED_KEY)
 
-.PHONY: help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean
+.PHONY: help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
 
 help:
 	@echo "make run    - prepare everything and serve the default models on http://127.0.0.1:8080"
@@ -38,6 +38,8 @@ help:
 	@echo "make bench  - load-test the server against the in-process ceiling (BENCHMARKS.md)"
 	@echo "make soak   - ten minutes at 70 % load, resident memory over time"
 	@echo "make bench-torchserve - the same load on TorchServe 0.12 and on visionserve"
+	@echo "make audit  - cargo deny: licences, banned crates, sources (and advisories when reachable)"
+	@echo "make fuzz   - every cargo-fuzz target for FUZZ_SECONDS (default 600) each; needs nightly"
 
 prereqs:
 	@scripts/check-prereqs.sh
@@ -79,7 +81,7 @@ test-models: $(TEST_MODELS)/.complete
 run: build models
 	$(BIN) --model-repository models
 
-test: build models test-models test-rust test-python validate-manifests docker-test test-browser
+test: build models test-models audit test-rust test-python validate-manifests docker-test test-browser
 
 test-rust: build test-models
 	VISIONSERVE_TEST_MODELS=$(TEST_MODELS) cargo test --release --locked
@@ -148,3 +150,59 @@ zoo: $(PY_STAMP)
 clean:
 	rm -rf target
 	@for m in $(DEFAULT_MODELS); do rm -f models/$$m/model.pt; done
+
+# Cargo tools, built once per machine into the cache, keyed by version.
+CARGO_TOOLS        := $(CACHE)/cargo-tools
+CARGO_DENY_VERSION := 0.19.0
+CARGO_FUZZ_VERSION := 0.13.1
+CARGO_DENY := $(CARGO_TOOLS)/bin/cargo-deny-$(CARGO_DENY_VERSION)
+CARGO_FUZZ := $(CARGO_TOOLS)/bin/cargo-fuzz-$(CARGO_FUZZ_VERSION)
+
+$(CARGO_DENY):
+	@echo "[setup] cargo-deny $(CARGO_DENY_VERSION) (first time: a few minutes)"
+	cargo install --locked --root $(CARGO_TOOLS) cargo-deny@$(CARGO_DENY_VERSION)
+	@cp $(CARGO_TOOLS)/bin/cargo-deny $@
+
+$(CARGO_FUZZ):
+	@echo "[setup] cargo-fuzz $(CARGO_FUZZ_VERSION)"
+	cargo install --locked --root $(CARGO_TOOLS) cargo-fuzz@$(CARGO_FUZZ_VERSION)
+	@cp $(CARGO_TOOLS)/bin/cargo-fuzz $@
+
+# Dependencies against deny.toml: licences (permissive only), banned crates, sources. The
+# RustSec advisories need their database from GitHub: checked when it can be fetched, and
+# said plainly when it cannot.
+audit: $(CARGO_DENY)
+	$(CARGO_DENY) check --hide-inclusion-graph bans licenses sources
+	@if timeout 60 $(CARGO_DENY) fetch db >/dev/null 2>&1; then \
+	  $(CARGO_DENY) check --disable-fetch advisories; \
+	else \
+	  echo "[audit] RustSec advisories NOT checked: the advisory database (github.com/rustsec/advisory-db) is unreachable from this machine"; \
+	fi
+
+# LICENSES-THIRD-PARTY.md's crate list, from the lock file.
+licenses: $(CARGO_DENY)
+	@python3 -c 'import re,sys; t=open("LICENSES-THIRD-PARTY.md").read(); print(t[:t.index("```")], end="")' > LICENSES-THIRD-PARTY.md.new
+	@{ echo '```'; $(CARGO_DENY) list -l license; echo '```'; } >> LICENSES-THIRD-PARTY.md.new
+	@mv LICENSES-THIRD-PARTY.md.new LICENSES-THIRD-PARTY.md
+
+# cargo-fuzz (libFuzzer + AddressSanitizer, nightly Rust): each target in turn for
+# FUZZ_SECONDS, seeded from fuzz/regressions/ (and the image corpus), growing its corpus in
+# the cache. libFuzzer prints progress as it goes; a crash stops the run and lands in
+# fuzz/artifacts/<target>/ — fix it, then copy the input to fuzz/regressions/<target>/ so
+# `make test` keeps checking it (tests/fuzz_regressions.rs).
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS ?= decode_preprocess request_parsing v2_binary rle_nms
+FUZZ_TARGET_DIR := $(CACHE)/cargo-fuzz-target-torch$(TORCH_VERSION)
+TORCH_LIB = $(shell $(PYTHON) -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+fuzz: $(PY_STAMP) $(CARGO_FUZZ)
+	@rustup toolchain list | grep -q '^nightly' || { echo "make fuzz needs the nightly toolchain: rustup toolchain install nightly" >&2; exit 1; }
+	cd fuzz && CARGO_TARGET_DIR=$(FUZZ_TARGET_DIR) RUSTUP_TOOLCHAIN=nightly $(CARGO_FUZZ) fuzz build -O --fuzz-dir .
+	@mkdir -p $(CACHE)/fuzz-logs
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p $(CACHE)/fuzz-corpus/$$t; \
+	  seeds="regressions/$$t"; [ $$t = decode_preprocess ] && seeds="$$seeds ../tests/corpus/files/accepted ../tests/corpus/files/rejected"; \
+	  echo "[fuzz] $$t for $(FUZZ_SECONDS) s (log: $(CACHE)/fuzz-logs/$$t.log)"; \
+	  (cd fuzz && LD_LIBRARY_PATH=$(TORCH_LIB) CARGO_TARGET_DIR=$(FUZZ_TARGET_DIR) RUSTUP_TOOLCHAIN=nightly $(CARGO_FUZZ) fuzz run -O --fuzz-dir . $$t \
+	    $(CACHE)/fuzz-corpus/$$t $$seeds -- -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=4096 -print_final_stats=1 \
+	    2>&1 | tee $(CACHE)/fuzz-logs/$$t.log | grep --line-buffered -E "^#[0-9]+ +(pulse|REDUCE|NEW)|ERROR|panicked|stat::|Done" ) || exit 1; \
+	done

@@ -187,6 +187,23 @@ class FaultProbe(nn.Module):
         return torch.stack([m, -m], 1)
 
 
+class FixedShapeHead(nn.Module):
+    """A detector traced for 32 × 32 inputs only (a flatten feeds a fixed-size linear layer),
+    served with `resize = "original"`: any other image size makes its forward raise. Stands
+    for the common mistake of a TorchScript file exported for another input shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 4, stride=4)
+        self.head = nn.Linear(4 * 8 * 8, 8 * 6)
+
+    def forward(self, x):
+        out = self.head(self.conv(x).flatten(1)).view(-1, 8, 6)
+        xy = torch.sigmoid(out[..., :2]) * 0.5
+        boxes = torch.cat([xy, xy + 0.25 + torch.sigmoid(out[..., 2:4]) * 0.25], -1)
+        return boxes, out[..., 4:].softmax(-1)
+
+
 def classification(name, size=224, resize_shorter=256):
     return {"kind": "torchvision", "task": "classification", "arch": name, "export": "trace",
             "input": {"width": size, "height": size, "resize": "shorter_side_center_crop",
@@ -244,6 +261,11 @@ TEST = {
                     "input": {"width": 16, "height": 16, "resize": "stretch"},
                     "output": {"convention": "logits"}, "labels": ["dark", "light"],
                     "batching": {"max_batch_size": 4, "max_delay_ms": 150, "queue_capacity": 2}},
+    "fixed_shape": {"kind": "fixed_shape", "task": "detection", "export": "trace",
+                    "input": {"width": 32, "height": 32, "resize": "original"},
+                    "output": {"convention": "boxes_scores", "box_layout": "xyxy", "box_coordinates": "normalized",
+                               "background_class": 0},
+                    "labels": ["background", "thing"]},
     "tiny_ssd": {"kind": "boxes_scores", "task": "detection",
                  "input": {"width": 128, "height": 128, "resize": "stretch"},
                  "output": {"convention": "boxes_scores", "box_layout": "xyxy", "box_coordinates": "normalized",
@@ -285,6 +307,8 @@ def build(name, spec, random_init, seed):
         return TinyProbabilityMap(), spec["labels"], provenance, "visionserve models/export.py", "Apache-2.0"
     if kind == "fault_probe":
         return FaultProbe(), spec["labels"], provenance, "visionserve models/export.py (test probe)", "Apache-2.0"
+    if kind == "fixed_shape":
+        return FixedShapeHead(), spec["labels"], provenance, "visionserve models/export.py (test probe)", "Apache-2.0"
     if kind == "boxes_scores":
         return TinyBoxesScores(len(spec["labels"])), spec["labels"], provenance, "visionserve models/export.py", "Apache-2.0"
     raise SystemExit(f"unknown model kind {kind}")

@@ -82,6 +82,20 @@ pub struct ServerConfig {
     #[arg(long, env = "VISIONSERVE_BODY_TIMEOUT_SECS", default_value_t = 30)]
     pub body_timeout_secs: u64,
 
+    /// Seconds a client may take to send a request's headers (slowloris protection); also
+    /// how long an idle keep-alive connection stays open.
+    #[arg(long, env = "VISIONSERVE_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_read_timeout_secs: u64,
+
+    /// Most client connections open at once; one more is answered 503 and closed.
+    #[arg(long, env = "VISIONSERVE_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// On SIGTERM or SIGINT: seconds to let accepted and queued requests finish before the
+    /// process exits anyway (with status 1).
+    #[arg(long, env = "VISIONSERVE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+
     /// Do not serve: ask the server at --addr whether it is ready and exit 0 (ready) or 1.
     /// For container health checks in images without curl.
     #[arg(long)]
@@ -102,6 +116,9 @@ impl ServerConfig {
         }
         if self.request_timeout_ms == 0 {
             return Err("--request-timeout-ms must be positive".into());
+        }
+        if self.max_connections == 0 || self.header_read_timeout_secs == 0 || self.body_timeout_secs == 0 {
+            return Err("--max-connections, --header-read-timeout-secs and --body-timeout-secs must be positive".into());
         }
         if self.max_images_per_request == 0 {
             return Err("--max-images-per-request must be positive".into());

@@ -6,8 +6,11 @@
 
 pub mod api;
 pub mod config;
+pub mod connections;
 pub mod engine;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz_checks;
 pub mod image;
 pub mod logging;
 pub mod metrics;
@@ -65,9 +68,17 @@ pub async fn serve(config: ServerConfig) -> Result<(), Box<dyn std::error::Error
     if let Some(cors) = cors_layer(&config.cors_origins)? {
         app = app.layer(cors);
     }
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
-    tracing::info!("shut down");
-    Ok(())
+    let limits = connections::ConnectionLimits {
+        max_connections: config.max_connections,
+        header_read_timeout: std::time::Duration::from_secs(config.header_read_timeout_secs),
+        shutdown_grace: std::time::Duration::from_secs(config.shutdown_grace_secs),
+    };
+    if connections::serve(listener, app, limits, shutdown_signal()).await {
+        tracing::info!("shut down");
+        Ok(())
+    } else {
+        Err("shutdown grace period over before every request finished".into())
+    }
 }
 
 /// CORS is off unless origins are configured; `*` allows any origin.

@@ -18,6 +18,7 @@ pub const IN_FLIGHT: &str = "visionserve_in_flight_requests";
 pub const MODEL_READY: &str = "visionserve_model_ready";
 pub const WORKER_RESTARTS: &str = "visionserve_worker_restarts_total";
 pub const JOBS_SKIPPED: &str = "visionserve_jobs_skipped_total";
+pub const CONNECTIONS_REFUSED: &str = "visionserve_connections_refused_total";
 
 const SECONDS_BUCKETS: [f64; 16] =
     [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 10.0];
@@ -57,6 +58,7 @@ fn describe() {
     describe_gauge!(MODEL_READY, "1 when the model serves, 0 otherwise");
     describe_counter!(WORKER_RESTARTS, "Worker threads restarted after a panic");
     describe_counter!(JOBS_SKIPPED, "Queued requests not computed: client gone or deadline passed");
+    describe_counter!(CONNECTIONS_REFUSED, "Connections refused because --max-connections were open");
 }
 
 pub fn seconds(d: Duration) -> f64 {

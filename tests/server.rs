@@ -67,7 +67,7 @@ fn health_and_model_metadata() {
 
     let list: Value = client().get(s.url("/v1/models")).send().unwrap().json().unwrap();
     let models = list["models"].as_array().unwrap();
-    assert_eq!(models.len(), 7, "{list}");
+    assert_eq!(models.len(), 8, "{list}");
     for m in models {
         assert_eq!(m["status"], "ready");
         assert!(m["provenance"]["weights"].as_str().unwrap().starts_with("random-init"), "{m}");

@@ -95,15 +95,17 @@ async fn from_multipart(req: Request, state: &AppState, limit: usize) -> Result<
         let name = field.name().unwrap_or("").to_string();
         let is_file = field.file_name().is_some();
         let bytes = field.bytes().await.map_err(|e| multipart_error(e, limit))?;
+        if uploads.images.len() > state.limits.max_images_per_request {
+            // Over the limit already: read the rest (bounded by the body limit) without keeping
+            // it, so the client gets the 400 instead of a connection closed mid-upload.
+            continue;
+        }
         if !is_file && PARAMETER_NAMES.contains(&name.as_str()) {
             let text = String::from_utf8(bytes.to_vec())
                 .map_err(|_| ApiError::InvalidParameter(format!("parameter '{name}' is not UTF-8 text")))?;
             uploads.body_parameters.insert(name, text);
         } else {
             uploads.images.push(bytes);
-        }
-        if uploads.images.len() > state.limits.max_images_per_request {
-            break; // the caller reports the limit; reading the rest is wasted work
         }
     }
     Ok(uploads)

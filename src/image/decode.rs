@@ -22,6 +22,17 @@ pub enum DecodeError {
     ZeroSize,
     #[error("the image could not be decoded: {0}")]
     Corrupt(String),
+    #[error("the JPEG is truncated: it has no end-of-image marker")]
+    TruncatedJpeg,
+}
+
+/// A JPEG's data ends with the end-of-image marker (`FF D9`), possibly followed by padding or
+/// trailing metadata. The decoder pads a cut-off scan with grey and succeeds, so a file cut
+/// short in transit would otherwise be classified as whatever half an image looks like.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    // Trailing bytes after EOI happen (camera padding, appended data); 64 KiB of them is plenty.
+    let tail = &bytes[bytes.len().saturating_sub(64 * 1024)..];
+    tail.windows(2).any(|w| w == [0xFF, 0xD9])
 }
 
 /// Decodes `bytes` into 8-bit RGB with its EXIF orientation applied. Grey, alpha, palette,
@@ -33,8 +44,10 @@ pub fn decode_image(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage, Deco
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| DecodeError::Corrupt(e.to_string()))?;
-    if reader.format().is_none() {
-        return Err(DecodeError::UnknownFormat);
+    match reader.format() {
+        None => return Err(DecodeError::UnknownFormat),
+        Some(image::ImageFormat::Jpeg) if !jpeg_is_complete(bytes) => return Err(DecodeError::TruncatedJpeg),
+        Some(_) => {}
     }
     let mut decoder = reader
         .into_decoder()
@@ -99,6 +112,16 @@ mod tests {
     fn rejects_empty_and_unknown_bytes() {
         assert_eq!(decode_image(b"", LIMITS), Err(DecodeError::Empty));
         assert_eq!(decode_image(b"<html>not an image</html>", LIMITS), Err(DecodeError::UnknownFormat));
+    }
+
+    #[test]
+    fn rejects_a_jpeg_cut_short_that_the_decoder_would_pad() {
+        let img = DynamicImage::ImageRgb8(RgbImage::from_fn(64, 64, |x, y| Rgb([(x * 4) as u8, (y * 4) as u8, 99])));
+        let jpeg = encode(&img, ImageFormat::Jpeg);
+        assert_eq!(decode_image(&jpeg[..jpeg.len() * 2 / 3], LIMITS), Err(DecodeError::TruncatedJpeg));
+        let mut padded = jpeg.clone();
+        padded.extend_from_slice(&[0u8; 100]);
+        assert!(decode_image(&padded, LIMITS).is_ok(), "bytes after the end marker are tolerated");
     }
 
     #[test]

@@ -142,16 +142,24 @@ fn placement(spec: &InputSpec, width: u32, height: u32) -> Placement {
 #[error("resizing failed: {0}")]
 pub struct PreprocessError(String);
 
+/// Above this many resized pixels only the part that lands on the canvas is resized: a
+/// 10000 × 3 image resized to a shorter side of 256 would otherwise be 853333 × 256 (650 MB)
+/// to crop 224 × 224 from. Below it the whole image is resized, exactly as torchvision does.
+const FULL_RESIZE_MAX_PIXELS: u64 = 8_000_000;
+
 /// Resizes, places and normalises `image` into a CHW float buffer for the model.
 pub fn preprocess(image: &RgbImage, spec: &InputSpec) -> Result<PreparedImage, PreprocessError> {
     let (width, height) = image.dimensions();
     let place = placement(spec, width, height);
-    let resized = resize_rgb(image, place.resized_width, place.resized_height)?;
-    let resized_pixels: &[u8] = match &resized {
-        Some(buffer) => buffer,
-        None => image.as_raw(),
+    let resized_pixels = u64::from(place.resized_width) * u64::from(place.resized_height);
+    let data = if resized_pixels > FULL_RESIZE_MAX_PIXELS {
+        let (visible, source_crop) = visible_part(&place, width, height);
+        let resized = resize_rgb(image, visible.resized_width, visible.resized_height, Some(source_crop))?;
+        normalise_onto_canvas(resized.as_deref().unwrap_or(image.as_raw()), &visible, spec)
+    } else {
+        let resized = resize_rgb(image, place.resized_width, place.resized_height, None)?;
+        normalise_onto_canvas(resized.as_deref().unwrap_or(image.as_raw()), &place, spec)
     };
-    let data = normalise_onto_canvas(resized_pixels, &place, spec);
     let geometry = Geometry {
         original_width: width,
         original_height: height,
@@ -165,16 +173,42 @@ pub fn preprocess(image: &RgbImage, spec: &InputSpec) -> Result<PreparedImage, P
     Ok(PreparedImage { data, geometry })
 }
 
-/// Bilinear resize with antialiasing (Pillow's convolution, which torchvision's PIL path uses).
-/// `None` when the size is unchanged.
-fn resize_rgb(image: &RgbImage, width: u32, height: u32) -> Result<Option<Vec<u8>>, PreprocessError> {
-    if image.dimensions() == (width, height) {
+/// The part of the resized image that falls on the canvas, as a placement of its own, and the
+/// source rectangle (left, top, width, height) it comes from.
+fn visible_part(place: &Placement, width: u32, height: u32) -> (Placement, [f64; 4]) {
+    let span = |offset: i64, resized: u32, canvas: u32| {
+        let start = (-offset).clamp(0, i64::from(resized));
+        let end = (i64::from(canvas) - offset).clamp(start, i64::from(resized));
+        (start, (end - start).max(1))
+    };
+    let (x0, vw) = span(place.left, place.resized_width, place.canvas_width);
+    let (y0, vh) = span(place.top, place.resized_height, place.canvas_height);
+    let sx = f64::from(width) / f64::from(place.resized_width);
+    let sy = f64::from(height) / f64::from(place.resized_height);
+    let visible = Placement {
+        resized_width: vw as u32,
+        resized_height: vh as u32,
+        left: place.left + x0,
+        top: place.top + y0,
+        ..*place
+    };
+    (visible, [x0 as f64 * sx, y0 as f64 * sy, vw as f64 * sx, vh as f64 * sy])
+}
+
+/// Bilinear resize with antialiasing (Pillow's convolution, which torchvision's PIL path uses),
+/// of the whole image or of `crop` (left, top, width, height in source pixels). `None` when
+/// nothing changes.
+fn resize_rgb(image: &RgbImage, width: u32, height: u32, crop: Option<[f64; 4]>) -> Result<Option<Vec<u8>>, PreprocessError> {
+    if image.dimensions() == (width, height) && crop.is_none() {
         return Ok(None);
     }
     let src = ImageRef::new(image.width(), image.height(), image.as_raw(), PixelType::U8x3)
         .map_err(|e| PreprocessError(e.to_string()))?;
     let mut dst = Image::new(width, height, PixelType::U8x3);
-    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    let mut options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    if let Some([left, top, w, h]) = crop {
+        options = options.crop(left, top, w, h);
+    }
     Resizer::new()
         .resize(&src, &mut dst, &options)
         .map_err(|e| PreprocessError(e.to_string()))?;
@@ -251,6 +285,29 @@ mod tests {
         assert_eq!((p.resized_width, p.resized_height), (341, 256));
         // left = round((341 - 224) / 2) = round(58.5) = 58 (ties to even), top = 16.
         assert_eq!((p.left, p.top), (-58, -16));
+    }
+
+    #[test]
+    fn extreme_aspect_ratios_resize_only_what_the_crop_keeps() {
+        let mut img = RgbImage::from_pixel(10000, 3, Rgb([0, 0, 0]));
+        // A white band in the middle third: the centre crop must see it.
+        for x in 4000..6000 {
+            for y in 0..3 {
+                img.put_pixel(x, y, Rgb([255, 255, 255]));
+            }
+        }
+        let mut s = spec(ResizePolicy::ShorterSideCenterCrop, 224, 224);
+        s.resize_shorter = Some(256);
+        let place = placement(&s, 10000, 3);
+        assert!(u64::from(place.resized_width) * u64::from(place.resized_height) > FULL_RESIZE_MAX_PIXELS);
+        let out = preprocess(&img, &s).unwrap();
+        assert_eq!(out.data.len(), 3 * 224 * 224);
+        assert!(out.data.iter().all(|v| (*v - 255.0).abs() < 1e-3), "the crop lies inside the white band");
+        // The same arithmetic as the full resize for an ordinary image.
+        let normal = placement(&s, 640, 480);
+        let (visible, crop) = visible_part(&normal, 640, 480);
+        assert_eq!((visible.resized_width, visible.resized_height), (224, 224));
+        assert!((crop[0] - 58.0 * 640.0 / 341.0).abs() < 1e-9);
     }
 
     #[test]

@@ -1,0 +1,4 @@
+//! See `visionserve::fuzz_checks::decode_preprocess` for what this target checks.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| visionserve::fuzz_checks::decode_preprocess(data));

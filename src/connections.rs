@@ -1,0 +1,84 @@
+//! The accept loop, ours rather than `axum::serve`'s because a server facing strangers needs
+//! three things that one does not expose: a limit on open connections, a deadline for a
+//! client to send its request headers (slowloris), and a bounded grace period on shutdown.
+//!
+//! Over the limit, a new connection is answered `503` with the JSON error shape and closed at
+//! once, rather than left waiting in the kernel's backlog. On shutdown the listener closes
+//! first (new connections are refused), then every open connection finishes the requests it
+//! has — queued ones included — and closes; whatever is still running when the grace period
+//! ends is cut.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+const OVER_LIMIT: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 93\r\n\r\n{\"error\":{\"code\":\"too_many_connections\",\"message\":\"the server's connection limit is reached\"}}";
+
+/// Serves `app` on `listener` until `shutdown` resolves, then drains within the grace period.
+/// Returns whether every connection finished within it.
+pub async fn serve(listener: TcpListener, app: Router, limits: ConnectionLimits, shutdown: impl Future<Output = ()>) -> bool {
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut builder = http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).keep_alive(true);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(connection) => connection,
+                Err(e) => {
+                    // Out of file descriptors and the like: say so, breathe, go on.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            metrics::counter!(crate::metrics::CONNECTIONS_REFUSED).increment(1);
+            tracing::warn!(%peer, limit = limits.max_connections, "connection limit reached; refusing");
+            tokio::spawn(async move {
+                let mut stream = stream;
+                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(OVER_LIMIT)).await;
+                let _ = stream.shutdown().await;
+            });
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let open = limits.max_connections - permits.available_permits();
+    tracing::info!(open_connections = open, grace_secs = limits.shutdown_grace.as_secs_f32(), "listener closed; draining");
+    tokio::select! {
+        () = graceful.shutdown() => true,
+        () = tokio::time::sleep(limits.shutdown_grace) => {
+            tracing::warn!("grace period over with requests still running; cutting them");
+            false
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! The properties the fuzz targets check, one function per target, so that libFuzzer
+//! (`fuzz/`, `make fuzz`) and the regression test over saved inputs
+//! (`tests/fuzz_regressions.rs`, stable Rust, in `make test`) run exactly the same code.
+//! Each function must return normally for every input; a panic is a finding.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequest, Query};
+use axum::http::{Request, Uri};
+
+use crate::api::input::{decode_base64, ImageUploads};
+use crate::api::params::PredictParams;
+use crate::api::v2::tensors::{encode_response, parse_request, split_length_prefixed, OutputData, OutputTensor};
+use crate::api::{AppState, RequestLimits};
+use crate::image::{decode_image, preprocess, DecodeLimits, Geometry};
+use crate::repository::config::{InputSpec, ModelConfig, Task};
+use crate::repository::ModelRepository;
+use crate::tasks::detection::{non_max_suppression, Candidate};
+use crate::tasks::segmentation::{build_result, LabelMap, MaskFormat};
+
+fn input_specs() -> &'static [InputSpec] {
+    static SPECS: OnceLock<Vec<InputSpec>> = OnceLock::new();
+    SPECS.get_or_init(|| {
+        [
+            "resize = \"shorter_side_center_crop\"\nresize_shorter = 256\nwidth = 224\nheight = 224",
+            "resize = \"stretch\"\nwidth = 32\nheight = 24",
+            "resize = \"letterbox\"\nwidth = 64\nheight = 64\npad_value = 114",
+            "resize = \"fit_multiple\"\nwidth = 64\nheight = 64\nmax_side = 128\nmultiple = 32",
+            "resize = \"original\"\nwidth = 16\nheight = 16",
+        ]
+        .iter()
+        .map(|input| {
+            let text = format!("task = \"detection\"\n[input]\n{input}\n[output]\nconvention = \"boxes_scores\"\n");
+            ModelConfig::parse(&text).expect("fuzz specs are valid").input
+        })
+        .collect()
+    })
+}
+
+/// Untrusted bytes → decode (pixel limit first) → every resize policy.
+pub fn decode_preprocess(data: &[u8]) {
+    // 1 Mpx keeps each run fast; the limit logic is the same at any size.
+    let Ok(image) = decode_image(data, DecodeLimits { max_pixels: 1 << 20 }) else { return };
+    for spec in input_specs() {
+        let prepared = preprocess(&image, spec).expect("preprocessing a decoded image never fails");
+        let g = prepared.geometry;
+        assert_eq!(prepared.data.len(), 3 * g.input_width as usize * g.input_height as usize);
+        assert!(prepared.data.iter().all(|v| v.is_finite()));
+    }
+}
+
+struct RequestFixture {
+    runtime: tokio::runtime::Runtime,
+    state: AppState,
+}
+
+fn request_fixture() -> &'static RequestFixture {
+    static FIXTURE: OnceLock<RequestFixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let empty = std::env::temp_dir().join(format!("visionserve-fuzz-empty-{}", std::process::id()));
+        std::fs::create_dir_all(&empty).expect("a temporary folder");
+        let state = AppState {
+            repository: Arc::new(ModelRepository::scan(&empty, &[]).expect("an empty repository")),
+            limits: RequestLimits { max_body_bytes: 1 << 20, max_image_pixels: 1 << 20, max_images_per_request: 4, request_timeout_ms: 1000 },
+            cpu_permits: Arc::new(tokio::sync::Semaphore::new(1)),
+            metrics: crate::metrics::handle(),
+            api_keys: Arc::new(Vec::new()),
+            admin_token: None,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("a runtime");
+        RequestFixture { runtime, state }
+    })
+}
+
+/// Request bodies as the predict routes read them — multipart (first byte 0 mod 3), JSON (1)
+/// or a raw body under an arbitrary content type (2, the type up to the first newline) — and
+/// the same bytes as a query string, read as each task's parameters.
+pub fn request_parsing(data: &[u8]) {
+    let Some((&selector, rest)) = data.split_first() else { return };
+    let (content_type, body) = match selector % 3 {
+        0 => ("multipart/form-data; boundary=XyZ".to_string(), rest.to_vec()),
+        1 => ("application/json".to_string(), rest.to_vec()),
+        _ => {
+            let split = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
+            (String::from_utf8_lossy(&rest[..split]).into_owned(), rest.get(split + 1..).unwrap_or_default().to_vec())
+        }
+    };
+    let fixture = request_fixture();
+    if let Ok(request) = Request::post("/v1/models/m/predict").header("content-type", content_type).body(Body::from(body)) {
+        if let Ok(uploads) = fixture.runtime.block_on(ImageUploads::from_request(request, &fixture.state)) {
+            assert!(!uploads.images.is_empty() && uploads.images.len() <= 4);
+        }
+    }
+    let query = String::from_utf8_lossy(rest).replace(['#', ' '], "");
+    if let Ok(uri) = format!("/p?{query}").parse::<Uri>() {
+        if let Ok(Query(raw)) = Query::<HashMap<String, String>>::try_from_uri(&uri) {
+            for task in [Task::Classification, Task::Segmentation, Task::Detection] {
+                if let Ok(params) = PredictParams::from_raw(&raw, task) {
+                    assert!(params.top_k >= 1 && (0.0..=1.0).contains(&params.score_threshold));
+                }
+            }
+        }
+    }
+}
+
+/// The Open Inference Protocol request parser with the binary tensor extension: the first two
+/// bytes give the JSON header's length, the rest is the body.
+pub fn v2_binary(data: &[u8]) {
+    if data.len() < 2 {
+        return;
+    }
+    let header = u16::from_le_bytes([data[0], data[1]]) as usize;
+    let body = Bytes::copy_from_slice(&data[2..]);
+    let _ = split_length_prefixed(&body);
+    for header_length in [Some(header), None] {
+        let Ok(request) = parse_request(body.clone(), header_length) else { continue };
+        for input in &request.inputs {
+            let count = input.element_count();
+            if let Ok(values) = input.u8_values() {
+                assert_eq!(Ok(values.len()), count);
+            }
+            if let Ok(values) = input.f32_values() {
+                assert_eq!(Ok(values.len()), count);
+            }
+            let _ = input.bytes_elements(|t| decode_base64(t).map_err(|e| e.to_string()));
+        }
+    }
+    // Whatever the bytes, an answer built from them encodes and states its own length.
+    let text: Vec<String> = data.chunks(7).map(|c| String::from_utf8_lossy(c).into_owned()).collect();
+    let tensor = OutputTensor { name: "t".into(), shape: vec![text.len() as i64], data: OutputData::Bytes(text) };
+    let (encoded, length) = encode_response(Default::default(), &[(tensor, true)]);
+    assert!(length.expect("a binary output") <= encoded.len());
+}
+
+/// Mask encodings (PNG, COCO RLE, resampling to the original size) and non-maximum
+/// suppression on arbitrary label maps and boxes.
+pub fn rle_nms(data: &[u8]) {
+    if data.len() < 6 {
+        return;
+    }
+    let width = u32::from(data[0] % 48) + 1;
+    let height = u32::from(data[1] % 48) + 1;
+    let original = (u32::from(data[2]) * 3 + 1, u32::from(data[3]) * 3 + 1);
+    let body = &data[4..];
+    let labels: Vec<u8> = (0..(width * height) as usize).map(|i| body[i % body.len()] % 8).collect();
+    let map = LabelMap { width, height, labels, confidence: Vec::new() };
+    let names: Vec<String> = (0..5).map(|i| format!("class{i}")).collect();
+    let mut geometry = Geometry::identity(width, height);
+    geometry.original_width = original.0;
+    geometry.original_height = original.1;
+    geometry.scale_x = width as f32 / original.0 as f32;
+    geometry.scale_y = height as f32 / original.1 as f32;
+    for format in [MaskFormat::Rle, MaskFormat::Png, MaskFormat::None] {
+        let result = build_result(&map, &geometry, &names, format).expect("encoding a valid map");
+        let total: u64 = result.classes.iter().map(|c| c.pixels).sum();
+        assert_eq!(total, u64::from(original.0) * u64::from(original.1));
+    }
+    let floats: Vec<f32> = body.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let candidates: Vec<Candidate> = floats
+        .chunks_exact(6)
+        .map(|c| Candidate { x1: c[0], y1: c[1], x2: c[2], y2: c[3], score: c[4], class: (c[5].to_bits() % 4) as usize })
+        .collect();
+    let count = candidates.len();
+    let kept = non_max_suppression(candidates, f32::from(data[4]) / 255.0, usize::from(data[5]));
+    assert!(kept.len() <= count.min(usize::from(data[5])));
+}
