@@ -28,7 +28,17 @@ pub struct ConnectionLimits {
     pub shutdown_grace: Duration,
 }
 
-const OVER_LIMIT: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 93\r\n\r\n{\"error\":{\"code\":\"too_many_connections\",\"message\":\"the server's connection limit is reached\"}}";
+const OVER_LIMIT_BODY: &str = r#"{"error":{"code":"too_many_connections","message":"the server's connection limit is reached"}}"#;
+
+/// The whole answer to a connection over the limit, with its own request id like every other.
+fn over_limit_response() -> Vec<u8> {
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nx-request-id: {}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{OVER_LIMIT_BODY}",
+        uuid::Uuid::new_v4(),
+        OVER_LIMIT_BODY.len()
+    )
+    .into_bytes()
+}
 
 /// Serves `app` on `listener` until `shutdown` resolves, then drains within the grace period.
 /// Returns whether every connection finished within it.
@@ -56,7 +66,7 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnectionLimits,
             tracing::warn!(%peer, limit = limits.max_connections, "connection limit reached; refusing");
             tokio::spawn(async move {
                 let mut stream = stream;
-                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(OVER_LIMIT)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&over_limit_response())).await;
                 let _ = stream.shutdown().await;
             });
             continue;

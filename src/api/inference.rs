@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::{millis, AppState};
-use crate::engine::{EngineError, JobOptions, ModelOutput, ModelRuntime};
+use crate::engine::{EngineError, JobOptions, ModelOutput, ModelRuntime, RawTensor};
 use crate::error::ApiError;
 use crate::image::{Geometry, PreparedImage};
 use crate::metrics as m;
@@ -53,6 +53,8 @@ impl Target {
 /// What came back, with the time each stage took.
 pub struct Inference {
     pub outputs: Vec<ModelOutput>,
+    /// The model's own output tensors per image, when asked for.
+    pub raw: Vec<Vec<RawTensor>>,
     pub geometries: Vec<Geometry>,
     pub timings: StageTimings,
 }
@@ -97,6 +99,7 @@ where
     }
     Ok(Inference {
         outputs: output.outputs,
+        raw: output.raw,
         geometries,
         timings: StageTimings {
             preprocess_time,

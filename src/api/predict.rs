@@ -84,13 +84,13 @@ async fn answer(
         }
         Ok(prepared)
     };
-    let options = JobOptions { score_threshold: params.score_threshold, want_confidence: false };
+    let options = JobOptions { score_threshold: params.score_threshold, want_confidence: false, want_raw: false };
     let inference = inference::run(&state, &target, prepare, options, deadline).await?;
 
     let post_started = Instant::now();
     let labels = Arc::clone(&target.entry.labels);
     let task = target.config.task;
-    let Inference { outputs, geometries, timings } = inference;
+    let Inference { outputs, geometries, timings, .. } = inference;
     let original = original.lock().unwrap().take();
     let mut response = match original {
         Some(image) => {

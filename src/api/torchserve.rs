@@ -90,8 +90,8 @@ async fn answer(State(state): State<AppState>, name: String, version: Option<Str
     let images = images_of(request, &state).await?;
     let limits = DecodeLimits { max_pixels: state.limits.max_image_pixels };
     let prepare = move |config: &ModelConfig| super::predict::prepare_all(&images, config, limits, false).map(|(p, _)| p);
-    let options = JobOptions { score_threshold: SCORE_THRESHOLD, want_confidence: target.config.task == Task::Segmentation };
-    let Inference { outputs, geometries, timings } = inference::run(&state, &target, prepare, options, deadline).await?;
+    let options = JobOptions { score_threshold: SCORE_THRESHOLD, want_confidence: target.config.task == Task::Segmentation, want_raw: false };
+    let Inference { outputs, geometries, timings, .. } = inference::run(&state, &target, prepare, options, deadline).await?;
     let post_started = Instant::now();
     let labels = Arc::clone(&target.entry.labels);
     let task = target.config.task;

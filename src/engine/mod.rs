@@ -17,7 +17,8 @@ use crate::repository::config::ModelConfig;
 use crate::tasks::detection::Candidate;
 use crate::tasks::segmentation::LabelMap;
 
-pub use worker::{load_model, spawn_workers, LoadedModel};
+pub use outputs::{RawData, RawTensor};
+pub use worker::{load_model, spawn_workers, LoadedModel, RawOutputSpec};
 
 /// What the worker hands back for one image, before the task-level post-processing.
 #[derive(Debug, Clone)]
@@ -36,6 +37,8 @@ pub struct JobOptions {
     pub score_threshold: f32,
     /// Segmentation: also return each pixel's class probability.
     pub want_confidence: bool,
+    /// Also return the model's own output tensors, per image (stacked-batch models only).
+    pub want_raw: bool,
 }
 
 /// A request's images, on their way to a worker.
@@ -51,6 +54,8 @@ pub struct Job {
 #[derive(Debug)]
 pub struct JobOutput {
     pub outputs: Vec<ModelOutput>,
+    /// The model's own output tensors per image, when the job asked for them.
+    pub raw: Vec<Vec<RawTensor>>,
     pub queue_time: Duration,
     pub inference_time: Duration,
     /// Images in the forward pass this job ran in (its own and others').
@@ -87,6 +92,11 @@ pub struct ModelRuntime {
 impl ModelRuntime {
     pub fn workers(&self) -> usize {
         self.workers
+    }
+
+    /// The model's own outputs, as found at warm-up (empty when not available).
+    pub fn raw_outputs(&self) -> &[RawOutputSpec] {
+        &self.model.raw_outputs
     }
 
     /// A new pool of `workers` threads over the same loaded module, with its own queue.

@@ -302,3 +302,67 @@ pub fn parse_torchvision_detection(
         })
         .collect()
 }
+
+/// One raw output tensor of one image, as the model produced it (float outputs as FP32,
+/// integer ones as INT64), for clients that want the model's own outputs (V2 `raw_*`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawTensor {
+    pub name: String,
+    /// Without the batch dimension.
+    pub shape: Vec<i64>,
+    pub data: RawData,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RawData {
+    Fp32(Vec<f32>),
+    Int64(Vec<i64>),
+}
+
+/// Every tensor in a stacked-batch model's output (a tensor, a tuple or list of tensors, or a
+/// dict of them), split along the batch dimension: `images` lists, one per image. Names are
+/// `raw_output` for a lone tensor, `raw_output_<i>` for a tuple's items, `raw_<key>` for a
+/// dict's.
+pub fn raw_tensors(output: &IValue, images: usize) -> Result<Vec<Vec<RawTensor>>, EngineError> {
+    let mut named: Vec<(String, Tensor)> = Vec::new();
+    match output {
+        IValue::Tensor(t) => named.push(("raw_output".into(), t.shallow_clone())),
+        IValue::Tuple(items) | IValue::GenericList(items) => {
+            for (i, item) in items.iter().enumerate() {
+                if let IValue::Tensor(t) = item {
+                    named.push((format!("raw_output_{i}"), t.shallow_clone()));
+                }
+            }
+        }
+        IValue::TensorList(items) => {
+            named.extend(items.iter().enumerate().map(|(i, t)| (format!("raw_output_{i}"), t.shallow_clone())));
+        }
+        IValue::GenericDict(entries) => {
+            for (key, value) in entries {
+                if let (IValue::String(key), IValue::Tensor(t)) = (key, value) {
+                    named.push((format!("raw_{key}"), t.shallow_clone()));
+                }
+            }
+        }
+        other => return Err(EngineError::Output(format!("raw outputs of {} are not supported", describe(other)))),
+    }
+    let mut per_image: Vec<Vec<RawTensor>> = vec![Vec::new(); images];
+    for (name, tensor) in named {
+        let size = tensor.size();
+        if size.first().copied() != Some(images as i64) {
+            return Err(EngineError::Output(format!("raw output '{name}' has shape {size:?}, not a batch of {images}")));
+        }
+        let shape = size[1..].to_vec();
+        let is_float = tensor.is_floating_point();
+        for (i, slot) in per_image.iter_mut().enumerate() {
+            let item = tensor.get(i as i64).to_device(tch::Device::Cpu).flatten(0, -1);
+            let data = if is_float {
+                RawData::Fp32(Vec::<f32>::try_from(&item.to_kind(tch::Kind::Float)).map_err(|e| EngineError::Output(e.to_string()))?)
+            } else {
+                RawData::Int64(Vec::<i64>::try_from(&item.to_kind(tch::Kind::Int64)).map_err(|e| EngineError::Output(e.to_string()))?)
+            };
+            slot.push(RawTensor { name: name.clone(), shape: shape.clone(), data });
+        }
+    }
+    Ok(per_image)
+}

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
-use super::outputs::{parse_batched, parse_torchvision_detection, scale_normalised};
+use super::outputs::{parse_batched, parse_torchvision_detection, raw_tensors, scale_normalised, RawData, RawTensor};
 use super::{EngineError, Job, JobOptions, JobOutput, ModelOutput, ModelRuntime};
 use crate::image::{Geometry, PreparedImage};
 use crate::metrics as m;
@@ -21,6 +21,16 @@ pub struct LoadedModel {
     module: Arc<CModule>,
     device: Device,
     pub parameter_count: u64,
+    /// The model's own outputs as the warm-up saw them.
+    pub raw_outputs: Vec<RawOutputSpec>,
+}
+
+/// Name, datatype and shape (batch and variable dimensions -1) of one raw output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawOutputSpec {
+    pub name: String,
+    pub datatype: &'static str,
+    pub shape: Vec<i64>,
 }
 
 pub fn parse_device(spec: &str) -> Result<Device, String> {
@@ -54,14 +64,31 @@ pub fn load_model(config: &ModelConfig, model_file: &Path, intra_op_threads: usi
         .named_parameters()
         .map(|params| params.iter().map(|(_, t)| t.numel() as u64).sum())
         .unwrap_or(0);
-    let model = LoadedModel { module: Arc::new(module), device, parameter_count };
+    let mut model = LoadedModel { module: Arc::new(module), device, parameter_count, raw_outputs: Vec::new() };
     let _no_grad = tch::no_grad_guard();
     tch::set_num_threads(intra_op_threads.max(1) as i32);
     let (w, h) = warmup_size(config);
-    for _ in 0..config.runtime.warmup_runs.max(1) {
+    let variable_size = matches!(config.input.resize, ResizePolicy::Original | ResizePolicy::FitMultiple);
+    for run in 0..config.runtime.warmup_runs.max(1) {
         let blank = PreparedImage { data: vec![0.0; (w * h * 3) as usize], geometry: Geometry::identity(w, h) };
-        run_images(&model, config, &[&blank], JobOptions { score_threshold: 1.0, want_confidence: false })
+        // The first run also reads the model's own outputs, to describe them in metadata.
+        let want_raw = run == 0 && config.output.convention != OutputConvention::TorchvisionDetection;
+        let outputs = run_images(&model, config, &[&blank], JobOptions { score_threshold: 1.0, want_confidence: false, want_raw })
             .map_err(|e| format!("warm-up failed: {e}"))?;
+        if let Some((_, raw)) = outputs.first().filter(|_| want_raw) {
+            model.raw_outputs = raw
+                .iter()
+                .map(|t| RawOutputSpec {
+                    name: t.name.clone(),
+                    datatype: match t.data {
+                        RawData::Fp32(_) => "FP32",
+                        RawData::Int64(_) => "INT64",
+                    },
+                    // Spatial sizes follow the input's when the input size varies.
+                    shape: std::iter::once(-1).chain(t.shape.iter().map(|&d| if variable_size && d > 1 { -1 } else { d })).collect(),
+                })
+                .collect();
+        }
     }
     Ok(model)
 }
@@ -170,9 +197,10 @@ fn run_jobs(name: &str, model: &LoadedModel, config: &ModelConfig, jobs: Vec<Job
     // One threshold for the batch: the lowest asked for; each job's own is applied after.
     let threshold = jobs.iter().map(|j| j.options.score_threshold).fold(f32::INFINITY, f32::min);
     let batch_size = all.len();
-    let mut results: Vec<Result<ModelOutput, String>> = Vec::with_capacity(batch_size);
+    let mut results: Vec<Result<(ModelOutput, Vec<RawTensor>), String>> = Vec::with_capacity(batch_size);
     let want_confidence = jobs.iter().any(|j| j.options.want_confidence);
-    let options = JobOptions { score_threshold: threshold, want_confidence };
+    let want_raw = jobs.iter().any(|j| j.options.want_raw);
+    let options = JobOptions { score_threshold: threshold, want_confidence, want_raw };
     for chunk in all.chunks(config.batching.max_batch_size.max(1)) {
         metrics::histogram!(m::BATCH_SIZE, "model" => name.to_string()).record(chunk.len() as f64);
         match run_images(model, config, chunk, options) {
@@ -201,15 +229,19 @@ fn run_jobs(name: &str, model: &LoadedModel, config: &ModelConfig, jobs: Vec<Job
         let outcome = mine
             .into_iter()
             .map(|r| {
-                r.map(|output| keep_above(output, job.options.score_threshold))
+                r.map(|(output, raw)| (keep_above(output, job.options.score_threshold), raw))
                     .map_err(EngineError::Forward)
             })
             .collect::<Result<Vec<_>, _>>()
-            .map(|outputs| JobOutput {
-                outputs,
-                queue_time: started.saturating_duration_since(job.enqueued_at),
-                inference_time,
-                batch_size,
+            .map(|pairs| {
+                let (outputs, raw): (Vec<_>, Vec<_>) = pairs.into_iter().unzip();
+                JobOutput {
+                    outputs,
+                    raw: if job.options.want_raw { raw } else { Vec::new() },
+                    queue_time: started.saturating_duration_since(job.enqueued_at),
+                    inference_time,
+                    batch_size,
+                }
             });
         let _ = job.reply.send(outcome);
     }
@@ -232,7 +264,7 @@ fn run_images(
     config: &ModelConfig,
     images: &[&PreparedImage],
     options: JobOptions,
-) -> Result<Vec<ModelOutput>, EngineError> {
+) -> Result<Vec<(ModelOutput, Vec<RawTensor>)>, EngineError> {
     catch_unwind(AssertUnwindSafe(|| run_images_inner(model, config, images, options)))
         .unwrap_or_else(|panic| {
             let message = panic
@@ -272,7 +304,7 @@ fn run_images_inner(
     config: &ModelConfig,
     images: &[&PreparedImage],
     options: JobOptions,
-) -> Result<Vec<ModelOutput>, EngineError> {
+) -> Result<Vec<(ModelOutput, Vec<RawTensor>)>, EngineError> {
     let forward = |input: IValue| {
         model
             .module
@@ -282,10 +314,12 @@ fn run_images_inner(
     if config.output.convention == OutputConvention::TorchvisionDetection {
         let list: Vec<Tensor> = images.iter().map(|img| image_tensor(img, model.device)).collect();
         let output = forward(IValue::TensorList(list))?;
-        return parse_torchvision_detection(output, images.len(), options.score_threshold);
+        // Per-image dicts of boxes, labels and scores: no stacked raw outputs to offer.
+        let parsed = parse_torchvision_detection(output, images.len(), options.score_threshold)?;
+        return Ok(parsed.into_iter().map(|o| (o, Vec::new())).collect());
     }
     // Stacked batches need one size: group by input size, keeping each image's slot.
-    let mut outputs: Vec<Option<ModelOutput>> = vec![None; images.len()];
+    let mut outputs: Vec<Option<(ModelOutput, Vec<RawTensor>)>> = vec![None; images.len()];
     let mut pending: Vec<usize> = (0..images.len()).collect();
     while let Some(&lead) = pending.first() {
         let size = (images[lead].geometry.input_width, images[lead].geometry.input_height);
@@ -303,10 +337,11 @@ fn run_images_inner(
         };
         let batch = borrowed_tensor(data, &[group.len() as i64, 3, size.1 as i64, size.0 as i64], model.device);
         let output = forward(IValue::Tensor(batch))?;
+        let mut raw = if options.want_raw { raw_tensors(&output, group.len())? } else { vec![Vec::new(); group.len()] };
         let mut parsed = parse_batched(output, &config.output, group.len(), options)?;
         scale_normalised(&mut parsed, &config.output, &vec![size; group.len()]);
-        for (slot, out) in group.into_iter().zip(parsed) {
-            outputs[slot] = Some(out);
+        for ((slot, out), raw) in group.into_iter().zip(parsed).zip(raw.drain(..)) {
+            outputs[slot] = Some((out, raw));
         }
     }
     Ok(outputs.into_iter().map(|o| o.expect("every image has an output")).collect())

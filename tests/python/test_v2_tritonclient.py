@@ -114,3 +114,27 @@ def test_binary_requests_that_do_not_add_up_are_400(default_server):
     response = requests.post(default_server.url("/v2/models/mobilenet_v2/infer"), data=head,
                              headers={"Inference-Header-Content-Length": "9999"})
     assert response.status_code == 400 and "error" in response.json()
+
+
+def test_raw_model_outputs_on_request(default_server):
+    client = client_for(default_server)
+    meta = client.get_model_metadata("mobilenet_v2")
+    raw_specs = {o["name"]: o for o in meta["outputs"] if o["name"].startswith("raw_")}
+    assert raw_specs["raw_output"] == {"name": "raw_output", "datatype": "FP32", "shape": [-1, 1000]}
+    image = encode(photo("chelsea"), "JPEG")
+    raw = httpclient.InferInput("image", [1], "BYTES")
+    raw.set_data_from_numpy(np.array([image], dtype=object), binary_data=True)
+    result = client.infer("mobilenet_v2", [raw], outputs=[httpclient.InferRequestedOutput("raw_output", binary_data=True),
+                                                          httpclient.InferRequestedOutput("scores", binary_data=True)])
+    logits, scores = result.as_numpy("raw_output"), result.as_numpy("scores")
+    assert logits.shape == (1, 1000) and logits.dtype == np.float32
+    softmax = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    np.testing.assert_allclose(softmax, scores, atol=1e-5)
+    # A two-tensor model: the SSD's raw boxes and class scores, named by position.
+    meta = client.get_model_metadata("ssd_mobilenet_v2_coco")
+    names = [o["name"] for o in meta["outputs"] if o["name"].startswith("raw_")]
+    assert names == ["raw_output_0", "raw_output_1"]
+    pixels = httpclient.InferInput("pixels", [1, 120, 160, 3], "UINT8")
+    pixels.set_data_from_numpy(np.asarray(photo("coffee").resize((160, 120)), dtype=np.uint8)[None], binary_data=True)
+    result = client.infer("ssd_mobilenet_v2_coco", [pixels], outputs=[httpclient.InferRequestedOutput(n) for n in names])
+    assert result.as_numpy("raw_output_0").shape[:2] == result.as_numpy("raw_output_1").shape[:2] == (1, 1917)

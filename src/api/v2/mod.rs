@@ -7,9 +7,11 @@
 //! or `FP32 [N, 3, H, W]` already preprocessed (straight to the model). Outputs, by task:
 //! `scores FP32 [N, C]`; `mask UINT8 [N, H, W]` (class per original pixel); `boxes FP32
 //! [N, K, 4]`, `scores FP32 [N, K]`, `classes INT64 [N, K]`, `num_detections INT32 [N]` after
-//! NMS, in original pixels. These are the model's outputs after the task's post-processing
-//! (softmax, NMS, resampling to the original size), which is what a client can use; the
-//! worker does not keep raw logits. Triton's classification extension
+//! NMS, in original pixels: the model's outputs after the task's post-processing (softmax,
+//! NMS, resampling to the original size). The model's own outputs are there too, named
+//! `raw_output`, `raw_output_<i>` (tuple items) or `raw_<key>` (dict entries), computed only
+//! when a request names one (stacked-batch models; torchvision's list-of-dicts detectors have
+//! none). Triton's classification extension
 //! (`"parameters": {"classification": k}` on an output) answers `"score:index:label"` strings.
 //! Errors are `{"error": "..."}` with Triton's status mapping.
 
@@ -28,7 +30,7 @@ use serde_json::{json, Map, Value};
 
 use super::inference::{self, Deadline, Inference, Target};
 use super::AppState;
-use crate::engine::{JobOptions, ModelOutput};
+use crate::engine::{JobOptions, ModelOutput, RawData, RawTensor};
 use crate::error::ApiError;
 use crate::image::{preprocess, DecodeLimits, Geometry, PreparedImage};
 use crate::repository::config::{ModelConfig, ResizePolicy, Task};
@@ -138,6 +140,11 @@ fn metadata(state: &AppState, name: &str, version: Option<&str>) -> Result<Json<
             tensor_spec("num_detections", "INT32", &[-1]),
         ],
     };
+    let mut outputs = outputs;
+    // The model's own outputs, as the warm-up saw them (stacked-batch models).
+    if let Ok(runtime) = entry.runtime() {
+        outputs.extend(runtime.raw_outputs().iter().map(|r| tensor_spec(&r.name, r.datatype, &r.shape)));
+    }
     let versions = state.repository.family(name).map(|f| f.version_names()).unwrap_or_default();
     Ok(Json(json!({
         "name": entry.name,
@@ -243,12 +250,16 @@ async fn run_infer(
             _ => ApiError::BadRequest(message),
         })
     };
-    let options = JobOptions { score_threshold, want_confidence: false };
-    let Inference { outputs, geometries, timings } = inference::run(&state, &target, prepare, options, deadline).await?;
+    let want_raw = requested.iter().flatten().any(|r| r.name.starts_with(RAW_PREFIX));
+    let options = JobOptions { score_threshold, want_confidence: false, want_raw };
+    let Inference { outputs, geometries, timings, raw } = inference::run(&state, &target, prepare, options, deadline).await?;
 
     let post_started = Instant::now();
     let labels = Arc::clone(&target.entry.labels);
     let mut tensors = build_outputs(target.config.task, outputs, &geometries, &labels, iou_threshold, max_detections)?;
+    if want_raw {
+        tensors.extend(stack_raw(raw)?);
+    }
     let mut chosen = Vec::new();
     match &requested {
         None => chosen.extend(tensors.drain(..).map(|t| (t, all_binary))),
@@ -340,6 +351,37 @@ fn prepare_input(input: &InputTensor, config: &ModelConfig, limits: DecodeLimits
         }
         other => Err(bad(format!("input datatype {other} is not accepted: use BYTES, UINT8 or FP32"))),
     }
+}
+
+/// Names of the model's own outputs start with this (`raw_output`, `raw_output_0`,
+/// `raw_<dict key>`); they are computed only when a request names one.
+const RAW_PREFIX: &str = "raw_";
+
+/// Per-image raw tensors stacked back into `[N, ...]` outputs.
+fn stack_raw(per_image: Vec<Vec<RawTensor>>) -> Result<Vec<OutputTensor>, V2Error> {
+    let n = per_image.len() as i64;
+    let Some(first) = per_image.first() else { return Ok(Vec::new()) };
+    let mut stacked = Vec::new();
+    for (index, lead) in first.iter().enumerate() {
+        let mut data = match lead.data {
+            RawData::Fp32(_) => OutputData::Fp32(Vec::new()),
+            RawData::Int64(_) => OutputData::Int64(Vec::new()),
+        };
+        for image in &per_image {
+            let tensor = &image[index];
+            if tensor.shape != lead.shape {
+                return Err(bad(format!("raw output '{}' differs in shape between images: send one per request", lead.name)));
+            }
+            match (&mut data, &tensor.data) {
+                (OutputData::Fp32(all), RawData::Fp32(v)) => all.extend_from_slice(v),
+                (OutputData::Int64(all), RawData::Int64(v)) => all.extend_from_slice(v),
+                _ => return Err(mismatch()),
+            }
+        }
+        let shape = std::iter::once(n).chain(lead.shape.iter().copied()).collect();
+        stacked.push(OutputTensor { name: lead.name.clone(), shape, data });
+    }
+    Ok(stacked)
 }
 
 fn mismatch() -> V2Error {
