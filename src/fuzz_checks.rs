@@ -61,8 +61,11 @@ fn request_fixture() -> &'static RequestFixture {
     FIXTURE.get_or_init(|| {
         let empty = std::env::temp_dir().join(format!("visionserve-fuzz-empty-{}", std::process::id()));
         std::fs::create_dir_all(&empty).expect("a temporary folder");
+        let repository = ModelRepository::scan(&empty, &[]).expect("an empty repository");
+        // Scanned once and never read again: the folder need not outlive the scan.
+        let _ = std::fs::remove_dir(&empty);
         let state = AppState {
-            repository: Arc::new(ModelRepository::scan(&empty, &[]).expect("an empty repository")),
+            repository: Arc::new(repository),
             limits: RequestLimits { max_body_bytes: 1 << 20, max_image_pixels: 1 << 20, max_images_per_request: 4, request_timeout_ms: 1000 },
             cpu_permits: Arc::new(tokio::sync::Semaphore::new(1)),
             metrics: crate::metrics::handle(),
