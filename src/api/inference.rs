@@ -11,6 +11,7 @@ use super::{millis, AppState};
 use crate::engine::{EngineError, JobOptions, ModelOutput, ModelRuntime, RawTensor};
 use crate::error::ApiError;
 use crate::image::{Geometry, PreparedImage};
+use image::RgbImage;
 use crate::metrics as m;
 use crate::repository::config::ModelConfig;
 use crate::repository::{LookupError, ModelEntry};
@@ -55,6 +56,8 @@ pub struct Inference {
     pub outputs: Vec<ModelOutput>,
     /// The model's own output tensors per image, when asked for.
     pub raw: Vec<Vec<RawTensor>>,
+    /// The decoded first image, when the preparation kept it (to draw an overlay on).
+    pub original: Option<RgbImage>,
     pub geometries: Vec<Geometry>,
     pub timings: StageTimings,
 }
@@ -68,7 +71,8 @@ pub struct StageTimings {
     pub batch_size: usize,
 }
 
-/// Prepares the images with `prepare` on the CPU pool and runs them through the model.
+/// Prepares the images with `prepare` on the CPU pool (which may hand back the decoded first
+/// image) and runs them through the model.
 pub async fn run<P>(
     state: &AppState,
     target: &Target,
@@ -77,11 +81,11 @@ pub async fn run<P>(
     deadline: Deadline,
 ) -> Result<Inference, ApiError>
 where
-    P: FnOnce(&ModelConfig) -> Result<Vec<PreparedImage>, ApiError> + Send + 'static,
+    P: FnOnce(&ModelConfig) -> Result<(Vec<PreparedImage>, Option<RgbImage>), ApiError> + Send + 'static,
 {
     let started = Instant::now();
     let config = Arc::clone(&target.config);
-    let prepared = state.run_cpu(move || prepare(&config)).await??;
+    let (prepared, original) = state.run_cpu(move || prepare(&config)).await??;
     let preprocess_time = started.elapsed();
     let geometries = prepared.iter().map(|p| p.geometry).collect();
     let output = target
@@ -100,6 +104,7 @@ where
     Ok(Inference {
         outputs: output.outputs,
         raw: output.raw,
+        original,
         geometries,
         timings: StageTimings {
             preprocess_time,

@@ -73,25 +73,16 @@ async fn answer(
     let params = PredictParams::from_raw(&raw, target.config.task)?;
 
     let limits = DecodeLimits { max_pixels: state.limits.max_image_pixels };
-    // The overlay is drawn on the decoded original, which the preparation step hands over here.
-    let original = Arc::new(std::sync::Mutex::new(None));
-    let keep = render.then(|| Arc::clone(&original));
     let images = uploads.images;
-    let prepare = move |config: &ModelConfig| {
-        let (prepared, decoded) = prepare_all(&images, config, limits, keep.is_some())?;
-        if let Some(slot) = keep {
-            *slot.lock().unwrap() = decoded;
-        }
-        Ok(prepared)
-    };
+    // With an overlay asked for, the decoded original comes back to be drawn on.
+    let prepare = move |config: &ModelConfig| prepare_all(&images, config, limits, render);
     let options = JobOptions { score_threshold: params.score_threshold, want_confidence: false, want_raw: false };
     let inference = inference::run(&state, &target, prepare, options, deadline).await?;
 
     let post_started = Instant::now();
     let labels = Arc::clone(&target.entry.labels);
     let task = target.config.task;
-    let Inference { outputs, geometries, timings, .. } = inference;
-    let original = original.lock().unwrap().take();
+    let Inference { outputs, geometries, timings, original, .. } = inference;
     let mut response = match original {
         Some(image) => {
             let png = state

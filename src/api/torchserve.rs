@@ -89,7 +89,7 @@ async fn answer(State(state): State<AppState>, name: String, version: Option<Str
     let target = Target::resolve(&state, &name, version.as_deref())?;
     let images = images_of(request, &state).await?;
     let limits = DecodeLimits { max_pixels: state.limits.max_image_pixels };
-    let prepare = move |config: &ModelConfig| super::predict::prepare_all(&images, config, limits, false).map(|(p, _)| p);
+    let prepare = move |config: &ModelConfig| super::predict::prepare_all(&images, config, limits, false);
     let options = JobOptions { score_threshold: SCORE_THRESHOLD, want_confidence: target.config.task == Task::Segmentation, want_raw: false };
     let Inference { outputs, geometries, timings, .. } = inference::run(&state, &target, prepare, options, deadline).await?;
     let post_started = Instant::now();

@@ -245,14 +245,14 @@ async fn run_infer(
     let InferRequest { id, inputs, outputs: requested, .. } = request;
     let input = inputs.into_iter().next().expect("one input, checked above");
     let prepare = move |config: &ModelConfig| {
-        prepare_input(&input, config, limits).map_err(|V2Error(status, message)| match status {
+        prepare_input(&input, config, limits).map(|prepared| (prepared, None)).map_err(|V2Error(status, message)| match status {
             StatusCode::INTERNAL_SERVER_ERROR => ApiError::Internal(message),
             _ => ApiError::BadRequest(message),
         })
     };
     let want_raw = requested.iter().flatten().any(|r| r.name.starts_with(RAW_PREFIX));
     let options = JobOptions { score_threshold, want_confidence: false, want_raw };
-    let Inference { outputs, geometries, timings, raw } = inference::run(&state, &target, prepare, options, deadline).await?;
+    let Inference { outputs, geometries, timings, raw, .. } = inference::run(&state, &target, prepare, options, deadline).await?;
 
     let post_started = Instant::now();
     let labels = Arc::clone(&target.entry.labels);
