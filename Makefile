@@ -21,11 +21,14 @@ export PATH                 := $(PY_ENV)/bin:$(PATH)
 BIN := target/release/visionserve
 
 # Converted models are keyed by the scripts that make them (and the torch version).
-TEST_MODELS_KEY := $(shell cat models/export.py | sha256sum | cut -c1-12)
+TEST_MODELS_KEY := $(shell cat models/export.py models/aoti.py | sha256sum | cut -c1-12)
 TEST_MODELS     := $(CACHE)/test-models-$(TEST_MODELS_KEY)
 DEFAULT_MODELS  := mobilenet_v2 ssd_mobilenet_v2_coco text_detector_ppocr_v4
-PRETRAINED_KEY  := $(shell cat models/convert_pretrained.py models/weights.sha256 | sha256sum | cut -c1-12)
+PRETRAINED_KEY  := $(shell cat models/convert_pretrained.py models/aoti.py models/weights.sha256 | sha256sum | cut -c1-12)
 PRETRAINED      := $(CACHE)/pretrained-$(PRETRAINED_KEY)
+# AOTInductor packages are machine code: models/aoti.py keys them inside this folder by torch
+# version, a digest of the CPU flags and the exported program's checksum.
+AOTI_CACHE      := $(CACHE)/aoti
 
 .PHONY: help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
 
@@ -34,7 +37,7 @@ help:
 	@echo "make test   - prepare everything and run the whole test suite"
 	@echo "make build  - release binary at $(BIN)"
 	@echo "make models - convert the default pretrained models into models/"
-	@echo "make zoo    - export the torchvision zoo (ZOO_FLAGS=--random-init offline) into ZOO_OUT"
+	@echo "make zoo    - export the torchvision zoo (ZOO_FLAGS=--random-init offline, --aoti for .pt2 twins) into ZOO_OUT"
 	@echo "make bench  - load-test the server against the in-process ceiling (BENCHMARKS.md)"
 	@echo "make soak   - ten minutes at 70 % load, resident memory over time"
 	@echo "make bench-torchserve - the same load on TorchServe 0.12 and on visionserve"
@@ -68,15 +71,21 @@ $(PRETRAINED)/.complete: | $(PY_STAMP)
 	$(PYTHON) models/convert_pretrained.py --out $(PRETRAINED) --downloads $(CACHE)/downloads
 	@touch $@
 
+# Version folders with format = "aoti" get the exported program, compiled for this machine.
 models: $(PRETRAINED)/.complete
-	@for m in $(DEFAULT_MODELS); do ln -sfn $(PRETRAINED)/$$m/model.pt models/$$m/model.pt; done
+	@for d in models/*/[0-9]*/; do m=$$(basename $$(dirname $$d)); \
+	  if grep -q '^format = "aoti"' $$d/config.toml; then ln -sfn $(PRETRAINED)/$$m/program.pt2 $$d/program.pt2; \
+	  else ln -sfn $(PRETRAINED)/$$m/model.pt $$d/model.pt; fi; done
+	$(PYTHON) models/aoti.py compile-repo --repo models --cache $(AOTI_CACHE)
 	@echo "[models] $(DEFAULT_MODELS) ready in models/"
 
 $(TEST_MODELS)/.complete: | $(PY_STAMP)
 	$(PYTHON) models/export.py --out $(TEST_MODELS) --set test --random-init
 	@touch $@
 
+# The test set's AOTInductor twins, compiled for this machine (cached in AOTI_CACHE).
 test-models: $(TEST_MODELS)/.complete
+	$(PYTHON) models/aoti.py compile-repo --repo $(TEST_MODELS)/aoti --cache $(AOTI_CACHE)
 
 run: build models
 	$(BIN) --model-repository models
@@ -88,7 +97,7 @@ test-rust: build test-models
 
 test-python: build models test-models
 	VISIONSERVE_BIN=$(abspath $(BIN)) VISIONSERVE_TEST_MODELS=$(TEST_MODELS) \
-	  VISIONSERVE_DEFAULT_MODELS=$(abspath models) \
+	  VISIONSERVE_DEFAULT_MODELS=$(abspath models) VISIONSERVE_DOWNLOADS=$(CACHE)/downloads \
 	  $(PYTHON) -m pytest -q tests/python
 
 # The web page in Debian's headless Chromium, driven by playwright-core; screenshots land in
@@ -99,16 +108,21 @@ test-browser: build models
 	cd tests/browser && npm ci --no-audit --no-fund --silent
 	cd tests/browser && VISIONSERVE_BIN=$(abspath $(BIN)) VISIONSERVE_DEFAULT_MODELS=$(abspath models) node --test page.test.mjs
 
-# The load-test bench: in-process ceiling vs served throughput, on resnet18 (random-init, from
-# the test set) and the default detector. Appends to BENCHMARKS.md, draws docs/bench/*.png.
+# The load-test bench: in-process ceiling vs served throughput for each default model, in both
+# formats (version 1 TorchScript, version 2 AOTInductor). Appends to BENCHMARKS.md, draws
+# docs/bench/*.png. BENCH_MODELS picks others (model folders, comma-separated).
 BENCH_SECONDS ?= 6
-bench: build models test-models
+BENCH_CONCURRENCY ?= 1,4,16,64
+BENCH_MODELS ?= $(subst $(eval) ,$(comma),$(foreach m,$(DEFAULT_MODELS),models/$(m)/1 models/$(m)/2))
+comma := ,
+bench: build models
 	cargo run --release --locked --example bench -- --server $(BIN) --seconds $(BENCH_SECONDS) \
-	  --models $(TEST_MODELS)/resnet18,models/ssd_mobilenet_v2_coco
+	  --concurrency $(BENCH_CONCURRENCY) --models $(BENCH_MODELS)
 
-# TorchServe 0.12 (Java 17, PyPI) on the same TorchScript file, same load, same run.
-bench-torchserve: build test-models
-	scripts/bench-torchserve.sh $(CACHE) $(TEST_MODELS)/resnet18 $(abspath $(BIN)) $(BENCH_SECONDS)
+# TorchServe 0.12 (Java 17, PyPI) on mobilenet_v2's TorchScript file; visionserve on the same
+# file and on its AOTInductor package; same load, same run.
+bench-torchserve: build models
+	scripts/bench-torchserve.sh $(CACHE) models/mobilenet_v2/1 $(abspath $(BIN)) $(BENCH_SECONDS) models/mobilenet_v2/2
 
 # Ten minutes at 70 % of capacity; reports resident memory over time into BENCHMARKS.md.
 SOAK_SECONDS ?= 600
@@ -144,12 +158,14 @@ test-gpu: $(PY_STAMP)
 
 ZOO_OUT   ?= $(CACHE)/zoo
 ZOO_FLAGS ?=
+# With ZOO_FLAGS=--aoti, also each model's AOTInductor twin (ZOO_OUT/aoti/), compiled here.
 zoo: $(PY_STAMP)
 	$(PYTHON) models/export.py --out $(ZOO_OUT) --set zoo $(ZOO_FLAGS)
+	@if [ -d $(ZOO_OUT)/aoti ]; then $(PYTHON) models/aoti.py compile-repo --repo $(ZOO_OUT)/aoti --cache $(AOTI_CACHE); fi
 
 clean:
 	rm -rf target
-	@for m in $(DEFAULT_MODELS); do rm -f models/$$m/model.pt; done
+	@rm -f models/*/[0-9]*/model.pt models/*/[0-9]*/model.pt2 models/*/[0-9]*/program.pt2
 
 # Cargo tools, built once per machine into the cache, keyed by version.
 CARGO_TOOLS        := $(CACHE)/cargo-tools

@@ -5,9 +5,14 @@
 //! Only what the binary uses is linked (`--as-needed`: libtorch_cpu, libc10): the pip wheel's
 //! libtorch.so would pull in libtorch_cuda and 3 GB of CUDA libraries even on a CPU machine.
 //! Libraries opened later (torchvision's operators) find theirs through the same rpath.
+//!
+//! It also compiles `csrc/aoti_shim.cpp`, the C interface to AOTInductor's package loader,
+//! against the same libtorch's headers.
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=csrc/aoti_shim.cpp");
     if let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
+        compile_aoti_shim(std::path::Path::new(&dir));
         // DT_RPATH rather than DT_RUNPATH: it also applies to libraries opened later with
         // dlopen (torchvision's _C.so needs libtorch_python.so from the same folder).
         println!("cargo:rustc-link-arg=-Wl,--disable-new-dtags");
@@ -19,4 +24,20 @@ fn main() {
             println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
         }
     }
+}
+
+/// The headers sit beside the library folder in both the pip wheel and a libtorch download.
+fn compile_aoti_shim(lib_dir: &std::path::Path) {
+    let include = lib_dir.parent().expect("libtorch's lib folder has a parent").join("include");
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/aoti_shim.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        // The pip wheel is built with the new libstdc++ ABI.
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .flag_if_supported("-Wno-unused-parameter")
+        .warnings(false)
+        .compile("visionserve_aoti_shim");
 }

@@ -83,6 +83,33 @@ def fetch_and_verify(downloads):
     return files
 
 
+def save_exported(model, example, out, name, max_batch, multiple=None, max_side=None, batches=(1, 2), other_inputs=()):
+    """Also exports the eager model as a portable program (models/aoti.py compiles it on the
+    serving machine) and checks it against eager at several batch sizes (and input sizes)."""
+    from aoti import export_program, save_program
+    started = time.time()
+    try:
+        program = export_program(model, example, max_batch, multiple=multiple, max_side=max_side)
+    except Exception as error:  # an export failure leaves the model TorchScript-only, said aloud
+        progress(f"{name}: torch.export failed, no AOTInductor program: {str(error).splitlines()[0]}")
+        return
+    worst = 0.0
+    with torch.no_grad():
+        checks = [example[:1].repeat(n, 1, 1, 1) for n in batches] + list(other_inputs)
+        for x in checks:
+            ours, ref = program.module()(x), model(x)
+            ours = ours if isinstance(ours, (tuple, list)) else [ours]
+            ref = ref if isinstance(ref, (tuple, list)) else [ref]
+            worst = max([worst] + [(a - b).abs().max().item() for a, b in zip(ours, ref)])
+    if worst > 1e-4:
+        sys.exit(f"convert: {name} exported program differs from eager by {worst}")
+    folder = os.path.join(out, name)
+    os.makedirs(folder, exist_ok=True)
+    save_program(program, os.path.join(folder, "program.pt2"), example, max_batch, multiple, max_side)
+    progress(f"{name}: exported program (batch 1..{max_batch}) matches eager on {len(checks)} inputs, batches "
+             f"{list(batches)} (max abs diff {worst:.2e}), {time.time() - started:.0f} s")
+
+
 def save(module, out, name):
     folder = os.path.join(out, name)
     os.makedirs(folder, exist_ok=True)
@@ -109,6 +136,7 @@ def convert_mobilenet(path, out):
         sys.exit(f"convert: mobilenet_v2 TorchScript differs from eager by {diff}")
     progress(f"mobilenet_v2: TorchScript matches eager (max abs diff {diff:.2e})")
     save(traced, out, "mobilenet_v2")
+    save_exported(model, example, out, "mobilenet_v2", max_batch=8, batches=(1, 2, 8))
 
 
 # --- SSD-MobileNetV2 from a TF frozen graph -------------------------------------------------
@@ -348,6 +376,7 @@ def convert_ssd(path, out):
     if diff > 1e-4:
         sys.exit(f"convert: SSD TorchScript differs from the rebuilt module by {diff} (batch 1 vs trace batch 2)")
     save(traced, out, "ssd_mobilenet_v2_coco")
+    save_exported(model, example, out, "ssd_mobilenet_v2_coco", max_batch=8, batches=(1, 2, 8))
 
 
 # --- PP-OCRv4 DBNet text detector from ONNX --------------------------------------------------
@@ -368,6 +397,43 @@ def constants_to_initializers(model):
     graph.node.extend(keep)
     onnx.checker.check_model(model)
     return model
+
+
+class ConstantResize(torch.nn.Module):
+    """onnx2torch's Resize reads its scales from a tensor at run time (`scales.tolist()`), which
+    torch.export cannot trace through; the scales are constants of the graph, so fix them."""
+
+    def __init__(self, scales, mode, align_corners):
+        super().__init__()
+        self.scales = [float(s) for s in scales[2:]]
+        self.mode = mode
+        self.align_corners = align_corners
+
+    def forward(self, x, *ignored):
+        return F.interpolate(x, scale_factor=self.scales, mode=self.mode, align_corners=self.align_corners)
+
+
+def with_constant_resize(graph_module):
+    """A copy of the converted DBNet whose Resize nodes use their constant scales."""
+    import copy
+    module = copy.deepcopy(graph_module)
+    for node in module.graph.nodes:
+        if node.op != "call_module" or type(module.get_submodule(node.target)).__name__ != "OnnxResize":
+            continue
+        resize = module.get_submodule(node.target)
+        scales = _attr(module, node.args[2].target)
+        mode = {"nearest": "nearest", "linear": "bilinear"}[resize.onnx_mode]
+        align = None if mode == "nearest" else resize.align_corners
+        parent, _, leaf = node.target.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, leaf, ConstantResize(scales.tolist(), mode, align))
+    module.recompile()
+    return module
+
+
+def _attr(module, target):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
 
 
 def page_images():
@@ -404,6 +470,11 @@ def convert_dbnet(path, out):
         sys.exit(f"convert: DBNet differs from onnxruntime by {worst:.2e} (limit 1e-4)")
     progress(f"text_detector_ppocr_v4: matches onnxruntime on 3 real images at 3 sizes (max abs diff {worst:.2e})")
     save(traced, out, "text_detector_ppocr_v4")
+    # Any multiple of 32 up to the config's max_side (960) in each direction, checked on the
+    # real pages at their own sizes.
+    pages = page_images()
+    save_exported(with_constant_resize(torch_model), pages[0].repeat(2, 1, 1, 1), out, "text_detector_ppocr_v4",
+                  max_batch=4, multiple=32, max_side=960, batches=(1, 2), other_inputs=pages[1:])
 
 
 def main():

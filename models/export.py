@@ -7,6 +7,12 @@
     python models/export.py --out DIR --set test --random-init  # the small models the test suite serves
 
 `--models a,b` exports only those. Big files are written to DIR, never into git.
+
+Models listed in AOTI_TWINS (test set) or every model with `--aoti` also get a twin in
+DIR/aoti/<name>/: the same weights exported with torch.export (dynamic batch, and dynamic
+height and width for `fit_multiple` models) as `program.pt2`, with a `format = "aoti"` config.
+`models/aoti.py compile-repo --repo DIR/aoti` compiles them for the machine; models that
+torch.export cannot take are reported and left TorchScript-only.
 """
 import argparse
 import ctypes.util
@@ -140,7 +146,9 @@ class TinyProbabilityMap(nn.Module):
 
     def forward(self, x):
         y = self.body(x)
-        y = torch.nn.functional.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        # A fixed factor, not `size=x.shape[-2:]`: Inductor (torch 2.13) cannot lower bilinear
+        # resizing to a dynamic size; inputs are multiples of 32, so both give the same map.
+        y = torch.nn.functional.interpolate(y, scale_factor=4.0, mode="bilinear", align_corners=False)
         return torch.sigmoid(y)
 
 
@@ -274,6 +282,11 @@ TEST = {
 }
 
 
+# Test models that also get an AOTInductor twin: every stacked-batch convention the twins
+# need (logits; tuple of boxes and scores; a probability map of any multiple of 32).
+AOTI_TWINS = ["resnet18", "tiny_ssd", "tiny_text_map"]
+
+
 def build(name, spec, random_init, seed):
     """Returns (module, labels, provenance, source, license)."""
     torch.manual_seed(seed)
@@ -325,7 +338,47 @@ def to_torchscript(model, spec):
         return torch.jit.freeze(traced)
 
 
-def export_one(name, spec, out, random_init, seed, device="cpu"):
+def export_aoti_twin(name, spec, model, out, top, sections, device):
+    """Writes DIR/aoti/<name>/ with program.pt2 and a format = "aoti" config, or says why not."""
+    from aoti import export_program, save_program
+    if spec["output"]["convention"] == "torchvision_detection":
+        progress(f"{name}: no AOTInductor twin: torchvision detectors take a list of images of "
+                 "different sizes, which an exported program cannot (served as TorchScript)")
+        return False
+    started = time.time()
+    inputs = spec["input"]
+    w, h = inputs["width"], inputs["height"]
+    max_batch = sections["batching"]["max_batch_size"]
+    multiple = inputs.get("multiple") if inputs["resize"] == "fit_multiple" else None
+    example = torch.rand(min(2, max_batch), 3, h, w, device=device)
+    model = model.to(device).eval()
+    try:
+        program = export_program(model, example, max_batch, multiple=multiple, max_side=inputs.get("max_side"))
+        with torch.no_grad():
+            ours, ref = program.module()(example), model(example)
+        flat = lambda v: list(v.values()) if isinstance(v, dict) else list(v) if isinstance(v, (tuple, list)) else [v]
+        worst = max((a - b).abs().max().item() for a, b in zip(flat(ours), flat(ref)))
+        if worst > 1e-4:
+            raise RuntimeError(f"exported program differs from eager by {worst}")
+    except Exception as error:
+        progress(f"{name}: no AOTInductor twin, torch.export failed: {str(error).splitlines()[0][:200]}")
+        return False
+    folder = os.path.join(out, "aoti", name)
+    os.makedirs(folder, exist_ok=True)
+    save_program(program, os.path.join(folder, "program.pt2"), example, max_batch, multiple, inputs.get("max_side"))
+    write_labels(folder, read_labels(os.path.join(out, name)))
+    write_config(folder, {**top, "format": "aoti", "file": "model.pt2"}, sections)
+    progress(f"{name}: AOTInductor twin exported (batch 1..{max_batch}{', any multiple of ' + str(multiple) if multiple else ''}), "
+             f"{time.time() - started:.1f} s")
+    return True
+
+
+def read_labels(folder):
+    with open(os.path.join(folder, "labels.txt")) as f:
+        return [line.rstrip("\n") for line in f]
+
+
+def export_one(name, spec, out, random_init, seed, device="cpu", aoti=False):
     started = time.time()
     folder = os.path.join(out, name)
     os.makedirs(folder, exist_ok=True)
@@ -350,9 +403,13 @@ def export_one(name, spec, out, random_init, seed, device="cpu"):
     sections["batching"] = spec.get("batching") or {
         "max_batch_size": 4 if spec["output"]["convention"] != "torchvision_detection" else 2,
         "max_delay_ms": 2, "queue_capacity": 64}
-    write_config(folder, {"task": spec["task"], "format": "torchscript", "file": "model.pt", "labels": "labels.txt"}, sections)
+    top = {"task": spec["task"], "format": "torchscript", "file": "model.pt", "labels": "labels.txt"}
+    write_config(folder, top, sections)
     size = os.path.getsize(os.path.join(folder, "model.pt"))
     progress(f"{name}: {size / 1e6:.1f} MB, {provenance}, {time.time() - started:.1f} s")
+    if aoti:
+        return export_aoti_twin(name, spec, model, out, top, sections, device)
+    return None
 
 
 def main():
@@ -363,6 +420,7 @@ def main():
     parser.add_argument("--random-init", action="store_true", help="seeded random weights (no download)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="runtime.device written into each config (cpu, cuda:0, auto)")
+    parser.add_argument("--aoti", action="store_true", help="an AOTInductor twin for every model (default: AOTI_TWINS of the test set)")
     args = parser.parse_args()
     catalogue = ZOO if args.set == "zoo" else TEST
     if args.set == "test" and not args.random_init:
@@ -372,10 +430,16 @@ def main():
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {sorted(catalogue)}")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    twins = {}
     for i, name in enumerate(names, 1):
         progress(f"({i}/{len(names)}) exporting {name} ...")
-        export_one(name, catalogue[name], args.out, args.random_init, args.seed, args.device)
+        aoti = args.aoti or (args.set == "test" and name in AOTI_TWINS)
+        twins[name] = export_one(name, catalogue[name], args.out, args.random_init, args.seed, args.device, aoti)
     progress(f"done: {len(names)} models in {args.out}")
+    tried = {n: ok for n, ok in twins.items() if ok is not None}
+    if tried:
+        progress(f"AOTInductor twins: {sum(tried.values())} of {len(tried)} exported"
+                 + (f"; not exportable: {', '.join(n for n, ok in tried.items() if not ok)}" if not all(tried.values()) else ""))
 
 
 if __name__ == "__main__":

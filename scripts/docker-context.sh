@@ -15,12 +15,23 @@ torch_lib=$(readelf -d "$bin" | sed -n 's/.*R.*PATH.*\[\(.*\)\]/\1/p' | tr ':' '
 ldd "$bin" | awk '/=> \// {print $3}' | while read -r lib; do
   case "$lib" in "$torch_lib"/*|*/site-packages/*) cp -L "$lib" "$ctx/lib/" ;; esac
 done
-for dir in models/*/; do
-  [ -f "$dir/config.toml" ] || continue
-  name=$(basename "$dir")
+# The image serves TorchScript: an AOTInductor package is machine code for the CPU that
+# compiled it (and needs libtorch.so, which would pull the CUDA libraries into the image), so
+# of a versioned model the newest TorchScript version is copied, as a flat folder.
+for top in models/*/; do
+  name=$(basename "$top")
+  dir=""
+  if [ -f "$top/config.toml" ]; then
+    dir=$top
+  else
+    for v in $(ls "$top" | grep -E '^[0-9]+$' | sort -n); do
+      grep -q '^format = "aoti"' "$top/$v/config.toml" 2>/dev/null || dir=$top/$v
+    done
+  fi
+  [ -n "$dir" ] || continue
   mkdir -p "$ctx/models/$name"
   cp "$dir/config.toml" "$ctx/models/$name/"
-  [ -f "$dir/labels.txt" ] && cp "$dir/labels.txt" "$ctx/models/$name/"
+  [ -e "$dir/labels.txt" ] && cp -L "$dir/labels.txt" "$ctx/models/$name/"
   cp -L "$dir/model.pt" "$ctx/models/$name/model.pt"
 done
 du -sh "$ctx"/* | sed 's/^/[docker-context] /'

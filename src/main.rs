@@ -2,8 +2,17 @@ use clap::Parser;
 
 use visionserve::config::ServerConfig;
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // Before the runtime starts any thread: setenv is not thread-safe.
+    visionserve::engine::aoti::enable_input_checks();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("starting the tokio runtime")
+        .block_on(run());
+}
+
+async fn run() {
     let config = ServerConfig::parse();
     if config.check_ready {
         std::process::exit(visionserve::health_probe(config.addr));

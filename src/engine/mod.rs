@@ -2,6 +2,7 @@
 //! take jobs from one bounded queue. Only plain Rust data crosses the queue; `Tensor` and
 //! `IValue` never leave the worker thread.
 
+pub mod aoti;
 mod outputs;
 pub mod ops;
 mod worker;

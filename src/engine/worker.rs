@@ -10,19 +10,49 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
+use super::aoti::AotiModel;
 use super::outputs::{parse_batched, parse_torchvision_detection, raw_tensors, scale_normalised, RawData, RawTensor};
 use super::{EngineError, Job, JobOptions, JobOutput, ModelOutput, ModelRuntime};
 use crate::image::{Geometry, PreparedImage};
 use crate::metrics as m;
-use crate::repository::config::{ModelConfig, OutputConvention, ResizePolicy};
+use crate::repository::config::{ModelConfig, ModelFormat, OutputConvention, ResizePolicy};
 
 /// A loaded, warmed-up model, ready to get workers.
 pub struct LoadedModel {
-    module: Arc<CModule>,
+    backend: Backend,
     device: Device,
     pub parameter_count: u64,
     /// The model's own outputs as the warm-up saw them.
     pub raw_outputs: Vec<RawOutputSpec>,
+}
+
+/// The model format, hidden from everything above `run_images`: both take input tensors and
+/// give back an `IValue` that the output conventions parse the same way.
+enum Backend {
+    TorchScript(CModule),
+    Aoti(AotiModel),
+}
+
+impl Backend {
+    fn forward(&self, input: IValue) -> Result<IValue, EngineError> {
+        match self {
+            Backend::TorchScript(module) => {
+                module.forward_is(&[input]).map_err(|e| EngineError::Forward(first_line(&e.to_string())))
+            }
+            Backend::Aoti(package) => {
+                let IValue::Tensor(batch) = input else {
+                    return Err(EngineError::Forward("AOTInductor packages take one stacked tensor".into()));
+                };
+                // An exported program's outputs are a flat list: one tensor reads like a plain
+                // tensor output, several like a tuple (dicts are flattened in key order).
+                let mut outputs = package.run(&[&batch]).map_err(EngineError::Forward)?;
+                Ok(match outputs.len() {
+                    1 => IValue::Tensor(outputs.remove(0)),
+                    _ => IValue::Tuple(outputs.into_iter().map(IValue::Tensor).collect()),
+                })
+            }
+        }
+    }
 }
 
 /// Name, datatype and shape (batch and variable dimensions -1) of one raw output.
@@ -52,19 +82,39 @@ pub fn parse_device(spec: &str) -> Result<Device, String> {
     }
 }
 
-/// Loads the TorchScript file and checks it with `warmup_runs` forward passes on a blank input
+/// Loads the model file (TorchScript or AOTInductor package) and checks it with `warmup_runs` forward passes on a blank input
 /// of the configured size, so a model whose output does not fit its config fails here, at
 /// start-up, rather than on the first request.
 pub fn load_model(config: &ModelConfig, model_file: &Path, intra_op_threads: usize) -> Result<LoadedModel, String> {
     let device = parse_device(&config.runtime.device)?;
-    let mut module = CModule::load_on_device(model_file, device)
-        .map_err(|e| format!("TorchScript load failed: {}", first_line(&e.to_string())))?;
-    module.set_eval();
-    let parameter_count = module
-        .named_parameters()
-        .map(|params| params.iter().map(|(_, t)| t.numel() as u64).sum())
-        .unwrap_or(0);
-    let mut model = LoadedModel { module: Arc::new(module), device, parameter_count, raw_outputs: Vec::new() };
+    let (backend, parameter_count) = match config.format {
+        ModelFormat::Torchscript => {
+            let mut module = CModule::load_on_device(model_file, device)
+                .map_err(|e| format!("TorchScript load failed: {}", first_line(&e.to_string())))?;
+            module.set_eval();
+            let parameter_count = module
+                .named_parameters()
+                .map(|params| params.iter().map(|(_, t)| t.numel() as u64).sum())
+                .unwrap_or(0);
+            (Backend::TorchScript(module), parameter_count)
+        }
+        ModelFormat::Aoti => {
+            // One runner per worker thread the machine could usefully run; more workers than
+            // runners (after scaling up) wait for a free one rather than fail.
+            let runners = config.runtime.workers.max(available_cores());
+            let package = AotiModel::load(model_file, device, runners)?;
+            if package.info.max_batch < config.batching.max_batch_size {
+                return Err(format!(
+                    "the package accepts batches of up to {} images, the config asks for batching.max_batch_size = {}; \
+                     lower it or export again with a larger batch bound",
+                    package.info.max_batch, config.batching.max_batch_size
+                ));
+            }
+            // The weights are compiled into the package; the config's provenance has the count.
+            (Backend::Aoti(package), 0)
+        }
+    };
+    let mut model = LoadedModel { backend, device, parameter_count, raw_outputs: Vec::new() };
     let _no_grad = tch::no_grad_guard();
     tch::set_num_threads(intra_op_threads.max(1) as i32);
     let (w, h) = warmup_size(config);
@@ -91,6 +141,10 @@ pub fn load_model(config: &ModelConfig, model_file: &Path, intra_op_threads: usi
         }
     }
     Ok(model)
+}
+
+fn available_cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 fn first_line(message: &str) -> String {
@@ -305,12 +359,7 @@ fn run_images_inner(
     images: &[&PreparedImage],
     options: JobOptions,
 ) -> Result<Vec<(ModelOutput, Vec<RawTensor>)>, EngineError> {
-    let forward = |input: IValue| {
-        model
-            .module
-            .forward_is(&[input])
-            .map_err(|e| EngineError::Forward(first_line(&e.to_string())))
-    };
+    let forward = |input: IValue| model.backend.forward(input);
     if config.output.convention == OutputConvention::TorchvisionDetection {
         let list: Vec<Tensor> = images.iter().map(|img| image_tensor(img, model.device)).collect();
         let output = forward(IValue::TensorList(list))?;

@@ -16,7 +16,11 @@ pub enum Task {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelFormat {
+    /// A TorchScript file (`torch.jit.script` / `torch.jit.trace`), run by libtorch's JIT.
     Torchscript,
+    /// An AOTInductor package (`.pt2`, `torch._inductor.aoti_compile_and_package`): kernels
+    /// compiled ahead of time for one torch version and one kind of CPU (or GPU).
+    Aoti,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -27,9 +31,10 @@ pub struct ModelConfig {
     pub task: Task,
     #[serde(default = "default_format")]
     pub format: ModelFormat,
-    /// Model file, relative to the model's folder.
-    #[serde(default = "default_model_file")]
-    pub file: PathBuf,
+    /// Model file, relative to the model's folder; `model.pt` (TorchScript) or `model.pt2`
+    /// (AOTInductor) when absent.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
     /// Labels file (one label a line, line N is class N), relative to the model's folder.
     pub labels: Option<PathBuf>,
     #[serde(default)]
@@ -65,9 +70,6 @@ fn unknown() -> String {
 }
 fn default_format() -> ModelFormat {
     ModelFormat::Torchscript
-}
-fn default_model_file() -> PathBuf {
-    PathBuf::from("model.pt")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -269,6 +271,15 @@ fn default_queue() -> usize {
 }
 
 impl ModelConfig {
+    /// The model file, relative to the model's folder.
+    pub fn model_file(&self) -> PathBuf {
+        match (&self.file, self.format) {
+            (Some(file), _) => file.clone(),
+            (None, ModelFormat::Torchscript) => PathBuf::from("model.pt"),
+            (None, ModelFormat::Aoti) => PathBuf::from("model.pt2"),
+        }
+    }
+
     pub fn parse(text: &str) -> Result<Self, String> {
         let config: ModelConfig = toml::from_str(text).map_err(|e| e.to_string())?;
         config.validate()?;
@@ -329,6 +340,11 @@ impl ModelConfig {
         if self.batching.max_batch_size == 0 || self.batching.queue_capacity == 0 {
             return Err("batching.max_batch_size and batching.queue_capacity must be at least 1".into());
         }
+        if self.format == ModelFormat::Aoti && self.output.convention == TorchvisionDetection {
+            // Their input is a list of differently sized images; AOTInductor packages take
+            // fixed-rank tensors (and torchvision's detectors do not export, see models/README.md).
+            return Err("torchvision_detection models are served as TorchScript only (format = \"torchscript\")".into());
+        }
         if !(0.0..=1.0).contains(&self.output.threshold) {
             return Err("output.threshold must be within 0..1".into());
         }
@@ -357,7 +373,7 @@ mod tests {
     fn parses_a_classifier_with_defaults() {
         let config = ModelConfig::parse(CLASSIFIER).unwrap();
         assert_eq!(config.task, Task::Classification);
-        assert_eq!(config.file, PathBuf::from("model.pt"));
+        assert_eq!(config.model_file(), PathBuf::from("model.pt"));
         assert_eq!(config.runtime.workers, 1);
         assert_eq!(config.batching.max_batch_size, 1);
         assert!((config.input.scale - 1.0 / 255.0).abs() < 1e-9);
@@ -368,6 +384,16 @@ mod tests {
         let text = CLASSIFIER.replace("\"logits\"", "\"yolov8\"");
         let err = ModelConfig::parse(&text).unwrap_err();
         assert!(err.contains("does not fit"), "{err}");
+    }
+
+    #[test]
+    fn an_aoti_model_defaults_to_model_pt2() {
+        let text = format!("format = \"aoti\"\n{CLASSIFIER}");
+        let config = ModelConfig::parse(&text).unwrap();
+        assert_eq!(config.format, ModelFormat::Aoti);
+        assert_eq!(config.model_file(), PathBuf::from("model.pt2"));
+        let named = format!("format = \"aoti\"\nfile = \"m.pt2\"\n{CLASSIFIER}");
+        assert_eq!(ModelConfig::parse(&named).unwrap().model_file(), PathBuf::from("m.pt2"));
     }
 
     #[test]

@@ -94,7 +94,7 @@ impl ModelEntry {
     }
 
     pub fn model_file(&self) -> Option<PathBuf> {
-        self.config.as_ref().map(|c| self.dir.join(&c.file))
+        self.config.as_ref().map(|c| self.dir.join(c.model_file()))
     }
 
     /// Worker threads serving now (0 unless ready).
@@ -118,7 +118,7 @@ impl ModelEntry {
         let threads = if config.runtime.intra_op_threads > 0 { config.runtime.intra_op_threads } else { default_threads };
         let started = Instant::now();
         let result = load_op_libraries(&self.dir, &config)
-            .and_then(|()| engine::load_model(&config, &self.dir.join(&config.file), threads));
+            .and_then(|()| engine::load_model(&config, &self.dir.join(config.model_file()), threads));
         match result {
             Ok(loaded) => {
                 *self.parameter_count.write().unwrap() = Some(loaded.parameter_count);
@@ -488,10 +488,10 @@ fn read_entry(dir: &Path, folder_name: String, version: &str) -> ModelEntry {
     };
     let name = config.name.clone().unwrap_or(folder_name);
     let mut state = ModelState::Loading;
-    let model_file = dir.join(&config.file);
+    let model_file = dir.join(config.model_file());
     let file_size = std::fs::metadata(&model_file).ok().map(|m| m.len());
     if file_size.is_none() {
-        state = ModelState::Failed(format!("model file '{}' is missing", config.file.display()));
+        state = ModelState::Failed(format!("model file '{}' is missing", config.model_file().display()));
     }
     let labels = match &config.labels {
         None => Vec::new(),

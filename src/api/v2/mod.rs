@@ -33,7 +33,7 @@ use super::AppState;
 use crate::engine::{JobOptions, ModelOutput, RawData, RawTensor};
 use crate::error::ApiError;
 use crate::image::{preprocess, DecodeLimits, Geometry, PreparedImage};
-use crate::repository::config::{ModelConfig, ResizePolicy, Task};
+use crate::repository::config::{ModelConfig, ModelFormat, ResizePolicy, Task};
 use crate::repository::{ModelEntry, ModelStatus};
 use crate::tasks::{classification, detection, segmentation};
 use tensors::{InferRequest, InputTensor, OutputData, OutputTensor};
@@ -149,7 +149,10 @@ fn metadata(state: &AppState, name: &str, version: Option<&str>) -> Result<Json<
     Ok(Json(json!({
         "name": entry.name,
         "versions": versions,
-        "platform": "pytorch_torchscript",
+        "platform": match config.format {
+            ModelFormat::Torchscript => "pytorch_torchscript",
+            ModelFormat::Aoti => "pytorch_aoti",
+        },
         "inputs": [tensor_spec("image", "BYTES", &[-1])],
         "outputs": outputs,
         "parameters": {
