@@ -316,7 +316,10 @@ impl ServerUnderTest {
         runtime.insert("workers".into(), (split.workers as i64).into());
         runtime.insert("intra_op_threads".into(), (split.threads as i64).into());
         let batching_table = config.entry("batching").or_insert(toml::Value::Table(Default::default())).as_table_mut().unwrap();
-        batching_table.insert("max_batch_size".into(), (if batching { 8 } else { 1 }).into());
+        // Batching on: the model's own batch bound when it has one (an AOTInductor package
+        // accepts no more than it was exported for), else 8.
+        let own = batching_table.get("max_batch_size").and_then(|v| v.as_integer()).filter(|&n| n > 1).unwrap_or(8);
+        batching_table.insert("max_batch_size".into(), (if batching { own } else { 1 }).into());
         batching_table.insert("max_delay_ms".into(), (if batching { 2 } else { 0 }).into());
         batching_table.insert("queue_capacity".into(), (queue_capacity as i64).into());
         std::fs::write(target.join("config.toml"), toml::to_string(&config).unwrap()).unwrap();
@@ -525,7 +528,7 @@ fn render_report(
         s += &format!(
             "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.0} % |\n",
             split_name(r.split),
-            if r.batching { "8, 2 ms" } else { "off" },
+            if r.batching { "on, 2 ms" } else { "off" },
             r.concurrency,
             r.stats.throughput,
             r.stats.p50,
@@ -774,9 +777,17 @@ fn compare(args: &Args, body: &[u8], cpu: &str, cores: usize) {
     let mut results: Vec<(String, usize, Stats)> = Vec::new();
     for dir in &args.models {
         let format = ModelConfig::parse(&std::fs::read_to_string(dir.join("config.toml")).unwrap()).unwrap().format;
-        for split in [Split { workers: 2, threads: 1 }, Split { workers: 1, threads: 2 }] {
-            let label = format!("visionserve {}, {} workers × threads, batch 8 / 2 ms", format_name(format), split_name(split));
-            let server = ServerUnderTest::start(&args.server, dir, split, true, 64);
+        let settings = [Split { workers: 2, threads: 1 }, Split { workers: 1, threads: 2 }]
+            .into_iter()
+            .flat_map(|split| [(split, false), (split, true)]);
+        for (split, batching) in settings {
+            let label = format!(
+                "visionserve {}, {} workers × threads, batching {}",
+                format_name(format),
+                split_name(split),
+                if batching { "on / 2 ms" } else { "off" }
+            );
+            let server = ServerUnderTest::start(&args.server, dir, split, batching, 64);
             for c in [1usize, 16] {
                 println!("[compare] {label}, concurrency {c}");
                 let stats = closed_loop(&server.url(&name), body, c, duration);
