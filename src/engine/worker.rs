@@ -82,10 +82,10 @@ pub fn parse_device(spec: &str) -> Result<Device, String> {
     }
 }
 
-/// Loads the model file (TorchScript or AOTInductor package) and checks it with `warmup_runs` forward passes on a blank input
-/// of the configured size, so a model whose output does not fit its config fails here, at
-/// start-up, rather than on the first request.
-pub fn load_model(config: &ModelConfig, model_file: &Path, intra_op_threads: usize) -> Result<LoadedModel, String> {
+/// Loads the model file (TorchScript or AOTInductor package) and checks it with `warmup_runs`
+/// forward passes on a blank input of the configured size, so a model whose output does not
+/// fit its config fails here, at start-up, rather than on the first request.
+pub fn load_model(config: &ModelConfig, model_file: &Path) -> Result<LoadedModel, String> {
     let device = parse_device(&config.runtime.device)?;
     let (backend, parameter_count) = match config.format {
         ModelFormat::Torchscript => {
@@ -116,7 +116,12 @@ pub fn load_model(config: &ModelConfig, model_file: &Path, intra_op_threads: usi
     };
     let mut model = LoadedModel { backend, device, parameter_count, raw_outputs: Vec::new() };
     let _no_grad = tch::no_grad_guard();
-    tch::set_num_threads(intra_op_threads.max(1) as i32);
+    // One thread here, whatever the workers get: a thread that has run a multi-threaded
+    // OpenMP region keeps its thread team, and a second team slowed the next one down (in
+    // Python, mobilenet_v2 at 2 threads took 21 ms a forward on a second thread instead of 11;
+    // probably libgomp spinning less with more threads than cores). The loading thread never
+    // needs a team.
+    tch::set_num_threads(1);
     let (w, h) = warmup_size(config);
     let variable_size = matches!(config.input.resize, ResizePolicy::Original | ResizePolicy::FitMultiple);
     for run in 0..config.runtime.warmup_runs.max(1) {

@@ -118,7 +118,7 @@ impl ModelEntry {
         let threads = if config.runtime.intra_op_threads > 0 { config.runtime.intra_op_threads } else { default_threads };
         let started = Instant::now();
         let result = load_op_libraries(&self.dir, &config)
-            .and_then(|()| engine::load_model(&config, &self.dir.join(config.model_file()), threads));
+            .and_then(|()| engine::load_model(&config, &self.dir.join(config.model_file())));
         match result {
             Ok(loaded) => {
                 *self.parameter_count.write().unwrap() = Some(loaded.parameter_count);
