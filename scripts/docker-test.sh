@@ -82,9 +82,11 @@ for _ in $(seq 600); do
 done
 for case in mobilenet_v2:chelsea.jpg:image/jpeg ssd_mobilenet_v2_coco:coffee.jpg:image/jpeg text_detector_ppocr_v4:page.png:image/png; do
   IFS=: read -r model sample type <<<"$case"
+  # Version 1, the TorchScript file, on both sides: the image carries the TorchScript versions
+  # (a flat folder is version 1), the host serves the AOTInductor package as the default.
   for p in $port $host_port; do
     curl -sf -H "content-type: $type" --data-binary @assets/samples/$sample \
-      "http://127.0.0.1:$p/v1/models/$model/predict" >"$work/$model.$p.json"
+      "http://127.0.0.1:$p/v1/models/$model/versions/1/predict" >"$work/$model.$p.json"
   done
   python3 - "$work/$model.$port.json" "$work/$model.$host_port.json" "$model" <<'PY'
 import json, sys
