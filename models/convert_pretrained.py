@@ -11,10 +11,11 @@ with no model hub and no TensorFlow, into TorchScript files for visionserve.
   converted with onnx2torch and checked against onnxruntime.
 
 Every source file's SHA-256 is checked against models/weights.sha256 first. Each model is
-written to DIR/<name>/model.pt; configs and labels are committed under models/<name>/.
+written to DIR/<name>/model.pt, and also exported with torch.export (dynamic batch) to
+DIR/<name>/program.pt2, which models/aoti.py compiles for the serving machine. Configs and
+labels are committed under models/<name>/1/ (TorchScript) and models/<name>/2/ (AOTInductor).
 """
 import argparse
-import hashlib
 import math
 import os
 import subprocess
@@ -27,19 +28,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from aoti import export_program, save_program, sha256
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def progress(message):
     print(f"[convert] {message}", flush=True)
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_manifest():
@@ -86,7 +81,6 @@ def fetch_and_verify(downloads):
 def save_exported(model, example, out, name, max_batch, multiple=None, max_side=None, batches=(1, 2), other_inputs=()):
     """Also exports the eager model as a portable program (models/aoti.py compiles it on the
     serving machine) and checks it against eager at several batch sizes (and input sizes)."""
-    from aoti import export_program, save_program
     started = time.time()
     try:
         program = export_program(model, example, max_batch, multiple=multiple, max_side=max_side)
