@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use plotters::prelude::*;
-use tch::{CModule, Device, IValue, Tensor};
-use visionserve::engine::aoti::AotiModel;
+use tch::{Device, IValue, Tensor};
+use visionserve::engine::Backend;
 use visionserve::image::{decode_image, preprocess, DecodeLimits};
 use visionserve::repository::config::{ModelConfig, ModelFormat, OutputConvention};
 
@@ -200,36 +200,10 @@ fn format_name(format: ModelFormat) -> &'static str {
     }
 }
 
-/// The model, run the way the server's engine runs it, without the engine's queue.
-enum Forward {
-    TorchScript(CModule),
-    Aoti(AotiModel),
-}
-
-impl Forward {
-    fn load(dir: &Path, config: &ModelConfig) -> Forward {
-        let file = dir.join(config.model_file());
-        match config.format {
-            ModelFormat::Torchscript => Forward::TorchScript(CModule::load(&file).unwrap()),
-            ModelFormat::Aoti => Forward::Aoti(AotiModel::load(&file, Device::Cpu, 2).unwrap_or_else(|e| panic!("{}: {e}", file.display()))),
-        }
-    }
-
-    fn run(&self, input: IValue) {
-        match (self, input) {
-            (Forward::TorchScript(m), input) => {
-                m.forward_is(&[input]).unwrap();
-            }
-            (Forward::Aoti(m), IValue::Tensor(t)) => {
-                m.run(&[&t]).unwrap();
-            }
-            (Forward::Aoti(_), _) => panic!("AOTInductor packages take one tensor"),
-        }
-    }
-}
-
 fn measure_ceiling(dir: &Path, config: &ModelConfig, body: &[u8]) -> Vec<Ceiling> {
-    let module = Arc::new(Forward::load(dir, config));
+    let file = dir.join(config.model_file());
+    let (backend, _) = Backend::load(config, &file, Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let module = Arc::new(backend);
     let mut out = Vec::new();
     for split in SPLITS {
         for batch in [1usize, 4, 8] {
@@ -244,7 +218,7 @@ fn measure_ceiling(dir: &Path, config: &ModelConfig, body: &[u8]) -> Vec<Ceiling
     out
 }
 
-fn ceiling_run(module: &Arc<Forward>, config: &ModelConfig, body: &[u8], split: Split, batch: usize, with_preprocessing: bool, duration: Duration) -> f64 {
+fn ceiling_run(module: &Arc<Backend>, config: &ModelConfig, body: &[u8], split: Split, batch: usize, with_preprocessing: bool, duration: Duration) -> f64 {
     let images = Arc::new(AtomicU64::new(0));
     let handles: Vec<_> = (0..split.workers)
         .map(|_| {
@@ -265,9 +239,9 @@ fn ceiling_run(module: &Arc<Forward>, config: &ModelConfig, body: &[u8], split: 
                     let input = Tensor::from_slice(data).view([n as i64, 3, g.input_height as i64, g.input_width as i64]);
                     if config.output.convention == OutputConvention::TorchvisionDetection {
                         let list: Vec<Tensor> = (0..n as i64).map(|i| input.get(i)).collect();
-                        module.run(IValue::TensorList(list));
+                        module.forward(IValue::TensorList(list)).unwrap();
                     } else {
-                        module.run(IValue::Tensor(input));
+                        module.forward(IValue::Tensor(input)).unwrap();
                     }
                 };
                 let batch_data: Vec<f32> = (0..batch).flat_map(|_| fixed.data.iter().copied()).collect();

@@ -19,7 +19,7 @@ use crate::tasks::detection::Candidate;
 use crate::tasks::segmentation::LabelMap;
 
 pub use outputs::{RawData, RawTensor};
-pub use worker::{load_model, spawn_workers, LoadedModel, RawOutputSpec};
+pub use worker::{load_model, spawn_workers, Backend, LoadedModel, RawOutputSpec};
 
 /// What the worker hands back for one image, before the task-level post-processing.
 #[derive(Debug, Clone)]

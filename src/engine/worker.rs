@@ -27,14 +27,46 @@ pub struct LoadedModel {
 }
 
 /// The model format, hidden from everything above `run_images`: both take input tensors and
-/// give back an `IValue` that the output conventions parse the same way.
-enum Backend {
+/// give back an `IValue` that the output conventions parse the same way. Public so that the
+/// bench's in-process ceiling runs exactly what the workers run.
+pub enum Backend {
     TorchScript(CModule),
     Aoti(AotiModel),
 }
 
 impl Backend {
-    fn forward(&self, input: IValue) -> Result<IValue, EngineError> {
+    /// Loads the model file in the config's format; also returns its parameter count (0 for a
+    /// package, whose weights are compiled in: the config's provenance has the count).
+    pub fn load(config: &ModelConfig, model_file: &Path, device: Device) -> Result<(Backend, u64), String> {
+        match config.format {
+            ModelFormat::Torchscript => {
+                let mut module = CModule::load_on_device(model_file, device)
+                    .map_err(|e| format!("TorchScript load failed: {}", first_line(&e.to_string())))?;
+                module.set_eval();
+                let parameter_count = module
+                    .named_parameters()
+                    .map(|params| params.iter().map(|(_, t)| t.numel() as u64).sum())
+                    .unwrap_or(0);
+                Ok((Backend::TorchScript(module), parameter_count))
+            }
+            ModelFormat::Aoti => {
+                // One runner per worker thread the machine could usefully run; more workers
+                // than runners (after scaling up) wait for a free one rather than fail.
+                let runners = config.runtime.workers.max(available_cores());
+                let package = AotiModel::load(model_file, device, runners)?;
+                if package.info.max_batch < config.batching.max_batch_size {
+                    return Err(format!(
+                        "the package accepts batches of up to {} images, the config asks for batching.max_batch_size = {}; \
+                         lower it or export again with a larger batch bound",
+                        package.info.max_batch, config.batching.max_batch_size
+                    ));
+                }
+                Ok((Backend::Aoti(package), 0))
+            }
+        }
+    }
+
+    pub fn forward(&self, input: IValue) -> Result<IValue, EngineError> {
         match self {
             Backend::TorchScript(module) => {
                 module.forward_is(&[input]).map_err(|e| EngineError::Forward(first_line(&e.to_string())))
@@ -87,33 +119,7 @@ pub fn parse_device(spec: &str) -> Result<Device, String> {
 /// fit its config fails here, at start-up, rather than on the first request.
 pub fn load_model(config: &ModelConfig, model_file: &Path) -> Result<LoadedModel, String> {
     let device = parse_device(&config.runtime.device)?;
-    let (backend, parameter_count) = match config.format {
-        ModelFormat::Torchscript => {
-            let mut module = CModule::load_on_device(model_file, device)
-                .map_err(|e| format!("TorchScript load failed: {}", first_line(&e.to_string())))?;
-            module.set_eval();
-            let parameter_count = module
-                .named_parameters()
-                .map(|params| params.iter().map(|(_, t)| t.numel() as u64).sum())
-                .unwrap_or(0);
-            (Backend::TorchScript(module), parameter_count)
-        }
-        ModelFormat::Aoti => {
-            // One runner per worker thread the machine could usefully run; more workers than
-            // runners (after scaling up) wait for a free one rather than fail.
-            let runners = config.runtime.workers.max(available_cores());
-            let package = AotiModel::load(model_file, device, runners)?;
-            if package.info.max_batch < config.batching.max_batch_size {
-                return Err(format!(
-                    "the package accepts batches of up to {} images, the config asks for batching.max_batch_size = {}; \
-                     lower it or export again with a larger batch bound",
-                    package.info.max_batch, config.batching.max_batch_size
-                ));
-            }
-            // The weights are compiled into the package; the config's provenance has the count.
-            (Backend::Aoti(package), 0)
-        }
-    };
+    let (backend, parameter_count) = Backend::load(config, model_file, device)?;
     let mut model = LoadedModel { backend, device, parameter_count, raw_outputs: Vec::new() };
     let _no_grad = tch::no_grad_guard();
     // One thread here, whatever the workers get: a thread that has run a multi-threaded
