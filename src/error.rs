@@ -83,11 +83,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if let ApiError::Internal(detail) | ApiError::ModelFailed { detail, .. } = &self {
-            tracing::error!(%detail, "{self}");
-        } else {
-            tracing::debug!(code = self.code(), message = %self, "request rejected");
-        }
+        self.log();
         let body = json!({"error": {"code": self.code(), "message": self.to_string()}});
         let mut response = (status, Json(body)).into_response();
         if matches!(self, ApiError::Overloaded(_) | ApiError::ModelNotReady { .. }) {
@@ -96,5 +92,29 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
+    }
+}
+
+impl ApiError {
+    /// Logs an error as every protocol's rendering does: faults with their detail (which never
+    /// reaches the client), the client's own mistakes at debug level.
+    pub fn log(&self) {
+        if let ApiError::Internal(detail) | ApiError::ModelFailed { detail, .. } = self {
+            tracing::error!(%detail, "{self}");
+        } else {
+            tracing::debug!(code = self.code(), message = %self, "request rejected");
+        }
+    }
+}
+
+impl From<crate::tasks::ParamError> for ApiError {
+    fn from(e: crate::tasks::ParamError) -> Self {
+        ApiError::InvalidParameter(e.0)
+    }
+}
+
+impl From<crate::tasks::OutputMismatch> for ApiError {
+    fn from(e: crate::tasks::OutputMismatch) -> Self {
+        ApiError::Internal(e.to_string())
     }
 }

@@ -11,14 +11,14 @@ use axum::extract::{FromRequest, Query};
 use axum::http::{Request, Uri};
 
 use crate::api::input::{decode_base64, ImageUploads};
-use crate::api::params::PredictParams;
 use crate::api::v2::tensors::{encode_response, parse_request, split_length_prefixed, OutputData, OutputTensor};
 use crate::api::{AppState, RequestLimits};
 use crate::image::{decode_image, preprocess, DecodeLimits, Geometry};
-use crate::repository::config::{InputSpec, ModelConfig, Task};
+use crate::model_config::{InputSpec, ModelConfig, Task};
 use crate::repository::ModelRepository;
 use crate::tasks::detection::{non_max_suppression, Candidate};
-use crate::tasks::segmentation::{build_result, LabelMap, MaskFormat};
+use crate::tasks::segmentation::{encode_result, LabelMap, MaskFormat};
+use crate::tasks::{finish, Finished, ModelOutput, PredictParams};
 
 fn input_specs() -> &'static [InputSpec] {
     static SPECS: OnceLock<Vec<InputSpec>> = OnceLock::new();
@@ -64,14 +64,8 @@ fn request_fixture() -> &'static RequestFixture {
         let repository = ModelRepository::scan(&empty, &[]).expect("an empty repository");
         // Scanned once and never read again: the folder need not outlive the scan.
         let _ = std::fs::remove_dir(&empty);
-        let state = AppState {
-            repository: Arc::new(repository),
-            limits: RequestLimits { max_body_bytes: 1 << 20, max_image_pixels: 1 << 20, max_images_per_request: 4, request_timeout_ms: 1000 },
-            cpu_permits: Arc::new(tokio::sync::Semaphore::new(1)),
-            metrics: crate::metrics::handle(),
-            api_keys: Arc::new(Vec::new()),
-            admin_token: None,
-        };
+        let limits = RequestLimits { max_body_bytes: 1 << 20, max_image_pixels: 1 << 20, max_images_per_request: 4, request_timeout_ms: 1000 };
+        let state = AppState::builder(Arc::new(repository), limits).build();
         let runtime = tokio::runtime::Builder::new_current_thread().build().expect("a runtime");
         RequestFixture { runtime, state }
     })
@@ -155,8 +149,11 @@ pub fn rle_nms(data: &[u8]) {
     geometry.original_height = original.1;
     geometry.scale_x = width as f32 / original.0 as f32;
     geometry.scale_y = height as f32 / original.1 as f32;
+    let finished = finish(Task::Segmentation, ModelOutput::LabelMap(map), &geometry, &names, &PredictParams::default());
+    let Ok(Finished::Segmentation { mask }) = finished else { panic!("a label map finishes as a mask: {finished:?}") };
+    assert_eq!((mask.width, mask.height), original);
     for format in [MaskFormat::Rle, MaskFormat::Png, MaskFormat::None] {
-        let result = build_result(&map, &geometry, &names, format).expect("encoding a valid map");
+        let result = encode_result(&mask, &names, format).expect("encoding a valid map");
         let total: u64 = result.classes.iter().map(|c| c.pixels).sum();
         assert_eq!(total, u64::from(original.0) * u64::from(original.1));
     }

@@ -1,8 +1,10 @@
 //! visionserve: libtorch vision models behind a REST API.
 //!
-//! Layers, top to bottom: `api` (HTTP, thin handlers) → `image` (decode, preprocess) and
-//! `tasks` (top-k, NMS, masks) in plain Rust → `engine` (worker threads owning libtorch state)
-//! → `repository` (model folders and their configs).
+//! Layers, top to bottom, each importing only those below it: `api` (HTTP, thin handlers, one
+//! module per protocol) → `repository` (model folders, versions, status, lifecycle, the one
+//! readiness rule) → `engine` (backend and batcher: worker threads owning libtorch state) →
+//! `tasks` (the one post-processing path: top-k, NMS, masks) and `image` (decode, preprocess),
+//! both plain Rust → `model_config` (a model's `config.toml`). `render` draws `tasks`' results.
 
 pub mod api;
 pub mod config;
@@ -14,6 +16,7 @@ pub mod fuzz_checks;
 pub mod image;
 pub mod logging;
 pub mod metrics;
+pub mod model_config;
 pub mod render;
 pub mod repository;
 pub mod tasks;
@@ -21,7 +24,6 @@ pub mod tasks;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use api::{AppState, RequestLimits};
 use config::ServerConfig;
@@ -41,19 +43,17 @@ pub async fn serve(config: ServerConfig) -> Result<(), Box<dyn std::error::Error
     let loader = Arc::clone(&repository);
     std::thread::Builder::new().name("model-loader".into()).spawn(move || loader.load_all())?;
 
-    let state = AppState {
-        repository,
-        limits: RequestLimits {
-            max_body_bytes: config.max_body_bytes,
-            max_image_pixels: config.max_image_pixels,
-            max_images_per_request: config.max_images_per_request,
-            request_timeout_ms: config.request_timeout_ms,
-        },
-        cpu_permits: Arc::new(Semaphore::new(config.preprocess_thread_count())),
-        metrics: metrics::handle(),
-        api_keys: Arc::new(config.load_api_keys()?),
-        admin_token: config.load_admin_token()?.map(Arc::new),
+    let limits = RequestLimits {
+        max_body_bytes: config.max_body_bytes,
+        max_image_pixels: config.max_image_pixels,
+        max_images_per_request: config.max_images_per_request,
+        request_timeout_ms: config.request_timeout_ms,
     };
+    let state = AppState::builder(repository, limits)
+        .cpu_threads(config.preprocess_thread_count())
+        .api_keys(config.load_api_keys()?)
+        .admin_token(config.load_admin_token()?)
+        .build();
     let listener = TcpListener::bind(config.addr).await?;
     let local = listener.local_addr()?;
     tracing::info!("listening on http://{local}");

@@ -10,9 +10,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use base64::Engine as _;
-use common::{encode, synthetic_image, test_models, Server};
-use image::ImageFormat;
-use reqwest::blocking::{multipart, Client};
+use common::{client, jpeg, test_models, Server};
+use reqwest::blocking::multipart;
 use serde_json::{json, Value};
 
 const CLASSIFIER: &str = "resnet18";
@@ -47,14 +46,6 @@ fn server() -> &'static Server {
             (server, repo)
         })
         .0
-}
-
-fn client() -> Client {
-    Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
-}
-
-fn jpeg(width: u32, height: u32, seed: u8) -> Vec<u8> {
-    encode(&synthetic_image(width, height, seed), ImageFormat::Jpeg)
 }
 
 fn predict(model: &str, version: &str, query: &str, body: Vec<u8>) -> Value {

@@ -9,15 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{encode, synthetic_image, test_models, Server};
-use reqwest::blocking::Client;
+use common::{client, encode, synthetic_image, test_models, Server};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "admin-token-0123456789";
-
-fn client() -> Client {
-    Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
-}
 
 /// A model folder whose files are links to the test classifier's.
 fn link_model(from: &Path, to: &Path) {

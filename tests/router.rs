@@ -6,11 +6,19 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use serde_json::Value;
-use tokio::sync::Semaphore;
+use serde_json::{json, Value};
 use tower::ServiceExt;
 use visionserve::api::{router, AppState, RequestLimits};
 use visionserve::repository::ModelRepository;
+
+fn limits() -> RequestLimits {
+    RequestLimits { max_body_bytes: 1024, max_image_pixels: 1_000_000, max_images_per_request: 2, request_timeout_ms: 1000 }
+}
+
+fn app_over(repo: &std::path::Path) -> axum::Router {
+    let repository = ModelRepository::scan(repo, &[]).unwrap();
+    router(AppState::builder(Arc::new(repository), limits()).build())
+}
 
 fn app() -> (axum::Router, tempfile::TempDir) {
     let repo = tempfile::tempdir().unwrap();
@@ -22,25 +30,15 @@ fn app() -> (axum::Router, tempfile::TempDir) {
     )
     .unwrap(); // valid config, but no model.pt
     std::fs::create_dir(repo.path().join("not_a_model")).unwrap(); // no config: ignored
-    let repository = ModelRepository::scan(repo.path(), &[]).unwrap();
-    let state = AppState {
-        repository: Arc::new(repository),
-        limits: RequestLimits {
-            max_body_bytes: 1024,
-            max_image_pixels: 1_000_000,
-            max_images_per_request: 2,
-            request_timeout_ms: 1000,
-        },
-        cpu_permits: Arc::new(Semaphore::new(1)),
-        metrics: visionserve::metrics::handle(),
-        api_keys: Arc::new(Vec::new()),
-        admin_token: None,
-    };
-    (router(state), repo)
+    (app_over(repo.path()), repo)
 }
 
 async fn call(request: Request<Body>) -> (StatusCode, Option<String>, Value) {
     let (app, _repo) = app();
+    call_app(app, request).await
+}
+
+async fn call_app(app: axum::Router, request: Request<Body>) -> (StatusCode, Option<String>, Value) {
     let response = app.oneshot(request).await.unwrap();
     let status = response.status();
     let request_id = response.headers().get("x-request-id").map(|v| v.to_str().unwrap().to_string());
@@ -71,6 +69,55 @@ async fn readiness_names_the_broken_model_and_why() {
     assert_eq!(body["not_ready"][0]["name"], "broken");
     assert_eq!(body["not_ready"][0]["status"], "failed");
     assert!(body["not_ready"][0]["reason"].as_str().unwrap().contains("model.pt"));
+}
+
+/// The one readiness rule, answered by all three protocols: a failed model holds it back.
+#[tokio::test]
+async fn every_protocol_says_not_ready_while_a_model_is_broken() {
+    let (status, _, body) = call(get("/v2/health/ready")).await;
+    assert_eq!((status, body), (StatusCode::SERVICE_UNAVAILABLE, json!({"ready": false})));
+    let (status, _, body) = call(get("/ping")).await;
+    assert_eq!((status, body), (StatusCode::INTERNAL_SERVER_ERROR, json!({"status": "Unhealthy"})));
+    let (status, _, body) = call(get("/v2/models/broken/ready")).await;
+    assert_eq!((status, body), (StatusCode::SERVICE_UNAVAILABLE, json!({"name": "broken", "ready": false})));
+}
+
+/// An empty repository is not ready on any protocol: a pod that serves no model must not get
+/// traffic. (TorchServe's /ping said Healthy here before the rule was one.)
+#[tokio::test]
+async fn an_empty_repository_is_not_ready_on_every_protocol() {
+    let empty = tempfile::tempdir().unwrap();
+    let (status, _, body) = call_app(app_over(empty.path()), get("/health/ready")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["reason"], "the repository holds no model");
+    let (status, _, body) = call_app(app_over(empty.path()), get("/v2/health/ready")).await;
+    assert_eq!((status, body), (StatusCode::SERVICE_UNAVAILABLE, json!({"ready": false})));
+    let (status, _, body) = call_app(app_over(empty.path()), get("/ping")).await;
+    assert_eq!((status, body), (StatusCode::INTERNAL_SERVER_ERROR, json!({"status": "Unhealthy"})));
+    // Liveness does not depend on models.
+    let (status, _, _) = call_app(app_over(empty.path()), get("/v2/health/live")).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+/// V2's errors are the service's one error rendered in Triton's shape, with Triton's status
+/// mapping and `Retry-After` on 503.
+#[tokio::test]
+async fn v2_errors_take_tritons_shape() {
+    let (status, _, body) = call(get("/v2/models/ghost")).await;
+    assert_eq!((status, body), (StatusCode::NOT_FOUND, json!({"error": "model 'ghost' is not in the repository"})));
+    let (status, _, body) = call(get("/v2/models/broken/versions/3")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"], "model 'broken' has no version '3' (it has 1)");
+    let (app, _repo) = app();
+    let response = app.oneshot(post("/v2/models/broken/infer", "application/json", br#"{"inputs": [{"name": "i", "datatype": "BYTES", "shape": [1], "data": ["aGk="]}]}"#)).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let body: Value = serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert!(body["error"].as_str().unwrap().starts_with("model 'broken' is not ready: "), "{body}");
+    let (status, _, body) = call(post("/v2/models/broken/infer", "application/json", br#"{"inputs": []}"#)).await;
+    assert_eq!((status, body), (StatusCode::BAD_REQUEST, json!({"error": "expected exactly one input, got 0"})));
+    let (status, _, body) = call(post("/v2/models/broken/infer", "application/json", br#"{"inputs": [{"name": "i", "datatype": "BYTES", "shape": [1], "data": ["aGk="]}], "parameters": {"score_threshold": 7}}"#)).await;
+    assert_eq!((status, body), (StatusCode::BAD_REQUEST, json!({"error": "parameter 'score_threshold' must be a number within 0..=1"})));
 }
 
 #[tokio::test]

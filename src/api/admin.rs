@@ -23,10 +23,11 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::auth::{bearer_token, constant_time_eq, refuse};
+use super::model_path::ModelPath;
 use super::v2::V2Error;
 use super::AppState;
 use crate::error::ApiError;
-use crate::repository::{LookupError, ModelStatus, ScaleError};
+use crate::repository::{LookupError, ModelStatus, ScaleError, StatusReport};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -35,7 +36,7 @@ pub fn router() -> Router<AppState> {
         .route("/v2/repository/models/{name}/unload", post(triton_unload))
         .route("/models", get(list).post(register))
         .route("/models/{name}", get(describe).put(scale).delete(unregister))
-        .route("/models/{name}/{version}", get(describe_version).put(scale_version).delete(unregister_version))
+        .route("/models/{name}/{version}", get(describe).put(scale).delete(unregister))
         .route("/models/{name}/{version}/set-default", put(set_default))
 }
 
@@ -86,12 +87,12 @@ async fn index(State(state): State<AppState>, body: axum::body::Bytes) -> Result
     };
     let mut models = Vec::new();
     for entry in state.repository.entries() {
-        let (status, reason) = entry.status();
-        if ready_only && status != ModelStatus::Ready {
+        let report = entry.status();
+        if ready_only && !report.is_ready() {
             continue;
         }
-        let mut model = json!({"name": entry.name, "version": entry.version, "state": state_name(status)});
-        if let Some(reason) = reason {
+        let mut model = json!({"name": entry.name, "version": entry.version, "state": state_name(report.status)});
+        if let Some(reason) = report.reason {
             model["reason"] = json!(reason);
         }
         models.push(model);
@@ -145,7 +146,7 @@ fn version_description(state: &AppState, name: &str, version: Option<&str>) -> R
     Ok(entries
         .iter()
         .map(|entry| {
-            let (status, reason) = entry.status();
+            let StatusReport { status, reason } = entry.status();
             let batching = entry.config.as_ref().map(|c| c.batching.clone());
             json!({
                 "modelName": entry.name,
@@ -164,12 +165,8 @@ fn version_description(state: &AppState, name: &str, version: Option<&str>) -> R
         .collect())
 }
 
-async fn describe(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
-    version_description(&state, &name, None).map(|v| Json(json!(v)))
-}
-
-async fn describe_version(State(state): State<AppState>, Path((name, version)): Path<(String, String)>) -> Result<Json<Value>, ApiError> {
-    version_description(&state, &name, Some(&version)).map(|v| Json(json!(v)))
+async fn describe(State(state): State<AppState>, model: ModelPath) -> Result<Json<Value>, ApiError> {
+    version_description(&state, &model.name, model.version()).map(|v| Json(json!(v)))
 }
 
 async fn register(State(state): State<AppState>, Query(query): Query<HashMap<String, String>>) -> Result<Response, ApiError> {
@@ -194,8 +191,9 @@ fn workers_param(query: &HashMap<String, String>) -> Result<usize, ApiError> {
         .ok_or_else(|| ApiError::InvalidParameter(format!("'min_worker' must be an integer within 1..=64, got '{raw}'")))
 }
 
-fn do_scale(state: &AppState, name: &str, version: Option<&str>, query: &HashMap<String, String>) -> Result<Json<Value>, ApiError> {
-    let workers = workers_param(query)?;
+async fn scale(State(state): State<AppState>, model: ModelPath, Query(query): Query<HashMap<String, String>>) -> Result<Json<Value>, ApiError> {
+    let (name, version) = (&model.name, model.version());
+    let workers = workers_param(&query)?;
     state.repository.scale(name, version, workers).map_err(|e| match e {
         ScaleError::Lookup(e) => ApiError::from(e),
         ScaleError::NotReady(reason) => ApiError::Conflict(format!("model '{name}' cannot be scaled now: {reason}; load it first")),
@@ -203,34 +201,14 @@ fn do_scale(state: &AppState, name: &str, version: Option<&str>, query: &HashMap
     Ok(Json(json!({"status": format!("Model \"{name}\" now has {workers} workers")})))
 }
 
-async fn scale(State(state): State<AppState>, Path(name): Path<String>, Query(query): Query<HashMap<String, String>>) -> Result<Json<Value>, ApiError> {
-    do_scale(&state, &name, None, &query)
-}
-
-async fn scale_version(
-    State(state): State<AppState>,
-    Path((name, version)): Path<(String, String)>,
-    Query(query): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
-    do_scale(&state, &name, Some(&version), &query)
-}
-
 async fn set_default(State(state): State<AppState>, Path((name, version)): Path<(String, String)>) -> Result<Json<Value>, ApiError> {
     state.repository.set_default_version(&name, &version)?;
     Ok(Json(json!({"status": format!("Default version successfully updated for model \"{name}\" to \"{version}\"")})))
 }
 
-fn do_unregister(state: &AppState, name: &str, version: Option<&str>) -> Result<Json<Value>, ApiError> {
-    state.repository.unload(name, version).map_err(|e: LookupError| ApiError::from(e))?;
-    Ok(Json(json!({"status": format!("Model \"{name}\" unregistered")})))
-}
-
-async fn unregister(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
-    do_unregister(&state, &name, None)
-}
-
-async fn unregister_version(State(state): State<AppState>, Path((name, version)): Path<(String, String)>) -> Result<Json<Value>, ApiError> {
-    do_unregister(&state, &name, Some(&version))
+async fn unregister(State(state): State<AppState>, model: ModelPath) -> Result<Json<Value>, ApiError> {
+    state.repository.unload(&model.name, model.version()).map_err(|e: LookupError| ApiError::from(e))?;
+    Ok(Json(json!({"status": format!("Model \"{}\" unregistered", model.name)})))
 }
 
 #[cfg(test)]

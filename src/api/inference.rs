@@ -1,6 +1,7 @@
 //! The steps every protocol's inference handler shares, in one place: find the model version,
 //! refuse early when its queue is full, prepare the images on the CPU pool, run them through
-//! the model's queue within the deadline, and record the per-stage timings.
+//! the model's queue within the deadline, record the per-stage timings, and finish each
+//! image's result (`tasks::finish`) for the protocol to shape.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,13 +9,14 @@ use std::time::{Duration, Instant};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::{millis, AppState};
-use crate::engine::{EngineError, JobOptions, ModelOutput, ModelRuntime, RawTensor};
+use crate::engine::{EngineError, JobOptions, ModelRuntime, RawTensor};
 use crate::error::ApiError;
 use crate::image::{Geometry, PreparedImage};
-use image::RgbImage;
 use crate::metrics as m;
-use crate::repository::config::ModelConfig;
+use crate::model_config::{ModelConfig, Task};
 use crate::repository::{LookupError, ModelEntry};
+use crate::tasks::{finish_all, Finished, ModelOutput, PredictParams};
+use image::RgbImage;
 
 impl From<LookupError> for ApiError {
     fn from(e: LookupError) -> Self {
@@ -37,7 +39,7 @@ impl Target {
     pub fn resolve(state: &AppState, name: &str, version: Option<&str>) -> Result<Target, ApiError> {
         let entry = state.repository.get(name, version)?;
         let not_ready = |reason: String| ApiError::ModelNotReady { name: name.to_string(), reason };
-        let config = entry.config.clone().ok_or_else(|| not_ready(entry.status().1.unwrap_or_default()))?;
+        let config = entry.config.clone().ok_or_else(|| not_ready(entry.status().reason.unwrap_or_default()))?;
         let runtime = entry.runtime().map_err(not_ready)?;
         // Checked before decoding, so a request over capacity costs no preprocessing.
         if runtime.is_full() {
@@ -49,17 +51,45 @@ impl Target {
     pub fn name(&self) -> &str {
         &self.entry.name
     }
+
+    pub fn task(&self) -> Task {
+        self.config.task
+    }
+
+    pub fn labels(&self) -> Arc<Vec<String>> {
+        Arc::clone(&self.entry.labels)
+    }
 }
 
 /// What came back, with the time each stage took.
 pub struct Inference {
-    pub outputs: Vec<ModelOutput>,
+    pub outputs: Outputs,
     /// The model's own output tensors per image, when asked for.
     pub raw: Vec<Vec<RawTensor>>,
     /// The decoded first image, when the preparation kept it (to draw an overlay on).
     pub original: Option<RgbImage>,
-    pub geometries: Vec<Geometry>,
     pub timings: StageTimings,
+}
+
+/// The worker's outputs for a request's images, with what finishing them needs.
+pub struct Outputs {
+    outputs: Vec<ModelOutput>,
+    geometries: Vec<Geometry>,
+    task: Task,
+    labels: Arc<Vec<String>>,
+    params: PredictParams,
+}
+
+impl Outputs {
+    /// Every image's result in original pixels, in order: the one post-processing path
+    /// (`tasks::finish`). CPU work: call it on the CPU pool.
+    pub fn finish(self) -> Result<Vec<Finished>, ApiError> {
+        Ok(finish_all(self.task, self.outputs, &self.geometries, &self.labels, &self.params)?)
+    }
+
+    pub fn labels(&self) -> Arc<Vec<String>> {
+        Arc::clone(&self.labels)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -72,13 +102,15 @@ pub struct StageTimings {
 }
 
 /// Prepares the images with `prepare` on the CPU pool (which may hand back the decoded first
-/// image) and runs them through the model.
+/// image) and runs them through the model with the request's parameters; `want_raw` also
+/// returns the model's own output tensors.
 pub async fn run<P>(
     state: &AppState,
     target: &Target,
     prepare: P,
-    options: JobOptions,
-    deadline: Deadline,
+    params: PredictParams,
+    want_raw: bool,
+    context: &RequestContext,
 ) -> Result<Inference, ApiError>
 where
     P: FnOnce(&ModelConfig) -> Result<(Vec<PreparedImage>, Option<RgbImage>), ApiError> + Send + 'static,
@@ -88,9 +120,11 @@ where
     let (prepared, original) = state.run_cpu(move || prepare(&config)).await??;
     let preprocess_time = started.elapsed();
     let geometries = prepared.iter().map(|p| p.geometry).collect();
+    let options = JobOptions { score_threshold: params.score_threshold, want_confidence: params.pixel_confidence, want_raw };
+    let deadline = context.deadline;
     let output = target
         .runtime
-        .infer(prepared, options, deadline.at)
+        .infer(prepared, options, deadline.at, &context.request_id)
         .await
         .map_err(|e| engine_error(target.name(), e, deadline.ms))?;
     let name = target.name().to_string();
@@ -102,10 +136,9 @@ where
         metrics::histogram!(metric, "model" => name.clone()).record(m::seconds(time));
     }
     Ok(Inference {
-        outputs: output.outputs,
+        outputs: Outputs { outputs: output.outputs, geometries, task: target.task(), labels: target.labels(), params },
         raw: output.raw,
         original,
-        geometries,
         timings: StageTimings {
             preprocess_time,
             queue_time: output.queue_time,
@@ -130,6 +163,22 @@ impl StageTimings {
                 headers.insert(HeaderName::from_static(header), v);
             }
         }
+    }
+}
+
+/// What every protocol reads from a request's headers before anything else: its deadline and
+/// its id (set by the request-id layer), which travels with the job into the worker's logs.
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    pub deadline: Deadline,
+    pub request_id: String,
+}
+
+impl RequestContext {
+    pub fn from_headers(headers: &HeaderMap, default_timeout_ms: u64) -> Result<RequestContext, ApiError> {
+        let deadline = Deadline::from_headers(headers, default_timeout_ms, Instant::now())?;
+        let request_id = headers.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
+        Ok(RequestContext { deadline, request_id })
     }
 }
 

@@ -12,7 +12,6 @@ use axum::Router;
 
 use super::{inference_model, AppState};
 use crate::metrics as m;
-use crate::repository::ModelStatus;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/metrics", get(render))
@@ -21,8 +20,8 @@ pub fn router() -> Router<AppState> {
 async fn render(State(state): State<AppState>) -> impl IntoResponse {
     for model in state.repository.iter().iter() {
         let name = model.name.clone();
-        let (status, _) = model.status();
-        metrics::gauge!(m::MODEL_READY, "model" => name.clone()).set(if status == ModelStatus::Ready { 1.0 } else { 0.0 });
+        let ready = model.status().is_ready();
+        metrics::gauge!(m::MODEL_READY, "model" => name.clone()).set(if ready { 1.0 } else { 0.0 });
         let depth = model.runtime().map(|r| r.queue_depth()).unwrap_or(0);
         metrics::gauge!(m::QUEUE_DEPTH, "model" => name).set(depth as f64);
     }

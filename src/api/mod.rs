@@ -7,9 +7,9 @@ mod docs;
 mod inference;
 mod health;
 mod metrics_route;
+mod model_path;
 pub mod input;
 mod models;
-pub mod params;
 mod predict;
 mod torchserve;
 pub mod v2;
@@ -53,7 +53,50 @@ pub struct AppState {
     pub admin_token: Option<Arc<String>>,
 }
 
+/// Builds an [`AppState`]: the server from its flags, tests and fuzz checks from their own
+/// limits. Unset, the CPU pool has one thread, inference is open and management is off.
+pub struct AppStateBuilder {
+    repository: Arc<ModelRepository>,
+    limits: RequestLimits,
+    cpu_threads: usize,
+    api_keys: Vec<String>,
+    admin_token: Option<String>,
+}
+
+impl AppStateBuilder {
+    /// Threads that decode and preprocess at once.
+    pub fn cpu_threads(mut self, threads: usize) -> Self {
+        self.cpu_threads = threads.max(1);
+        self
+    }
+
+    pub fn api_keys(mut self, keys: Vec<String>) -> Self {
+        self.api_keys = keys;
+        self
+    }
+
+    pub fn admin_token(mut self, token: Option<String>) -> Self {
+        self.admin_token = token;
+        self
+    }
+
+    pub fn build(self) -> AppState {
+        AppState {
+            repository: self.repository,
+            limits: self.limits,
+            cpu_permits: Arc::new(Semaphore::new(self.cpu_threads)),
+            metrics: crate::metrics::handle(),
+            api_keys: Arc::new(self.api_keys),
+            admin_token: self.admin_token.map(Arc::new),
+        }
+    }
+}
+
 impl AppState {
+    pub fn builder(repository: Arc<ModelRepository>, limits: RequestLimits) -> AppStateBuilder {
+        AppStateBuilder { repository, limits, cpu_threads: 1, api_keys: Vec::new(), admin_token: None }
+    }
+
     /// Runs CPU-heavy, non-libtorch work (decoding, resizing, mask encoding) off the reactor,
     /// at most `cpu_permits` at a time.
     pub async fn run_cpu<T, F>(&self, work: F) -> Result<T, ApiError>

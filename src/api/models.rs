@@ -1,11 +1,12 @@
 //! Model metadata: the list (every model in the repository, loaded or not), one model in
 //! detail, and one version of it.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
+use super::model_path::ModelPath;
 use super::AppState;
 use crate::error::ApiError;
 use crate::repository::ModelEntry;
@@ -14,13 +15,13 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/models", get(list))
         .route("/v1/models/{name}", get(detail))
-        .route("/v1/models/{name}/versions/{version}", get(version_detail))
+        .route("/v1/models/{name}/versions/{version}", get(detail))
 }
 
 fn summary(model: &ModelEntry) -> Value {
-    let (status, reason) = model.status();
-    let mut value = json!({"name": model.name, "version": model.version, "status": status});
-    if let Some(reason) = reason {
+    let report = model.status();
+    let mut value = json!({"name": model.name, "version": model.version, "status": report.status});
+    if let Some(reason) = report.reason {
         value["reason"] = json!(reason);
     }
     if let Some(config) = &model.config {
@@ -59,12 +60,7 @@ fn describe(state: &AppState, model: &ModelEntry) -> Value {
     value
 }
 
-async fn detail(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
-    let model = state.repository.get(&name, None)?;
-    Ok(Json(describe(&state, &model)))
-}
-
-async fn version_detail(State(state): State<AppState>, Path((name, version)): Path<(String, String)>) -> Result<Json<Value>, ApiError> {
-    let model = state.repository.get(&name, Some(&version))?;
-    Ok(Json(describe(&state, &model)))
+async fn detail(State(state): State<AppState>, model: ModelPath) -> Result<Json<Value>, ApiError> {
+    let entry = state.repository.get(&model.name, model.version())?;
+    Ok(Json(describe(&state, &entry)))
 }

@@ -1,65 +1,42 @@
-//! `POST /v1/models/{name}/predict`: parse → decode and preprocess off the reactor → the
-//! model's queue → task post-processing → JSON, with timing headers.
+//! `POST /v1/models/{name}[/versions/{version}]/predict`: parse → the shared inference path →
+//! the finished results as `/v1` JSON or drawn on the image as a PNG, with timing headers.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::json;
 
-use super::inference::{self, Deadline, Inference, Target};
+use super::inference::{self, Inference, RequestContext, Target};
 use super::input::ImageUploads;
-use super::params::PredictParams;
+use super::model_path::ModelPath;
 use super::AppState;
-use crate::engine::{JobOptions, ModelOutput};
 use crate::error::ApiError;
-use crate::image::{decode_image, preprocess, DecodeLimits, Geometry, PreparedImage};
-use crate::repository::config::{ModelConfig, Task};
+use crate::image::{decode_image, preprocess, DecodeLimits, PreparedImage};
+use crate::model_config::ModelConfig;
 use crate::render;
-use crate::tasks::{classification, detection, segmentation, TaskResult};
+use crate::tasks::{PredictParams, TaskResult};
 use image::RgbImage;
 
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/models/{name}/predict", post(predict))
-        .route("/v1/models/{name}/versions/{version}/predict", post(predict_versioned))
+        .route("/v1/models/{name}/versions/{version}/predict", post(predict))
 }
 
 async fn predict(
-    state: State<AppState>,
-    Path(name): Path<String>,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
-    headers: HeaderMap,
-    uploads: ImageUploads,
-) -> Result<Response, ApiError> {
-    answer(state, name, None, query, headers, uploads).await
-}
-
-async fn predict_versioned(
-    state: State<AppState>,
-    Path((name, version)): Path<(String, String)>,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
-    headers: HeaderMap,
-    uploads: ImageUploads,
-) -> Result<Response, ApiError> {
-    answer(state, name, Some(version), query, headers, uploads).await
-}
-
-async fn answer(
     State(state): State<AppState>,
-    name: String,
-    version: Option<String>,
+    model: ModelPath,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
     headers: HeaderMap,
     uploads: ImageUploads,
 ) -> Result<Response, ApiError> {
-    let deadline = Deadline::from_headers(&headers, state.limits.request_timeout_ms, Instant::now())?;
+    let context = RequestContext::from_headers(&headers, state.limits.request_timeout_ms)?;
     let Query(mut raw) = query.map_err(|e| ApiError::InvalidParameter(format!("malformed query string: {}", e.body_text())))?;
     raw.extend(uploads.body_parameters);
     let render = wants_png(raw.remove("render").as_deref(), &headers)?;
@@ -69,29 +46,43 @@ async fn answer(
             uploads.images.len()
         )));
     }
-    let target = Target::resolve(&state, &name, version.as_deref())?;
-    let params = PredictParams::from_raw(&raw, target.config.task)?;
+    let target = Target::resolve(&state, &model.name, model.version())?;
+    let params = PredictParams::from_raw(&raw, target.task())?;
 
     let limits = DecodeLimits { max_pixels: state.limits.max_image_pixels };
     let images = uploads.images;
     // With an overlay asked for, the decoded original comes back to be drawn on.
     let prepare = move |config: &ModelConfig| prepare_all(&images, config, limits, render);
-    let options = JobOptions { score_threshold: params.score_threshold, want_confidence: false, want_raw: false };
-    let inference = inference::run(&state, &target, prepare, options, deadline).await?;
+    let Inference { outputs, timings, original, .. } = inference::run(&state, &target, prepare, params, false, &context).await?;
 
     let post_started = Instant::now();
-    let labels = Arc::clone(&target.entry.labels);
-    let task = target.config.task;
-    let Inference { outputs, geometries, timings, original, .. } = inference;
+    let labels = outputs.labels();
     let mut response = match original {
-        Some(image) => {
+        Some(mut image) => {
             let png = state
-                .run_cpu(move || render_overlay(task, outputs, &geometries, &labels, &params, image))
+                .run_cpu(move || {
+                    let results = outputs.finish()?;
+                    let first = results.first().ok_or_else(|| ApiError::Internal("no output to render".into()))?;
+                    render::draw_result(&mut image, first, &labels);
+                    render::encode_png(&image).map_err(|e| ApiError::Internal(format!("PNG encoding failed: {e}")))
+                })
                 .await??;
             ([(header::CONTENT_TYPE, "image/png")], png).into_response()
         }
         None => {
-            let results = state.run_cpu(move || postprocess(task, outputs, &geometries, &labels, &params)).await??;
+            let results = state
+                .run_cpu(move || {
+                    outputs
+                        .finish()?
+                        .into_iter()
+                        .map(|finished| {
+                            TaskResult::from_finished(finished, &labels, params.mask_format)
+                                .map_err(|e| ApiError::Internal(format!("mask encoding failed: {e}")))
+                        })
+                        .collect::<Result<Vec<_>, ApiError>>()
+                })
+                .await??;
+            let task = target.task();
             Json(json!({"model": target.name(), "version": target.entry.version, "task": task, "results": results}))
                 .into_response()
         }
@@ -135,63 +126,4 @@ pub(super) fn prepare_all(
         }
     }
     Ok((prepared, original))
-}
-
-/// The first image with its result drawn on it, as PNG bytes.
-fn render_overlay(
-    task: Task,
-    outputs: Vec<ModelOutput>,
-    geometries: &[Geometry],
-    labels: &[String],
-    params: &PredictParams,
-    mut image: RgbImage,
-) -> Result<Vec<u8>, ApiError> {
-    let (Some(output), Some(geometry)) = (outputs.into_iter().next(), geometries.first()) else {
-        return Err(ApiError::Internal("no output to render".into()));
-    };
-    match (task, output) {
-        (Task::Classification, ModelOutput::Probabilities(p)) => {
-            render::draw_classification(&mut image, &classification::top_k(&p, params.top_k, labels));
-        }
-        (Task::Detection, ModelOutput::Candidates(c)) => {
-            let kept = detection::non_max_suppression(c, params.iou_threshold, params.max_detections);
-            render::draw_detections(&mut image, &detection::to_detections(&kept, geometry, labels));
-        }
-        (Task::Segmentation, ModelOutput::LabelMap(map)) => {
-            let full = render::full_resolution_labels(&map, geometry);
-            let classes = segmentation::summarise(&full, labels);
-            let result = segmentation::SegmentationResult { width: full.width, height: full.height, classes, mask: None };
-            render::draw_segmentation(&mut image, &full, &result);
-        }
-        (task, _) => return Err(ApiError::Internal(format!("worker output does not match task {task:?}"))),
-    }
-    render::encode_png(&image).map_err(|e| ApiError::Internal(format!("PNG encoding failed: {e}")))
-}
-
-fn postprocess(
-    task: Task,
-    outputs: Vec<ModelOutput>,
-    geometries: &[Geometry],
-    labels: &[String],
-    params: &PredictParams,
-) -> Result<Vec<TaskResult>, ApiError> {
-    outputs
-        .into_iter()
-        .zip(geometries)
-        .map(|(output, geometry)| match (task, output) {
-            (Task::Classification, ModelOutput::Probabilities(p)) => Ok(TaskResult::Classification {
-                predictions: classification::top_k(&p, params.top_k, labels),
-            }),
-            (Task::Detection, ModelOutput::Candidates(c)) => {
-                let kept = detection::non_max_suppression(c, params.iou_threshold, params.max_detections);
-                Ok(TaskResult::Detection { detections: detection::to_detections(&kept, geometry, labels) })
-            }
-            (Task::Segmentation, ModelOutput::LabelMap(map)) => {
-                segmentation::build_result(&map, geometry, labels, params.mask_format)
-                    .map(TaskResult::Segmentation)
-                    .map_err(|e| ApiError::Internal(format!("mask encoding failed: {e}")))
-            }
-            (task, _) => Err(ApiError::Internal(format!("worker output does not match task {task:?}"))),
-        })
-        .collect()
 }

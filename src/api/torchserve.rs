@@ -8,11 +8,10 @@
 //!
 //! One image gives its answer; several (multipart) give a list of answers, in order.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Path, Request, State};
+use axum::extract::{FromRequest, Request, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -20,44 +19,30 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
-use super::inference::{self, Deadline, Inference, Target};
+use super::inference::{self, Inference, RequestContext, Target};
 use super::input::{decode_base64, ImageUploads};
+use super::model_path::ModelPath;
 use super::AppState;
-use crate::engine::{JobOptions, ModelOutput};
 use crate::error::ApiError;
-use crate::image::{DecodeLimits, Geometry};
-use crate::repository::config::ModelConfig;
-use crate::repository::config::Task;
-use crate::repository::ModelStatus;
-use crate::tasks::{classification, detection, segmentation};
-
-const TOP_K: usize = 5;
-const SCORE_THRESHOLD: f32 = 0.5;
-const IOU_THRESHOLD: f32 = 0.45;
+use crate::image::DecodeLimits;
+use crate::model_config::ModelConfig;
+use crate::tasks::{Finished, PredictParams};
 
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/ping", get(ping))
         // `curl -T image.jpg`, as TorchServe's documentation shows it, sends a PUT.
-        .route("/predictions/{model}", post(predict).put(predict))
-        .route("/predictions/{model}/{version}", post(predict_versioned).put(predict_versioned))
+        .route("/predictions/{name}", post(predict).put(predict))
+        .route("/predictions/{name}/{version}", post(predict).put(predict))
 }
 
+/// The repository's one readiness rule, in TorchServe's words.
 async fn ping(State(state): State<AppState>) -> Response {
-    let healthy = state.repository.serving_entries().iter().all(|m| m.status().0 == ModelStatus::Ready);
-    if healthy {
+    if state.repository.readiness().is_ready() {
         Json(json!({"status": "Healthy"})).into_response()
     } else {
         (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"status": "Unhealthy"}))).into_response()
     }
-}
-
-async fn predict(state: State<AppState>, Path(model): Path<String>, request: Request) -> Result<Response, ApiError> {
-    answer(state, model, None, request).await
-}
-
-async fn predict_versioned(state: State<AppState>, Path((model, version)): Path<(String, String)>, request: Request) -> Result<Response, ApiError> {
-    answer(state, model, Some(version), request).await
 }
 
 /// Raw, multipart and JSON bodies as on /v1; `text/plain` bodies are base64 images, as
@@ -83,66 +68,54 @@ async fn images_of(request: Request, state: &AppState) -> Result<Vec<Bytes>, Api
     Ok(ImageUploads::from_request(request, state).await?.images)
 }
 
-async fn answer(State(state): State<AppState>, name: String, version: Option<String>, request: Request) -> Result<Response, ApiError> {
-    let deadline = Deadline::from_headers(request.headers(), state.limits.request_timeout_ms, Instant::now())?;
+async fn predict(State(state): State<AppState>, model: ModelPath, request: Request) -> Result<Response, ApiError> {
+    let context = RequestContext::from_headers(request.headers(), state.limits.request_timeout_ms)?;
     // Resolved before the body is read: an unknown or full model costs no upload.
-    let target = Target::resolve(&state, &name, version.as_deref())?;
+    let target = Target::resolve(&state, &model.name, model.version())?;
     let images = images_of(request, &state).await?;
     let limits = DecodeLimits { max_pixels: state.limits.max_image_pixels };
     let prepare = move |config: &ModelConfig| super::predict::prepare_all(&images, config, limits, false);
-    let options = JobOptions { score_threshold: SCORE_THRESHOLD, want_confidence: target.config.task == Task::Segmentation, want_raw: false };
-    let Inference { outputs, geometries, timings, .. } = inference::run(&state, &target, prepare, options, deadline).await?;
+    let params = PredictParams::torchserve();
+    let Inference { outputs, timings, .. } = inference::run(&state, &target, prepare, params, false, &context).await?;
     let post_started = Instant::now();
-    let labels = Arc::clone(&target.entry.labels);
-    let task = target.config.task;
-    let mut answers = state.run_cpu(move || handler_answers(task, outputs, &geometries, &labels)).await??;
+    let mut answers = state.run_cpu(move || Ok::<_, ApiError>(outputs.finish()?.into_iter().map(handler_answer).collect::<Vec<_>>())).await??;
     let body = if answers.len() == 1 { answers.remove(0) } else { Value::Array(answers) };
     let mut response = Json(body).into_response();
     timings.finish(target.name(), post_started.elapsed(), response.headers_mut());
     Ok(response)
 }
 
-fn handler_answers(task: Task, outputs: Vec<ModelOutput>, geometries: &[Geometry], labels: &[String]) -> Result<Vec<Value>, ApiError> {
-    outputs
-        .into_iter()
-        .zip(geometries)
-        .map(|(output, geometry)| match (task, output) {
-            (Task::Classification, ModelOutput::Probabilities(p)) => {
-                let mut object = Map::new();
-                for prediction in classification::top_k(&p, TOP_K, labels) {
-                    object.insert(prediction.label, json!(prediction.score));
-                }
-                Ok(Value::Object(object))
+/// One image's result in the shape of TorchServe's default handler for its task.
+fn handler_answer(result: Finished) -> Value {
+    match result {
+        Finished::Classification { top, .. } => {
+            let mut object = Map::new();
+            for prediction in top {
+                object.insert(prediction.label, json!(prediction.score));
             }
-            (Task::Detection, ModelOutput::Candidates(c)) => {
-                let kept = detection::non_max_suppression(c, IOU_THRESHOLD, usize::MAX);
-                Ok(Value::Array(
-                    detection::to_detections(&kept, geometry, labels)
-                        .into_iter()
-                        .map(|d| {
-                            let mut object = Map::new();
-                            object.insert(d.label, json!([d.bbox.x1, d.bbox.y1, d.bbox.x2, d.bbox.y2]));
-                            object.insert("score".into(), json!(d.score));
-                            Value::Object(object)
-                        })
+            Value::Object(object)
+        }
+        Finished::Detection { detections } => Value::Array(
+            detections
+                .into_iter()
+                .map(|d| {
+                    let mut object = Map::new();
+                    object.insert(d.label, json!([d.bbox.x1, d.bbox.y1, d.bbox.x2, d.bbox.y2]));
+                    object.insert("score".into(), json!(d.score));
+                    Value::Object(object)
+                })
+                .collect(),
+        ),
+        Finished::Segmentation { mask } => {
+            let width = mask.width as usize;
+            let rows = (0..mask.height as usize).map(|y| {
+                Value::Array(
+                    (y * width..(y + 1) * width)
+                        .map(|i| json!([mask.labels[i], mask.confidence.get(i).copied().unwrap_or(1.0)]))
                         .collect(),
-                ))
-            }
-            (Task::Segmentation, ModelOutput::LabelMap(map)) => {
-                let full = segmentation::resample_to_original(&map, geometry);
-                let width = full.width as usize;
-                let rows: Vec<Value> = (0..full.height as usize)
-                    .map(|y| {
-                        Value::Array(
-                            (y * width..(y + 1) * width)
-                                .map(|i| json!([full.labels[i], full.confidence.get(i).copied().unwrap_or(1.0)]))
-                                .collect(),
-                        )
-                    })
-                    .collect();
-                Ok(Value::Array(rows))
-            }
-            (task, _) => Err(ApiError::Internal(format!("worker output does not match task {task:?}"))),
-        })
-        .collect()
+                )
+            });
+            Value::Array(rows.collect())
+        }
+    }
 }

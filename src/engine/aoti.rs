@@ -12,6 +12,8 @@ use std::ptr::NonNull;
 use std::sync::OnceLock;
 
 use sha2::{Digest, Sha256};
+
+use super::first_line;
 use tch::{Device, Tensor};
 
 /// Metadata keys `models/aoti.py` writes into every package.
@@ -100,10 +102,6 @@ pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>, String> {
         .collect())
 }
 
-fn first_line(message: &str) -> &str {
-    message.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or(message)
-}
-
 /// What a package's metadata promises, once checked against this binary and machine.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PackageInfo {
@@ -170,16 +168,8 @@ fn ensure_libtorch_loaded() -> Result<(), String> {
     static LOADED: OnceLock<Result<(), String>> = OnceLock::new();
     LOADED
         .get_or_init(|| {
-            let name = CString::new("libtorch.so").expect("no NUL");
-            // SAFETY: dlopen with a valid C string; the handle is kept for the process's life.
-            let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
-            if handle.is_null() {
-                // SAFETY: dlerror returns a static message or null.
-                let reason = unsafe { libc::dlerror() };
-                let reason = if reason.is_null() { "unknown".into() } else { unsafe { CStr::from_ptr(reason) }.to_string_lossy().into_owned() };
-                return Err(format!("AOTInductor packages need libtorch.so, which could not be loaded: {reason}"));
-            }
-            Ok(())
+            super::ops::dlopen_global(std::ffi::OsStr::new("libtorch.so"))
+                .map_err(|reason| format!("AOTInductor packages need libtorch.so, which could not be loaded: {reason}"))
         })
         .clone()
 }

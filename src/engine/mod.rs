@@ -3,9 +3,10 @@
 //! `IValue` never leave the worker thread.
 
 pub mod aoti;
+mod backend;
+mod batcher;
 mod outputs;
 pub mod ops;
-mod worker;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,23 +15,12 @@ use crossbeam_channel::{Sender, TrySendError};
 use tokio::sync::oneshot;
 
 use crate::image::PreparedImage;
-use crate::repository::config::ModelConfig;
-use crate::tasks::detection::Candidate;
-use crate::tasks::segmentation::LabelMap;
+use crate::model_config::ModelConfig;
+use crate::tasks::ModelOutput;
 
+pub use backend::{load_model, Backend, LoadedModel, RawOutputSpec};
+pub use batcher::spawn_workers;
 pub use outputs::{RawData, RawTensor};
-pub use worker::{load_model, spawn_workers, Backend, LoadedModel, RawOutputSpec};
-
-/// What the worker hands back for one image, before the task-level post-processing.
-#[derive(Debug, Clone)]
-pub enum ModelOutput {
-    /// Class scores, softmax applied when the config asks for it.
-    Probabilities(Vec<f32>),
-    /// Class index per pixel at model-input resolution.
-    LabelMap(LabelMap),
-    /// Boxes in model-input pixels at or above the request's score threshold, before NMS.
-    Candidates(Vec<Candidate>),
-}
 
 #[derive(Debug, Clone, Copy)]
 pub struct JobOptions {
@@ -50,6 +40,9 @@ pub struct Job {
     /// Past this the caller has answered 504 and the worker drops the job uncomputed.
     pub deadline: Instant,
     pub reply: oneshot::Sender<Result<JobOutput, EngineError>>,
+    /// The request's id and span, so the worker's log lines about this job name it.
+    pub request_id: String,
+    pub span: tracing::Span,
 }
 
 #[derive(Debug)]
@@ -90,6 +83,12 @@ pub struct ModelRuntime {
     intra_op_threads: usize,
 }
 
+/// The first line of a libtorch or shim message that says something (they start with a blank
+/// line or a C++ frame more often than not), for logs and reasons.
+pub(crate) fn first_line(message: &str) -> &str {
+    message.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or(message)
+}
+
 impl ModelRuntime {
     pub fn workers(&self) -> usize {
         self.workers
@@ -107,15 +106,25 @@ impl ModelRuntime {
 
     /// Enqueues at once or refuses at once: a full queue is an answer, not a wait. Waits for
     /// the answer until `deadline`; a caller that gives up (or whose client goes away) drops
-    /// the reply channel, and the worker skips the job.
+    /// the reply channel, and the worker skips the job. The caller's span travels with the
+    /// job.
     pub async fn infer(
         &self,
         images: Vec<PreparedImage>,
         options: JobOptions,
         deadline: Instant,
+        request_id: &str,
     ) -> Result<JobOutput, EngineError> {
         let (reply, response) = oneshot::channel();
-        let job = Job { images, options, enqueued_at: Instant::now(), deadline, reply };
+        let job = Job {
+            images,
+            options,
+            enqueued_at: Instant::now(),
+            deadline,
+            reply,
+            request_id: request_id.to_string(),
+            span: tracing::Span::current(),
+        };
         match self.queue.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => return Err(EngineError::QueueFull),

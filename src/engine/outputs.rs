@@ -3,8 +3,9 @@
 
 use tch::{IValue, Kind, Tensor};
 
-use super::{EngineError, ModelOutput};
-use crate::repository::config::{BoxCoordinates, BoxLayout, OutputConvention, OutputSpec};
+use super::EngineError;
+use crate::tasks::ModelOutput;
+use crate::model_config::{BoxCoordinates, BoxLayout, OutputConvention, OutputSpec};
 use crate::tasks::detection::Candidate;
 use crate::tasks::segmentation::LabelMap;
 

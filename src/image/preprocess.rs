@@ -6,7 +6,7 @@ use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::RgbImage;
 
-use crate::repository::config::{ChannelOrder, InputSpec, ResizePolicy};
+use crate::model_config::{ChannelOrder, InputSpec, ResizePolicy};
 
 /// Per axis: `input = original * scale + offset`, in pixel units (pixel edges, not centres).
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -9,9 +9,8 @@ use image::{Rgb, RgbImage};
 use imageproc::drawing::{draw_filled_rect_mut, draw_hollow_rect_mut, draw_text_mut, text_size};
 use imageproc::rect::Rect;
 
-use crate::tasks::segmentation::{resample_to_original, LabelMap};
-use crate::tasks::{Detection, Prediction, SegmentationResult};
-use crate::image::Geometry;
+use crate::tasks::segmentation::{summarise, ClassSummary, LabelMap};
+use crate::tasks::{Detection, Finished, Prediction};
 
 const FONT_BYTES: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 
@@ -77,9 +76,18 @@ pub fn draw_detections(image: &mut RgbImage, detections: &[Detection]) {
     }
 }
 
+/// Draws one image's result on it: the top-k panel, the boxes, or the mask with its legend.
+pub fn draw_result(image: &mut RgbImage, result: &Finished, labels: &[String]) {
+    match result {
+        Finished::Classification { top, .. } => draw_classification(image, top),
+        Finished::Detection { detections } => draw_detections(image, detections),
+        Finished::Segmentation { mask } => draw_segmentation(image, mask, &summarise(mask, labels)),
+    }
+}
+
 /// Colours every non-background pixel (class index ≠ 0) half transparent, then a legend of the
 /// classes present with their share of the image.
-pub fn draw_segmentation(image: &mut RgbImage, labels: &LabelMap, result: &SegmentationResult) {
+pub fn draw_segmentation(image: &mut RgbImage, labels: &LabelMap, classes: &[ClassSummary]) {
     for (pixel, &class) in image.pixels_mut().zip(&labels.labels) {
         if class != 0 {
             let c = class_colour(class as usize).0;
@@ -90,7 +98,7 @@ pub fn draw_segmentation(image: &mut RgbImage, labels: &LabelMap, result: &Segme
     }
     let scale = text_scale(image);
     let mut y = 4;
-    for class in &result.classes {
+    for class in classes {
         let text = format!("{} {:.1}%", class.label, class.fraction * 100.0);
         let colour = if class.index == 0 { Rgb([40, 40, 40]) } else { class_colour(class.index) };
         draw_tag(image, 4, y, &text, colour, scale);
@@ -125,12 +133,6 @@ pub fn draw_classification(image: &mut RgbImage, predictions: &[Prediction]) {
     }
 }
 
-/// The segmentation overlay needs the full-resolution label map, which the JSON path only
-/// encodes; this resamples it again from the model's map.
-pub fn full_resolution_labels(model_map: &LabelMap, geometry: &Geometry) -> LabelMap {
-    resample_to_original(model_map, geometry)
-}
-
 pub fn encode_png(image: &RgbImage) -> Result<Vec<u8>, image::ImageError> {
     let mut out = std::io::Cursor::new(Vec::new());
     image.write_to(&mut out, image::ImageFormat::Png)?;
@@ -141,7 +143,6 @@ pub fn encode_png(image: &RgbImage) -> Result<Vec<u8>, image::ImageError> {
 mod tests {
     use super::*;
     use crate::tasks::detection::BoundingBox;
-    use crate::tasks::segmentation::{summarise, MaskFormat};
 
     fn canvas() -> RgbImage {
         RgbImage::from_fn(320, 240, |x, y| Rgb([(x % 256) as u8, (y % 256) as u8, 128]))
@@ -191,11 +192,8 @@ mod tests {
             confidence: vec![],
         };
         let labels = vec!["background".to_string(), "text".to_string()];
-        let classes = summarise(&map, &labels);
-        let result = SegmentationResult { width: 320, height: 240, classes, mask: None };
-        let _ = MaskFormat::None;
         let before = *image.get_pixel(300, 200);
-        draw_segmentation(&mut image, &map, &result);
+        draw_result(&mut image, &Finished::Segmentation { mask: map }, &labels);
         let after = *image.get_pixel(300, 200);
         let c = class_colour(1).0;
         for k in 0..3 {

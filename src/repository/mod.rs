@@ -1,147 +1,28 @@
 //! The model repository: one folder per model, each with a `config.toml`, a model file and
 //! optional labels — or, for a model with several versions, numbered sub-folders
-//! (`models/<name>/<version>/config.toml`). Scanning never fails as a whole: a broken folder
-//! becomes a model that is `failed` with its reason, and the others serve.
+//! (`models/<name>/<version>/config.toml`). `scan` reads the folders, `entry` holds each
+//! version's status, and this module is the lifecycle: load, reload, scale, unload, and the
+//! one readiness rule every protocol's health route answers with.
 //!
 //! The map of models is swapped, never edited in place: a handler takes an `Arc<ModelEntry>`
 //! at the start of a request and keeps config, labels and workers of that one version until it
 //! answers, while the management API loads, reloads, scales or unloads behind it.
 
-pub mod config;
+mod entry;
+mod scan;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::engine::{self, ModelRuntime};
-use config::ModelConfig;
+pub use entry::{ModelEntry, ModelStatus, StatusReport};
+use entry::ModelState;
+use scan::{family_of, is_safe_name, model_folders, read_family};
 
 /// The version a folder without numbered sub-folders has.
 pub const FLAT_VERSION: &str = "1";
-
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum ModelStatus {
-    Loading,
-    Ready,
-    Failed,
-    /// In the repository but not serving: left out by `--models`, or unloaded by an admin.
-    Unloaded,
-}
-
-#[derive(Clone)]
-enum ModelState {
-    Loading,
-    Ready(ModelRuntime),
-    Failed(String),
-    Unloaded,
-}
-
-/// One version of one model and where it stands.
-pub struct ModelEntry {
-    pub name: String,
-    pub version: String,
-    pub dir: PathBuf,
-    /// `None` when the config itself could not be read; the reason is in the state.
-    pub config: Option<Arc<ModelConfig>>,
-    pub labels: Arc<Vec<String>>,
-    pub file_size: Option<u64>,
-    state: RwLock<ModelState>,
-    parameter_count: RwLock<Option<u64>>,
-}
-
-impl ModelEntry {
-    fn failed(name: String, version: String, dir: PathBuf, reason: String) -> Self {
-        Self {
-            name,
-            version,
-            dir,
-            config: None,
-            labels: Arc::new(Vec::new()),
-            file_size: None,
-            state: RwLock::new(ModelState::Failed(reason)),
-            parameter_count: RwLock::new(None),
-        }
-    }
-
-    pub fn status(&self) -> (ModelStatus, Option<String>) {
-        match &*self.state.read().unwrap() {
-            ModelState::Loading => (ModelStatus::Loading, None),
-            ModelState::Ready(_) => (ModelStatus::Ready, None),
-            ModelState::Failed(reason) => (ModelStatus::Failed, Some(reason.clone())),
-            ModelState::Unloaded => (ModelStatus::Unloaded, Some("not loaded".into())),
-        }
-    }
-
-    /// The runtime when the model serves; otherwise why not.
-    pub fn runtime(&self) -> Result<ModelRuntime, String> {
-        match &*self.state.read().unwrap() {
-            ModelState::Ready(runtime) => Ok(runtime.clone()),
-            ModelState::Loading => Err("still loading".into()),
-            ModelState::Failed(reason) => Err(reason.clone()),
-            ModelState::Unloaded => Err("not loaded".into()),
-        }
-    }
-
-    /// Counted from the loaded module; frozen modules have none left to count, so then the
-    /// count the exporter recorded in the config.
-    pub fn parameter_count(&self) -> Option<u64> {
-        let counted = (*self.parameter_count.read().unwrap()).filter(|&n| n > 0);
-        counted.or_else(|| self.config.as_ref().and_then(|c| c.provenance.parameter_count))
-    }
-
-    pub fn model_file(&self) -> Option<PathBuf> {
-        self.config.as_ref().map(|c| self.dir.join(c.model_file()))
-    }
-
-    /// Worker threads serving now (0 unless ready).
-    pub fn workers(&self) -> usize {
-        self.runtime().map(|r| r.workers()).unwrap_or(0)
-    }
-
-    fn set_state(&self, state: ModelState) {
-        *self.state.write().unwrap() = state;
-    }
-
-    /// Loads the model file, warms it up and starts its workers; records the outcome.
-    fn load(&self, default_threads: usize) -> Result<(), String> {
-        let Some(config) = self.config.clone() else {
-            return Err(self.status().1.unwrap_or_default());
-        };
-        if let (ModelStatus::Failed, Some(reason)) = self.status() {
-            // Broken at scan time (missing file, unreadable labels): loading cannot help.
-            return Err(reason);
-        }
-        let threads = if config.runtime.intra_op_threads > 0 { config.runtime.intra_op_threads } else { default_threads };
-        let started = Instant::now();
-        let result = load_op_libraries(&self.dir, &config)
-            .and_then(|()| engine::load_model(&config, &self.dir.join(config.model_file())));
-        match result {
-            Ok(loaded) => {
-                *self.parameter_count.write().unwrap() = Some(loaded.parameter_count);
-                let runtime = engine::spawn_workers(&self.name, Arc::new(loaded), Arc::clone(&config), config.runtime.workers, threads);
-                self.set_state(ModelState::Ready(runtime));
-                tracing::info!(
-                    model = %self.name,
-                    version = %self.version,
-                    workers = config.runtime.workers,
-                    intra_op_threads = threads,
-                    seconds = started.elapsed().as_secs_f32(),
-                    "model ready"
-                );
-                Ok(())
-            }
-            Err(reason) => {
-                tracing::error!(model = %self.name, version = %self.version, %reason, "model failed to load");
-                self.set_state(ModelState::Failed(reason.clone()));
-                Err(reason)
-            }
-        }
-    }
-}
 
 /// Every version of one model, and the one a request gets when it names none.
 #[derive(Clone)]
@@ -264,7 +145,25 @@ impl ModelRepository {
 
     /// The versions that should serve: everything not deliberately unloaded.
     pub fn serving_entries(&self) -> Vec<Arc<ModelEntry>> {
-        self.entries().into_iter().filter(|e| e.status().0 != ModelStatus::Unloaded).collect()
+        self.entries().into_iter().filter(|e| e.status().status != ModelStatus::Unloaded).collect()
+    }
+
+    /// The one readiness rule, for every protocol's health route: the server is ready when
+    /// every version that should serve is ready and there is at least one. An empty
+    /// repository is not ready (a pod that serves nothing must not get traffic); versions an
+    /// admin unloaded, or that `--models` left out, do not hold readiness back.
+    pub fn readiness(&self) -> Readiness {
+        let mut readiness = Readiness::default();
+        for entry in self.serving_entries() {
+            let name = if entry.version == FLAT_VERSION { entry.name.clone() } else { format!("{}/{}", entry.name, entry.version) };
+            let report = entry.status();
+            if report.is_ready() {
+                readiness.ready.push(name);
+            } else {
+                readiness.not_ready.push(NotReady { name, status: report.status, reason: report.reason });
+            }
+        }
+        readiness
     }
 
     /// Intra-op threads per worker when a config leaves it to the server: the cores divided
@@ -274,7 +173,7 @@ impl ModelRepository {
         let workers: usize = self
             .serving_entries()
             .iter()
-            .filter(|e| e.status().0 != ModelStatus::Failed)
+            .filter(|e| e.status().status != ModelStatus::Failed)
             .filter_map(|e| e.config.as_ref().map(|c| c.runtime.workers))
             .sum();
         (cores / (workers + extra_workers).max(1)).max(1)
@@ -287,10 +186,10 @@ impl ModelRepository {
         let threads = self.default_threads(0);
         for entry in self.entries() {
             match entry.status() {
-                (ModelStatus::Loading, _) => {
+                StatusReport { status: ModelStatus::Loading, .. } => {
                     let _ = entry.load(threads);
                 }
-                (ModelStatus::Failed, reason) => {
+                StatusReport { status: ModelStatus::Failed, reason } => {
                     tracing::error!(model = %entry.name, version = %entry.version, reason = reason.unwrap_or_default(), "model is broken");
                 }
                 _ => {}
@@ -403,116 +302,36 @@ impl ModelRepository {
     }
 }
 
+/// Whether the server is ready, and if not, why.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    /// Versions that serve, as `name` (flat folders) or `name/version`.
+    pub ready: Vec<String>,
+    pub not_ready: Vec<NotReady>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NotReady {
+    pub name: String,
+    pub status: ModelStatus,
+    pub reason: Option<String>,
+}
+
+impl Readiness {
+    pub fn is_ready(&self) -> bool {
+        self.not_ready.is_empty() && !self.ready.is_empty()
+    }
+
+    /// The reason when no single model is to blame.
+    pub fn reason(&self) -> Option<&'static str> {
+        (self.ready.is_empty() && self.not_ready.is_empty()).then_some("the repository holds no model")
+    }
+}
+
 #[derive(Debug)]
 pub enum ScaleError {
     Lookup(LookupError),
     NotReady(String),
-}
-
-/// A model name can only name a folder directly under the repository.
-fn is_safe_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 200
-        && name != "."
-        && name != ".."
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-}
-
-fn load_op_libraries(dir: &Path, config: &ModelConfig) -> Result<(), String> {
-    for lib in &config.runtime.op_libraries {
-        let path = if lib.is_absolute() { lib.clone() } else { dir.join(lib) };
-        engine::ops::load_op_library(&path)?;
-    }
-    Ok(())
-}
-
-/// Folders directly under `root` that hold a model: a `config.toml`, or numbered version
-/// folders that do.
-fn model_folders(root: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.join("config.toml").is_file() || !version_folders(p).is_empty())
-        .collect();
-    dirs.sort();
-    Ok(dirs)
-}
-
-fn version_folders(dir: &Path) -> Vec<(String, PathBuf)> {
-    let Ok(read) = std::fs::read_dir(dir) else { return Vec::new() };
-    read.filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.join("config.toml").is_file())
-        .filter_map(|p| {
-            let name = p.file_name()?.to_str()?.to_string();
-            (!name.is_empty() && name.chars().all(|c| c.is_ascii_digit())).then_some((name, p))
-        })
-        .collect()
-}
-
-fn family_of(name: String, entries: Vec<ModelEntry>) -> ModelFamily {
-    let versions: BTreeMap<VersionKey, Arc<ModelEntry>> =
-        entries.into_iter().map(|e| (VersionKey::new(&e.version), Arc::new(e))).collect();
-    let default_version = versions.values().next_back().map(|e| e.version.clone()).unwrap_or_else(|| FLAT_VERSION.into());
-    ModelFamily { name, versions, default_version }
-}
-
-/// One model folder: flat (version 1) or with numbered versions; the newest is the default.
-fn read_family(dir: &Path) -> ModelFamily {
-    let folder_name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    if dir.join("config.toml").is_file() {
-        let entry = read_entry(dir, folder_name.clone(), FLAT_VERSION);
-        let name = entry.name.clone();
-        return family_of(name, vec![entry]);
-    }
-    let entries = version_folders(dir)
-        .into_iter()
-        .map(|(version, path)| {
-            let mut entry = read_entry(&path, folder_name.clone(), &version);
-            // A versioned model is named by its folder, whatever each version's config says.
-            entry.name = folder_name.clone();
-            entry
-        })
-        .collect();
-    family_of(folder_name, entries)
-}
-
-fn read_entry(dir: &Path, folder_name: String, version: &str) -> ModelEntry {
-    let text = match std::fs::read_to_string(dir.join("config.toml")) {
-        Ok(t) => t,
-        Err(e) => return ModelEntry::failed(folder_name, version.into(), dir.into(), format!("config.toml unreadable: {e}")),
-    };
-    let config = match ModelConfig::parse(&text) {
-        Ok(c) => c,
-        Err(e) => return ModelEntry::failed(folder_name, version.into(), dir.into(), format!("bad config.toml: {e}")),
-    };
-    let name = config.name.clone().unwrap_or(folder_name);
-    let mut state = ModelState::Loading;
-    let model_file = dir.join(config.model_file());
-    let file_size = std::fs::metadata(&model_file).ok().map(|m| m.len());
-    if file_size.is_none() {
-        state = ModelState::Failed(format!("model file '{}' is missing", config.model_file().display()));
-    }
-    let labels = match &config.labels {
-        None => Vec::new(),
-        Some(file) => match std::fs::read_to_string(dir.join(file)) {
-            Ok(text) => text.lines().map(|l| l.trim_end().to_string()).collect(),
-            Err(e) => {
-                state = ModelState::Failed(format!("labels file '{}' unreadable: {e}", file.display()));
-                Vec::new()
-            }
-        },
-    };
-    ModelEntry {
-        name,
-        version: version.to_string(),
-        dir: dir.into(),
-        config: Some(Arc::new(config)),
-        labels: Arc::new(labels),
-        file_size,
-        state: RwLock::new(state),
-        parameter_count: RwLock::new(None),
-    }
 }
 
 #[cfg(test)]
@@ -531,11 +350,11 @@ mod tests {
     }
 
     #[test]
-    fn model_names_cannot_leave_the_repository() {
-        for bad in ["", ".", "..", "../etc", "a/b", "a\0b", "%2e%2e", &"x".repeat(201)] {
-            assert!(!is_safe_name(bad), "{bad:?}");
-        }
-        assert!(is_safe_name("resnet18_v1.2-int8"));
+    fn an_empty_repository_is_not_ready_and_says_why() {
+        let root = tempfile::tempdir().unwrap();
+        let readiness = ModelRepository::scan(root.path(), &[]).unwrap().readiness();
+        assert!(!readiness.is_ready());
+        assert_eq!(readiness.reason(), Some("the repository holds no model"));
     }
 
     #[test]
@@ -551,12 +370,17 @@ mod tests {
         assert_eq!(versioned.version_names(), ["1", "3"]);
         assert_eq!(repo.get("versioned", None).unwrap().version, "3");
         // Not in --models: listed, not loaded.
-        assert_eq!(repo.get("versioned", Some("1")).unwrap().status().0, ModelStatus::Unloaded);
+        assert_eq!(repo.get("versioned", Some("1")).unwrap().status().status, ModelStatus::Unloaded);
         // In --models but its file is missing: failed, with the reason.
-        let (status, reason) = repo.get("flat", None).unwrap().status();
-        assert_eq!(status, ModelStatus::Failed);
-        assert!(reason.unwrap().contains("missing"));
+        let report = repo.get("flat", None).unwrap().status();
+        assert_eq!(report.status, ModelStatus::Failed);
+        assert!(report.reason.unwrap().contains("missing"));
         assert!(matches!(repo.get("versioned", Some("2")), Err(LookupError::NoVersion { .. })));
+        // The failed "flat" holds readiness back; the unloaded versions do not.
+        let readiness = repo.readiness();
+        assert!(!readiness.is_ready());
+        assert_eq!(readiness.not_ready.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["flat"]);
+        assert_eq!(readiness.reason(), None);
         repo.set_default_version("versioned", "1").unwrap();
         assert_eq!(repo.get("versioned", None).unwrap().version, "1");
     }

@@ -1,16 +1,87 @@
 //! What each task makes of a model's output, in plain Rust: top-k, NMS, masks and their
 //! encodings, results mapped back to the original image. Nothing here touches a tensor, so all
 //! of it is unit-tested without libtorch.
+//!
+//! [`finish`] is the one place that turns what a worker hands back ([`ModelOutput`]) into an
+//! image's result in original pixels ([`Finished`]); every protocol only shapes that result.
 
 pub mod classification;
 pub mod detection;
+pub mod params;
 pub mod segmentation;
 
 use serde::Serialize;
 
+use crate::image::Geometry;
+use crate::model_config::Task;
 pub use classification::Prediction;
 pub use detection::Detection;
+pub use params::{ParamError, PredictParams};
 pub use segmentation::SegmentationResult;
+
+/// What the worker hands back for one image, before the task-level post-processing.
+#[derive(Debug, Clone)]
+pub enum ModelOutput {
+    /// Class scores, softmax applied when the config asks for it.
+    Probabilities(Vec<f32>),
+    /// Class index per pixel at model-input resolution.
+    LabelMap(segmentation::LabelMap),
+    /// Boxes in model-input pixels at or above the request's score threshold, before NMS.
+    Candidates(Vec<detection::Candidate>),
+}
+
+/// One image's result, in the original image's pixels, before any protocol shapes it.
+#[derive(Debug, Clone)]
+pub enum Finished {
+    /// Every class's score (V2 returns them all) and the top `top_k`, best first.
+    Classification { scores: Vec<f32>, top: Vec<Prediction> },
+    /// After class-aware NMS, at most `max_detections`, best first.
+    Detection { detections: Vec<Detection> },
+    /// The class of every original pixel, with its probability when the job asked for it.
+    Segmentation { mask: segmentation::LabelMap },
+}
+
+/// A worker's output of another kind than the model's task: a server fault, never the
+/// client's.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("worker output does not match task {0:?}")]
+pub struct OutputMismatch(pub Task);
+
+/// Turns one image's model output into its result: top-k, NMS, mapping boxes and masks back
+/// through the image's geometry.
+pub fn finish(
+    task: Task,
+    output: ModelOutput,
+    geometry: &Geometry,
+    labels: &[String],
+    params: &PredictParams,
+) -> Result<Finished, OutputMismatch> {
+    match (task, output) {
+        (Task::Classification, ModelOutput::Probabilities(scores)) => {
+            let top = classification::top_k(&scores, params.top_k, labels);
+            Ok(Finished::Classification { scores, top })
+        }
+        (Task::Detection, ModelOutput::Candidates(candidates)) => {
+            let kept = detection::non_max_suppression(candidates, params.iou_threshold, params.max_detections);
+            Ok(Finished::Detection { detections: detection::to_detections(&kept, geometry, labels) })
+        }
+        (Task::Segmentation, ModelOutput::LabelMap(map)) => {
+            Ok(Finished::Segmentation { mask: segmentation::resample_to_original(&map, geometry) })
+        }
+        (task, _) => Err(OutputMismatch(task)),
+    }
+}
+
+/// [`finish`] for each image of a request, in order.
+pub fn finish_all(
+    task: Task,
+    outputs: Vec<ModelOutput>,
+    geometries: &[Geometry],
+    labels: &[String],
+    params: &PredictParams,
+) -> Result<Vec<Finished>, OutputMismatch> {
+    outputs.into_iter().zip(geometries).map(|(output, geometry)| finish(task, output, geometry, labels, params)).collect()
+}
 
 /// One image's answer, in the `/v1` result shape.
 #[derive(Debug, Clone, Serialize)]
@@ -21,7 +92,69 @@ pub enum TaskResult {
     Detection { detections: Vec<Detection> },
 }
 
+impl TaskResult {
+    /// The `/v1` shape of a result: the top-k, the detections, or the class summary with the
+    /// mask encoded as asked.
+    pub fn from_finished(finished: Finished, labels: &[String], mask_format: segmentation::MaskFormat) -> Result<Self, image::ImageError> {
+        Ok(match finished {
+            Finished::Classification { top, .. } => TaskResult::Classification { predictions: top },
+            Finished::Detection { detections } => TaskResult::Detection { detections },
+            Finished::Segmentation { mask } => TaskResult::Segmentation(segmentation::encode_result(&mask, labels, mask_format)?),
+        })
+    }
+}
+
 /// Label of class `index`, or its number when the model ships no labels for it.
 pub fn label_for(labels: &[String], index: usize) -> String {
     labels.get(index).cloned().unwrap_or_else(|| index.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use detection::Candidate;
+    use segmentation::LabelMap;
+
+    fn labels() -> Vec<String> {
+        ["zero", "one", "two"].iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn classification_keeps_every_score_and_the_top_k() {
+        let params = PredictParams { top_k: 2, ..PredictParams::default() };
+        let out = finish(Task::Classification, ModelOutput::Probabilities(vec![0.2, 0.5, 0.3]), &Geometry::identity(4, 4), &labels(), &params);
+        let Ok(Finished::Classification { scores, top }) = out else { panic!("{out:?}") };
+        assert_eq!(scores, [0.2, 0.5, 0.3]);
+        assert_eq!(top.iter().map(|p| p.label.as_str()).collect::<Vec<_>>(), ["one", "two"]);
+    }
+
+    #[test]
+    fn detection_applies_nms_the_cap_and_the_geometry() {
+        let c = |x: f32, score: f32| Candidate { x1: x, y1: 0.0, x2: x + 10.0, y2: 10.0, score, class: 1 };
+        let candidates = vec![c(0.0, 0.9), c(1.0, 0.8), c(50.0, 0.7), c(80.0, 0.6)];
+        let params = PredictParams { max_detections: 2, ..PredictParams::default() };
+        // The model saw the image at half size.
+        let geometry = Geometry { scale_x: 0.5, scale_y: 0.5, ..Geometry::identity(200, 40) };
+        let out = finish(Task::Detection, ModelOutput::Candidates(candidates), &geometry, &labels(), &params).unwrap();
+        let Finished::Detection { detections } = out else { panic!() };
+        assert_eq!(detections.iter().map(|d| d.score).collect::<Vec<_>>(), [0.9, 0.7]);
+        assert_eq!((detections[1].bbox.x1, detections[1].bbox.x2), (100.0, 120.0));
+        assert_eq!(detections[0].label, "one");
+    }
+
+    #[test]
+    fn segmentation_resamples_to_the_original_size() {
+        let map = LabelMap { width: 2, height: 1, labels: vec![0, 2], confidence: vec![] };
+        let geometry = Geometry { scale_x: 0.5, scale_y: 0.5, ..Geometry::identity(4, 2) };
+        let out = finish(Task::Segmentation, ModelOutput::LabelMap(map), &geometry, &labels(), &PredictParams::default()).unwrap();
+        let Finished::Segmentation { mask } = out else { panic!() };
+        assert_eq!((mask.width, mask.height), (4, 2));
+        assert_eq!(mask.labels, [0, 0, 2, 2, 0, 0, 2, 2]);
+    }
+
+    #[test]
+    fn an_output_of_another_task_is_a_mismatch() {
+        let out = finish(Task::Detection, ModelOutput::Probabilities(vec![1.0]), &Geometry::identity(1, 1), &[], &PredictParams::default());
+        assert!(matches!(out, Err(OutputMismatch(Task::Detection))));
+    }
 }

@@ -177,18 +177,12 @@ pub fn encode_rle(map: &LabelMap, summary: &[ClassSummary]) -> EncodedMask {
     EncodedMask::Rle { size, classes }
 }
 
-/// The whole `/v1` segmentation answer for one image.
-pub fn build_result(
-    model_map: &LabelMap,
-    geometry: &Geometry,
-    labels: &[String],
-    format: MaskFormat,
-) -> Result<SegmentationResult, image::ImageError> {
-    let map = resample_to_original(model_map, geometry);
-    let classes = summarise(&map, labels);
+/// The whole `/v1` segmentation answer for one image, from its mask at original size.
+pub fn encode_result(map: &LabelMap, labels: &[String], format: MaskFormat) -> Result<SegmentationResult, image::ImageError> {
+    let classes = summarise(map, labels);
     let mask = match format {
-        MaskFormat::Png => Some(EncodedMask::Png { width: map.width, height: map.height, data: encode_png(&map)? }),
-        MaskFormat::Rle => Some(encode_rle(&map, &classes)),
+        MaskFormat::Png => Some(EncodedMask::Png { width: map.width, height: map.height, data: encode_png(map)? }),
+        MaskFormat::Rle => Some(encode_rle(map, &classes)),
         MaskFormat::None => None,
     };
     Ok(SegmentationResult { width: map.width, height: map.height, classes, mask })

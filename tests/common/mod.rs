@@ -1,4 +1,6 @@
-//! Starting the real `visionserve` binary on an ephemeral port for integration tests.
+//! What every integration test file shares: the real `visionserve` binary started on an
+//! ephemeral port (its log kept for tests to read), an HTTP client, test images, and the
+//! checks of the error shape and of metrics.
 
 #![allow(dead_code)]
 
@@ -6,12 +8,16 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use reqwest::blocking::Client;
+use serde_json::Value;
 
 pub struct Server {
     pub base: String,
     child: Child,
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Drop for Server {
@@ -61,8 +67,11 @@ impl Server {
         let mut child = child_rx.recv().unwrap().expect("starting visionserve");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let kept = Arc::clone(&log);
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                kept.lock().unwrap().push(line.clone());
                 if let Some(addr) = line.split("listening on http://").nth(1) {
                     let _ = tx.send(addr.trim().to_string());
                 }
@@ -72,7 +81,34 @@ impl Server {
             }
         });
         let addr = rx.recv_timeout(Duration::from_secs(60)).expect("server did not report its address");
-        Server { base: format!("http://{addr}"), child }
+        Server { base: format!("http://{addr}"), child, log }
+    }
+
+    /// Starts the server and waits until every model it loads is ready.
+    pub fn start_ready(args: &[&str]) -> Server {
+        let server = Server::start(args);
+        let ready = server.wait_until_settled(Duration::from_secs(180));
+        assert_eq!(ready.status(), 200, "test models did not all load: {}", ready.text().unwrap());
+        server
+    }
+
+    /// The server a test file shares: over the test models (only `models` when not empty),
+    /// started once, every model ready.
+    pub fn shared(cell: &'static OnceLock<Server>, models: &[&str]) -> &'static Server {
+        cell.get_or_init(|| {
+            let repo = test_models();
+            let only = models.join(",");
+            let mut args = vec!["--model-repository", repo.to_str().unwrap()];
+            if !models.is_empty() {
+                args.extend(["--models", only.as_str()]);
+            }
+            Server::start_ready(&args)
+        })
+    }
+
+    /// The server's log lines so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -125,4 +161,40 @@ pub fn encode(image: &image::RgbImage, format: image::ImageFormat) -> Vec<u8> {
     let mut out = std::io::Cursor::new(Vec::new());
     image::DynamicImage::ImageRgb8(image.clone()).write_to(&mut out, format).unwrap();
     out.into_inner()
+}
+
+pub fn jpeg(width: u32, height: u32, seed: u8) -> Vec<u8> {
+    encode(&synthetic_image(width, height, seed), image::ImageFormat::Jpeg)
+}
+
+pub fn client() -> Client {
+    Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
+}
+
+/// `POST /v1/models/{model}/predict{query}` with `body`: status and JSON answer.
+pub fn predict_raw(server: &Server, model: &str, query: &str, body: Vec<u8>, content_type: &str) -> (u16, Value) {
+    let response = client()
+        .post(server.url(&format!("/v1/models/{model}/predict{query}")))
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().unwrap())
+}
+
+/// The one JSON error shape, with the expected status and code.
+pub fn assert_error(status: u16, body: &Value, expected_status: u16, code: &str) {
+    assert_eq!(status, expected_status, "{body}");
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+}
+
+/// The sum of a metric's samples whose label set contains every one of `labels`.
+pub fn metric_value(metrics: &str, name: &str, labels: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

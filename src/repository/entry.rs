@@ -1,0 +1,168 @@
+//! One version of one model and its status machine: `loading` → `ready` (with its runtime) or
+//! `failed` (with the reason); `unloaded` when an admin or `--models` takes it out of service.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::scan::load_op_libraries;
+use crate::engine::{self, ModelRuntime};
+use crate::model_config::ModelConfig;
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelStatus {
+    Loading,
+    Ready,
+    Failed,
+    /// In the repository but not serving: left out by `--models`, or unloaded by an admin.
+    Unloaded,
+}
+
+/// Where a version stands, and why when it does not serve.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusReport {
+    pub status: ModelStatus,
+    pub reason: Option<String>,
+}
+
+impl StatusReport {
+    pub fn is_ready(&self) -> bool {
+        self.status == ModelStatus::Ready
+    }
+}
+
+#[derive(Clone)]
+pub(super) enum ModelState {
+    Loading,
+    Ready(ModelRuntime),
+    Failed(String),
+    Unloaded,
+}
+
+/// One version of one model and where it stands.
+pub struct ModelEntry {
+    pub name: String,
+    pub version: String,
+    pub dir: PathBuf,
+    /// `None` when the config itself could not be read; the reason is in the state.
+    pub config: Option<Arc<ModelConfig>>,
+    pub labels: Arc<Vec<String>>,
+    pub file_size: Option<u64>,
+    state: RwLock<ModelState>,
+    parameter_count: RwLock<Option<u64>>,
+}
+
+impl ModelEntry {
+    pub(super) fn new(
+        name: String,
+        version: String,
+        dir: PathBuf,
+        config: Arc<ModelConfig>,
+        labels: Vec<String>,
+        file_size: Option<u64>,
+        state: ModelState,
+    ) -> Self {
+        Self {
+            name,
+            version,
+            dir,
+            config: Some(config),
+            labels: Arc::new(labels),
+            file_size,
+            state: RwLock::new(state),
+            parameter_count: RwLock::new(None),
+        }
+    }
+
+    pub(super) fn failed(name: String, version: String, dir: PathBuf, reason: String) -> Self {
+        Self {
+            name,
+            version,
+            dir,
+            config: None,
+            labels: Arc::new(Vec::new()),
+            file_size: None,
+            state: RwLock::new(ModelState::Failed(reason)),
+            parameter_count: RwLock::new(None),
+        }
+    }
+
+    pub fn status(&self) -> StatusReport {
+        let (status, reason) = match &*self.state.read().unwrap() {
+            ModelState::Loading => (ModelStatus::Loading, None),
+            ModelState::Ready(_) => (ModelStatus::Ready, None),
+            ModelState::Failed(reason) => (ModelStatus::Failed, Some(reason.clone())),
+            ModelState::Unloaded => (ModelStatus::Unloaded, Some("not loaded".into())),
+        };
+        StatusReport { status, reason }
+    }
+
+    /// The runtime when the model serves; otherwise why not.
+    pub fn runtime(&self) -> Result<ModelRuntime, String> {
+        match &*self.state.read().unwrap() {
+            ModelState::Ready(runtime) => Ok(runtime.clone()),
+            ModelState::Loading => Err("still loading".into()),
+            ModelState::Failed(reason) => Err(reason.clone()),
+            ModelState::Unloaded => Err("not loaded".into()),
+        }
+    }
+
+    /// Counted from the loaded module; frozen modules have none left to count, so then the
+    /// count the exporter recorded in the config.
+    pub fn parameter_count(&self) -> Option<u64> {
+        let counted = (*self.parameter_count.read().unwrap()).filter(|&n| n > 0);
+        counted.or_else(|| self.config.as_ref().and_then(|c| c.provenance.parameter_count))
+    }
+
+    pub fn model_file(&self) -> Option<PathBuf> {
+        self.config.as_ref().map(|c| self.dir.join(c.model_file()))
+    }
+
+    /// Worker threads serving now (0 unless ready).
+    pub fn workers(&self) -> usize {
+        self.runtime().map(|r| r.workers()).unwrap_or(0)
+    }
+
+    pub(super) fn set_state(&self, state: ModelState) {
+        *self.state.write().unwrap() = state;
+    }
+
+    /// Loads the model file, warms it up and starts its workers; records the outcome.
+    pub(super) fn load(&self, default_threads: usize) -> Result<(), String> {
+        let Some(config) = self.config.clone() else {
+            return Err(self.status().reason.unwrap_or_default());
+        };
+        if let StatusReport { status: ModelStatus::Failed, reason: Some(reason) } = self.status() {
+            // Broken at scan time (missing file, unreadable labels): loading cannot help.
+            return Err(reason);
+        }
+        let threads = if config.runtime.intra_op_threads > 0 { config.runtime.intra_op_threads } else { default_threads };
+        let started = Instant::now();
+        let result = load_op_libraries(&self.dir, &config)
+            .and_then(|()| engine::load_model(&config, &self.dir.join(config.model_file())));
+        match result {
+            Ok(loaded) => {
+                *self.parameter_count.write().unwrap() = Some(loaded.parameter_count);
+                let runtime = engine::spawn_workers(&self.name, Arc::new(loaded), Arc::clone(&config), config.runtime.workers, threads);
+                self.set_state(ModelState::Ready(runtime));
+                tracing::info!(
+                    model = %self.name,
+                    version = %self.version,
+                    workers = config.runtime.workers,
+                    intra_op_threads = threads,
+                    seconds = started.elapsed().as_secs_f32(),
+                    "model ready"
+                );
+                Ok(())
+            }
+            Err(reason) => {
+                tracing::error!(model = %self.name, version = %self.version, %reason, "model failed to load");
+                self.set_state(ModelState::Failed(reason.clone()));
+                Err(reason)
+            }
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! The Open Inference Protocol (V2) over REST against the real binary: metadata, readiness,
+//! BYTES, UINT8 and FP32 inputs, the classification extension, detection tensors, errors.
+//! (Binary tensors and tritonclient: tests/python/test_v2_tritonclient.py.)
+
+mod common;
+
+use std::sync::OnceLock;
+
+use base64::Engine as _;
+use common::{client, jpeg, predict_raw, Server};
+use serde_json::{json, Value};
+
+const CLASSIFIER: &str = "resnet18";
+const BOXES_SCORES: &str = "tiny_ssd";
+
+fn server() -> &'static Server {
+    static SERVER: OnceLock<Server> = OnceLock::new();
+    Server::shared(&SERVER, &["resnet18", "tiny_ssd"])
+}
+
+fn v2_infer(model: &str, request: Value) -> (u16, Value) {
+    let response = client().post(server().url(&format!("/v2/models/{model}/infer"))).json(&request).send().unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().unwrap())
+}
+
+#[test]
+fn open_inference_protocol_v2_answers_like_v1() {
+    let s = server();
+    let meta: Value = client().get(s.url("/v2")).send().unwrap().json().unwrap();
+    assert_eq!(meta["name"], "visionserve");
+    assert_eq!(client().get(s.url("/v2/health/live")).send().unwrap().status(), 200);
+    assert_eq!(client().get(s.url("/v2/health/ready")).send().unwrap().status(), 200);
+    assert_eq!(client().get(s.url(&format!("/v2/models/{CLASSIFIER}/ready"))).send().unwrap().status(), 200);
+    assert_eq!(client().get(s.url(&format!("/v2/models/{CLASSIFIER}/versions/1/ready"))).send().unwrap().status(), 200);
+    let model: Value = client().get(s.url(&format!("/v2/models/{CLASSIFIER}"))).send().unwrap().json().unwrap();
+    assert_eq!(model["inputs"][0]["datatype"], "BYTES");
+    assert_eq!(model["outputs"][0]["shape"], json!([-1, 1000]));
+
+    // BYTES: a base64 JPEG, the same answer as /v1.
+    let image = jpeg(320, 240, 9);
+    let v1 = predict_raw(server(), CLASSIFIER, "", image.clone(), "image/jpeg").1;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&image);
+    let (status, body) = v2_infer(CLASSIFIER, json!({"id": "42", "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}]}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["id"], "42");
+    assert_eq!(body["outputs"][0]["shape"], json!([1, 1000]));
+    let scores: Vec<f64> = serde_json::from_value(body["outputs"][0]["data"].clone()).unwrap();
+    let top = &v1["results"][0]["predictions"][0];
+    let index = top["index"].as_u64().unwrap() as usize;
+    assert!((scores[index] - top["score"].as_f64().unwrap()).abs() < 1e-5);
+
+    // The classification extension.
+    let (status, body) = v2_infer(CLASSIFIER, json!({
+        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}],
+        "outputs": [{"name": "scores", "parameters": {"classification": 3}}]}));
+    assert_eq!(status, 200, "{body}");
+    let first = body["outputs"][0]["data"][0].as_str().unwrap();
+    assert!(first.ends_with(&format!(":{index}:{}", top["label"].as_str().unwrap())), "{first}");
+    assert_eq!(body["outputs"][0]["shape"], json!([1, 3]));
+
+    // UINT8 pixels go through the same preprocessing as an encoded image.
+    let decoded = image::load_from_memory(&image).unwrap().to_rgb8();
+    let pixels: Vec<u8> = decoded.as_raw().clone();
+    let (status, body) = v2_infer(CLASSIFIER, json!({"inputs": [{"name": "pixels", "shape": [1, 240, 320, 3], "datatype": "UINT8", "data": pixels}]}));
+    assert_eq!(status, 200, "{body}");
+    let uint8_scores: Vec<f64> = serde_json::from_value(body["outputs"][0]["data"].clone()).unwrap();
+    assert!((uint8_scores[index] - scores[index]).abs() < 1e-5);
+
+    // FP32 of the wrong size is refused; detection answers padded box tensors.
+    let (status, body) = v2_infer(CLASSIFIER, json!({"inputs": [{"name": "x", "shape": [1, 3, 2, 2], "datatype": "FP32", "data": vec![0.0f32; 12]}]}));
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("224"), "{body}");
+    let (status, body) = v2_infer(BOXES_SCORES, json!({"parameters": {"score_threshold": 0.0},
+        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}]}));
+    assert_eq!(status, 200, "{body}");
+    let count = body["outputs"][3]["data"][0].as_i64().unwrap();
+    assert!(count > 0);
+    assert_eq!(body["outputs"][0]["shape"], json!([1, count, 4]));
+
+    let (status, body) = v2_infer("ghost", json!({"inputs": []}));
+    assert_eq!(status, 404);
+    assert!(body["error"].as_str().is_some(), "{body}");
+    let (status, _) = v2_infer(CLASSIFIER, json!({"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": [b64]}]}));
+    assert_eq!(status, 400);
+}
