@@ -21,27 +21,34 @@ export PATH                 := $(PY_ENV)/bin:$(PATH)
 BIN := target/release/visionserve
 
 # Converted models are keyed by the scripts that make them (and the torch version).
-TEST_MODELS_KEY := $(shell cat models/export.py models/aoti.py | sha256sum | cut -c1-12)
+TEST_MODELS_KEY := $(shell cat models/export.py models/aoti.py models/progress.py | sha256sum | cut -c1-12)
 TEST_MODELS     := $(CACHE)/test-models-$(TEST_MODELS_KEY)
 DEFAULT_MODELS  := mobilenet_v2 ssd_mobilenet_v2_coco text_detector_ppocr_v4
-PRETRAINED_KEY  := $(shell cat models/convert_pretrained.py models/aoti.py models/weights.sha256 | sha256sum | cut -c1-12)
+PRETRAINED_KEY  := $(shell cat models/convert_pretrained.py models/aoti.py models/progress.py models/weights.sha256 | sha256sum | cut -c1-12)
 PRETRAINED      := $(CACHE)/pretrained-$(PRETRAINED_KEY)
 # AOTInductor packages are machine code: models/aoti.py keys them inside this folder by torch
 # version, a digest of the CPU flags and the exported program's checksum.
 AOTI_CACHE      := $(CACHE)/aoti
 
-.PHONY: help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
+.PHONY: compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
 
 help:
 	@echo "make run    - prepare everything and serve the default models on http://127.0.0.1:8080"
-	@echo "make test   - prepare everything and run the whole test suite"
+	@echo "make test   - prepare everything and run the whole test suite, which is:"
+	@echo "  make test-rust          - unit, router (in-process) and integration tests (tests/*.rs, real binary)"
+	@echo "  make test-python        - torchvision reference checks, default models, tritonclient, TorchServe API, OpenAPI"
+	@echo "  make test-browser       - the web page in headless Chromium"
+	@echo "  make validate-manifests - Kubernetes and KServe manifests against their schemas, offline"
+	@echo "  make docker-test        - the image built and run, answers compared with the host binary"
+	@echo "  make audit              - cargo deny: licences, banned crates, sources (and advisories when reachable)"
+	@echo "make test-gpu - on a machine with an NVIDIA GPU: integration and reference tests on cuda:0"
+	@echo "make compare-answers BEFORE=<old binary> - every route's answers, old binary vs this build, byte for byte"
 	@echo "make build  - release binary at $(BIN)"
 	@echo "make models - convert the default pretrained models into models/"
 	@echo "make zoo    - export the torchvision zoo (ZOO_FLAGS=--random-init offline, --aoti for .pt2 twins) into ZOO_OUT"
 	@echo "make bench  - load-test the server against the in-process ceiling (BENCHMARKS.md)"
 	@echo "make soak   - ten minutes at 70 % load, resident memory over time"
 	@echo "make bench-torchserve - the same load on TorchServe 0.12 and on visionserve"
-	@echo "make audit  - cargo deny: licences, banned crates, sources (and advisories when reachable)"
 	@echo "make fuzz   - every cargo-fuzz target for FUZZ_SECONDS (default 600) each; needs nightly"
 
 prereqs:
@@ -141,6 +148,16 @@ docker-test: build models
 	cargo build --release --locked --example bench
 	scripts/docker-test.sh $(CACHE)
 
+# A refactor's check: every route's answers to the sample photos and the corpus, recorded with
+# the binary BEFORE and with this build, compared byte for byte (timing headers and request
+# ids aside). EXEMPT lists answer keys that are meant to change.
+compare-answers: build models
+	@test -n "$(BEFORE)" || { echo "make compare-answers: set BEFORE=<path to the old visionserve binary>"; exit 2; }
+	@mkdir -p test-output
+	python3 scripts/compare-answers.py record --bin $(BEFORE) --models models --out test-output/answers-before.json
+	python3 scripts/compare-answers.py record --bin $(BIN) --models models --out test-output/answers-after.json
+	python3 scripts/compare-answers.py compare test-output/answers-before.json test-output/answers-after.json $(if $(EXEMPT),--exempt $(EXEMPT))
+
 # docker/k8s/*.yaml against the Kubernetes schemas, offline.
 validate-manifests: $(PY_STAMP)
 	$(PYTHON) scripts/validate-manifests.py
@@ -153,7 +170,7 @@ test-gpu: $(PY_STAMP)
 	VISIONSERVE_CUDA=1 cargo build --release --locked
 	@install -m 755 $(CARGO_TARGET_DIR)/release/visionserve $(BIN)
 	test -f $(GPU_TEST_MODELS)/.complete || { $(PYTHON) models/export.py --out $(GPU_TEST_MODELS) --set test --random-init --device cuda:0 && touch $(GPU_TEST_MODELS)/.complete; }
-	VISIONSERVE_CUDA=1 VISIONSERVE_TEST_MODELS=$(GPU_TEST_MODELS) cargo test --release --locked --test server
+	VISIONSERVE_CUDA=1 VISIONSERVE_TEST_MODELS=$(GPU_TEST_MODELS) cargo test --release --locked --test v1 --test v2 --test torchserve --test batching
 	VISIONSERVE_BIN=$(abspath $(BIN)) VISIONSERVE_TEST_MODELS=$(GPU_TEST_MODELS) $(PYTHON) -m pytest -q tests/python/test_reference.py
 
 ZOO_OUT   ?= $(CACHE)/zoo

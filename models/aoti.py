@@ -26,6 +26,7 @@ import time
 import tomllib
 
 import torch
+from progress import reporter
 
 KEY_TORCH_VERSION = "visionserve.torch_version"
 KEY_CPU_FLAGS = "visionserve.cpu_flags_sha256"
@@ -34,8 +35,7 @@ KEY_PROGRAM = "visionserve.program_sha256"
 EXTRA_SPEC = "visionserve_export"
 
 
-def progress(message):
-    print(f"[aoti] {message}", flush=True)
+progress = reporter("aoti")
 
 
 def cpu_flags_digest(cpuinfo_path="/proc/cpuinfo"):

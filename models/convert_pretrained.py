@@ -29,12 +29,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from aoti import export_program, save_program, sha256
+from progress import reporter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def progress(message):
-    print(f"[convert] {message}", flush=True)
+progress = reporter("convert")
 
 
 def read_manifest():

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torchvision
 from torchvision.models import get_model, get_model_weights
+from progress import reporter
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -45,8 +46,7 @@ COCO80 = [
 ]
 
 
-def progress(message):
-    print(f"[export] {message}", flush=True)
+progress = reporter("export")
 
 
 def torchvision_op_libraries():

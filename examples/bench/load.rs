@@ -1,0 +1,220 @@
+//! The load: the release binary started on 127.0.0.1 over a one-model repository, driven by a
+//! closed loop (a fixed number of clients) or an open loop (a fixed rate), with latency
+//! quantiles of the answered and of the refused requests.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use crate::ceiling::model_name;
+use crate::Split;
+
+pub struct ServerUnderTest {
+    pub child: Child,
+    pub base: String,
+    pub _repo: tempfile::TempDir,
+}
+
+impl ServerUnderTest {
+    pub fn start(binary: &Path, model_dir: &Path, split: Split, batching: bool, queue_capacity: usize) -> Self {
+        let repo = tempfile::tempdir().unwrap();
+        let name = model_name(model_dir);
+        let target = repo.path().join(&name);
+        std::fs::create_dir(&target).unwrap();
+        let mut config: toml::Table = std::fs::read_to_string(model_dir.join("config.toml")).unwrap().parse().unwrap();
+        for entry in std::fs::read_dir(model_dir).unwrap().flatten() {
+            if entry.file_name() != "config.toml" {
+                std::os::unix::fs::symlink(std::fs::canonicalize(entry.path()).unwrap(), target.join(entry.file_name())).unwrap();
+            }
+        }
+        let runtime = config.entry("runtime").or_insert(toml::Value::Table(Default::default())).as_table_mut().unwrap();
+        runtime.insert("workers".into(), (split.workers as i64).into());
+        runtime.insert("intra_op_threads".into(), (split.threads as i64).into());
+        let batching_table = config.entry("batching").or_insert(toml::Value::Table(Default::default())).as_table_mut().unwrap();
+        // Batching on: the model's own batch bound when it has one (an AOTInductor package
+        // accepts no more than it was exported for), else 8.
+        let own = batching_table.get("max_batch_size").and_then(|v| v.as_integer()).filter(|&n| n > 1).unwrap_or(8);
+        batching_table.insert("max_batch_size".into(), (if batching { own } else { 1 }).into());
+        batching_table.insert("max_delay_ms".into(), (if batching { 2 } else { 0 }).into());
+        batching_table.insert("queue_capacity".into(), (queue_capacity as i64).into());
+        std::fs::write(target.join("config.toml"), toml::to_string(&config).unwrap()).unwrap();
+
+        let mut child = Command::new(binary)
+            .args(["--addr", "127.0.0.1:0", "--model-repository"])
+            .arg(repo.path())
+            .env("RUST_LOG", "warn,visionserve=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting the server");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+            }
+        });
+        let base = rx.recv_timeout(Duration::from_secs(60)).expect("server address");
+        let server = ServerUnderTest { child, base, _repo: repo };
+        let started = Instant::now();
+        while reqwest::blocking::get(format!("{}/health/ready", server.base)).map(|r| r.status() != 200).unwrap_or(true) {
+            assert!(started.elapsed() < Duration::from_secs(120), "server not ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server
+    }
+
+    pub fn url(&self, model: &str) -> String {
+        format!("{}/v1/models/{model}/predict", self.base)
+    }
+
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for ServerUnderTest {
+    fn drop(&mut self) {
+        // SIGTERM for a graceful drain, then make sure.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub throughput: f64,
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub errors: u64,
+    pub refused: u64,
+    pub refused_p99: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub split: Split,
+    pub batching: bool,
+    pub concurrency: usize,
+    pub stats: Stats,
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    // One thread for the load generator: it shares the machine with the server.
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+pub fn closed_loop(url: &str, body: &[u8], concurrency: usize, duration: Duration) -> Stats {
+    let rt = runtime();
+    rt.block_on(async {
+        let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build().unwrap();
+        let body = bytes_of(body);
+        // Warm the connections and the model.
+        for _ in 0..concurrency.min(4) {
+            let _ = client.post(url).header("content-type", "image/jpeg").body(body.clone()).send().await;
+        }
+        let histogram = Arc::new(Mutex::new(Histogram::<u64>::new(3).unwrap()));
+        let errors = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..concurrency)
+            .map(|_| {
+                let (client, body, url) = (client.clone(), body.clone(), url.to_string());
+                let (histogram, errors, stop) = (Arc::clone(&histogram), Arc::clone(&errors), Arc::clone(&stop));
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let t = Instant::now();
+                        let ok = match client.post(&url).header("content-type", "image/jpeg").body(body.clone()).send().await {
+                            Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
+                            Err(_) => false,
+                        };
+                        if ok {
+                            histogram.lock().unwrap().record(t.elapsed().as_micros() as u64).unwrap();
+                        } else {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(duration).await;
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            let _ = t.await;
+        }
+        let h = histogram.lock().unwrap();
+        Stats { errors: errors.load(Ordering::Relaxed), ..answered(&h, started.elapsed()) }
+    })
+}
+
+/// Throughput and latency quantiles (ms) of the answered requests in `h` (microseconds).
+pub fn answered(h: &Histogram<u64>, elapsed: Duration) -> Stats {
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    Stats { throughput: h.len() as f64 / elapsed.as_secs_f64(), p50: ms(0.5), p95: ms(0.95), p99: ms(0.99), ..Default::default() }
+}
+
+pub fn bytes_of(body: &[u8]) -> axum::body::Bytes {
+    axum::body::Bytes::copy_from_slice(body)
+}
+
+/// Requests at a fixed rate, whether or not earlier ones have been answered.
+pub fn open_loop(url: &str, body: &[u8], rate: f64, duration: Duration) -> Stats {
+    let rt = runtime();
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        let accepted = Arc::new(Mutex::new(Histogram::<u64>::new(3).unwrap()));
+        let refused = Arc::new(Mutex::new(Histogram::<u64>::new(3).unwrap()));
+        let errors = Arc::new(AtomicU64::new(0));
+        let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        while started.elapsed() < duration {
+            interval.tick().await;
+            let (client, url, body) = (client.clone(), url.to_string(), body.to_vec());
+            let (accepted, refused, errors) = (Arc::clone(&accepted), Arc::clone(&refused), Arc::clone(&errors));
+            tasks.push(tokio::spawn(async move {
+                let t = Instant::now();
+                match client.post(&url).header("content-type", "image/jpeg").body(body).send().await {
+                    Ok(r) if r.status() == 200 => {
+                        let _ = r.bytes().await;
+                        accepted.lock().unwrap().record(t.elapsed().as_micros() as u64).unwrap();
+                    }
+                    Ok(r) if r.status() == 503 => refused.lock().unwrap().record(t.elapsed().as_micros() as u64).unwrap(),
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        let a = accepted.lock().unwrap();
+        let r = refused.lock().unwrap();
+        Stats {
+            errors: errors.load(Ordering::Relaxed),
+            refused: r.len(),
+            refused_p99: r.value_at_quantile(0.99) as f64 / 1000.0,
+            ..answered(&a, started.elapsed())
+        }
+    })
+}

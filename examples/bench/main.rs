@@ -1,0 +1,299 @@
+//! `make bench`: how close the served throughput comes to what libtorch alone can do here.
+//!
+//! 1. The ceiling, in process, no HTTP: the same TorchScript file, {1 worker × 2 threads,
+//!    2 workers × 1 thread} × batch {1, 4, 8}, with decode and preprocessing excluded and
+//!    included.
+//! 2. The server (the release binary, on 127.0.0.1), closed-loop load at each concurrency,
+//!    for each worker/thread split, with and without dynamic batching.
+//! 3. Overload: open-loop at twice the best sustained rate against a short queue.
+//!
+//! Prints a table, appends it to BENCHMARKS.md and draws a PNG chart. Every run is bounded in
+//! time; all traffic goes to 127.0.0.1. `--soak-seconds N` instead runs N seconds at 70 % of
+//! the measured capacity and reports the server's resident memory over time.
+//!
+//! `ceiling.rs` measures in process, `load.rs` drives the server, `report.rs` writes tables and
+//! charts; this file runs them in order.
+
+mod ceiling;
+mod load;
+mod report;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use clap::Parser;
+use visionserve::model_config::{ModelConfig, ModelFormat};
+
+use ceiling::{format_name, measure_ceiling, model_name};
+use load::{closed_loop, open_loop, Row, ServerUnderTest, Stats};
+use report::{draw_chart, draw_format_chart, render_formats, render_report, split_name, FormatSummary};
+
+#[derive(Parser)]
+struct Args {
+    /// The server binary.
+    #[arg(long, default_value = "target/release/visionserve")]
+    server: PathBuf,
+    /// Model folders to measure (config.toml + model file); a numbered version folder
+    /// (`models/mobilenet_v2/2`) is measured under its model's name, labelled with its format.
+    #[arg(long, value_delimiter = ',', required_unless_present = "url")]
+    models: Vec<PathBuf>,
+    /// Instead of everything else: drive this predict URL of a running server (for example
+    /// from docker compose) at each concurrency and print the table.
+    #[arg(long)]
+    url: Option<String>,
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    concurrency: Vec<usize>,
+    /// Seconds of load at each step.
+    #[arg(long, default_value_t = 6.0)]
+    seconds: f64,
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    out: PathBuf,
+    #[arg(long, default_value = "docs/bench")]
+    chart_dir: PathBuf,
+    /// Run a soak test of this many seconds instead of the sweep (first model, best split).
+    #[arg(long, default_value_t = 0)]
+    soak_seconds: u64,
+    /// Instead of the sweep: compare this server (first model) with other servers' predict
+    /// URLs for the same model, given as `LABEL=URL` (repeatable), at concurrency 1 and 16.
+    #[arg(long)]
+    compare: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Split {
+    workers: usize,
+    threads: usize,
+}
+
+const SPLITS: [Split; 2] = [Split { workers: 1, threads: 2 }, Split { workers: 2, threads: 1 }];
+
+fn main() {
+    let args = Args::parse();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let body = sample_jpeg();
+    println!("[bench] {cores} cores, {cpu}; body: 640×480 JPEG, {} bytes", body.len());
+    if let Some(url) = &args.url {
+        println!("| concurrency | req/s | p50 ms | p95 ms | p99 ms | errors |\n|---|---|---|---|---|---|");
+        for &c in &args.concurrency {
+            let s = closed_loop(url, &body, c, Duration::from_secs_f64(args.seconds));
+            println!("| {c} | {:.1} | {:.1} | {:.1} | {:.1} | {} |", s.throughput, s.p50, s.p95, s.p99, s.errors);
+        }
+        return;
+    }
+    if args.soak_seconds > 0 {
+        soak(&args, &body);
+        return;
+    }
+    if !args.compare.is_empty() {
+        compare(&args, &body, &cpu, cores);
+        return;
+    }
+    let mut report = format!(
+        "\n## Run of {} — {cores} cores, {cpu}\n\nLoad: a 640×480 JPEG (`assets/samples/coffee.jpg` resized), closed loop, {} s per step, 127.0.0.1.\n",
+        utc_now(),
+        args.seconds
+    );
+    let mut charts = Vec::new();
+    let mut formats: Vec<FormatSummary> = Vec::new();
+    for dir in &args.models {
+        let name = model_name(dir);
+        let config = ModelConfig::parse(&std::fs::read_to_string(dir.join("config.toml")).unwrap()).unwrap();
+        let label = format!("{name} ({})", format_name(config.format));
+        println!("[bench] {label}: measuring the in-process ceiling");
+        let ceiling = measure_ceiling(dir, &config, &body);
+        let best_ceiling = ceiling.iter().filter(|c| c.with_preprocessing).map(|c| c.images_per_second).fold(0.0, f64::max);
+        let single_forward = ceiling
+            .iter()
+            .find(|c| c.split == SPLITS[0] && c.batch == 1 && !c.with_preprocessing)
+            .map(|c| 1000.0 / c.images_per_second)
+            .unwrap_or(0.0);
+        let single_with_decode = ceiling
+            .iter()
+            .find(|c| c.split == SPLITS[0] && c.batch == 1 && c.with_preprocessing)
+            .map(|c| 1000.0 / c.images_per_second)
+            .unwrap_or(0.0);
+        let mut rows = Vec::new();
+        for split in SPLITS {
+            for batching in [false, true] {
+                let server = ServerUnderTest::start(&args.server, dir, split, batching, 64);
+                for &c in &args.concurrency {
+                    println!("[bench] {label}: {} workers × {} threads, batching {}, concurrency {c}", split.workers, split.threads, if batching { "on" } else { "off" });
+                    let stats = closed_loop(&server.url(&name), &body, c, Duration::from_secs_f64(args.seconds));
+                    println!("        {:.1} req/s, p50 {:.1} ms, p99 {:.1} ms, errors {}", stats.throughput, stats.p50, stats.p99, stats.errors);
+                    rows.push(Row { split, batching, concurrency: c, stats });
+                }
+            }
+        }
+        let best = rows.iter().filter(|r| r.concurrency == 16).max_by(|a, b| a.stats.throughput.total_cmp(&b.stats.throughput)).cloned();
+        // Overload: the lowest-latency setting at concurrency 1, with a queue of one request
+        // per worker, driven at twice the best sustained rate.
+        let quick = rows.iter().filter(|r| r.concurrency == 1).min_by(|a, b| a.stats.p99.total_cmp(&b.stats.p99)).cloned();
+        let overload = best.as_ref().zip(quick.as_ref()).map(|(b, q)| {
+            println!("[bench] {label}: overload at twice {:.1} req/s", b.stats.throughput);
+            let server = ServerUnderTest::start(&args.server, dir, q.split, q.batching, q.split.workers);
+            let stats = open_loop(&server.url(&name), &body, b.stats.throughput * 2.0, Duration::from_secs_f64(args.seconds));
+            (q.split, q.batching, stats)
+        });
+        report.push_str(&render_report(&label, &ceiling, &rows, best_ceiling, single_forward, single_with_decode, overload.as_ref()));
+        formats.push(FormatSummary::of(&name, config.format, &ceiling, &rows, single_with_decode));
+        let chart_name = format!("{name}-{}", format_name(config.format));
+        charts.push((chart_name, label, rows));
+    }
+    std::fs::create_dir_all(&args.chart_dir).unwrap();
+    for (file, label, rows) in &charts {
+        let path = args.chart_dir.join(format!("{file}.png"));
+        draw_chart(&path, label, rows);
+        report.push_str(&format!("\n![{label}: throughput and p99 against concurrency]({})\n", path.display()));
+    }
+    if formats.iter().any(|f| f.format == ModelFormat::Aoti) {
+        report.push_str(&render_formats(&formats));
+        let path = args.chart_dir.join("formats.png");
+        draw_format_chart(&path, &formats);
+        report.push_str(&format!("\n![TorchScript against AOTInductor, per model]({})\n", path.display()));
+    }
+    println!("{report}");
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&args.out).unwrap();
+    file.write_all(report.as_bytes()).unwrap();
+    println!("[bench] appended to {} and drew {}", args.out.display(), args.chart_dir.display());
+}
+
+fn utc_now() -> String {
+    let out = Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output().ok();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+}
+
+fn sample_jpeg() -> Vec<u8> {
+    let source = image::load_from_memory(include_bytes!("../../assets/samples/coffee.jpg")).unwrap();
+    let resized = source.resize_exact(640, 480, image::imageops::FilterType::Triangle);
+    let mut out = std::io::Cursor::new(Vec::new());
+    resized.write_to(&mut out, image::ImageFormat::Jpeg).unwrap();
+    out.into_inner()
+}
+
+// --- soak ------------------------------------------------------------------------------------
+
+fn soak(args: &Args, body: &[u8]) {
+    let dir = &args.models[0];
+    let name = model_name(dir);
+    let split = Split { workers: 2, threads: 1 };
+    let server = ServerUnderTest::start(&args.server, dir, split, true, 64);
+    println!("[soak] measuring capacity at concurrency 16");
+    let capacity = closed_loop(&server.url(&name), body, 16, Duration::from_secs(10)).throughput;
+    let rate = capacity * 0.7;
+    println!("[soak] {capacity:.1} req/s capacity; {rate:.1} req/s for {} s", args.soak_seconds);
+    let warm_rss = server.rss_kib();
+    let mut samples = vec![(0u64, warm_rss)];
+    let mut total = Stats::default();
+    let mut elapsed = 0;
+    while elapsed < args.soak_seconds {
+        let step = 30.min(args.soak_seconds - elapsed);
+        let stats = open_loop(&server.url(&name), body, rate, Duration::from_secs(step));
+        elapsed += step;
+        let rss = server.rss_kib();
+        samples.push((elapsed, rss));
+        total.errors += stats.errors + stats.refused;
+        println!("[soak] {elapsed:>4} s: RSS {:.1} MiB, {:.1} req/s, p99 {:.1} ms, errors {}", rss as f64 / 1024.0, stats.throughput, stats.p99, stats.errors + stats.refused);
+    }
+    // Growth measured from the first sample after a minute of load (warm-up done).
+    let baseline = samples.iter().find(|(t, _)| *t >= 60).map(|s| s.1).unwrap_or(warm_rss);
+    let last = samples.last().unwrap().1;
+    let growth = 100.0 * (last as f64 - baseline as f64) / baseline as f64;
+    let mut report = format!(
+        "\n## Soak of {} — {name}, {} s at {rate:.1} req/s (70 % of {capacity:.1})\n\n| second | RSS MiB |\n|---|---|\n",
+        utc_now(),
+        args.soak_seconds
+    );
+    for (t, rss) in &samples {
+        report += &format!("| {t} | {:.1} |\n", *rss as f64 / 1024.0);
+    }
+    report += &format!("\nResident memory grew **{growth:.2} %** after warm-up (target < 5 %); {} errors or refusals.\n", total.errors);
+    println!("{report}");
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&args.out).unwrap();
+    file.write_all(report.as_bytes()).unwrap();
+}
+
+// --- side by side with another server ---------------------------------------------------------
+
+/// visionserve serving each of `--models` (the same model, e.g. its TorchScript file and its
+/// AOTInductor package) beside the other servers' URLs.
+fn compare(args: &Args, body: &[u8], cpu: &str, cores: usize) {
+    let name = model_name(&args.models[0]);
+    let duration = Duration::from_secs_f64(args.seconds);
+    let mut results: Vec<(String, usize, Stats)> = Vec::new();
+    for dir in &args.models {
+        let format = ModelConfig::parse(&std::fs::read_to_string(dir.join("config.toml")).unwrap()).unwrap().format;
+        let settings = [Split { workers: 2, threads: 1 }, Split { workers: 1, threads: 2 }]
+            .into_iter()
+            .flat_map(|split| [(split, false), (split, true)]);
+        for (split, batching) in settings {
+            let label = format!(
+                "visionserve {}, {} workers × threads, batching {}",
+                format_name(format),
+                split_name(split),
+                if batching { "on / 2 ms" } else { "off" }
+            );
+            let server = ServerUnderTest::start(&args.server, dir, split, batching, 64);
+            for c in [1usize, 16] {
+                println!("[compare] {label}, concurrency {c}");
+                let stats = closed_loop(&server.url(&name), body, c, duration);
+                println!("          {:.1} req/s, p99 {:.1} ms, errors {}", stats.throughput, stats.p99, stats.errors);
+                results.push((label.clone(), c, stats));
+            }
+        }
+    }
+    for entry in &args.compare {
+        let (label, url) = entry.split_once('=').expect("--compare takes LABEL=URL");
+        for c in [1usize, 16] {
+            println!("[compare] {label}, concurrency {c}");
+            let stats = closed_loop(url, body, c, duration);
+            println!("          {:.1} req/s, p99 {:.1} ms, errors {}", stats.throughput, stats.p99, stats.errors);
+            results.push((label.to_string(), c, stats));
+        }
+    }
+    let mut report = format!(
+        "\n## Side by side, {} — {cores} cores, {cpu}\n\nThe same model (`{name}`; the other servers and visionserve's `torchscript` rows serve its TorchScript file, visionserve's `aoti` rows its AOTInductor package of the same weights), the same 640×480 JPEG, the same closed-loop client, {} s per step, 127.0.0.1.\n\n| server and setting | concurrency | req/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|---|\n",
+        utc_now(),
+        args.seconds
+    );
+    for (label, c, s) in &results {
+        report += &format!("| {label} | {c} | {:.1} | {:.1} | {:.1} | {} |\n", s.throughput, s.p50, s.p99, s.errors);
+    }
+    let best = |ours: bool| {
+        results
+            .iter()
+            .filter(|(l, c, _)| *c == 16 && l.starts_with("visionserve") == ours)
+            .max_by(|a, b| a.2.throughput.total_cmp(&b.2.throughput))
+            .cloned()
+    };
+    let best_of = |format: &str| {
+        results
+            .iter()
+            .filter(|(l, c, _)| *c == 16 && l.starts_with(&format!("visionserve {format}")))
+            .max_by(|a, b| a.2.throughput.total_cmp(&b.2.throughput))
+            .cloned()
+    };
+    if let (Some(us), Some(them)) = (best(true), best(false)) {
+        report += &format!(
+            "\nAt concurrency 16, the best visionserve setting ({}) serves **{:.2}×** the throughput of the best other ({}), {:.1} against {:.1} req/s (target ≥ 1.3×), with p99 {:.0} ms against {:.0} ms (target: lower).\n",
+            us.0, us.2.throughput / them.2.throughput.max(1e-9), them.0, us.2.throughput, them.2.throughput, us.2.p99, them.2.p99
+        );
+        for format in ["torchscript", "aoti"] {
+            if let Some(ours) = best_of(format) {
+                report += &format!(
+                    "- best visionserve {format} setting: {:.1} req/s = **{:.2}×** the best other server{}.\n",
+                    ours.2.throughput, ours.2.throughput / them.2.throughput.max(1e-9),
+                    if format == "aoti" { " (target ≥ 2×)" } else { "" }
+                );
+            }
+        }
+    }
+    println!("{report}");
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&args.out).unwrap();
+    file.write_all(report.as_bytes()).unwrap();
+}
