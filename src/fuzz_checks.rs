@@ -13,7 +13,7 @@ use axum::http::{Request, Uri};
 use crate::api::input::{decode_base64, ImageUploads};
 use crate::api::v2::tensors::{encode_response, parse_request, split_length_prefixed, OutputData, OutputTensor};
 use crate::api::{AppState, RequestLimits};
-use crate::image::{decode_image, preprocess, DecodeLimits, Geometry};
+use crate::image::{decode_image, decode_scaled, decode_size_needed, preprocess, preprocess_decoded, DecodeLimits, Geometry};
 use crate::model_config::{InputSpec, ModelConfig, Task};
 use crate::repository::ModelRepository;
 use crate::tasks::detection::{non_max_suppression, Candidate};
@@ -39,15 +39,26 @@ fn input_specs() -> &'static [InputSpec] {
     })
 }
 
-/// Untrusted bytes → decode (pixel limit first) → every resize policy.
+/// Untrusted bytes → decode (pixel limit first) → every resize policy, through the full decoder
+/// and through the scaled JPEG path, which must agree on the image's size and give the same
+/// geometry.
 pub fn decode_preprocess(data: &[u8]) {
     // 1 Mpx keeps each run fast; the limit logic is the same at any size.
-    let Ok(image) = decode_image(data, DecodeLimits { max_pixels: 1 << 20 }) else { return };
+    let limits = DecodeLimits { max_pixels: 1 << 20 };
+    let Ok(image) = decode_image(data, limits) else { return };
     for spec in input_specs() {
         let prepared = preprocess(&image, spec).expect("preprocessing a decoded image never fails");
         let g = prepared.geometry;
         assert_eq!(prepared.data.len(), 3 * g.input_width as usize * g.input_height as usize);
         assert!(prepared.data.iter().all(|v| v.is_finite()));
+        let decoded = decode_scaled(data, limits, |w, h| decode_size_needed(spec, w, h)).expect("what decodes whole decodes scaled");
+        assert_eq!(decoded.original, image.dimensions());
+        let (w, h) = decoded.image.dimensions();
+        assert!(w <= decoded.original.0 && h <= decoded.original.1);
+        let scaled = preprocess_decoded(&decoded, spec).expect("preprocessing a scaled image never fails");
+        assert_eq!(scaled.geometry, prepared.geometry);
+        assert_eq!(scaled.data.len(), prepared.data.len());
+        assert!(scaled.data.iter().all(|v| v.is_finite()));
     }
 }
 

@@ -123,6 +123,11 @@ pub struct InputSpec {
     pub std: [f32; 3],
     #[serde(default)]
     pub channel_order: ChannelOrder,
+    /// Decode a JPEG larger than the resize step needs at 1/2, 1/4 or 1/8 of its size, in the
+    /// DCT domain (results still come back in the uploaded image's pixels). On by default;
+    /// `original` models never scale.
+    #[serde(default = "yes")]
+    pub scaled_decode: bool,
 }
 
 fn default_pad() -> u8 {

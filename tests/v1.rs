@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use common::{assert_error, client, encode, jpeg, predict_raw, synthetic_image, test_models, Server};
-use image::ImageFormat;
+use image::{GenericImageView, ImageFormat};
 use reqwest::blocking::multipart;
 use serde_json::{json, Value};
 
@@ -324,4 +324,36 @@ fn rendered_overlays_are_pngs_of_the_input_size() {
     assert_eq!(response.status(), 422);
     let (s, b) = predict_raw(server(), CLASSIFIER, "?render=gif", jpeg(40, 40, 1), "image/jpeg");
     assert_error(s, &b, 422, "invalid_parameter");
+}
+
+/// A photo far larger than the model needs is decoded at a reduced scale, and every answer is
+/// still in the photo's own pixels: the mask covers it, boxes lie within it, an overlay is its
+/// size (overlays decode whole).
+#[test]
+fn a_large_jpeg_is_decoded_scaled_and_answered_in_its_own_pixels() {
+    let photo = jpeg(2400, 1800, 8);
+    let scaled = || {
+        let text = client().get(server().url("/metrics")).send().unwrap().text().unwrap();
+        common::metric_value(&text, "visionserve_scaled_decodes_total", &[])
+    };
+    let before = scaled();
+    // lraspp stretches to 256 × 256: twice that fits in 1/4 of the photo (600 × 450).
+    let (status, body) = predict_raw(server(), SEGMENTER, "", photo.clone(), "image/jpeg");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(decode_mask_png(&body["results"][0]).dimensions(), (2400, 1800));
+    assert!(scaled() > before, "the segmenter's input was not decoded scaled");
+    let (status, body) = predict_raw(server(), YOLO, "?score_threshold=0.3&max_detections=20", photo.clone(), "image/jpeg");
+    assert_eq!(status, 200);
+    assert!(check_detections(&body, 2400.0, 1800.0, 0.3, 20) > 0);
+    let (status, body) = predict_raw(server(), CLASSIFIER, "", photo.clone(), "image/jpeg");
+    assert_eq!(status, 200);
+    assert_eq!(body["results"][0]["predictions"].as_array().unwrap().len(), 5);
+    let overlay = client()
+        .post(server().url(&format!("/v1/models/{YOLO}/predict?render=png")))
+        .header("content-type", "image/jpeg")
+        .body(photo)
+        .send()
+        .unwrap();
+    assert_eq!(overlay.status(), 200);
+    assert_eq!(image::load_from_memory(&overlay.bytes().unwrap()).unwrap().dimensions(), (2400, 1800));
 }

@@ -17,7 +17,8 @@ use super::input::ImageUploads;
 use super::model_path::ModelPath;
 use super::AppState;
 use crate::error::ApiError;
-use crate::image::{decode_image, preprocess, DecodeLimits, PreparedImage};
+use crate::metrics as m;
+use crate::image::{decode_scaled, decode_size_needed, preprocess_decoded, DecodeLimits, PreparedImage};
 use crate::model_config::ModelConfig;
 use crate::render;
 use crate::tasks::{PredictParams, TaskResult};
@@ -108,7 +109,8 @@ fn wants_png(render: Option<&str>, headers: &HeaderMap) -> Result<bool, ApiError
 }
 
 /// Decodes and preprocesses every image; keeps the first decoded image when an overlay will
-/// be drawn on it.
+/// be drawn on it. A JPEG larger than the model needs is decoded at a reduced scale, except
+/// when an overlay is drawn (it is drawn on the full image).
 pub(super) fn prepare_all(
     images: &[axum::body::Bytes],
     config: &ModelConfig,
@@ -119,10 +121,14 @@ pub(super) fn prepare_all(
     let mut original = None;
     for (i, bytes) in images.iter().enumerate() {
         let which = if images.len() > 1 { format!("image {i}: ") } else { String::new() };
-        let rgb = decode_image(bytes, limits).map_err(|e| ApiError::InvalidImage(format!("{which}{e}")))?;
-        prepared.push(preprocess(&rgb, &config.input).map_err(|e| ApiError::Internal(format!("{which}{e}")))?);
+        let needed = |w, h| if keep_original { None } else { decode_size_needed(&config.input, w, h) };
+        let decoded = decode_scaled(bytes, limits, needed).map_err(|e| ApiError::InvalidImage(format!("{which}{e}")))?;
+        if decoded.is_scaled() {
+            metrics::counter!(m::SCALED_DECODES, "scale" => decoded.scale_name()).increment(1);
+        }
+        prepared.push(preprocess_decoded(&decoded, &config.input).map_err(|e| ApiError::Internal(format!("{which}{e}")))?);
         if keep_original && original.is_none() {
-            original = Some(rgb);
+            original = Some(decoded.image);
         }
     }
     Ok((prepared, original))

@@ -4,5 +4,5 @@
 pub mod decode;
 pub mod preprocess;
 
-pub use decode::{decode_image, DecodeError, DecodeLimits};
-pub use preprocess::{preprocess, Geometry, PreparedImage};
+pub use decode::{decode_image, decode_scaled, DecodeError, DecodeLimits, Decoded};
+pub use preprocess::{decode_size_needed, preprocess, preprocess_decoded, Geometry, PreparedImage};
