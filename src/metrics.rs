@@ -20,6 +20,8 @@ pub const WORKER_RESTARTS: &str = "visionserve_worker_restarts_total";
 pub const JOBS_SKIPPED: &str = "visionserve_jobs_skipped_total";
 pub const CONNECTIONS_REFUSED: &str = "visionserve_connections_refused_total";
 pub const SCALED_DECODES: &str = "visionserve_scaled_decodes_total";
+pub const ADMISSION_REFUSED: &str = "visionserve_admission_refused_total";
+pub const EXPECTED_QUEUE_WAIT: &str = "visionserve_expected_queue_wait_seconds";
 
 const SECONDS_BUCKETS: [f64; 16] =
     [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 10.0];
@@ -48,6 +50,8 @@ pub fn handle() -> PrometheusHandle {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(REQUESTS, "Inference requests (/v1, /v2, /predictions) by model and HTTP status");
+    describe_counter!(ADMISSION_REFUSED, "Requests refused at once (503) because the model's queue was full or its expected wait over the request's budget");
+    describe_gauge!(EXPECTED_QUEUE_WAIT, Unit::Seconds, "How long a request arriving now would wait for a worker (queued images x recent forward time per image / workers); the estimate admission uses, meant for autoscaling");
     describe_counter!(SCALED_DECODES, "JPEGs decoded at a reduced DCT scale (1/2, 1/4, 1/8), by scale");
     describe_histogram!(REQUEST_SECONDS, Unit::Seconds, "Whole inference request, body read to answer");
     describe_histogram!(PREPROCESS_SECONDS, Unit::Seconds, "Decode, resize and normalise");

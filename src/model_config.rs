@@ -256,9 +256,14 @@ pub struct BatchingSpec {
     /// How long an idle worker waits for more requests to fill a batch.
     #[serde(default)]
     pub max_delay_ms: u64,
-    /// Requests waiting for a worker before new ones are refused with 503.
+    /// Requests waiting for a worker before new ones are refused with 503: a bound on memory.
     #[serde(default = "default_queue")]
     pub queue_capacity: usize,
+    /// A request is refused at once (503) when its expected wait for a worker is over its own
+    /// deadline, or over both this and the time 16 images a worker take: the queue is bounded
+    /// by time, not only by count. 0 leaves only the deadline.
+    #[serde(default = "default_max_queue_ms")]
+    pub max_queue_ms: u64,
 }
 
 impl Default for BatchingSpec {
@@ -267,6 +272,7 @@ impl Default for BatchingSpec {
             max_batch_size: 1,
             max_delay_ms: 0,
             queue_capacity: default_queue(),
+            max_queue_ms: default_max_queue_ms(),
         }
     }
 }
@@ -274,6 +280,12 @@ impl Default for BatchingSpec {
 fn default_queue() -> usize {
     64
 }
+fn default_max_queue_ms() -> u64 {
+    DEFAULT_MAX_QUEUE_MS
+}
+
+/// The default wait a request may expect in a model's queue before it is refused.
+pub const DEFAULT_MAX_QUEUE_MS: u64 = 100;
 
 impl ModelConfig {
     /// The model file, relative to the model's folder.

@@ -125,6 +125,30 @@ fn batcher_isolates_failures_and_enforces_deadlines_queue_limits_and_disconnects
     let text = metrics();
     let skipped_after = metric_value(&text, "visionserve_jobs_skipped_total", &[FAULT_PROBE]);
     assert!(skipped_after > skipped_before, "no skipped job counted:\n{text}");
+
+    // 6. Admission by expected wait: with a forward running and an image queued behind it, a
+    // request whose deadline is shorter than the expected wait is refused at once (503,
+    // Retry-After), not queued to time out; the queue itself is not full.
+    std::thread::sleep(Duration::from_millis(300));
+    let refused_before = metric_value(&metrics(), "visionserve_admission_refused_total", &[FAULT_PROBE]);
+    let four = (0..4).fold(reqwest::blocking::multipart::Form::new(), |form, i| {
+        form.part("image", reqwest::blocking::multipart::Part::bytes(png_of(70 + i)).file_name(format!("{i}.png")))
+    });
+    let url = s.url(&format!("/v1/models/{FAULT_PROBE}/predict"));
+    let running = std::thread::spawn(move || client().post(url).multipart(four).send().unwrap().status());
+    std::thread::sleep(Duration::from_millis(30));
+    let queued = std::thread::spawn(|| probe(png_of(80), None, None).unwrap().status());
+    std::thread::sleep(Duration::from_millis(30));
+    let started = std::time::Instant::now();
+    let hurried = probe(png_of(81), None, Some(15)).unwrap();
+    assert_eq!(hurried.status(), 503, "a request that cannot be answered in 15 ms is refused at once");
+    assert!(started.elapsed() < Duration::from_millis(100), "the refusal took {:?}", started.elapsed());
+    assert_eq!(hurried.headers()["retry-after"], "1");
+    assert_eq!(running.join().unwrap(), 200);
+    assert_eq!(queued.join().unwrap(), 200);
+    let text = metrics();
+    assert!(metric_value(&text, "visionserve_admission_refused_total", &[FAULT_PROBE]) > refused_before, "{text}");
+    assert!(text.contains("visionserve_expected_queue_wait_seconds{model=\"fault_probe\"}"), "{text}");
 }
 
 #[test]

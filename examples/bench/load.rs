@@ -133,24 +133,33 @@ pub fn closed_loop(url: &str, body: &[u8], concurrency: usize, duration: Duratio
             let _ = client.post(url).header("content-type", "image/jpeg").body(body.clone()).send().await;
         }
         let histogram = Arc::new(Mutex::new(Histogram::<u64>::new(3).unwrap()));
+        // Refusals (503) apart: a client without back-off retries them at once, as here.
+        let refusals = Arc::new(Mutex::new(Histogram::<u64>::new(3).unwrap()));
         let errors = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
         let tasks: Vec<_> = (0..concurrency)
             .map(|_| {
                 let (client, body, url) = (client.clone(), body.clone(), url.to_string());
-                let (histogram, errors, stop) = (Arc::clone(&histogram), Arc::clone(&errors), Arc::clone(&stop));
+                let (histogram, refusals, errors, stop) =
+                    (Arc::clone(&histogram), Arc::clone(&refusals), Arc::clone(&errors), Arc::clone(&stop));
                 tokio::spawn(async move {
                     while !stop.load(Ordering::Relaxed) {
                         let t = Instant::now();
-                        let ok = match client.post(&url).header("content-type", "image/jpeg").body(body.clone()).send().await {
-                            Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
-                            Err(_) => false,
+                        let status = match client.post(&url).header("content-type", "image/jpeg").body(body.clone()).send().await {
+                            Ok(r) => {
+                                let status = r.status().as_u16();
+                                if r.bytes().await.is_ok() { status } else { 0 }
+                            }
+                            Err(_) => 0,
                         };
-                        if ok {
-                            histogram.lock().unwrap().record(t.elapsed().as_micros() as u64).unwrap();
-                        } else {
-                            errors.fetch_add(1, Ordering::Relaxed);
+                        let micros = t.elapsed().as_micros() as u64;
+                        match status {
+                            200 => histogram.lock().unwrap().record(micros).unwrap(),
+                            503 => refusals.lock().unwrap().record(micros).unwrap(),
+                            _ => {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                     }
                 })
@@ -162,7 +171,13 @@ pub fn closed_loop(url: &str, body: &[u8], concurrency: usize, duration: Duratio
             let _ = t.await;
         }
         let h = histogram.lock().unwrap();
-        Stats { errors: errors.load(Ordering::Relaxed), ..answered(&h, started.elapsed()) }
+        let r = refusals.lock().unwrap();
+        Stats {
+            errors: errors.load(Ordering::Relaxed),
+            refused: r.len(),
+            refused_p99: r.value_at_quantile(0.99) as f64 / 1000.0,
+            ..answered(&h, started.elapsed())
+        }
     })
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::{millis, AppState};
-use crate::engine::{EngineError, JobOptions, ModelRuntime, RawTensor};
+use crate::engine::{Admission, EngineError, JobOptions, ModelRuntime, RawTensor};
 use crate::error::ApiError;
 use crate::image::{Geometry, PreparedImage};
 use crate::metrics as m;
@@ -32,20 +32,26 @@ pub struct Target {
     pub entry: Arc<ModelEntry>,
     pub config: Arc<ModelConfig>,
     runtime: ModelRuntime,
+    /// Counts this request in the model's expected wait from admission until it is queued.
+    admission: Admission,
 }
 
 impl Target {
-    /// The model (its default version unless one is named) if it serves and has room.
-    pub fn resolve(state: &AppState, name: &str, version: Option<&str>) -> Result<Target, ApiError> {
+    /// The model (its default version unless one is named) if it serves and has room: a
+    /// free slot in its queue, and an expected wait within the request's deadline and the
+    /// model's `max_queue_ms`.
+    pub fn resolve(state: &AppState, name: &str, version: Option<&str>, context: &RequestContext) -> Result<Target, ApiError> {
         let entry = state.repository.get(name, version)?;
         let not_ready = |reason: String| ApiError::ModelNotReady { name: name.to_string(), reason };
         let config = entry.config.clone().ok_or_else(|| not_ready(entry.status().reason.unwrap_or_default()))?;
         let runtime = entry.runtime().map_err(not_ready)?;
         // Checked before decoding, so a request over capacity costs no preprocessing.
-        if runtime.is_full() {
+        if runtime.is_full() || !within_budget(&runtime, &config, context.deadline) {
+            metrics::counter!(m::ADMISSION_REFUSED, "model" => name.to_string()).increment(1);
             return Err(ApiError::Overloaded(name.to_string()));
         }
-        Ok(Target { entry, config, runtime })
+        let admission = runtime.admit();
+        Ok(Target { entry, config, runtime, admission })
     }
 
     pub fn name(&self) -> &str {
@@ -59,6 +65,27 @@ impl Target {
     pub fn labels(&self) -> Arc<Vec<String>> {
         Arc::clone(&self.entry.labels)
     }
+}
+
+/// Images a model's queue always admits per worker, whatever `max_queue_ms` says: what 16
+/// clients keep waiting, so a slow model is not refused under ordinary load and its workers
+/// never run dry (a queue refused down to nothing idles them while clients retry).
+const MIN_QUEUE_IMAGES_PER_WORKER: usize = 16;
+
+/// Whether a request arriving now can be answered in time: its expected wait for a worker
+/// must be within what is left of its deadline, and within the model's `max_queue_ms` or
+/// the time 16 images a worker take, whichever is longer (`max_queue_ms = 0`: no such bound).
+fn within_budget(runtime: &ModelRuntime, config: &ModelConfig, deadline: Deadline) -> bool {
+    let wait = runtime.expected_wait();
+    if wait > deadline.at.saturating_duration_since(Instant::now()) {
+        return false;
+    }
+    let max_queue = config.batching.max_queue_ms;
+    if max_queue == 0 {
+        return true;
+    }
+    let floor = runtime.time_for(MIN_QUEUE_IMAGES_PER_WORKER * runtime.workers());
+    wait <= Duration::from_millis(max_queue).max(floor)
 }
 
 /// What came back, with the time each stage took.
@@ -122,6 +149,8 @@ where
     let geometries = prepared.iter().map(|p| p.geometry).collect();
     let options = JobOptions { score_threshold: params.score_threshold, want_confidence: params.pixel_confidence, want_raw };
     let deadline = context.deadline;
+    // From here on the job itself counts in the queue.
+    target.admission.release();
     let output = target
         .runtime
         .infer(prepared, options, deadline.at, &context.request_id)

@@ -22,8 +22,11 @@ async fn render(State(state): State<AppState>) -> impl IntoResponse {
         let name = model.name.clone();
         let ready = model.status().is_ready();
         metrics::gauge!(m::MODEL_READY, "model" => name.clone()).set(if ready { 1.0 } else { 0.0 });
-        let depth = model.runtime().map(|r| r.queue_depth()).unwrap_or(0);
-        metrics::gauge!(m::QUEUE_DEPTH, "model" => name).set(depth as f64);
+        let runtime = model.runtime().ok();
+        let depth = runtime.as_ref().map_or(0, |r| r.queue_depth());
+        let wait = runtime.as_ref().map_or(0.0, |r| m::seconds(r.expected_wait()));
+        metrics::gauge!(m::QUEUE_DEPTH, "model" => name.clone()).set(depth as f64);
+        metrics::gauge!(m::EXPECTED_QUEUE_WAIT, "model" => name).set(wait);
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
 }

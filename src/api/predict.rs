@@ -47,7 +47,7 @@ async fn predict(
             uploads.images.len()
         )));
     }
-    let target = Target::resolve(&state, &model.name, model.version())?;
+    let target = Target::resolve(&state, &model.name, model.version(), &context)?;
     let params = PredictParams::from_raw(&raw, target.task())?;
 
     let limits = DecodeLimits { max_pixels: state.limits.max_image_pixels };

@@ -71,7 +71,7 @@ async fn images_of(request: Request, state: &AppState) -> Result<Vec<Bytes>, Api
 async fn predict(State(state): State<AppState>, model: ModelPath, request: Request) -> Result<Response, ApiError> {
     let context = RequestContext::from_headers(request.headers(), state.limits.request_timeout_ms)?;
     // Resolved before the body is read: an unknown or full model costs no upload.
-    let target = Target::resolve(&state, &model.name, model.version())?;
+    let target = Target::resolve(&state, &model.name, model.version(), &context)?;
     let images = images_of(request, &state).await?;
     let limits = DecodeLimits { max_pixels: state.limits.max_image_pixels };
     let prepare = move |config: &ModelConfig| super::predict::prepare_all(&images, config, limits, false);

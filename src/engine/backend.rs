@@ -4,9 +4,12 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
 
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
+use super::admission::ServiceTime;
 use super::aoti::AotiModel;
 use super::first_line;
 use super::outputs::{parse_batched, parse_torchvision_detection, raw_tensors, scale_normalised, RawData, RawTensor};
@@ -22,6 +25,9 @@ pub struct LoadedModel {
     pub parameter_count: u64,
     /// The model's own outputs as the warm-up saw them.
     pub raw_outputs: Vec<RawOutputSpec>,
+    /// Forward time per image, measured over the model's life (seeded by the warm-up) and
+    /// shared by every pool of workers over it: what admission estimates waits from.
+    pub service: Arc<ServiceTime>,
 }
 
 /// The model format, hidden from everything above `run_images`: both take input tensors and
@@ -118,7 +124,9 @@ pub fn parse_device(spec: &str) -> Result<Device, String> {
 pub fn load_model(config: &ModelConfig, model_file: &Path) -> Result<LoadedModel, String> {
     let device = parse_device(&config.runtime.device)?;
     let (backend, parameter_count) = Backend::load(config, model_file, device)?;
-    let mut model = LoadedModel { backend, device, parameter_count, raw_outputs: Vec::new() };
+    let mut model =
+        LoadedModel { backend, device, parameter_count, raw_outputs: Vec::new(), service: Arc::new(ServiceTime::new(Default::default())) };
+    let mut last_run = Default::default();
     let _no_grad = tch::no_grad_guard();
     // One thread here, whatever the workers get: a thread that has run a multi-threaded
     // OpenMP region keeps its thread team, and a second team slowed the next one down (in
@@ -132,8 +140,10 @@ pub fn load_model(config: &ModelConfig, model_file: &Path) -> Result<LoadedModel
         let blank = PreparedImage { data: vec![0.0; (w * h * 3) as usize], geometry: Geometry::identity(w, h) };
         // The first run also reads the model's own outputs, to describe them in metadata.
         let want_raw = run == 0 && config.output.convention != OutputConvention::TorchvisionDetection;
+        let started = Instant::now();
         let outputs = run_images(&model, config, &[&blank], JobOptions { score_threshold: 1.0, want_confidence: false, want_raw })
             .map_err(|e| format!("warm-up failed: {e}"))?;
+        last_run = started.elapsed();
         if let Some((_, raw)) = outputs.first().filter(|_| want_raw) {
             model.raw_outputs = raw
                 .iter()
@@ -149,6 +159,9 @@ pub fn load_model(config: &ModelConfig, model_file: &Path) -> Result<LoadedModel
                 .collect();
         }
     }
+    // On one thread, the last warm-up run overestimates a worker's forward: a cautious start
+    // that the first batches correct.
+    model.service = Arc::new(ServiceTime::new(last_run));
     Ok(model)
 }
 

@@ -12,6 +12,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use super::backend::{run_images, LoadedModel};
 use super::outputs::RawTensor;
+use super::admission::QueuedImages;
 use super::{EngineError, Job, JobOptions, JobOutput, ModelRuntime};
 use crate::image::PreparedImage;
 use crate::metrics as m;
@@ -27,8 +28,10 @@ pub fn spawn_workers(
     intra_op_threads: usize,
 ) -> ModelRuntime {
     let (sender, receiver) = crossbeam_channel::bounded::<Job>(config.batching.queue_capacity);
+    let queued = Arc::new(QueuedImages::default());
     for index in 0..workers.max(1) {
         let receiver = receiver.clone();
+        let queued = Arc::clone(&queued);
         let model = Arc::clone(&model);
         let config = Arc::clone(&config);
         let span = tracing::info_span!("worker", model = %name, index);
@@ -43,7 +46,7 @@ pub fn spawn_workers(
                 // A panic outside the guarded forward pass ends the loop; the jobs it held are
                 // dropped (their callers answer 500) and the loop starts again on this thread.
                 loop {
-                    match catch_unwind(AssertUnwindSafe(|| worker_loop(&model_name, &model, &config, &receiver))) {
+                    match catch_unwind(AssertUnwindSafe(|| worker_loop(&model_name, &model, &config, &receiver, &queued))) {
                         Ok(()) => break,
                         Err(_) => {
                             metrics::counter!(m::WORKER_RESTARTS, "model" => model_name.clone()).increment(1);
@@ -54,13 +57,16 @@ pub fn spawn_workers(
             })
             .expect("spawning a worker thread");
     }
-    ModelRuntime { queue: sender, config, model, workers: workers.max(1), intra_op_threads }
+    let service = Arc::clone(&model.service);
+    let admitted = Arc::new(QueuedImages::default());
+    ModelRuntime { queue: sender, config, model, workers: workers.max(1), intra_op_threads, service, queued, admitted }
 }
 
-fn worker_loop(name: &str, model: &LoadedModel, config: &ModelConfig, queue: &Receiver<Job>) {
+fn worker_loop(name: &str, model: &LoadedModel, config: &ModelConfig, queue: &Receiver<Job>, queued: &QueuedImages) {
     let max_batch = config.batching.max_batch_size;
     let max_delay = Duration::from_millis(config.batching.max_delay_ms);
     while let Ok(first) = queue.recv() {
+        queued.take(first.images.len());
         let mut jobs = vec![first];
         let mut images: usize = jobs[0].images.len();
         let deadline = Instant::now() + max_delay;
@@ -75,6 +81,7 @@ fn worker_loop(name: &str, model: &LoadedModel, config: &ModelConfig, queue: &Re
             };
             match next {
                 Some(job) => {
+                    queued.take(job.images.len());
                     images += job.images.len();
                     jobs.push(job);
                 }
@@ -142,6 +149,7 @@ fn run_jobs(name: &str, model: &LoadedModel, config: &ModelConfig, jobs: Vec<Job
         }
     }
     let inference_time = started.elapsed();
+    model.service.record(inference_time, batch_size);
     let mut results = results.into_iter();
     for job in jobs {
         let mine: Vec<_> = results.by_ref().take(job.images.len()).collect();

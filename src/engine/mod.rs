@@ -2,6 +2,7 @@
 //! take jobs from one bounded queue. Only plain Rust data crosses the queue; `Tensor` and
 //! `IValue` never leave the worker thread.
 
+mod admission;
 pub mod aoti;
 mod backend;
 mod batcher;
@@ -17,6 +18,8 @@ use tokio::sync::oneshot;
 use crate::image::PreparedImage;
 use crate::model_config::ModelConfig;
 use crate::tasks::ModelOutput;
+pub use admission::Admission;
+use admission::{QueuedImages, ServiceTime};
 
 pub use backend::{load_model, Backend, LoadedModel, RawOutputSpec};
 pub use batcher::spawn_workers;
@@ -81,6 +84,11 @@ pub struct ModelRuntime {
     model: Arc<LoadedModel>,
     workers: usize,
     intra_op_threads: usize,
+    /// Shared by every pool over this loaded model, so a rescale keeps what was measured.
+    service: Arc<ServiceTime>,
+    queued: Arc<QueuedImages>,
+    /// Requests admitted and still being decoded: they will queue in a moment.
+    admitted: Arc<QueuedImages>,
 }
 
 /// The first line of a libtorch or shim message that says something (they start with a blank
@@ -116,6 +124,7 @@ impl ModelRuntime {
         request_id: &str,
     ) -> Result<JobOutput, EngineError> {
         let (reply, response) = oneshot::channel();
+        let count = images.len();
         let job = Job {
             images,
             options,
@@ -126,7 +135,7 @@ impl ModelRuntime {
             span: tracing::Span::current(),
         };
         match self.queue.try_send(job) {
-            Ok(()) => {}
+            Ok(()) => self.queued.add(count),
             Err(TrySendError::Full(_)) => return Err(EngineError::QueueFull),
             Err(TrySendError::Disconnected(_)) => return Err(EngineError::Stopped),
         }
@@ -140,6 +149,25 @@ impl ModelRuntime {
 
     pub fn queue_depth(&self) -> usize {
         self.queue.len()
+    }
+
+    /// How long a request arriving now would wait for a worker: the images queued, times the
+    /// recent forward time per image, over the workers. Admission and the
+    /// `visionserve_expected_queue_wait_seconds` gauge both read this one estimate.
+    pub fn expected_wait(&self) -> Duration {
+        let waiting = self.queued.get() + self.admitted.get();
+        admission::expected_wait(waiting, self.service.per_image(), self.workers)
+    }
+
+    /// How long `images` take to clear the queue at the recent pace.
+    pub fn time_for(&self, images: usize) -> Duration {
+        admission::expected_wait(images, self.service.per_image(), self.workers)
+    }
+
+    /// Counts a request that passed admission until its job is queued (`Admission::release`)
+    /// or it ends, so that the expected wait sees it while it is decoded.
+    pub fn admit(&self) -> Admission {
+        Admission::new(Arc::clone(&self.admitted))
     }
 
     /// Whether a job would be refused now. Checked before decoding, so that a request over

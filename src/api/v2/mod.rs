@@ -176,7 +176,7 @@ async fn infer(State(state): State<AppState>, model: ModelPath, headers: HeaderM
     if batch == 0 || batch > state.limits.max_images_per_request {
         return Err(V2Error::bad(format!("batch of {batch} images; 1..={} are accepted", state.limits.max_images_per_request)));
     }
-    let target = Target::resolve(&state, &model.name, model.version())?;
+    let target = Target::resolve(&state, &model.name, model.version(), &context)?;
     let limits = DecodeLimits { max_pixels: state.limits.max_image_pixels };
     let InferRequest { id, inputs, outputs: requested, .. } = request;
     let input = inputs.into_iter().next().expect("one input, checked above");
