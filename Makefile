@@ -30,7 +30,7 @@ PRETRAINED      := $(CACHE)/pretrained-$(PRETRAINED_KEY)
 # version, a digest of the CPU flags and the exported program's checksum.
 AOTI_CACHE      := $(CACHE)/aoti
 
-.PHONY: compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
+.PHONY: bench-shipped compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
 
 help:
 	@echo "make run    - prepare everything and serve the default models on http://127.0.0.1:8080"
@@ -48,6 +48,7 @@ help:
 	@echo "make zoo    - export the torchvision zoo (ZOO_FLAGS=--random-init offline, --aoti for .pt2 twins) into ZOO_OUT"
 	@echo "make bench  - load-test the server against the in-process ceiling (BENCHMARKS.md)"
 	@echo "make soak   - ten minutes at 70 % load, resident memory over time"
+	@echo "make bench-shipped - the server as shipped, a 640x480 and a 12 MP photo, concurrency 1, 16 and 160"
 	@echo "make bench-torchserve - the same load on TorchServe 0.12 and on visionserve"
 	@echo "make fuzz   - every cargo-fuzz target for FUZZ_SECONDS (default 600) each; needs nightly"
 
@@ -128,6 +129,12 @@ bench: build models
 
 # TorchServe 0.12 (Java 17, PyPI) on mobilenet_v2's TorchScript file; visionserve on the same
 # file and on its AOTInductor package; same load, same run.
+# The server as a user gets it (models/ as shipped, every version loaded) on the 640×480 photo
+# and a 12 MP phone-size photo, at concurrency 1, 16 and 160 (a retry storm). Appends to
+# BENCHMARKS.md, draws docs/bench/shipped.png.
+bench-shipped: build models
+	cargo run --release --locked --example bench -- --server $(BIN) --seconds $(BENCH_SECONDS) --shipped models
+
 bench-torchserve: build models
 	scripts/bench-torchserve.sh $(CACHE) models/mobilenet_v2/1 $(abspath $(BIN)) $(BENCH_SECONDS) models/mobilenet_v2/2
 

@@ -43,10 +43,19 @@ impl ServerUnderTest {
         batching_table.insert("max_delay_ms".into(), (if batching { 2 } else { 0 }).into());
         batching_table.insert("queue_capacity".into(), (queue_capacity as i64).into());
         std::fs::write(target.join("config.toml"), toml::to_string(&config).unwrap()).unwrap();
+        let path = repo.path().to_path_buf();
+        Self::spawn(binary, &path, repo)
+    }
 
+    /// The server over `repository` exactly as it is (the configs a user gets).
+    pub fn start_as_shipped(binary: &Path, repository: &Path) -> Self {
+        Self::spawn(binary, repository, tempfile::tempdir().unwrap())
+    }
+
+    fn spawn(binary: &Path, repository: &Path, repo: tempfile::TempDir) -> Self {
         let mut child = Command::new(binary)
             .args(["--addr", "127.0.0.1:0", "--model-repository"])
-            .arg(repo.path())
+            .arg(repository)
             .env("RUST_LOG", "warn,visionserve=info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

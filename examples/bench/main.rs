@@ -17,6 +17,7 @@
 mod ceiling;
 mod load;
 mod report;
+mod shipped;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -37,7 +38,7 @@ struct Args {
     server: PathBuf,
     /// Model folders to measure (config.toml + model file); a numbered version folder
     /// (`models/mobilenet_v2/2`) is measured under its model's name, labelled with its format.
-    #[arg(long, value_delimiter = ',', required_unless_present = "url")]
+    #[arg(long, value_delimiter = ',', required_unless_present_any = ["url", "shipped"])]
     models: Vec<PathBuf>,
     /// Instead of everything else: drive this predict URL of a running server (for example
     /// from docker compose) at each concurrency and print the table.
@@ -59,6 +60,11 @@ struct Args {
     /// URLs for the same model, given as `LABEL=URL` (repeatable), at concurrency 1 and 16.
     #[arg(long)]
     compare: Vec<String>,
+    /// Instead of the sweep: the server over this repository as shipped (configs untouched,
+    /// every version loaded), each model on the 640×480 and a 12 MP photo at concurrency 1,
+    /// 16 and 160 (a retry storm). Appends the table to `--out`, draws `shipped.png`.
+    #[arg(long)]
+    shipped: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -92,6 +98,20 @@ fn main() {
                 s.throughput, s.p50, s.p95, s.p99, s.refused, s.refused_p99, s.errors, share * 100.0
             );
         }
+        return;
+    }
+    if let Some(repository) = &args.shipped {
+        let photos = shipped::photos(&body);
+        println!("[bench] as shipped: {repository:?}; photos: {}", photos.iter().map(|(n, b)| format!("{n} ({} bytes)", b.len())).collect::<Vec<_>>().join(", "));
+        let rows = shipped::measure(&args.server, repository, &photos, args.seconds);
+        let report = format!("\n## As shipped, {} — {cores} cores, {cpu}\n{}", utc_now(), shipped::render(&rows));
+        println!("{report}");
+        std::fs::create_dir_all(&args.chart_dir).unwrap();
+        let chart = args.chart_dir.join("shipped.png");
+        shipped::draw(&chart, &rows);
+        let mut out = std::fs::OpenOptions::new().create(true).append(true).open(&args.out).unwrap();
+        write!(out, "{report}\n![as shipped]({})\n", chart.display()).unwrap();
+        println!("[bench] appended to {}, chart {}", args.out.display(), chart.display());
         return;
     }
     if args.soak_seconds > 0 {

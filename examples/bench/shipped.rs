@@ -1,0 +1,160 @@
+//! The server as a user gets it: `make run`'s repository with its configs untouched, every
+//! default model loaded with every version, on the bench's 640 × 480 photo and on a 12 MP
+//! phone-size photo, at concurrency 1 (with the median `x-preprocess-time-ms` of sequential
+//! requests), 16, and 160 (a retry storm: zero think time, `Retry-After` ignored).
+
+use std::path::Path;
+use std::time::Duration;
+
+use plotters::prelude::*;
+
+use crate::load::{closed_loop, ServerUnderTest, Stats};
+
+/// The photos: the bench's small one, and a 4032 × 3024 JPEG (quality 92) made from a project
+/// photo with a little deterministic noise, so that it weighs what a phone photo weighs.
+pub fn photos(small: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+    let source = image::load_from_memory(include_bytes!("../../assets/samples/coffee.jpg")).unwrap();
+    let mut big = source.resize_exact(4032, 3024, image::imageops::FilterType::CatmullRom).to_rgb8();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    for value in big.iter_mut() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        *value = value.saturating_add((state % 13) as u8).saturating_sub(6);
+    }
+    let mut phone = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut phone, 92).encode_image(&big).unwrap();
+    vec![("640×480", small.to_vec()), ("12 MP", phone)]
+}
+
+pub struct ShippedRow {
+    pub model: String,
+    pub photo: &'static str,
+    pub concurrency: usize,
+    pub stats: Stats,
+    /// Median `x-preprocess-time-ms` of sequential requests (concurrency 1 only).
+    pub preprocess_ms: Option<f64>,
+}
+
+fn median_preprocess_ms(url: &str, photo: &[u8]) -> f64 {
+    let client = reqwest::blocking::Client::new();
+    let mut times: Vec<f64> = (0..11)
+        .filter_map(|_| {
+            let r = client.post(url).header("content-type", "image/jpeg").body(photo.to_vec()).send().ok()?;
+            r.headers().get("x-preprocess-time-ms")?.to_str().ok()?.parse().ok()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times.get(times.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Every model of `repository` (folders with versions or a config), as shipped.
+pub fn measure(binary: &Path, repository: &Path, photos: &[(&'static str, Vec<u8>)], seconds: f64) -> Vec<ShippedRow> {
+    let server = ServerUnderTest::start_as_shipped(binary, repository);
+    let mut models: Vec<String> = std::fs::read_dir(repository)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.starts_with('_') && !name.starts_with('.'))
+        .collect();
+    models.sort();
+    let mut rows = Vec::new();
+    for model in models {
+        let url = server.url(&model);
+        for (photo, bytes) in photos {
+            for concurrency in [1, 16, 160] {
+                let preprocess_ms = (concurrency == 1).then(|| median_preprocess_ms(&url, bytes));
+                let stats = closed_loop(&url, bytes, concurrency, Duration::from_secs_f64(seconds));
+                println!(
+                    "    {model} {photo} c={concurrency}: {:.1} req/s, p50 {:.1} ms, p99 {:.1} ms, refused {} (p99 {:.1} ms){}",
+                    stats.throughput,
+                    stats.p50,
+                    stats.p99,
+                    stats.refused,
+                    stats.refused_p99,
+                    preprocess_ms.map(|p| format!(", preprocess p50 {p:.1} ms")).unwrap_or_default()
+                );
+                rows.push(ShippedRow { model: model.clone(), photo, concurrency, stats, preprocess_ms });
+            }
+        }
+    }
+    rows
+}
+
+pub fn render(rows: &[ShippedRow]) -> String {
+    let mut s = String::from(
+        "\nAs shipped (`make run`'s repository, configs untouched, every version loaded; closed loop, \
+         zero think time, `Retry-After` ignored; the load generator shares the cores):\n\n\
+         | model | photo | concurrency | answered req/s | p50 ms | p99 ms | refused | refused p99 ms | preprocess p50 ms (sequential) |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        s += &format!(
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {} | {:.1} | {} |\n",
+            r.model,
+            r.photo,
+            r.concurrency,
+            r.stats.throughput,
+            r.stats.p50,
+            r.stats.p99,
+            r.stats.refused,
+            r.stats.refused_p99,
+            r.preprocess_ms.map(|p| format!("{p:.1}")).unwrap_or_default()
+        );
+    }
+    s
+}
+
+/// Answered req/s per model, for each photo and concurrency.
+pub fn draw(path: &Path, rows: &[ShippedRow]) {
+    let font: &'static [u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, font);
+    let mut models: Vec<&str> = rows.iter().map(|r| r.model.as_str()).collect();
+    models.dedup();
+    let bars: Vec<(&str, usize, RGBColor)> = vec![
+        ("640×480", 16, BLUE),
+        ("640×480", 160, CYAN),
+        ("12 MP", 16, RED),
+        ("12 MP", 160, MAGENTA),
+    ];
+    let root = BitMapBackend::new(path, (320 * models.len().max(1) as u32 + 200, 480)).into_drawing_area();
+    root.fill(&WHITE).unwrap();
+    let max = rows.iter().map(|r| r.stats.throughput).fold(1.0, f64::max) * 1.25;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("as shipped: answered req/s (concurrency 16; 160 = retry storm)", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0f64..models.len() as f64, 0f64..max)
+        .unwrap();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(models.len() * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = x.floor() as usize;
+            if (x - i as f64 - 0.5).abs() < 0.01 { models.get(i).map(|n| n.to_string()).unwrap_or_default() } else { String::new() }
+        })
+        .y_desc("answered req/s")
+        .draw()
+        .unwrap();
+    for (i, model) in models.iter().enumerate() {
+        for (slot, (photo, concurrency, colour)) in bars.iter().enumerate() {
+            if let Some(r) = rows.iter().find(|r| r.model == *model && r.photo == *photo && r.concurrency == *concurrency) {
+                let x0 = i as f64 + 0.1 + slot as f64 * 0.2;
+                chart.draw_series(std::iter::once(Rectangle::new([(x0, 0.0), (x0 + 0.18, r.stats.throughput)], colour.filled()))).unwrap();
+            }
+        }
+    }
+    for (photo, concurrency, colour) in bars {
+        let colour = colour;
+        chart
+            .draw_series(std::iter::empty::<Rectangle<(f64, f64)>>())
+            .unwrap()
+            .label(format!("{photo}, concurrency {concurrency}"))
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], colour.filled()));
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).position(SeriesLabelPosition::UpperRight).draw().unwrap();
+    root.present().unwrap();
+}
