@@ -104,7 +104,14 @@ fn main() {
         let photos = shipped::photos(&body);
         println!("[bench] as shipped: {repository:?}; photos: {}", photos.iter().map(|(n, b)| format!("{n} ({} bytes)", b.len())).collect::<Vec<_>>().join(", "));
         let rows = shipped::measure(&args.server, repository, &photos, args.seconds);
-        let report = format!("\n## As shipped, {} — {cores} cores, {cpu}\n{}", utc_now(), shipped::render(&rows));
+        println!("[bench] all models at once");
+        let mixed = shipped::measure_mixed(&args.server, repository, &shipped::models(repository), &photos[0].1, args.seconds);
+        let report = format!(
+            "\n## As shipped, {} — {cores} cores, {cpu}\n{}{}",
+            utc_now(),
+            shipped::render(&rows),
+            shipped::render_mixed(&mixed)
+        );
         println!("{report}");
         std::fs::create_dir_all(&args.chart_dir).unwrap();
         let chart = args.chart_dir.join("shipped.png");

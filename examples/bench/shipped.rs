@@ -48,9 +48,8 @@ fn median_preprocess_ms(url: &str, photo: &[u8]) -> f64 {
     times.get(times.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// Every model of `repository` (folders with versions or a config), as shipped.
-pub fn measure(binary: &Path, repository: &Path, photos: &[(&'static str, Vec<u8>)], seconds: f64) -> Vec<ShippedRow> {
-    let server = ServerUnderTest::start_as_shipped(binary, repository);
+/// The models of `repository`: its folders.
+pub fn models(repository: &Path) -> Vec<String> {
     let mut models: Vec<String> = std::fs::read_dir(repository)
         .unwrap()
         .flatten()
@@ -59,6 +58,13 @@ pub fn measure(binary: &Path, repository: &Path, photos: &[(&'static str, Vec<u8
         .filter(|name| !name.starts_with('_') && !name.starts_with('.'))
         .collect();
     models.sort();
+    models
+}
+
+/// Every model of `repository`, as shipped, one at a time.
+pub fn measure(binary: &Path, repository: &Path, photos: &[(&'static str, Vec<u8>)], seconds: f64) -> Vec<ShippedRow> {
+    let server = ServerUnderTest::start_as_shipped(binary, repository);
+    let models = models(repository);
     let mut rows = Vec::new();
     for model in models {
         let url = server.url(&model);
@@ -80,6 +86,32 @@ pub fn measure(binary: &Path, repository: &Path, photos: &[(&'static str, Vec<u8
         }
     }
     rows
+}
+
+/// All models at once: concurrency 16 split as evenly as it goes across them, the small photo,
+/// one closed loop per model running side by side. Returns each model's answered req/s.
+pub fn measure_mixed(binary: &Path, repository: &Path, models: &[String], photo: &[u8], seconds: f64) -> Vec<(String, Stats)> {
+    let server = ServerUnderTest::start_as_shipped(binary, repository);
+    let loops: Vec<_> = models
+        .iter()
+        .enumerate()
+        .map(|(i, model)| {
+            let clients = 16 / models.len() + usize::from(i < 16 % models.len());
+            let (url, photo, model) = (server.url(model), photo.to_vec(), model.clone());
+            std::thread::spawn(move || (model, closed_loop(&url, &photo, clients, Duration::from_secs_f64(seconds))))
+        })
+        .collect();
+    loops.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+pub fn render_mixed(mixed: &[(String, Stats)]) -> String {
+    let total: f64 = mixed.iter().map(|(_, s)| s.throughput).sum();
+    let mut s = String::from("\nAll models at once, concurrency 16 split across them, 640×480 photo:\n\n| model | answered req/s | p99 ms | refused |\n|---|---|---|---|\n");
+    for (model, stats) in mixed {
+        s += &format!("| {model} | {:.1} | {:.1} | {} |\n", stats.throughput, stats.p99, stats.refused);
+    }
+    s += &format!("| **total** | **{total:.1}** | | |\n");
+    s
 }
 
 pub fn render(rows: &[ShippedRow]) -> String {
