@@ -268,7 +268,9 @@ TEST = {
     "fault_probe": {"kind": "fault_probe", "task": "classification", "export": "script",
                     "input": {"width": 16, "height": 16, "resize": "stretch"},
                     "output": {"convention": "logits"}, "labels": ["dark", "light"],
-                    "batching": {"max_batch_size": 4, "max_delay_ms": 150, "queue_capacity": 2}},
+                    "batching": {"max_batch_size": 4, "max_delay_ms": 150, "queue_capacity": 2},
+                    # One executor at a time, so the tests can tell a batch from a queue.
+                    "runtime": {"workers": 1}},
     "fixed_shape": {"kind": "fixed_shape", "task": "detection", "export": "trace",
                     "input": {"width": 32, "height": 32, "resize": "original"},
                     "output": {"convention": "boxes_scores", "box_layout": "xyxy", "box_coordinates": "normalized",
@@ -396,6 +398,7 @@ def export_one(name, spec, out, random_init, seed, device="cpu", aoti=False):
     runtime = {"device": device} if device != "cpu" else {}
     if spec.get("needs_torchvision_ops"):
         runtime["op_libraries"] = torchvision_op_libraries()
+    runtime.update(spec.get("runtime", {}))
     sections = {
         "provenance": {"weights": provenance, "source": source, "license": licence,
                        "parameter_count": parameter_count},

@@ -44,6 +44,11 @@ pub struct ServerConfig {
     #[arg(long, env = "VISIONSERVE_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
     pub request_timeout_ms: u64,
 
+    /// Inference threads shared by every loaded model: how many forward passes run at once,
+    /// whatever the models. 0 means one per core.
+    #[arg(long, env = "VISIONSERVE_INFERENCE_THREADS", default_value_t = 0)]
+    pub inference_threads: usize,
+
     /// CPU threads for decoding and preprocessing; 0 means one per core.
     #[arg(long, env = "VISIONSERVE_PREPROCESS_THREADS", default_value_t = 0)]
     pub preprocess_threads: usize,

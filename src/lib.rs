@@ -32,6 +32,9 @@ use repository::ModelRepository;
 /// Scans the repository, starts listening at once (liveness answers while models load), loads
 /// and warms the models on a background thread, and serves until SIGINT or SIGTERM.
 pub async fn serve(config: ServerConfig) -> Result<(), Box<dyn std::error::Error>> {
+    if config.inference_threads > 0 {
+        engine::set_inference_threads(config.inference_threads);
+    }
     for library in &config.op_libraries {
         engine::ops::load_op_library(library)?;
         tracing::info!(library = %library.display(), "operator library loaded");

@@ -206,13 +206,15 @@ fn half() -> f32 {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeSpec {
-    /// Worker threads, each running the model on its own.
-    #[serde(default = "one")]
-    pub workers: usize,
+    /// Most executors of the shared inference pool this model may use at once; all of them
+    /// when absent.
+    #[serde(default)]
+    pub workers: Option<usize>,
     /// `cpu`, `cuda:N` or `auto` (the first GPU when there is one).
     #[serde(default = "cpu")]
     pub device: String,
-    /// Intra-op threads for each worker; 0 divides the cores evenly among all workers.
+    /// Intra-op threads for each forward pass; 0 (the default) divides the cores among the
+    /// forwards running at that moment: all of them for a lone request.
     #[serde(default)]
     pub intra_op_threads: usize,
     /// Shared libraries with operators this model needs, loaded before it (relative to the
@@ -228,7 +230,7 @@ pub struct RuntimeSpec {
 impl Default for RuntimeSpec {
     fn default() -> Self {
         Self {
-            workers: 1,
+            workers: None,
             device: cpu(),
             intra_op_threads: 0,
             op_libraries: Vec::new(),
@@ -351,7 +353,7 @@ impl ModelConfig {
         if input.std.iter().any(|s| *s == 0.0) {
             return Err("input std must not be zero".into());
         }
-        if self.runtime.workers == 0 {
+        if self.runtime.workers == Some(0) {
             return Err("runtime.workers must be at least 1".into());
         }
         if self.batching.max_batch_size == 0 || self.batching.queue_capacity == 0 {
@@ -391,7 +393,7 @@ mod tests {
         let config = ModelConfig::parse(CLASSIFIER).unwrap();
         assert_eq!(config.task, Task::Classification);
         assert_eq!(config.model_file(), PathBuf::from("model.pt"));
-        assert_eq!(config.runtime.workers, 1);
+        assert_eq!(config.runtime.workers, None);
         assert_eq!(config.batching.max_batch_size, 1);
         assert!((config.input.scale - 1.0 / 255.0).abs() < 1e-9);
     }

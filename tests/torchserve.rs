@@ -17,9 +17,15 @@ const CLASSIFIER: &str = "resnet18";
 const YOLO: &str = "yolo_tiny";
 const PROBABILITY_MAP: &str = "tiny_text_map";
 
+/// One inference thread: every forward then runs with the same intra-op thread count, so the
+/// same image gives the same bits on both routes (with the pool's adaptive split, a forward run
+/// beside another uses fewer threads, and the random-init YOLO's scores sit right at 0.5).
 fn server() -> &'static Server {
     static SERVER: OnceLock<Server> = OnceLock::new();
-    Server::shared(&SERVER, &["resnet18", "yolo_tiny", "tiny_text_map"])
+    SERVER.get_or_init(|| {
+        let repo = common::test_models();
+        Server::start_ready(&["--model-repository", repo.to_str().unwrap(), "--models", "resnet18,yolo_tiny,tiny_text_map", "--inference-threads", "1"])
+    })
 }
 
 fn predictions(path: &str, body: Vec<u8>) -> (u16, Value) {

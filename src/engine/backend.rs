@@ -54,9 +54,9 @@ impl Backend {
                 Ok((Backend::TorchScript(module), parameter_count))
             }
             ModelFormat::Aoti => {
-                // One runner per worker thread the machine could usefully run; more workers
-                // than runners (after scaling up) wait for a free one rather than fail.
-                let runners = config.runtime.workers.max(available_cores());
+                // One runner per forward the machine could usefully run at once; more
+                // executors than runners wait for a free one rather than fail.
+                let runners = config.runtime.workers.unwrap_or(0).max(available_cores());
                 let package = AotiModel::load(model_file, device, runners)?;
                 if package.info.max_batch < config.batching.max_batch_size {
                     return Err(format!(

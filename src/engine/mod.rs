@@ -1,6 +1,6 @@
-//! The engine: each model runs on long-lived worker threads that own its libtorch state and
-//! take jobs from one bounded queue. Only plain Rust data crosses the queue; `Tensor` and
-//! `IValue` never leave the worker thread.
+//! The engine: one pool of long-lived inference threads (`pool.rs`), shared by every loaded
+//! model version, each version with its own bounded queue. Only plain Rust data crosses a
+//! queue; `Tensor` and `IValue` never leave the executor thread that ran the forward.
 
 mod admission;
 pub mod aoti;
@@ -8,22 +8,28 @@ mod backend;
 mod batcher;
 mod outputs;
 pub mod ops;
+mod pool;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Sender, TrySendError};
 use tokio::sync::oneshot;
 
 use crate::image::PreparedImage;
 use crate::model_config::ModelConfig;
 use crate::tasks::ModelOutput;
 pub use admission::Admission;
-use admission::{QueuedImages, ServiceTime};
+use admission::QueuedImages;
 
 pub use backend::{load_model, Backend, LoadedModel, RawOutputSpec};
-pub use batcher::spawn_workers;
 pub use outputs::{RawData, RawTensor};
+pub use pool::set_inference_threads;
+
+/// Executors in the inference pool.
+pub fn pool_size() -> usize {
+    pool().executors()
+}
+use pool::{pool, ModelQueue, Registration};
 
 #[derive(Debug, Clone, Copy)]
 pub struct JobOptions {
@@ -75,20 +81,22 @@ pub enum EngineError {
     DeadlineExceeded,
 }
 
-/// The handle the HTTP side holds: a sender into the model's bounded queue. The workers
-/// behind it exit once every handle is dropped and the queue is drained.
+/// The handle the HTTP side holds: one model version's queue in the shared inference pool.
+/// The queue leaves the pool once every handle is dropped and what it holds is answered.
 #[derive(Clone)]
 pub struct ModelRuntime {
-    queue: Sender<Job>,
+    registration: Arc<Registration>,
     pub config: Arc<ModelConfig>,
     model: Arc<LoadedModel>,
-    workers: usize,
-    intra_op_threads: usize,
-    /// Shared by every pool over this loaded model, so a rescale keeps what was measured.
-    service: Arc<ServiceTime>,
-    queued: Arc<QueuedImages>,
     /// Requests admitted and still being decoded: they will queue in a moment.
     admitted: Arc<QueuedImages>,
+}
+
+/// Registers a loaded model version with the inference pool; `cap` bounds the executors it
+/// may use at once (`runtime.workers`; `None`: the whole pool).
+pub fn serve(name: &str, model: Arc<LoadedModel>, config: Arc<ModelConfig>, cap: Option<usize>) -> ModelRuntime {
+    let registration = pool().register(name, Arc::clone(&model), Arc::clone(&config), cap);
+    ModelRuntime { registration, config, model, admitted: Arc::new(QueuedImages::default()) }
 }
 
 /// The first line of a libtorch or shim message that says something (they start with a blank
@@ -98,8 +106,24 @@ pub(crate) fn first_line(message: &str) -> &str {
 }
 
 impl ModelRuntime {
+    fn queue(&self) -> &ModelQueue {
+        &self.registration.queue
+    }
+
+    /// Executors this version may use at once, as configured or scaled (it may exceed the
+    /// pool's size, which then bounds it).
     pub fn workers(&self) -> usize {
-        self.workers
+        self.queue().cap()
+    }
+
+    /// Forwards this version can have running at once.
+    fn parallelism(&self) -> usize {
+        self.queue().cap().min(pool().executors()).max(1)
+    }
+
+    /// Executors running this version's batches now.
+    pub fn busy_executors(&self) -> usize {
+        self.queue().running()
     }
 
     /// The model's own outputs, as found at warm-up (empty when not available).
@@ -107,9 +131,10 @@ impl ModelRuntime {
         &self.model.raw_outputs
     }
 
-    /// A new pool of `workers` threads over the same loaded module, with its own queue.
-    pub fn rescaled(&self, name: &str, workers: usize) -> ModelRuntime {
-        spawn_workers(name, Arc::clone(&self.model), Arc::clone(&self.config), workers, self.intra_op_threads)
+    /// Lets the version use up to `workers` executors of the pool at once (the management
+    /// API's scale call).
+    pub fn rescale(&self, workers: usize) {
+        self.queue().set_cap(workers);
     }
 
     /// Enqueues at once or refuses at once: a full queue is an answer, not a wait. Waits for
@@ -124,7 +149,6 @@ impl ModelRuntime {
         request_id: &str,
     ) -> Result<JobOutput, EngineError> {
         let (reply, response) = oneshot::channel();
-        let count = images.len();
         let job = Job {
             images,
             options,
@@ -134,10 +158,8 @@ impl ModelRuntime {
             request_id: request_id.to_string(),
             span: tracing::Span::current(),
         };
-        match self.queue.try_send(job) {
-            Ok(()) => self.queued.add(count),
-            Err(TrySendError::Full(_)) => return Err(EngineError::QueueFull),
-            Err(TrySendError::Disconnected(_)) => return Err(EngineError::Stopped),
+        if self.queue().push(job).is_err() {
+            return Err(EngineError::QueueFull);
         }
         match tokio::time::timeout_at(deadline.into(), response).await {
             Ok(Ok(answer)) => answer,
@@ -148,20 +170,20 @@ impl ModelRuntime {
     }
 
     pub fn queue_depth(&self) -> usize {
-        self.queue.len()
+        self.queue().queued_jobs()
     }
 
     /// How long a request arriving now would wait for a worker: the images queued, times the
     /// recent forward time per image, over the workers. Admission and the
     /// `visionserve_expected_queue_wait_seconds` gauge both read this one estimate.
     pub fn expected_wait(&self) -> Duration {
-        let waiting = self.queued.get() + self.admitted.get();
-        admission::expected_wait(waiting, self.service.per_image(), self.workers)
+        let waiting = self.queue().queued_images() + self.admitted.get();
+        admission::expected_wait(waiting, self.model.service.per_image(), self.parallelism())
     }
 
     /// How long `images` take to clear the queue at the recent pace.
     pub fn time_for(&self, images: usize) -> Duration {
-        admission::expected_wait(images, self.service.per_image(), self.workers)
+        admission::expected_wait(images, self.model.service.per_image(), self.parallelism())
     }
 
     /// Counts a request that passed admission until its job is queued (`Admission::release`)
@@ -174,6 +196,6 @@ impl ModelRuntime {
     /// capacity is refused without paying for its preprocessing; `infer`'s `try_send` stays
     /// the authority.
     pub fn is_full(&self) -> bool {
-        self.queue.is_full()
+        self.queue().is_full()
     }
 }

@@ -121,7 +121,7 @@ impl ModelEntry {
         self.config.as_ref().map(|c| self.dir.join(c.model_file()))
     }
 
-    /// Worker threads serving now (0 unless ready).
+    /// Executors of the pool this version may use at once (0 unless ready).
     pub fn workers(&self) -> usize {
         self.runtime().map(|r| r.workers()).unwrap_or(0)
     }
@@ -130,8 +130,9 @@ impl ModelEntry {
         *self.state.write().unwrap() = state;
     }
 
-    /// Loads the model file, warms it up and starts its workers; records the outcome.
-    pub(super) fn load(&self, default_threads: usize) -> Result<(), String> {
+    /// Loads the model file, warms it up and gives it a queue in the inference pool; records
+    /// the outcome.
+    pub(super) fn load(&self) -> Result<(), String> {
         let Some(config) = self.config.clone() else {
             return Err(self.status().reason.unwrap_or_default());
         };
@@ -139,20 +140,19 @@ impl ModelEntry {
             // Broken at scan time (missing file, unreadable labels): loading cannot help.
             return Err(reason);
         }
-        let threads = if config.runtime.intra_op_threads > 0 { config.runtime.intra_op_threads } else { default_threads };
         let started = Instant::now();
         let result = load_op_libraries(&self.dir, &config)
             .and_then(|()| engine::load_model(&config, &self.dir.join(config.model_file())));
         match result {
             Ok(loaded) => {
                 *self.parameter_count.write().unwrap() = Some(loaded.parameter_count);
-                let runtime = engine::spawn_workers(&self.name, Arc::new(loaded), Arc::clone(&config), config.runtime.workers, threads);
+                let runtime = engine::serve(&self.name, Arc::new(loaded), Arc::clone(&config), config.runtime.workers);
+                let workers = runtime.workers();
                 self.set_state(ModelState::Ready(runtime));
                 tracing::info!(
                     model = %self.name,
                     version = %self.version,
-                    workers = config.runtime.workers,
-                    intra_op_threads = threads,
+                    workers,
                     seconds = started.elapsed().as_secs_f32(),
                     "model ready"
                 );

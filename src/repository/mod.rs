@@ -166,28 +166,15 @@ impl ModelRepository {
         readiness
     }
 
-    /// Intra-op threads per worker when a config leaves it to the server: the cores divided
-    /// among all workers of the models that serve or will.
-    fn default_threads(&self, extra_workers: usize) -> usize {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let workers: usize = self
-            .serving_entries()
-            .iter()
-            .filter(|e| e.status().status != ModelStatus::Failed)
-            .filter_map(|e| e.config.as_ref().map(|c| c.runtime.workers))
-            .sum();
-        (cores / (workers + extra_workers).max(1)).max(1)
-    }
-
-    /// Loads and warms up every version that is `loading`, one after another, then starts its
-    /// workers. Failures are recorded per version and logged with the model's name.
+    /// Loads and warms up every version that is `loading`, one after another, and gives each
+    /// a queue in the inference pool. Failures are recorded per version and logged with the
+    /// model's name.
     pub fn load_all(&self) {
         let _admin = self.admin.lock().unwrap();
-        let threads = self.default_threads(0);
         for entry in self.entries() {
             match entry.status() {
                 StatusReport { status: ModelStatus::Loading, .. } => {
-                    let _ = entry.load(threads);
+                    let _ = entry.load();
                 }
                 StatusReport { status: ModelStatus::Failed, reason } => {
                     tracing::error!(model = %entry.name, version = %entry.version, reason = reason.unwrap_or_default(), "model is broken");
@@ -208,11 +195,8 @@ impl ModelRepository {
         if family.name != name {
             return Err(format!("the folder for '{name}' serves a model named '{}'", family.name));
         }
-        let workers: usize = family.versions.values().filter_map(|e| e.config.as_ref()).map(|c| c.runtime.workers).sum();
-        let replaced_workers: usize = self.family(name).map_or(0, |f| f.versions.values().map(|e| e.workers()).sum());
-        let threads = self.default_threads(workers.saturating_sub(replaced_workers));
         for entry in family.versions.values() {
-            entry.load(threads).map_err(|reason| format!("version {}: {reason}", entry.version))?;
+            entry.load().map_err(|reason| format!("version {}: {reason}", entry.version))?;
         }
         // Keep a default version chosen through the API when it still exists.
         let mut family = family;
@@ -227,8 +211,8 @@ impl ModelRepository {
         Ok(versions)
     }
 
-    /// Stops serving one version, or all. Requests already holding it finish; its workers
-    /// exit once its queue is drained.
+    /// Stops serving one version, or all. Requests already holding it finish; its queue leaves
+    /// the pool once drained.
     pub fn unload(&self, name: &str, version: Option<&str>) -> Result<(), LookupError> {
         let _admin = self.admin.lock().unwrap();
         let targets = match version {
@@ -244,14 +228,12 @@ impl ModelRepository {
         Ok(())
     }
 
-    /// Serves the version with `workers` worker threads: a new pool over the same loaded
-    /// module takes the queue over at once; the old pool finishes what it holds and exits.
+    /// Lets the version use up to `workers` executors of the inference pool at once; takes
+    /// effect for the next batch.
     pub fn scale(&self, name: &str, version: Option<&str>, workers: usize) -> Result<(), ScaleError> {
         let _admin = self.admin.lock().unwrap();
         let entry = self.get(name, version).map_err(ScaleError::Lookup)?;
-        let runtime = entry.runtime().map_err(ScaleError::NotReady)?;
-        let scaled = runtime.rescaled(&entry.name, workers);
-        entry.set_state(ModelState::Ready(scaled));
+        entry.runtime().map_err(ScaleError::NotReady)?.rescale(workers);
         tracing::info!(model = %name, version = %entry.version, workers, "model scaled");
         Ok(())
     }
