@@ -264,6 +264,8 @@ impl Pool {
                 }
             }));
             if outcome.is_err() {
+                // A panic while gathering must not leave the model looking gathered for ever.
+                queue.gathering.store(false, Ordering::Relaxed);
                 metrics::counter!(m::WORKER_RESTARTS, "model" => queue.name.clone()).increment(1);
                 tracing::error!(model = %queue.name, "inference executor panicked; it carries on");
             }
