@@ -84,7 +84,7 @@ fn within_budget(runtime: &ModelRuntime, config: &ModelConfig, deadline: Deadlin
     if max_queue == 0 {
         return true;
     }
-    let floor = runtime.time_for(MIN_QUEUE_IMAGES_PER_WORKER * runtime.workers().min(crate::engine::pool_size()));
+    let floor = runtime.time_for(MIN_QUEUE_IMAGES_PER_WORKER * runtime.parallelism());
     wait <= Duration::from_millis(max_queue).max(floor)
 }
 

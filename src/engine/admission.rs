@@ -51,7 +51,7 @@ impl QueuedImages {
     }
 
     pub fn take(&self, images: usize) {
-        // Saturating: a job queued before a rescale may be taken by the old pool.
+        // Saturating: a miscount must never wrap around to a huge wait.
         let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(images)));
     }
 

@@ -25,10 +25,6 @@ pub use backend::{load_model, Backend, LoadedModel, RawOutputSpec};
 pub use outputs::{RawData, RawTensor};
 pub use pool::set_inference_threads;
 
-/// Executors in the inference pool.
-pub fn pool_size() -> usize {
-    pool().executors()
-}
 use pool::{pool, ModelQueue, Registration};
 
 #[derive(Debug, Clone, Copy)]
@@ -116,15 +112,11 @@ impl ModelRuntime {
         self.queue().cap()
     }
 
-    /// Forwards this version can have running at once.
-    fn parallelism(&self) -> usize {
+    /// Forwards this version can have running at once: its cap, bounded by the pool.
+    pub fn parallelism(&self) -> usize {
         self.queue().cap().min(pool().executors()).max(1)
     }
 
-    /// Executors running this version's batches now.
-    pub fn busy_executors(&self) -> usize {
-        self.queue().running()
-    }
 
     /// The model's own outputs, as found at warm-up (empty when not available).
     pub fn raw_outputs(&self) -> &[RawOutputSpec] {

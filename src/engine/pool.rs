@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use super::admission::QueuedImages;
 use super::backend::LoadedModel;
 use super::batcher::run_jobs;
 use super::Job;
@@ -30,7 +31,7 @@ pub struct ModelQueue {
     jobs: Mutex<VecDeque<Job>>,
     /// Signalled when a job arrives, for an executor gathering a batch.
     arrived: Condvar,
-    queued_images: AtomicUsize,
+    queued_images: QueuedImages,
     /// Most executors this version may use at once.
     cap: AtomicUsize,
     running: AtomicUsize,
@@ -43,15 +44,11 @@ pub struct ModelQueue {
 
 impl ModelQueue {
     pub fn queued_images(&self) -> usize {
-        self.queued_images.load(Ordering::Relaxed)
+        self.queued_images.get()
     }
 
     pub fn queued_jobs(&self) -> usize {
         self.jobs.lock().unwrap().len()
-    }
-
-    pub fn running(&self) -> usize {
-        self.running.load(Ordering::Relaxed)
     }
 
     pub fn cap(&self) -> usize {
@@ -70,7 +67,7 @@ impl ModelQueue {
             if jobs.len() >= self.config.batching.queue_capacity {
                 return Err(job);
             }
-            self.queued_images.fetch_add(job.images.len(), Ordering::Relaxed);
+            self.queued_images.add(job.images.len());
             jobs.push_back(job);
         }
         self.arrived.notify_all();
@@ -82,9 +79,9 @@ impl ModelQueue {
         self.jobs.lock().unwrap().len() >= self.config.batching.queue_capacity
     }
 
-    fn pop(jobs: &mut VecDeque<Job>, queued_images: &AtomicUsize) -> Option<Job> {
+    fn pop(jobs: &mut VecDeque<Job>, queued_images: &QueuedImages) -> Option<Job> {
         let job = jobs.pop_front()?;
-        let _ = queued_images.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(job.images.len())));
+        queued_images.take(job.images.len());
         Some(job)
     }
 
@@ -197,7 +194,7 @@ impl Pool {
             config,
             jobs: Mutex::new(VecDeque::new()),
             arrived: Condvar::new(),
-            queued_images: AtomicUsize::new(0),
+            queued_images: QueuedImages::default(),
             cap: AtomicUsize::new(cap.unwrap_or(self.executors).max(1)),
             running: AtomicUsize::new(0),
             gathering: AtomicBool::new(false),
