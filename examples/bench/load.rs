@@ -132,6 +132,55 @@ pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
+/// What a load generator saw: the latencies of answered requests and of refusals (503) apart
+/// (a client without back-off retries a refusal at once), and the failures.
+#[derive(Clone)]
+struct Outcomes {
+    answered: Arc<Mutex<Histogram<u64>>>,
+    refused: Arc<Mutex<Histogram<u64>>>,
+    errors: Arc<AtomicU64>,
+}
+
+impl Outcomes {
+    fn new() -> Self {
+        Outcomes {
+            answered: Arc::new(Mutex::new(Histogram::new(3).unwrap())),
+            refused: Arc::new(Mutex::new(Histogram::new(3).unwrap())),
+            errors: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Sends one request, reads the whole answer, and records how it went.
+    async fn send(&self, client: &reqwest::Client, url: &str, body: axum::body::Bytes) {
+        let t = Instant::now();
+        let status = match client.post(url).header("content-type", "image/jpeg").body(body).send().await {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                if r.bytes().await.is_ok() { status } else { 0 }
+            }
+            Err(_) => 0,
+        };
+        let micros = t.elapsed().as_micros() as u64;
+        match status {
+            200 => self.answered.lock().unwrap().record(micros).unwrap(),
+            503 => self.refused.lock().unwrap().record(micros).unwrap(),
+            _ => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn stats(&self, elapsed: Duration) -> Stats {
+        let refused = self.refused.lock().unwrap();
+        Stats {
+            errors: self.errors.load(Ordering::Relaxed),
+            refused: refused.len(),
+            refused_p99: refused.value_at_quantile(0.99) as f64 / 1000.0,
+            ..answered(&self.answered.lock().unwrap(), elapsed)
+        }
+    }
+}
+
 pub fn closed_loop(url: &str, body: &[u8], concurrency: usize, duration: Duration) -> Stats {
     let rt = runtime();
     rt.block_on(async {
@@ -141,35 +190,15 @@ pub fn closed_loop(url: &str, body: &[u8], concurrency: usize, duration: Duratio
         for _ in 0..concurrency.min(4) {
             let _ = client.post(url).header("content-type", "image/jpeg").body(body.clone()).send().await;
         }
-        let histogram = Arc::new(Mutex::new(Histogram::<u64>::new(3).unwrap()));
-        // Refusals (503) apart: a client without back-off retries them at once, as here.
-        let refusals = Arc::new(Mutex::new(Histogram::<u64>::new(3).unwrap()));
-        let errors = Arc::new(AtomicU64::new(0));
+        let outcomes = Outcomes::new();
         let stop = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
         let tasks: Vec<_> = (0..concurrency)
             .map(|_| {
-                let (client, body, url) = (client.clone(), body.clone(), url.to_string());
-                let (histogram, refusals, errors, stop) =
-                    (Arc::clone(&histogram), Arc::clone(&refusals), Arc::clone(&errors), Arc::clone(&stop));
+                let (client, body, url, outcomes, stop) = (client.clone(), body.clone(), url.to_string(), outcomes.clone(), Arc::clone(&stop));
                 tokio::spawn(async move {
                     while !stop.load(Ordering::Relaxed) {
-                        let t = Instant::now();
-                        let status = match client.post(&url).header("content-type", "image/jpeg").body(body.clone()).send().await {
-                            Ok(r) => {
-                                let status = r.status().as_u16();
-                                if r.bytes().await.is_ok() { status } else { 0 }
-                            }
-                            Err(_) => 0,
-                        };
-                        let micros = t.elapsed().as_micros() as u64;
-                        match status {
-                            200 => histogram.lock().unwrap().record(micros).unwrap(),
-                            503 => refusals.lock().unwrap().record(micros).unwrap(),
-                            _ => {
-                                errors.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
+                        outcomes.send(&client, &url, body.clone()).await;
                     }
                 })
             })
@@ -179,14 +208,7 @@ pub fn closed_loop(url: &str, body: &[u8], concurrency: usize, duration: Duratio
         for t in tasks {
             let _ = t.await;
         }
-        let h = histogram.lock().unwrap();
-        let r = refusals.lock().unwrap();
-        Stats {
-            errors: errors.load(Ordering::Relaxed),
-            refused: r.len(),
-            refused_p99: r.value_at_quantile(0.99) as f64 / 1000.0,
-            ..answered(&h, started.elapsed())
-        }
+        outcomes.stats(started.elapsed())
     })
 }
 
@@ -205,40 +227,19 @@ pub fn open_loop(url: &str, body: &[u8], rate: f64, duration: Duration) -> Stats
     let rt = runtime();
     rt.block_on(async {
         let client = reqwest::Client::new();
-        let accepted = Arc::new(Mutex::new(Histogram::<u64>::new(3).unwrap()));
-        let refused = Arc::new(Mutex::new(Histogram::<u64>::new(3).unwrap()));
-        let errors = Arc::new(AtomicU64::new(0));
+        let body = bytes_of(body);
+        let outcomes = Outcomes::new();
         let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
         let started = Instant::now();
         let mut tasks = Vec::new();
         while started.elapsed() < duration {
             interval.tick().await;
-            let (client, url, body) = (client.clone(), url.to_string(), body.to_vec());
-            let (accepted, refused, errors) = (Arc::clone(&accepted), Arc::clone(&refused), Arc::clone(&errors));
-            tasks.push(tokio::spawn(async move {
-                let t = Instant::now();
-                match client.post(&url).header("content-type", "image/jpeg").body(body).send().await {
-                    Ok(r) if r.status() == 200 => {
-                        let _ = r.bytes().await;
-                        accepted.lock().unwrap().record(t.elapsed().as_micros() as u64).unwrap();
-                    }
-                    Ok(r) if r.status() == 503 => refused.lock().unwrap().record(t.elapsed().as_micros() as u64).unwrap(),
-                    _ => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }));
+            let (client, url, body, outcomes) = (client.clone(), url.to_string(), body.clone(), outcomes.clone());
+            tasks.push(tokio::spawn(async move { outcomes.send(&client, &url, body).await }));
         }
         for t in tasks {
             let _ = t.await;
         }
-        let a = accepted.lock().unwrap();
-        let r = refused.lock().unwrap();
-        Stats {
-            errors: errors.load(Ordering::Relaxed),
-            refused: r.len(),
-            refused_p99: r.value_at_quantile(0.99) as f64 / 1000.0,
-            ..answered(&a, started.elapsed())
-        }
+        outcomes.stats(started.elapsed())
     })
 }
