@@ -11,6 +11,7 @@
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=csrc/aoti_shim.cpp");
+    compile_protos();
     if let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
         compile_aoti_shim(std::path::Path::new(&dir));
         // DT_RPATH rather than DT_RUNPATH: it also applies to libraries opened later with
@@ -40,4 +41,19 @@ fn compile_aoti_shim(lib_dir: &std::path::Path) {
         .flag_if_supported("-Wno-unused-parameter")
         .warnings(false)
         .compile("visionserve_aoti_shim");
+}
+
+/// The gRPC service (server and, for the bench and tests, client) from `proto/`, with the
+/// file descriptor set that server reflection serves.
+fn compile_protos() {
+    println!("cargo:rerun-if-changed=proto/grpc_service.proto");
+    let protoc = protoc_bin_vendored::protoc_bin_path().expect("protoc-bin-vendored ships protoc for this platform");
+    std::env::set_var("PROTOC", protoc);
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("inference_descriptor.bin"))
+        // Tensor payloads stay reference-counted slices of the received message, not copies.
+        .bytes(".inference")
+        .compile_protos(&["proto/grpc_service.proto"], &["proto"])
+        .expect("compiling proto/grpc_service.proto");
 }

@@ -113,6 +113,11 @@ def v2_binary_request(image, parameters):
     return head + element, {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
 
 
+# Only REST is compared; an environment variable, not a flag, so binaries from before gRPC
+# start too.
+NO_GRPC = {**os.environ, "VISIONSERVE_GRPC_ADDR": "off"}
+
+
 def record_empty_repository(args, answers):
     """The health routes of a server over an empty repository: the one place the readiness
     rule was not yet one rule (TorchServe's /ping said Healthy)."""
@@ -121,7 +126,7 @@ def record_empty_repository(args, answers):
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         server = subprocess.Popen([args.bin, "--addr", f"127.0.0.1:{port}", "--model-repository", empty],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=NO_GRPC)
         try:
             started = time.time()
             while True:
@@ -146,6 +151,7 @@ def record(args):
         [args.bin, "--addr", f"127.0.0.1:{port}", "--model-repository", args.models],
         stdout=subprocess.DEVNULL,
         stderr=open(args.out + ".log", "w"),
+        env=NO_GRPC,
     )
     answers = {}
     try:

@@ -4,7 +4,7 @@
 #  2. makes the base image locally if missing (mmdebstrap; no registry is reachable);
 #  3. builds the image; 4. runs it with host networking on 127.0.0.1;
 #  5. waits for readiness, predicts once with each default model and compares with the host
-#     binary's answers; 6. checks the HEALTHCHECK state, sends SIGTERM under load and checks
+#     binary's answers; checks gRPC health and one gRPC inference; 6. checks the HEALTHCHECK state, sends SIGTERM under load and checks
 #     that every accepted request was answered and the exit code is 0;
 #  7. prints the image size and the start-to-ready time.
 set -euo pipefail
@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 cache=${1:?cache folder}
 docker=/usr/bin/docker   # Debian's client: BuildKit works with it (see shared docs)
 image=visionserve:latest
-port=18090 host_port=18091
+port=18090 host_port=18091 grpc_port=18092
 work=$(mktemp -d)
 started_engine=""
 cleanup() {
@@ -63,7 +63,8 @@ size=$($docker image inspect -f '{{.Size}}' "$image")
 echo "[docker-test] starting the container"
 $docker rm -f visionserve-test >/dev/null 2>&1 || true   # a stale one from an interrupted run
 t0=$(date +%s.%N)
-$docker run -d --name visionserve-test --network host -e VISIONSERVE_ADDR=127.0.0.1:$port "$image" >/dev/null
+$docker run -d --name visionserve-test --network host -e VISIONSERVE_ADDR=127.0.0.1:$port \
+  -e VISIONSERVE_GRPC_ADDR=127.0.0.1:$grpc_port "$image" >/dev/null
 for _ in $(seq 600); do
   [ "$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$port/health/ready)" = 200 ] && break
   sleep 0.05
@@ -74,7 +75,7 @@ t1=$(date +%s.%N)
 ready_s=$(python3 -c "print(f'{$t1 - $t0:.2f}')")
 
 echo "[docker-test] comparing with the host binary"
-target/release/visionserve --addr 127.0.0.1:$host_port --model-repository models >"$work/host.log" 2>&1 &
+target/release/visionserve --addr 127.0.0.1:$host_port --grpc-addr off --model-repository models >"$work/host.log" 2>&1 &
 host_pid=$!
 for _ in $(seq 600); do
   [ "$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$host_port/health/ready)" = 200 ] && break
@@ -105,6 +106,30 @@ print(f"[docker-test] {model}: container and host agree")
 PY
 done
 kill "$host_pid"; host_pid=""
+
+echo "[docker-test] gRPC: one health check and one inference against the container"
+python3 - "$grpc_port" <<'PY'
+import sys
+
+import grpc
+import numpy as np
+import tritonclient.grpc as grpcclient
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+address = f"127.0.0.1:{sys.argv[1]}"
+health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
+status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+if status != health_pb2.HealthCheckResponse.SERVING:
+    sys.exit(f"[docker-test] gRPC health says {status}, not SERVING")
+image = grpcclient.InferInput("image", [1], "BYTES")
+image.set_data_from_numpy(np.array([open("assets/samples/chelsea.jpg", "rb").read()], dtype=np.object_))
+result = grpcclient.InferenceServerClient(address).infer(
+    "mobilenet_v2", [image], outputs=[grpcclient.InferRequestedOutput("scores", class_count=1)])
+top = result.as_numpy("scores")[0][0].decode()
+if top.split(":", 2)[2] not in {"tabby", "tiger cat", "Egyptian cat"}:
+    sys.exit(f"[docker-test] gRPC answered {top} for the cat")
+print(f"[docker-test] gRPC: health SERVING; mobilenet_v2 says {top}")
+PY
 
 echo "[docker-test] waiting for the HEALTHCHECK to report healthy"
 for _ in $(seq 60); do

@@ -6,11 +6,27 @@ use std::path::PathBuf;
 use clap::Parser;
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "visionserve", version, about = "Serve libtorch vision models over REST")]
+#[command(name = "visionserve", version, about = "Serve libtorch vision models over REST and gRPC")]
 pub struct ServerConfig {
     /// Address to listen on. Binds to loopback unless told otherwise.
     #[arg(long, env = "VISIONSERVE_ADDR", default_value = "127.0.0.1:8080")]
     pub addr: SocketAddr,
+
+    /// Address of the gRPC server (the Open Inference Protocol's `inference.GRPCInferenceService`,
+    /// Triton's extensions, health and reflection), or `off`.
+    #[arg(long, env = "VISIONSERVE_GRPC_ADDR", default_value = "127.0.0.1:8081")]
+    pub grpc_addr: OptionalAddr,
+
+    /// Largest gRPC message accepted, in bytes; a larger one is refused RESOURCE_EXHAUSTED.
+    /// Defaults to --max-body-bytes.
+    #[arg(long, env = "VISIONSERVE_GRPC_MAX_MESSAGE_BYTES")]
+    pub grpc_max_message_bytes: Option<usize>,
+
+    /// Frames of one ModelStreamInfer stream in flight at once (queued, running, or answered
+    /// but not yet read by the client); the stream reads no more until one is answered, so
+    /// one client cannot fill a queue alone.
+    #[arg(long, env = "VISIONSERVE_GRPC_STREAM_MAX_IN_FLIGHT", default_value_t = 8)]
+    pub grpc_stream_max_in_flight: usize,
 
     /// Folder holding one sub-folder per model (config.toml, model file, optional labels).
     #[arg(long, env = "VISIONSERVE_MODEL_REPOSITORY", default_value = "models")]
@@ -125,6 +141,9 @@ impl ServerConfig {
         if self.max_connections == 0 || self.header_read_timeout_secs == 0 || self.body_timeout_secs == 0 {
             return Err("--max-connections, --header-read-timeout-secs and --body-timeout-secs must be positive".into());
         }
+        if self.grpc_max_message_bytes == Some(0) || self.grpc_stream_max_in_flight == 0 {
+            return Err("--grpc-max-message-bytes and --grpc-stream-max-in-flight must be positive".into());
+        }
         if self.max_images_per_request == 0 {
             return Err("--max-images-per-request must be positive".into());
         }
@@ -163,11 +182,33 @@ impl ServerConfig {
         Ok(token)
     }
 
+    pub fn grpc_message_limit(&self) -> usize {
+        self.grpc_max_message_bytes.unwrap_or(self.max_body_bytes)
+    }
+
     pub fn preprocess_thread_count(&self) -> usize {
         if self.preprocess_threads > 0 {
             self.preprocess_threads
         } else {
             std::thread::available_parallelism().map_or(2, |n| n.get())
+        }
+    }
+}
+
+/// An address, or `off` (also `none`, empty) for a listener that should not start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionalAddr(pub Option<SocketAddr>);
+
+impl std::str::FromStr for OptionalAddr {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value.trim() {
+            "" | "off" | "none" => Ok(OptionalAddr(None)),
+            addr => addr
+                .parse()
+                .map(|a| OptionalAddr(Some(a)))
+                .map_err(|e| format!("'{addr}' is not an address like 127.0.0.1:8081, nor 'off': {e}")),
         }
     }
 }

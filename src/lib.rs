@@ -1,7 +1,7 @@
-//! visionserve: libtorch vision models behind a REST API.
+//! visionserve: libtorch vision models behind REST and gRPC.
 //!
-//! Layers, top to bottom, each importing only those below it: `api` (HTTP, thin handlers, one
-//! module per protocol) → `repository` (model folders, versions, status, lifecycle, the one
+//! Layers, top to bottom, each importing only those below it: `api` (HTTP and gRPC, thin
+//! handlers, one module per protocol) → `repository` (model folders, versions, status, lifecycle, the one
 //! readiness rule) → `engine` (backend and batcher: worker threads owning libtorch state) →
 //! `tasks` (the one post-processing path: top-k, NMS, masks) and `image` (decode, preprocess),
 //! both plain Rust → `model_config` (a model's `config.toml`). `render` draws `tasks`' results.
@@ -29,8 +29,9 @@ use api::{AppState, RequestLimits};
 use config::ServerConfig;
 use repository::ModelRepository;
 
-/// Scans the repository, starts listening at once (liveness answers while models load), loads
-/// and warms the models on a background thread, and serves until SIGINT or SIGTERM.
+/// Scans the repository, starts listening at once (liveness answers while models load) for
+/// REST and, unless turned off, gRPC, loads and warms the models on a background thread, and
+/// serves until SIGINT or SIGTERM, which drains both listeners.
 pub async fn serve(config: ServerConfig) -> Result<(), Box<dyn std::error::Error>> {
     if config.inference_threads > 0 {
         engine::set_inference_threads(config.inference_threads);
@@ -66,22 +67,53 @@ pub async fn serve(config: ServerConfig) -> Result<(), Box<dyn std::error::Error
     if state.admin_token.is_some() {
         tracing::info!("management API on; it requires the admin token");
     }
+    // One signal drains both listeners.
+    let (shutdown_sender, shutdown) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = shutdown_sender.send(true);
+    });
+    let limits = connections::ConnectionLimits {
+        protocol: connections::Protocol::Http1,
+        max_connections: config.max_connections,
+        header_read_timeout: std::time::Duration::from_secs(config.header_read_timeout_secs),
+        shutdown_grace: std::time::Duration::from_secs(config.shutdown_grace_secs),
+    };
+    let grpc = match config.grpc_addr.0 {
+        None => None,
+        Some(addr) => {
+            let grpc_listener = TcpListener::bind(addr).await?;
+            tracing::info!("listening on grpc://{}", grpc_listener.local_addr()?);
+            let options = api::grpc::GrpcOptions {
+                max_message_bytes: config.grpc_message_limit(),
+                stream_max_in_flight: config.grpc_stream_max_in_flight,
+            };
+            let routes = api::grpc::routes(state.clone(), options, shutdown.clone());
+            let limits = connections::ConnectionLimits { protocol: connections::Protocol::Http2, ..limits };
+            Some(tokio::spawn(connections::serve(grpc_listener, routes, limits, fired(shutdown.clone()))))
+        }
+    };
     let mut app = api::router(state)
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(std::time::Duration::from_secs(config.body_timeout_secs)));
     if let Some(cors) = cors_layer(&config.cors_origins)? {
         app = app.layer(cors);
     }
-    let limits = connections::ConnectionLimits {
-        max_connections: config.max_connections,
-        header_read_timeout: std::time::Duration::from_secs(config.header_read_timeout_secs),
-        shutdown_grace: std::time::Duration::from_secs(config.shutdown_grace_secs),
+    let rest_drained = connections::serve(listener, app, limits, fired(shutdown)).await;
+    let grpc_drained = match grpc {
+        Some(task) => task.await.unwrap_or(false),
+        None => true,
     };
-    if connections::serve(listener, app, limits, shutdown_signal()).await {
+    if rest_drained && grpc_drained {
         tracing::info!("shut down");
         Ok(())
     } else {
         Err("shutdown grace period over before every request finished".into())
     }
+}
+
+/// Resolves once the shutdown flag is set.
+async fn fired(mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|&set| set).await;
 }
 
 /// CORS is off unless origins are configured; `*` allows any origin.

@@ -17,6 +17,8 @@ use crate::Split;
 pub struct ServerUnderTest {
     pub child: Child,
     pub base: String,
+    /// The gRPC listener, as `http://host:port` for tonic's client.
+    pub grpc: String,
     pub _repo: tempfile::TempDir,
 }
 
@@ -44,18 +46,24 @@ impl ServerUnderTest {
         batching_table.insert("queue_capacity".into(), (queue_capacity as i64).into());
         std::fs::write(target.join("config.toml"), toml::to_string(&config).unwrap()).unwrap();
         let path = repo.path().to_path_buf();
-        Self::spawn(binary, &path, repo)
+        Self::spawn(binary, &path, repo, &[])
     }
 
     /// The server over `repository` exactly as it is (the configs a user gets).
     pub fn start_as_shipped(binary: &Path, repository: &Path) -> Self {
-        Self::spawn(binary, repository, tempfile::tempdir().unwrap())
+        Self::spawn(binary, repository, tempfile::tempdir().unwrap(), &[])
     }
 
-    fn spawn(binary: &Path, repository: &Path, repo: tempfile::TempDir) -> Self {
+    /// As shipped, serving only `models` of the repository.
+    pub fn start_as_shipped_only(binary: &Path, repository: &Path, models: &str) -> Self {
+        Self::spawn(binary, repository, tempfile::tempdir().unwrap(), &["--models", models])
+    }
+
+    fn spawn(binary: &Path, repository: &Path, repo: tempfile::TempDir, extra: &[&str]) -> Self {
         let mut child = Command::new(binary)
-            .args(["--addr", "127.0.0.1:0", "--model-repository"])
+            .args(["--addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--model-repository"])
             .arg(repository)
+            .args(extra)
             .env("RUST_LOG", "warn,visionserve=info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -63,15 +71,20 @@ impl ServerUnderTest {
             .expect("starting the server");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let (grpc_tx, grpc_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("listening on ").nth(1) {
-                    let _ = tx.send(addr.trim().to_string());
+                if let Some(addr) = line.split("listening on grpc://").nth(1) {
+                    let _ = grpc_tx.send(format!("http://{}", addr.trim()));
+                }
+                if let Some(addr) = line.split("listening on http://").nth(1) {
+                    let _ = tx.send(format!("http://{}", addr.trim()));
                 }
             }
         });
+        let grpc = grpc_rx.recv_timeout(Duration::from_secs(60)).expect("gRPC address");
         let base = rx.recv_timeout(Duration::from_secs(60)).expect("server address");
-        let server = ServerUnderTest { child, base, _repo: repo };
+        let server = ServerUnderTest { child, base, grpc, _repo: repo };
         let started = Instant::now();
         while reqwest::blocking::get(format!("{}/health/ready", server.base)).map(|r| r.status() != 200).unwrap_or(true) {
             assert!(started.elapsed() < Duration::from_secs(120), "server not ready");
@@ -150,17 +163,9 @@ impl Outcomes {
         }
     }
 
-    /// Sends one request, reads the whole answer, and records how it went.
-    async fn send(&self, client: &reqwest::Client, url: &str, body: axum::body::Bytes) {
-        let t = Instant::now();
-        let status = match client.post(url).header("content-type", "image/jpeg").body(body).send().await {
-            Ok(r) => {
-                let status = r.status().as_u16();
-                if r.bytes().await.is_ok() { status } else { 0 }
-            }
-            Err(_) => 0,
-        };
-        let micros = t.elapsed().as_micros() as u64;
+    /// One request's outcome, as an HTTP status (gRPC's codes mapped to theirs; 0: failed).
+    fn record(&self, status: u16, took: Duration) {
+        let micros = took.as_micros() as u64;
         match status {
             200 => self.answered.lock().unwrap().record(micros).unwrap(),
             503 => self.refused.lock().unwrap().record(micros).unwrap(),
@@ -182,23 +187,60 @@ impl Outcomes {
 }
 
 pub fn closed_loop(url: &str, body: &[u8], concurrency: usize, duration: Duration) -> Stats {
+    let body = bytes_of(body);
+    closed_loop_with(concurrency, duration, &|| http_sender(url, body.clone(), &JPEG, concurrency))
+}
+
+/// The headers of a raw JPEG body.
+pub const JPEG: [(&str, &str); 1] = [("content-type", "image/jpeg")];
+
+/// A POST of `body` with `headers` to `url`, reading the whole answer, on a client with room
+/// for `concurrency` connections.
+pub fn http_sender(url: &str, body: axum::body::Bytes, headers: &[(&str, &str)], concurrency: usize) -> Send {
+    let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build().unwrap();
+    let url = url.to_string();
+    let headers: Vec<(String, String)> = headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
+    Arc::new(move || {
+        let mut request = client.post(&url).body(body.clone());
+        for (name, value) in &headers {
+            request = request.header(name, value);
+        }
+        Box::pin(async move {
+            match request.send().await {
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    if r.bytes().await.is_ok() { status } else { 0 }
+                }
+                Err(_) => 0,
+            }
+        })
+    })
+}
+
+/// One request of any transport: its status as HTTP's (200 answered, 503 refused, else failed).
+pub type Send = Arc<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = u16> + std::marker::Send>> + std::marker::Send + Sync>;
+
+/// `concurrency` clients each sending `send()` back to back for `duration`, after a few
+/// warm-up requests; on the one-thread runtime the load generator uses everywhere, where
+/// `make_send` makes the sender (its connections live on that runtime).
+pub fn closed_loop_with(concurrency: usize, duration: Duration, make_send: &dyn Fn() -> Send) -> Stats {
     let rt = runtime();
     rt.block_on(async {
-        let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build().unwrap();
-        let body = bytes_of(body);
-        // Warm the connections and the model.
+        let send = make_send();
         for _ in 0..concurrency.min(4) {
-            let _ = client.post(url).header("content-type", "image/jpeg").body(body.clone()).send().await;
+            send().await;
         }
         let outcomes = Outcomes::new();
         let stop = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
         let tasks: Vec<_> = (0..concurrency)
             .map(|_| {
-                let (client, body, url, outcomes, stop) = (client.clone(), body.clone(), url.to_string(), outcomes.clone(), Arc::clone(&stop));
+                let (send, outcomes, stop) = (Arc::clone(&send), outcomes.clone(), Arc::clone(&stop));
                 tokio::spawn(async move {
                     while !stop.load(Ordering::Relaxed) {
-                        outcomes.send(&client, &url, body.clone()).await;
+                        let t = Instant::now();
+                        let status = send().await;
+                        outcomes.record(status, t.elapsed());
                     }
                 })
             })
@@ -226,16 +268,19 @@ pub fn bytes_of(body: &[u8]) -> axum::body::Bytes {
 pub fn open_loop(url: &str, body: &[u8], rate: f64, duration: Duration) -> Stats {
     let rt = runtime();
     rt.block_on(async {
-        let client = reqwest::Client::new();
-        let body = bytes_of(body);
+        let send = http_sender(url, bytes_of(body), &JPEG, 64);
         let outcomes = Outcomes::new();
         let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
         let started = Instant::now();
         let mut tasks = Vec::new();
         while started.elapsed() < duration {
             interval.tick().await;
-            let (client, url, body, outcomes) = (client.clone(), url.to_string(), body.clone(), outcomes.clone());
-            tasks.push(tokio::spawn(async move { outcomes.send(&client, &url, body).await }));
+            let (send, outcomes) = (Arc::clone(&send), outcomes.clone());
+            tasks.push(tokio::spawn(async move {
+                let t = Instant::now();
+                let status = send().await;
+                outcomes.record(status, t.elapsed());
+            }));
         }
         for t in tasks {
             let _ = t.await;

@@ -16,6 +16,7 @@
 
 mod ceiling;
 mod load;
+mod protocols;
 mod report;
 mod shipped;
 
@@ -38,7 +39,7 @@ struct Args {
     server: PathBuf,
     /// Model folders to measure (config.toml + model file); a numbered version folder
     /// (`models/mobilenet_v2/2`) is measured under its model's name, labelled with its format.
-    #[arg(long, value_delimiter = ',', required_unless_present_any = ["url", "shipped"])]
+    #[arg(long, value_delimiter = ',', required_unless_present_any = ["url", "shipped", "protocols"])]
     models: Vec<PathBuf>,
     /// Instead of everything else: drive this predict URL of a running server (for example
     /// from docker compose) at each concurrency and print the table.
@@ -65,6 +66,11 @@ struct Args {
     /// 16 and 160 (a retry storm). Appends the table to `--out`, draws `shipped.png`.
     #[arg(long)]
     shipped: Option<PathBuf>,
+    /// Also (or, without --models, only): REST against gRPC on this repository's default
+    /// classifier as shipped — /v1, V2 binary, gRPC BYTES and gRPC UINT8 at concurrency 1 and
+    /// 16, three interleaved runs. Appends the table to `--out`, draws `protocols.png`.
+    #[arg(long)]
+    protocols: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -127,6 +133,16 @@ fn main() {
     }
     if !args.compare.is_empty() {
         compare(&args, &body, &cpu, cores);
+        return;
+    }
+    if args.models.is_empty() {
+        if let Some(repository) = &args.protocols {
+            let report = format!("\n## Protocols, {} — {cores} cores, {cpu}\n{}", utc_now(), protocol_report(&args, repository, &body));
+            println!("{report}");
+            let mut out = std::fs::OpenOptions::new().create(true).append(true).open(&args.out).unwrap();
+            out.write_all(report.as_bytes()).unwrap();
+            println!("[bench] appended to {}", args.out.display());
+        }
         return;
     }
     let mut report = format!(
@@ -192,10 +208,23 @@ fn main() {
         draw_format_chart(&path, &formats);
         report.push_str(&format!("\n![TorchScript against AOTInductor, per model]({})\n", path.display()));
     }
+    if let Some(repository) = &args.protocols {
+        report.push_str(&protocol_report(&args, repository, &body));
+    }
     println!("{report}");
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&args.out).unwrap();
     file.write_all(report.as_bytes()).unwrap();
     println!("[bench] appended to {} and drew {}", args.out.display(), args.chart_dir.display());
+}
+
+/// REST against gRPC on the repository's classifier: the table and its chart.
+fn protocol_report(args: &Args, repository: &std::path::Path, body: &[u8]) -> String {
+    println!("[bench] REST against gRPC: {} from {repository:?}, as shipped", protocols::MODEL);
+    let rows = protocols::measure(&args.server, repository, body, args.seconds);
+    std::fs::create_dir_all(&args.chart_dir).unwrap();
+    let chart = args.chart_dir.join("protocols.png");
+    protocols::draw(&chart, &rows);
+    format!("{}\n![REST and gRPC]({})\n", protocols::render(&rows, "640×480 JPEG"), chart.display())
 }
 
 /// CPU seconds (user + system) this process has used so far.

@@ -22,7 +22,7 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::auth::{bearer_token, constant_time_eq, refuse};
+use super::auth::{bearer_token, check_admin_token, refuse, Refusal};
 use super::model_path::ModelPath;
 use super::v2::V2Error;
 use super::AppState;
@@ -50,20 +50,17 @@ pub async fn require_admin_token(State(state): State<AppState>, request: Request
     if !is_management(request.uri().path()) {
         return next.run(request).await;
     }
-    let Some(token) = state.admin_token.as_deref() else {
-        return refuse(
-            StatusCode::FORBIDDEN,
-            "management_disabled",
-            "the management API is off: start the server with --admin-token or --admin-token-file",
-        );
-    };
-    let presented = bearer_token(request.headers());
-    match presented {
-        None => refuse(StatusCode::UNAUTHORIZED, "unauthorized", "management routes need the admin token: Authorization: Bearer <token>"),
-        Some(p) if constant_time_eq(p.as_bytes(), token.as_bytes()) => next.run(request).await,
-        Some(_) => refuse(StatusCode::FORBIDDEN, "forbidden", "the admin token is not valid"),
+    match check_admin_token(&state, bearer_token(request.headers())) {
+        Ok(()) => next.run(request).await,
+        Err(Refusal::ManagementOff) => refuse(StatusCode::FORBIDDEN, "management_disabled", MANAGEMENT_OFF),
+        Err(Refusal::Missing) => {
+            refuse(StatusCode::UNAUTHORIZED, "unauthorized", "management routes need the admin token: Authorization: Bearer <token>")
+        }
+        Err(Refusal::Invalid) => refuse(StatusCode::FORBIDDEN, "forbidden", "the admin token is not valid"),
     }
 }
+
+pub const MANAGEMENT_OFF: &str = "the management API is off: start the server with --admin-token or --admin-token-file";
 
 fn state_name(status: ModelStatus) -> &'static str {
     match status {
@@ -73,7 +70,40 @@ fn state_name(status: ModelStatus) -> &'static str {
     }
 }
 
-/// Every version of every model in the repository map, then folders on disk not yet in it.
+/// One row of Triton's repository index.
+pub struct IndexRow {
+    pub name: String,
+    pub version: Option<String>,
+    pub state: &'static str,
+    pub reason: Option<String>,
+}
+
+/// Every version of every model in the repository map, then (unless only ready ones are
+/// asked for) folders on disk not yet in it: the index both REST and gRPC answer.
+pub async fn repository_index(state: &AppState, ready_only: bool) -> Vec<IndexRow> {
+    let mut rows = Vec::new();
+    for entry in state.repository.entries() {
+        let report = entry.status();
+        if ready_only && !report.is_ready() {
+            continue;
+        }
+        rows.push(IndexRow {
+            name: entry.name.clone(),
+            version: Some(entry.version.clone()),
+            state: state_name(report.status),
+            reason: report.reason,
+        });
+    }
+    if !ready_only {
+        let repository = state.repository.clone();
+        let unlisted = tokio::task::spawn_blocking(move || repository.unlisted_on_disk()).await.unwrap_or_default();
+        for name in unlisted {
+            rows.push(IndexRow { name, version: None, state: "UNAVAILABLE", reason: Some("not loaded".into()) });
+        }
+    }
+    rows
+}
+
 async fn index(State(state): State<AppState>, body: axum::body::Bytes) -> Result<Json<Value>, V2Error> {
     let ready_only = if body.is_empty() {
         false
@@ -85,30 +115,26 @@ async fn index(State(state): State<AppState>, body: axum::body::Bytes) -> Result
             Some(_) => return Err(V2Error::bad("'ready' must be true or false")),
         }
     };
-    let mut models = Vec::new();
-    for entry in state.repository.entries() {
-        let report = entry.status();
-        if ready_only && !report.is_ready() {
-            continue;
-        }
-        let mut model = json!({"name": entry.name, "version": entry.version, "state": state_name(report.status)});
-        if let Some(reason) = report.reason {
-            model["reason"] = json!(reason);
-        }
-        models.push(model);
-    }
-    if !ready_only {
-        let repository = state.repository.clone();
-        let unlisted = tokio::task::spawn_blocking(move || repository.unlisted_on_disk()).await.unwrap_or_default();
-        for name in unlisted {
-            models.push(json!({"name": name, "state": "UNAVAILABLE", "reason": "not loaded"}));
-        }
-    }
+    let models = repository_index(&state, ready_only)
+        .await
+        .into_iter()
+        .map(|row| {
+            let mut model = json!({"name": row.name});
+            if let Some(version) = row.version {
+                model["version"] = json!(version);
+            }
+            model["state"] = json!(row.state);
+            if let Some(reason) = row.reason {
+                model["reason"] = json!(reason);
+            }
+            model
+        })
+        .collect();
     Ok(Json(Value::Array(models)))
 }
 
 /// Loads (or reloads) on a blocking thread; the admin lock serialises loads.
-async fn load(state: &AppState, name: String) -> Result<Vec<String>, String> {
+pub async fn load(state: &AppState, name: String) -> Result<Vec<String>, String> {
     let repository = state.repository.clone();
     tokio::task::spawn_blocking(move || repository.load(&name))
         .await

@@ -30,28 +30,54 @@ pub(super) fn refuse(status: StatusCode, code: &str, message: &str) -> Response 
 }
 
 /// The token of an `Authorization: Bearer <token>` header.
-pub(super) fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim)
+pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(strip_bearer)
+}
+
+/// `Bearer <token>` → the token (REST's header and gRPC's `authorization` metadata).
+pub fn strip_bearer(value: &str) -> Option<&str> {
+    value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")).map(str::trim)
+}
+
+/// Why a credential was refused; each protocol renders it its own way (REST 401/403, gRPC
+/// UNAUTHENTICATED/PERMISSION_DENIED).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No credential was presented.
+    Missing,
+    /// One was, and it is not valid.
+    Invalid,
+    /// The management API is off: no admin token is configured.
+    ManagementOff,
+}
+
+/// The one API key rule, for every protocol: open when no keys are configured; otherwise the
+/// presented key must equal one of them.
+pub fn check_api_key(state: &AppState, presented: Option<&str>) -> Result<(), Refusal> {
+    if state.api_keys.is_empty() {
+        return Ok(());
+    }
+    let presented = presented.ok_or(Refusal::Missing)?;
+    // Check every key, so the time taken does not depend on which one matched.
+    let matched = state.api_keys.iter().fold(false, |found, key| found | constant_time_eq(presented.as_bytes(), key.as_bytes()));
+    if matched { Ok(()) } else { Err(Refusal::Invalid) }
+}
+
+/// The one admin token rule: management is off without a token, and needs it otherwise.
+pub fn check_admin_token(state: &AppState, presented: Option<&str>) -> Result<(), Refusal> {
+    let token = state.admin_token.as_deref().ok_or(Refusal::ManagementOff)?;
+    let presented = presented.ok_or(Refusal::Missing)?;
+    if constant_time_eq(presented.as_bytes(), token.as_bytes()) { Ok(()) } else { Err(Refusal::Invalid) }
 }
 
 pub async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if state.api_keys.is_empty() || inference_model(request.uri().path()).is_none() {
+    if inference_model(request.uri().path()).is_none() {
         return next.run(request).await;
     }
-    let presented = bearer_token(request.headers());
-    let Some(presented) = presented else {
-        return refuse(StatusCode::UNAUTHORIZED, "unauthorized", "this route needs an API key: Authorization: Bearer <key>");
-    };
-    // Check every key, so the time taken does not depend on which one matched.
-    let matched = state.api_keys.iter().fold(false, |found, key| found | constant_time_eq(presented.as_bytes(), key.as_bytes()));
-    if matched {
-        next.run(request).await
-    } else {
-        refuse(StatusCode::FORBIDDEN, "forbidden", "the API key is not valid")
+    match check_api_key(&state, bearer_token(request.headers())) {
+        Ok(()) => next.run(request).await,
+        Err(Refusal::Invalid) => refuse(StatusCode::FORBIDDEN, "forbidden", "the API key is not valid"),
+        Err(_) => refuse(StatusCode::UNAUTHORIZED, "unauthorized", "this route needs an API key: Authorization: Bearer <key>"),
     }
 }
 

@@ -119,7 +119,7 @@ impl Outputs {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct StageTimings {
     pub preprocess_time: Duration,
     pub queue_time: Duration,

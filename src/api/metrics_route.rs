@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
-use super::{inference_model, AppState};
+use super::{inference_route, AppState};
 use crate::metrics as m;
 
 pub fn router() -> Router<AppState> {
@@ -31,26 +31,45 @@ async fn render(State(state): State<AppState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
 }
 
-/// Counts every inference request (all three protocols) by model and status, extractor
-/// rejections included, times it whole, and keeps the in-flight gauge honest even when the
-/// client goes away mid-request. Other routes pass through untouched.
+/// Counts every inference request (all three protocols) by model, protocol and status,
+/// extractor rejections included, times it whole, and keeps the in-flight gauge honest even
+/// when the client goes away mid-request. Other routes pass through untouched.
 pub async fn track_inference(request: Request, next: Next) -> Response {
-    let Some(model) = inference_model(request.uri().path()).map(str::to_string) else {
+    let Some((protocol, model)) = inference_route(request.uri().path()) else {
         return next.run(request).await;
     };
-    let in_flight = metrics::gauge!(m::IN_FLIGHT, "model" => model.clone());
-    in_flight.increment(1.0);
-    struct Leave(metrics::Gauge);
-    impl Drop for Leave {
-        fn drop(&mut self) {
-            self.0.decrement(1.0);
-        }
-    }
-    let _leave = Leave(in_flight);
-    let started = Instant::now();
+    let tracker = InferenceTracker::start(model, protocol);
     let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!(m::REQUESTS, "model" => model.clone(), "status" => status).increment(1);
-    metrics::histogram!(m::REQUEST_SECONDS, "model" => model).record(m::seconds(started.elapsed()));
+    tracker.finish(response.status().as_u16());
     response
+}
+
+/// One inference request in the request metrics, from its start to its answer: in the
+/// in-flight gauge while it runs (left on drop, so a vanished client does not stay counted),
+/// then counted by status (HTTP's, or for gRPC the HTTP status of the same error) and timed.
+pub struct InferenceTracker {
+    model: String,
+    protocol: &'static str,
+    started: Instant,
+    in_flight: metrics::Gauge,
+}
+
+impl InferenceTracker {
+    pub fn start(model: &str, protocol: &'static str) -> InferenceTracker {
+        let in_flight = metrics::gauge!(m::IN_FLIGHT, "model" => model.to_string());
+        in_flight.increment(1.0);
+        InferenceTracker { model: model.to_string(), protocol, started: Instant::now(), in_flight }
+    }
+
+    pub fn finish(self, status: u16) {
+        let (model, protocol) = (self.model.clone(), self.protocol);
+        metrics::counter!(m::REQUESTS, "model" => model.clone(), "protocol" => protocol, "status" => status.to_string()).increment(1);
+        metrics::histogram!(m::REQUEST_SECONDS, "model" => model, "protocol" => protocol).record(m::seconds(self.started.elapsed()));
+    }
+}
+
+impl Drop for InferenceTracker {
+    fn drop(&mut self) {
+        self.in_flight.decrement(1.0);
+    }
 }

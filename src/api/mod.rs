@@ -1,13 +1,16 @@
-//! The HTTP surface: each module exposes a `router()`, merged here under one state and one
-//! stack of layers (request id, tracing, body limit) with a JSON fallback for unknown routes.
+//! The network surface. REST: each module exposes a `router()`, merged here under one state
+//! and one stack of layers (request id, tracing, body limit) with a JSON fallback for unknown
+//! routes. gRPC (`grpc`) is its own router on its own listener, over the same state and the
+//! same inference path.
 
-mod admin;
-mod auth;
+pub(crate) mod admin;
+pub(crate) mod auth;
 mod docs;
-mod inference;
+pub mod grpc;
+pub(crate) mod inference;
 mod health;
-mod metrics_route;
-mod model_path;
+pub(crate) mod metrics_route;
+pub(crate) mod model_path;
 pub mod input;
 mod models;
 mod predict;
@@ -158,18 +161,24 @@ pub fn router(state: AppState) -> Router {
 /// route. The one place that knows which routes run models: API keys and request metrics
 /// both ask it.
 pub fn inference_model(path: &str) -> Option<&str> {
+    inference_route(path).map(|(_, model)| model)
+}
+
+/// An inference route's protocol (the `protocol` label of the request metrics: `v1`, `v2`,
+/// `torchserve`; gRPC calls are `grpc`) and model.
+pub fn inference_route(path: &str) -> Option<(&'static str, &str)> {
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match parts.as_slice() {
-        ["v1", "models", model, "predict"] => Some(model),
-        ["v2", "models", model, "infer"] | ["v2", "models", model, "versions", _, "infer"] => Some(model),
-        ["predictions", model] | ["predictions", model, _] => Some(model),
+        ["v1", "models", model, "predict"] => Some(("v1", model)),
+        ["v2", "models", model, "infer"] | ["v2", "models", model, "versions", _, "infer"] => Some(("v2", model)),
+        ["predictions", model] | ["predictions", model, _] => Some(("torchserve", model)),
         _ => None,
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::inference_model;
+    use super::{inference_model, inference_route};
 
     #[test]
     fn inference_routes_name_their_model_and_others_none() {
@@ -178,6 +187,9 @@ mod tests {
         assert_eq!(inference_model("/v2/models/resnet18/versions/1/infer"), Some("resnet18"));
         assert_eq!(inference_model("/predictions/resnet18"), Some("resnet18"));
         assert_eq!(inference_model("/predictions/resnet18/1.0"), Some("resnet18"));
+        assert_eq!(inference_route("/v1/models/resnet18/predict"), Some(("v1", "resnet18")));
+        assert_eq!(inference_route("/v2/models/resnet18/versions/1/infer"), Some(("v2", "resnet18")));
+        assert_eq!(inference_route("/predictions/resnet18"), Some(("torchserve", "resnet18")));
         for other in ["/v1/models/resnet18", "/v2/models/resnet18/ready", "/health/ready", "/metrics", "/", "/predictions"] {
             assert_eq!(inference_model(other), None, "{other}");
         }

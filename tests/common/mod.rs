@@ -41,8 +41,12 @@ impl Server {
     /// Starts the server with `args` on 127.0.0.1:0 and waits until it listens.
     pub fn start(args: &[&str]) -> Server {
         let mut command = Command::new(env!("CARGO_BIN_EXE_visionserve"));
+        command.args(["--addr", "127.0.0.1:0"]);
+        // gRPC on an ephemeral port too, so servers started in parallel do not collide.
+        if !args.contains(&"--grpc-addr") {
+            command.args(["--grpc-addr", "127.0.0.1:0"]);
+        }
         command
-            .args(["--addr", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

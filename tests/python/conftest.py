@@ -16,17 +16,23 @@ class Server:
         if not binary:
             raise RuntimeError("VISIONSERVE_BIN is not set: run the suite with `make test`")
         self.process = subprocess.Popen(
-            [binary, "--addr", "127.0.0.1:0", "--model-repository", repository, *extra_args],
+            [binary, "--addr", "127.0.0.1:0", "--model-repository", repository,
+             *([] if "--grpc-addr" in extra_args else ["--grpc-addr", "127.0.0.1:0"]), *extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "RUST_LOG": "info"},
         )
         self.log = []
         found = threading.Event()
         self.base = None
+        # host:port of the gRPC listener, as tritonclient.grpc takes it (None when off).
+        self.grpc = None
 
         def pump():
             for line in self.process.stderr:
                 self.log.append(line)
+                grpc = re.search(r"listening on grpc://(\S+)", line)
+                if grpc:
+                    self.grpc = grpc.group(1)
                 match = re.search(r"listening on (http://\S+)", line)
                 if match and not found.is_set():
                     self.base = match.group(1)

@@ -1,6 +1,6 @@
 pub mod tensors;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -10,7 +10,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
-use super::inference::{self, Inference, RequestContext, Target};
+use super::inference::{self, Inference, RequestContext, StageTimings, Target};
 use super::model_path::ModelPath;
 use super::AppState;
 use crate::engine::{RawData, RawTensor};
@@ -72,11 +72,14 @@ impl IntoResponse for V2Error {
     }
 }
 
+/// The protocol extensions served, on REST and gRPC alike.
+pub const EXTENSIONS: [&str; 3] = ["classification", "binary_tensor_data", "model_repository"];
+
 async fn server_metadata() -> Json<Value> {
     Json(json!({
         "name": "visionserve",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": ["classification", "binary_tensor_data", "model_repository"]
+        "extensions": EXTENSIONS
     }))
 }
 
@@ -91,14 +94,38 @@ fn entry(state: &AppState, model: &ModelPath) -> Result<std::sync::Arc<ModelEntr
     Ok(state.repository.get(&model.name, model.version()).map_err(ApiError::from)?)
 }
 
-fn tensor_spec(name: &str, datatype: &str, shape: &[i64]) -> Value {
-    json!({"name": name, "datatype": datatype, "shape": shape})
+/// A tensor a model takes or gives, as metadata describes it.
+pub struct TensorSpec {
+    pub name: String,
+    pub datatype: &'static str,
+    pub shape: Vec<i64>,
 }
 
-async fn model_metadata(State(state): State<AppState>, model: ModelPath) -> Result<Json<Value>, V2Error> {
-    let entry = entry(&state, &model)?;
+fn tensor_spec(name: &str, datatype: &'static str, shape: &[i64]) -> TensorSpec {
+    TensorSpec { name: name.to_string(), datatype, shape: shape.to_vec() }
+}
+
+impl TensorSpec {
+    fn to_json(&self) -> Value {
+        json!({"name": self.name, "datatype": self.datatype, "shape": self.shape})
+    }
+}
+
+/// A model version's metadata, as REST V2 and gRPC both describe it.
+pub struct ModelMetadata {
+    pub name: String,
+    pub versions: Vec<String>,
+    pub platform: &'static str,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    /// What only REST reports (gRPC's message has no such field): task, version, other inputs.
+    pub parameters: Value,
+}
+
+pub fn model_metadata_of(state: &AppState, name: &str, version: Option<&str>) -> Result<ModelMetadata, ApiError> {
+    let entry = state.repository.get(name, version)?;
     let config = entry.config.clone().ok_or_else(|| ApiError::ModelNotReady {
-        name: model.name.clone(),
+        name: name.to_string(),
         reason: entry.status().reason.unwrap_or_default(),
     })?;
     let classes = entry.labels.len().max(1) as i64;
@@ -116,24 +143,36 @@ async fn model_metadata(State(state): State<AppState>, model: ModelPath) -> Resu
     if let Ok(runtime) = entry.runtime() {
         outputs.extend(runtime.raw_outputs().iter().map(|r| tensor_spec(&r.name, r.datatype, &r.shape)));
     }
-    let versions = state.repository.family(&model.name).map(|f| f.version_names()).unwrap_or_default();
-    Ok(Json(json!({
-        "name": entry.name,
-        "versions": versions,
-        "platform": match config.format {
+    let versions = state.repository.family(name).map(|f| f.version_names()).unwrap_or_default();
+    Ok(ModelMetadata {
+        name: entry.name.clone(),
+        versions,
+        platform: match config.format {
             ModelFormat::Torchscript => "pytorch_torchscript",
             ModelFormat::Aoti => "pytorch_aoti",
         },
-        "inputs": [tensor_spec("image", "BYTES", &[-1])],
-        "outputs": outputs,
-        "parameters": {
+        inputs: vec![tensor_spec("image", "BYTES", &[-1])],
+        outputs,
+        parameters: json!({
             "task": config.task,
             "version": entry.version,
             "also_accepts": [
                 {"datatype": "UINT8", "shape": [-1, -1, -1, 3], "meaning": "raw RGB pixels"},
                 {"datatype": "FP32", "shape": [-1, 3, config.input.height, config.input.width], "meaning": "preprocessed input"}
             ]
-        }
+        }),
+    })
+}
+
+async fn model_metadata(State(state): State<AppState>, model: ModelPath) -> Result<Json<Value>, V2Error> {
+    let metadata = model_metadata_of(&state, &model.name, model.version())?;
+    Ok(Json(json!({
+        "name": metadata.name,
+        "versions": metadata.versions,
+        "platform": metadata.platform,
+        "inputs": metadata.inputs.iter().map(TensorSpec::to_json).collect::<Vec<_>>(),
+        "outputs": metadata.outputs.iter().map(TensorSpec::to_json).collect::<Vec<_>>(),
+        "parameters": metadata.parameters,
     })))
 }
 
@@ -144,15 +183,15 @@ async fn model_ready(State(state): State<AppState>, model: ModelPath) -> Result<
     Ok((status, Json(json!({"name": entry.name, "ready": is_ready}))).into_response())
 }
 
-fn bool_param(parameters: &Map<String, Value>, key: &str) -> Result<Option<bool>, V2Error> {
+fn bool_param(parameters: &Map<String, Value>, key: &str) -> Result<Option<bool>, ApiError> {
     match parameters.get(key) {
         None => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(_) => Err(V2Error::bad(format!("parameter '{key}' must be true or false"))),
+        Some(_) => Err(ApiError::BadRequest(format!("parameter '{key}' must be true or false"))),
     }
 }
 
-/// Parse the request → the shared inference path → shape the finished results as tensors.
+/// Parse the body → the shared tensor path → JSON, or JSON and binary data.
 async fn infer(State(state): State<AppState>, model: ModelPath, headers: HeaderMap, body: Bytes) -> Result<Response, V2Error> {
     let context = RequestContext::from_headers(&headers, state.limits.request_timeout_ms)?;
     let header_length = match headers.get(HEADER_LENGTH) {
@@ -167,22 +206,66 @@ async fn infer(State(state): State<AppState>, model: ModelPath, headers: HeaderM
     // Unknown model and version are 404 whatever the body holds.
     entry(&state, &model)?;
     let request = tensors::parse_request(body, header_length).map_err(V2Error::bad)?;
-    let [input] = request.inputs.as_slice() else {
-        return Err(V2Error::bad(format!("expected exactly one input, got {}", request.inputs.len())));
-    };
-    let params = PredictParams::from_v2(&request.parameters).map_err(|e| V2Error::bad(e.0))?;
-    let all_binary = bool_param(&request.parameters, "binary_data_output")?.unwrap_or(false);
-    let batch = *input.shape.first().ok_or_else(|| V2Error::bad("input shape is empty"))? as usize;
-    if batch == 0 || batch > state.limits.max_images_per_request {
-        return Err(V2Error::bad(format!("batch of {batch} images; 1..={} are accepted", state.limits.max_images_per_request)));
+    let answer = infer_tensors(&state, &model.name, model.version(), request, &context).await?;
+    let mut head = Map::new();
+    head.insert("model_name".into(), json!(answer.model_name));
+    head.insert("model_version".into(), json!(answer.model_version));
+    if let Some(id) = &answer.id {
+        head.insert("id".into(), json!(id));
     }
-    let target = Target::resolve(&state, &model.name, model.version(), &context)?;
+    let (body, json_length) = tensors::encode_response(head, &answer.outputs);
+    let mut response = match json_length {
+        Some(length) => (
+            [(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream")), (HEADER_LENGTH, HeaderValue::from(length))],
+            body,
+        )
+            .into_response(),
+        None => ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response(),
+    };
+    answer.timings.finish(&answer.model_name, answer.postprocess_time, response.headers_mut());
+    Ok(response)
+}
+
+/// What the Open Inference Protocol answers, before a transport writes it: REST as JSON (and
+/// binary data), gRPC as `ModelInferResponse`.
+pub struct TensorAnswer {
+    pub model_name: String,
+    pub model_version: String,
+    pub id: Option<String>,
+    /// The outputs in the order the request named them, each with whether REST sends it as
+    /// binary data (gRPC always does).
+    pub outputs: Vec<(OutputTensor, bool)>,
+    pub timings: StageTimings,
+    pub postprocess_time: Duration,
+}
+
+/// The Open Inference Protocol's inference, shared by REST V2 and gRPC: check the request's
+/// one input and parameters, run it through the shared inference path (admission, queue,
+/// batching, deadline, `tasks::finish`) and shape the finished results as the tensors asked for.
+pub async fn infer_tensors(
+    state: &AppState,
+    name: &str,
+    version: Option<&str>,
+    request: InferRequest,
+    context: &RequestContext,
+) -> Result<TensorAnswer, ApiError> {
+    let bad = |message: String| ApiError::BadRequest(message);
+    let [input] = request.inputs.as_slice() else {
+        return Err(bad(format!("expected exactly one input, got {}", request.inputs.len())));
+    };
+    let params = PredictParams::from_v2(&request.parameters).map_err(|e| bad(e.0))?;
+    let all_binary = bool_param(&request.parameters, "binary_data_output")?.unwrap_or(false);
+    let batch = *input.shape.first().ok_or_else(|| bad("input shape is empty".into()))? as usize;
+    if batch == 0 || batch > state.limits.max_images_per_request {
+        return Err(bad(format!("batch of {batch} images; 1..={} are accepted", state.limits.max_images_per_request)));
+    }
+    let target = Target::resolve(state, name, version, context)?;
     let limits = DecodeLimits { max_pixels: state.limits.max_image_pixels };
     let InferRequest { id, inputs, outputs: requested, .. } = request;
     let input = inputs.into_iter().next().expect("one input, checked above");
     let prepare = move |config: &ModelConfig| prepare_input(&input, config, limits).map(|prepared| (prepared, None));
     let want_raw = requested.iter().flatten().any(|r| r.name.starts_with(RAW_PREFIX));
-    let Inference { outputs, timings, raw, .. } = inference::run(&state, &target, prepare, params, want_raw, &context).await?;
+    let Inference { outputs, timings, raw, .. } = inference::run(state, &target, prepare, params, want_raw, context).await?;
 
     let post_started = Instant::now();
     let labels = outputs.labels();
@@ -195,24 +278,15 @@ async fn infer(State(state): State<AppState>, model: ModelPath, headers: HeaderM
             Ok::<_, ApiError>(tensors)
         })
         .await??;
-    let chosen = choose_outputs(tensors, requested.as_deref(), all_binary, &model.name, &labels)?;
-    let mut head = Map::new();
-    head.insert("model_name".into(), json!(target.name()));
-    head.insert("model_version".into(), json!(target.entry.version));
-    if let Some(id) = id {
-        head.insert("id".into(), json!(id));
-    }
-    let (body, json_length) = tensors::encode_response(head, &chosen);
-    let mut response = match json_length {
-        Some(length) => (
-            [(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream")), (HEADER_LENGTH, HeaderValue::from(length))],
-            body,
-        )
-            .into_response(),
-        None => ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response(),
-    };
-    timings.finish(target.name(), post_started.elapsed(), response.headers_mut());
-    Ok(response)
+    let outputs = choose_outputs(tensors, requested.as_deref(), all_binary, target.name(), &labels)?;
+    Ok(TensorAnswer {
+        model_name: target.name().to_string(),
+        model_version: target.entry.version.clone(),
+        id,
+        outputs,
+        timings,
+        postprocess_time: post_started.elapsed(),
+    })
 }
 
 /// The outputs a request names, in its order and each binary or JSON as asked (Triton's
@@ -224,7 +298,7 @@ fn choose_outputs(
     all_binary: bool,
     model: &str,
     labels: &[String],
-) -> Result<Vec<(OutputTensor, bool)>, V2Error> {
+) -> Result<Vec<(OutputTensor, bool)>, ApiError> {
     let Some(requested) = requested else {
         return Ok(tensors.drain(..).map(|t| (t, all_binary)).collect());
     };
@@ -234,12 +308,15 @@ fn choose_outputs(
             .iter()
             .find(|o| o.name == r.name)
             .cloned()
-            .ok_or_else(|| V2Error::bad(format!("model '{model}' has no output '{}'", r.name)))?;
+            .ok_or_else(|| ApiError::BadRequest(format!("model '{model}' has no output '{}'", r.name)))?;
         let binary = bool_param(&r.parameters, "binary_data")?.unwrap_or(all_binary);
         match r.parameters.get("classification") {
             None => chosen.push((tensor, binary)),
             Some(k) => {
-                let k = k.as_u64().filter(|k| *k >= 1).ok_or_else(|| V2Error::bad("'classification' must be a positive integer"))?;
+                let k = k
+                    .as_u64()
+                    .filter(|k| *k >= 1)
+                    .ok_or_else(|| ApiError::BadRequest("'classification' must be a positive integer".into()))?;
                 chosen.push((classification_strings(&tensor, k as usize, labels)?, binary));
             }
         }
@@ -388,9 +465,9 @@ fn task_tensors(results: Vec<Finished>) -> Result<Vec<OutputTensor>, ApiError> {
 
 /// Triton's classification extension: the top `k` of a `[N, C]` score tensor as
 /// `"score:index:label"` strings, `BYTES [N, k]`.
-fn classification_strings(tensor: &OutputTensor, k: usize, labels: &[String]) -> Result<OutputTensor, V2Error> {
+fn classification_strings(tensor: &OutputTensor, k: usize, labels: &[String]) -> Result<OutputTensor, ApiError> {
     let (&[n, c], OutputData::Fp32(data)) = (tensor.shape.as_slice(), &tensor.data) else {
-        return Err(V2Error::bad(format!("output '{}' is not a [N, C] score tensor", tensor.name)));
+        return Err(ApiError::BadRequest(format!("output '{}' is not a [N, C] score tensor", tensor.name)));
     };
     let k = k.min(c as usize);
     let mut strings = Vec::new();

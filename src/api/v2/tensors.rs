@@ -30,6 +30,8 @@ pub struct InputTensor {
 enum TensorData {
     Json(Value),
     Binary(Bytes),
+    /// `BYTES` elements already apart (gRPC's `contents.bytes_contents`).
+    Elements(Vec<Bytes>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,6 +103,24 @@ pub fn parse_request(body: Bytes, header_length: Option<usize>) -> Result<InferR
 }
 
 impl InputTensor {
+    /// An input whose data is Triton's binary layout (REST's binary extension, gRPC's
+    /// `raw_input_contents` or typed contents written out little-endian).
+    pub fn binary(name: String, shape: Vec<i64>, datatype: String, data: Bytes) -> Result<InputTensor, String> {
+        InputTensor::new(name, shape, datatype, TensorData::Binary(data))
+    }
+
+    /// A `BYTES` input whose elements arrive apart.
+    pub fn elements(name: String, shape: Vec<i64>, datatype: String, elements: Vec<Bytes>) -> Result<InputTensor, String> {
+        InputTensor::new(name, shape, datatype, TensorData::Elements(elements))
+    }
+
+    fn new(name: String, shape: Vec<i64>, datatype: String, data: TensorData) -> Result<InputTensor, String> {
+        if shape.iter().any(|&d| d < 0) {
+            return Err(format!("input '{name}' has a negative dimension in shape {shape:?}"));
+        }
+        Ok(InputTensor { name, shape, datatype, data })
+    }
+
     /// Elements the shape holds; the data must hold as many.
     pub fn element_count(&self) -> Result<usize, String> {
         self.shape
@@ -139,6 +159,7 @@ impl InputTensor {
                 .map(|v| v.as_str().ok_or_else(|| "BYTES elements must be strings (base64 images)".to_string()).and_then(&decode_text))
                 .collect::<Result<Vec<_>, _>>()?,
             TensorData::Binary(bytes) => split_length_prefixed(bytes)?,
+            TensorData::Elements(elements) => elements.clone(),
         };
         if elements.len() != self.element_count()? {
             return Err(format!("input '{}' has shape {:?} but {} elements", self.name, self.shape, elements.len()));
@@ -157,6 +178,7 @@ impl InputTensor {
                 self.binary_of_width(bytes, 1)?;
                 Ok(bytes.to_vec())
             }
+            TensorData::Elements(_) => Err(format!("input '{}' holds BYTES elements, not UINT8 values", self.name)),
         }
     }
 
@@ -171,6 +193,7 @@ impl InputTensor {
                 self.binary_of_width(bytes, 4)?;
                 Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
             }
+            TensorData::Elements(_) => Err(format!("input '{}' holds BYTES elements, not FP32 values", self.name)),
         }
     }
 }
@@ -235,7 +258,9 @@ impl OutputData {
         }
     }
 
-    fn to_binary(&self) -> Vec<u8> {
+    /// Triton's binary layout, as REST's binary extension and gRPC's `raw_output_contents`
+    /// carry it.
+    pub fn to_binary(&self) -> Vec<u8> {
         match self {
             OutputData::Fp32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             OutputData::Uint8(v) => v.clone(),
