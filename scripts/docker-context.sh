@@ -20,6 +20,10 @@ done
 # of a versioned model the newest TorchScript version is copied, as a flat folder.
 for top in models/*/; do
   name=$(basename "$top")
+  if [ -f "$top/pipeline.toml" ]; then   # a pipeline: its file names models of this folder
+    mkdir -p "$ctx/models/$name" && cp "$top/pipeline.toml" "$ctx/models/$name/"
+    continue
+  fi
   dir=""
   if [ -f "$top/config.toml" ]; then
     dir=$top

@@ -17,6 +17,7 @@ pub mod image;
 pub mod logging;
 pub mod metrics;
 pub mod model_config;
+pub mod pipeline;
 pub mod render;
 pub mod repository;
 pub mod tasks;

@@ -16,6 +16,7 @@
 
 mod ceiling;
 mod load;
+mod pipeline;
 mod protocols;
 mod report;
 mod shipped;
@@ -39,7 +40,7 @@ struct Args {
     server: PathBuf,
     /// Model folders to measure (config.toml + model file); a numbered version folder
     /// (`models/mobilenet_v2/2`) is measured under its model's name, labelled with its format.
-    #[arg(long, value_delimiter = ',', required_unless_present_any = ["url", "shipped", "protocols"])]
+    #[arg(long, value_delimiter = ',', required_unless_present_any = ["url", "shipped", "protocols", "pipeline"])]
     models: Vec<PathBuf>,
     /// Instead of everything else: drive this predict URL of a running server (for example
     /// from docker compose) at each concurrency and print the table.
@@ -71,6 +72,10 @@ struct Args {
     /// 16, three interleaved runs. Appends the table to `--out`, draws `protocols.png`.
     #[arg(long)]
     protocols: Option<PathBuf>,
+    /// Also (or, without --models, only): the pipeline `detect_then_classify` of this repository
+    /// against its steps on a photo with five detections. Appends to `--out`, draws `pipeline.png`.
+    #[arg(long)]
+    pipeline: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -136,13 +141,17 @@ fn main() {
         return;
     }
     if args.models.is_empty() {
+        let mut report = String::new();
         if let Some(repository) = &args.protocols {
-            let report = format!("\n## Protocols, {} — {cores} cores, {cpu}\n{}", utc_now(), protocol_report(&args, repository, &body));
-            println!("{report}");
-            let mut out = std::fs::OpenOptions::new().create(true).append(true).open(&args.out).unwrap();
-            out.write_all(report.as_bytes()).unwrap();
-            println!("[bench] appended to {}", args.out.display());
+            report.push_str(&format!("\n## Protocols, {} — {cores} cores, {cpu}\n{}", utc_now(), protocol_report(&args, repository, &body)));
         }
+        if let Some(repository) = &args.pipeline {
+            report.push_str(&format!("\n## Pipeline, {} — {cores} cores, {cpu}\n{}", utc_now(), pipeline_report(&args, repository)));
+        }
+        println!("{report}");
+        let mut out = std::fs::OpenOptions::new().create(true).append(true).open(&args.out).unwrap();
+        out.write_all(report.as_bytes()).unwrap();
+        println!("[bench] appended to {}", args.out.display());
         return;
     }
     let mut report = format!(
@@ -211,10 +220,23 @@ fn main() {
     if let Some(repository) = &args.protocols {
         report.push_str(&protocol_report(&args, repository, &body));
     }
+    if let Some(repository) = &args.pipeline {
+        report.push_str(&pipeline_report(&args, repository));
+    }
     println!("{report}");
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&args.out).unwrap();
     file.write_all(report.as_bytes()).unwrap();
     println!("[bench] appended to {} and drew {}", args.out.display(), args.chart_dir.display());
+}
+
+/// The pipeline against its steps: the table and its chart.
+fn pipeline_report(args: &Args, repository: &std::path::Path) -> String {
+    println!("[bench] the pipeline against its steps, from {repository:?}, as shipped");
+    let figures = pipeline::measure(&args.server, repository);
+    std::fs::create_dir_all(&args.chart_dir).unwrap();
+    let chart = args.chart_dir.join("pipeline.png");
+    pipeline::draw(&chart, &figures);
+    format!("{}\n![the pipeline against its steps]({})\n", pipeline::render(&figures), chart.display())
 }
 
 /// REST against gRPC on the repository's classifier: the table and its chart.

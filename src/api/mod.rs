@@ -13,6 +13,7 @@ pub(crate) mod metrics_route;
 pub(crate) mod model_path;
 pub mod input;
 mod models;
+pub(crate) mod pipeline;
 mod predict;
 mod torchserve;
 pub mod v2;

@@ -7,6 +7,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::model_path::ModelPath;
+use super::pipeline;
 use super::AppState;
 use crate::error::ApiError;
 use crate::repository::ModelEntry;
@@ -41,8 +42,10 @@ fn with_versions(state: &AppState, model: &ModelEntry, mut value: Value) -> Valu
     value
 }
 
+/// Every model (its default version), then every pipeline with its steps.
 async fn list(State(state): State<AppState>) -> Json<Value> {
-    let models: Vec<Value> = state.repository.iter().iter().map(|m| with_versions(&state, m, summary(m))).collect();
+    let mut models: Vec<Value> = state.repository.iter().iter().map(|m| with_versions(&state, m, summary(m))).collect();
+    models.extend(state.repository.pipelines().iter().map(|p| pipeline::summary(&state, p)));
     Json(json!({"models": models}))
 }
 
@@ -61,6 +64,10 @@ fn describe(state: &AppState, model: &ModelEntry) -> Value {
 }
 
 async fn detail(State(state): State<AppState>, model: ModelPath) -> Result<Json<Value>, ApiError> {
+    if let Some(found) = state.repository.pipeline(&model.name) {
+        pipeline::check_version(&found, model.version())?;
+        return Ok(Json(pipeline::summary(&state, &found)));
+    }
     let entry = state.repository.get(&model.name, model.version())?;
     Ok(Json(describe(&state, &entry)))
 }

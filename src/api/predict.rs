@@ -15,12 +15,14 @@ use serde_json::json;
 use super::inference::{self, Inference, RequestContext, Target};
 use super::input::ImageUploads;
 use super::model_path::ModelPath;
+use super::pipeline::{self, PipelineInput};
 use super::AppState;
 use crate::error::ApiError;
 use crate::metrics as m;
 use crate::image::{decode_scaled, decode_size_needed, preprocess_decoded, DecodeLimits, PreparedImage};
 use crate::model_config::ModelConfig;
 use crate::render;
+use crate::repository::PipelineEntry;
 use crate::tasks::{PredictParams, TaskResult};
 use image::RgbImage;
 
@@ -46,6 +48,9 @@ async fn predict(
             "a rendered overlay takes exactly one image, got {}",
             uploads.images.len()
         )));
+    }
+    if let Some(pipeline) = state.repository.pipeline(&model.name) {
+        return predict_pipeline(&state, &pipeline, model.version(), raw, uploads.images, render, &context).await;
     }
     let target = Target::resolve(&state, &model.name, model.version(), &context)?;
     let params = PredictParams::from_raw(&raw, target.task())?;
@@ -89,6 +94,41 @@ async fn predict(
         }
     };
     timings.finish(target.name(), post_started.elapsed(), response.headers_mut());
+    Ok(response)
+}
+
+/// A pipeline on /v1: nested JSON, or its detections drawn with the classifier's labels.
+async fn predict_pipeline(
+    state: &AppState,
+    pipeline: &PipelineEntry,
+    version: Option<&str>,
+    raw: HashMap<String, String>,
+    images: Vec<axum::body::Bytes>,
+    render: bool,
+    context: &RequestContext,
+) -> Result<Response, ApiError> {
+    pipeline::check_version(pipeline, version)?;
+    if let Some(name) = raw.keys().next() {
+        return Err(ApiError::InvalidParameter(format!(
+            "pipeline '{}' takes no parameters (got '{name}'): its steps are set in its pipeline.toml",
+            pipeline.name
+        )));
+    }
+    let run = pipeline::run(state, pipeline, PipelineInput::Encoded(images), context, render).await?;
+    let mut response = match run.original.clone() {
+        Some(mut image) => {
+            let drawn = run.overlay();
+            let png = state
+                .run_cpu(move || {
+                    render::draw_result(&mut image, &drawn, &[]);
+                    render::encode_png(&image).map_err(|e| ApiError::Internal(format!("PNG encoding failed: {e}")))
+                })
+                .await??;
+            ([(header::CONTENT_TYPE, "image/png")], png).into_response()
+        }
+        None => Json(run.v1_json()).into_response(),
+    };
+    run.timing_headers(response.headers_mut());
     Ok(response)
 }
 

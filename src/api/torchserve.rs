@@ -22,6 +22,7 @@ use serde_json::{json, Map, Value};
 use super::inference::{self, Inference, RequestContext, Target};
 use super::input::{decode_base64, ImageUploads};
 use super::model_path::ModelPath;
+use super::pipeline::{self, PipelineInput};
 use super::AppState;
 use crate::error::ApiError;
 use crate::image::DecodeLimits;
@@ -70,6 +71,16 @@ async fn images_of(request: Request, state: &AppState) -> Result<Vec<Bytes>, Api
 
 async fn predict(State(state): State<AppState>, model: ModelPath, request: Request) -> Result<Response, ApiError> {
     let context = RequestContext::from_headers(request.headers(), state.limits.request_timeout_ms)?;
+    if let Some(pipeline) = state.repository.pipeline(&model.name) {
+        pipeline::check_version(&pipeline, model.version())?;
+        let images = images_of(request, &state).await?;
+        let run = pipeline::run(&state, &pipeline, PipelineInput::Encoded(images), &context, false).await?;
+        let mut answers = run.torchserve_json();
+        let body = if answers.len() == 1 { answers.remove(0) } else { Value::Array(answers) };
+        let mut response = Json(body).into_response();
+        run.timing_headers(response.headers_mut());
+        return Ok(response);
+    }
     // Resolved before the body is read: an unknown or full model costs no upload.
     let target = Target::resolve(&state, &model.name, model.version(), &context)?;
     let images = images_of(request, &state).await?;

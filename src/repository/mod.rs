@@ -9,6 +9,7 @@
 //! answers, while the management API loads, reloads, scales or unloads behind it.
 
 mod entry;
+mod pipelines;
 mod scan;
 
 use std::collections::BTreeMap;
@@ -18,6 +19,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde::Serialize;
 
 pub use entry::{ModelEntry, ModelStatus, StatusReport};
+pub use pipelines::{PipelineEntry, PipelineSteps, StepError};
 use entry::ModelState;
 use scan::{family_of, is_safe_name, model_folders, read_family};
 
@@ -83,6 +85,8 @@ impl std::fmt::Display for LookupError {
 pub struct ModelRepository {
     pub root: PathBuf,
     families: RwLock<BTreeMap<String, Arc<ModelFamily>>>,
+    /// Folders with a `pipeline.toml`: chains of the models above, read once at start.
+    pipelines: BTreeMap<String, Arc<PipelineEntry>>,
     /// One management operation at a time: loads are slow and must not interleave.
     admin: Mutex<()>,
 }
@@ -92,6 +96,14 @@ impl ModelRepository {
     /// listed but left unloaded. Reading is cheap; loading happens in
     /// [`ModelRepository::load_all`].
     pub fn scan(root: &Path, only: &[String]) -> std::io::Result<Self> {
+        let pipelines = pipelines::scan(root, only)?;
+        // A pipeline named in --models brings its steps along.
+        let mut only = only.to_vec();
+        if !only.is_empty() {
+            only.retain(|name| !pipelines.contains_key(name));
+            only.extend(pipelines.values().filter_map(|p| p.spec.as_ref().ok()).flat_map(|s| [s.detect.model.clone(), s.classify.model.clone()]));
+        }
+        let only = only.as_slice();
         let mut families = BTreeMap::new();
         for dir in model_folders(root)? {
             let family = read_family(&dir);
@@ -109,7 +121,7 @@ impl ModelRepository {
                 families.insert(wanted.clone(), Arc::new(family_of(wanted.clone(), vec![entry])));
             }
         }
-        Ok(Self { root: root.to_path_buf(), families: RwLock::new(families), admin: Mutex::new(()) })
+        Ok(Self { root: root.to_path_buf(), families: RwLock::new(families), pipelines, admin: Mutex::new(()) })
     }
 
     /// The model's default version, or the version asked for.
@@ -123,6 +135,15 @@ impl ModelRepository {
                 known: family.version_names(),
             }),
         }
+    }
+
+    /// The pipeline of that name, if the repository has one.
+    pub fn pipeline(&self, name: &str) -> Option<Arc<PipelineEntry>> {
+        self.pipelines.get(name).cloned()
+    }
+
+    pub fn pipelines(&self) -> Vec<Arc<PipelineEntry>> {
+        self.pipelines.values().cloned().collect()
     }
 
     pub fn family(&self, name: &str) -> Option<Arc<ModelFamily>> {
@@ -161,6 +182,15 @@ impl ModelRepository {
                 readiness.ready.push(name);
             } else {
                 readiness.not_ready.push(NotReady { name, status: report.status, reason: report.reason });
+            }
+        }
+        // A pipeline is ready when its steps are; a broken one holds readiness back.
+        for pipeline in self.pipelines.values() {
+            let report = self.pipeline_status(pipeline);
+            match report.status {
+                ModelStatus::Ready => readiness.ready.push(pipeline.name.clone()),
+                ModelStatus::Unloaded => {}
+                status => readiness.not_ready.push(NotReady { name: pipeline.name.clone(), status, reason: report.reason }),
             }
         }
         readiness
@@ -251,7 +281,8 @@ impl ModelRepository {
 
     /// Model folders on disk that are not (yet) in the repository's map, by name.
     pub fn unlisted_on_disk(&self) -> Vec<String> {
-        let known = self.families.read().unwrap().keys().cloned().collect::<Vec<_>>();
+        let mut known = self.families.read().unwrap().keys().cloned().collect::<Vec<_>>();
+        known.extend(self.pipelines.keys().cloned());
         model_folders(&self.root)
             .unwrap_or_default()
             .iter()

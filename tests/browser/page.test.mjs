@@ -65,6 +65,8 @@ const CASES = [
   { model: "mobilenet_v2", sample: "chelsea.jpg", expect: /Egyptian cat|tabby|tiger cat/, shot: "classification" },
   { model: "ssd_mobilenet_v2_coco", sample: "chelsea.jpg", expect: /^cat$/, shot: "detection", boxes: true },
   { model: "text_detector_ppocr_v4", sample: "page.png", expect: /^text$/, shot: "segmentation" },
+  // The pipeline: the detector's "cat", named by the classifier.
+  { model: "detect_then_classify", sample: "chelsea.jpg", expect: /^(Egyptian cat|tabby|tiger cat) \(cat\)$/, shot: "pipeline", boxes: true },
 ];
 
 for (const c of CASES) {

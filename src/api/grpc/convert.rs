@@ -202,8 +202,7 @@ mod tests {
                 (OutputTensor { name: "scores".into(), shape: vec![1, 2], data: OutputData::Fp32(vec![0.25, 0.75]) }, false),
                 (OutputTensor { name: "num_detections".into(), shape: vec![1], data: OutputData::Int32(vec![3]) }, true),
             ],
-            timings: crate::api::inference::StageTimings::default(),
-            postprocess_time: std::time::Duration::ZERO,
+            timing_headers: axum::http::HeaderMap::new(),
         };
         let response = infer_response(answer);
         assert_eq!(response.id, "x");

@@ -1,6 +1,5 @@
 //! `inference.GRPCInferenceService`: thin handlers over what REST already does.
 
-use axum::http::HeaderMap;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
@@ -58,16 +57,15 @@ pub(super) async fn infer_one(
     let version_name = request.model_version.clone();
     let answer = async {
         // Unknown model and version are NOT_FOUND whatever the request holds, as on REST.
-        state.repository.get(&name, version(&version_name))?;
+        v2::check_exists(state, &name, version(&version_name))?;
         let request = convert::infer_request(request).map_err(ApiError::BadRequest)?;
         v2::infer_tensors(state, &name, version(&version_name), request, context).await
     }
     .await;
     tracker.finish(answer.as_ref().map_or_else(|e| e.status().as_u16(), |_| 200));
-    let answer = answer.map_err(to_status)?;
-    let mut headers = HeaderMap::new();
-    answer.timings.finish(&answer.model_name, answer.postprocess_time, &mut headers);
-    Ok((convert::infer_response(answer), MetadataMap::from_headers(headers)))
+    let mut answer = answer.map_err(to_status)?;
+    let metadata = MetadataMap::from_headers(std::mem::take(&mut answer.timing_headers));
+    Ok((convert::infer_response(answer), metadata))
 }
 
 fn request_span(method: &str, context: &RequestContext) -> tracing::Span {
@@ -88,8 +86,7 @@ impl GrpcInferenceService for InferenceService {
     /// `is_model_ready` over HTTP reads REST's 404: the same client call gives the same answer.
     async fn model_ready(&self, request: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
         let request = request.into_inner();
-        let entry = self.state.repository.get(&request.name, version(&request.version));
-        Ok(Response::new(ModelReadyResponse { ready: entry.is_ok_and(|e| e.status().is_ready()) }))
+        Ok(Response::new(ModelReadyResponse { ready: v2::is_model_ready(&self.state, &request.name, version(&request.version)) }))
     }
 
     async fn server_metadata(&self, _: Request<ServerMetadataRequest>) -> Result<Response<ServerMetadataResponse>, Status> {

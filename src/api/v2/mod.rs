@@ -1,6 +1,6 @@
 pub mod tensors;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -10,14 +10,15 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
-use super::inference::{self, Inference, RequestContext, StageTimings, Target};
+use super::inference::{self, Inference, RequestContext, Target};
+use super::pipeline::{self, PipelineInput, PIPELINE_VERSION};
 use super::model_path::ModelPath;
 use super::AppState;
 use crate::engine::{RawData, RawTensor};
 use crate::error::ApiError;
 use crate::image::{preprocess, DecodeLimits, Geometry, PreparedImage};
 use crate::model_config::{ModelConfig, ModelFormat, ResizePolicy, Task};
-use crate::repository::ModelEntry;
+use crate::repository::PipelineEntry;
 use crate::tasks::{classification, Finished, PredictParams};
 use tensors::{InferRequest, InputTensor, OutputData, OutputTensor};
 
@@ -90,10 +91,6 @@ async fn server_ready(State(state): State<AppState>) -> Response {
     (status, Json(json!({"ready": ready}))).into_response()
 }
 
-fn entry(state: &AppState, model: &ModelPath) -> Result<std::sync::Arc<ModelEntry>, V2Error> {
-    Ok(state.repository.get(&model.name, model.version()).map_err(ApiError::from)?)
-}
-
 /// A tensor a model takes or gives, as metadata describes it.
 pub struct TensorSpec {
     pub name: String,
@@ -123,6 +120,21 @@ pub struct ModelMetadata {
 }
 
 pub fn model_metadata_of(state: &AppState, name: &str, version: Option<&str>) -> Result<ModelMetadata, ApiError> {
+    if let Some(pipeline) = state.repository.pipeline(name) {
+        pipeline::check_version(&pipeline, version)?;
+        return Ok(ModelMetadata {
+            name: pipeline.name.clone(),
+            versions: vec![PIPELINE_VERSION.into()],
+            platform: "visionserve_pipeline",
+            inputs: vec![tensor_spec("image", "BYTES", &[-1])],
+            outputs: pipeline::output_specs(),
+            parameters: json!({
+                "task": "detection",
+                "steps": pipeline::summary(state, &pipeline)["steps"],
+                "also_accepts": [{"datatype": "UINT8", "shape": [-1, -1, -1, 3], "meaning": "raw RGB pixels"}]
+            }),
+        });
+    }
     let entry = state.repository.get(name, version)?;
     let config = entry.config.clone().ok_or_else(|| ApiError::ModelNotReady {
         name: name.to_string(),
@@ -177,10 +189,18 @@ async fn model_metadata(State(state): State<AppState>, model: ModelPath) -> Resu
 }
 
 async fn model_ready(State(state): State<AppState>, model: ModelPath) -> Result<Response, V2Error> {
-    let entry = entry(&state, &model)?;
-    let is_ready = entry.status().is_ready();
+    check_exists(&state, &model.name, model.version())?;
+    let is_ready = is_model_ready(&state, &model.name, model.version());
     let status = if is_ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    Ok((status, Json(json!({"name": entry.name, "ready": is_ready}))).into_response())
+    Ok((status, Json(json!({"name": model.name, "ready": is_ready}))).into_response())
+}
+
+/// A model version's readiness, or a pipeline's (its steps'); false for what does not exist.
+pub fn is_model_ready(state: &AppState, name: &str, version: Option<&str>) -> bool {
+    match state.repository.pipeline(name) {
+        Some(pipeline) => pipeline::check_version(&pipeline, version).is_ok() && state.repository.pipeline_status(&pipeline).is_ready(),
+        None => state.repository.get(name, version).is_ok_and(|e| e.status().is_ready()),
+    }
 }
 
 fn bool_param(parameters: &Map<String, Value>, key: &str) -> Result<Option<bool>, ApiError> {
@@ -204,7 +224,7 @@ async fn infer(State(state): State<AppState>, model: ModelPath, headers: HeaderM
         ),
     };
     // Unknown model and version are 404 whatever the body holds.
-    entry(&state, &model)?;
+    check_exists(&state, &model.name, model.version())?;
     let request = tensors::parse_request(body, header_length).map_err(V2Error::bad)?;
     let answer = infer_tensors(&state, &model.name, model.version(), request, &context).await?;
     let mut head = Map::new();
@@ -214,7 +234,7 @@ async fn infer(State(state): State<AppState>, model: ModelPath, headers: HeaderM
         head.insert("id".into(), json!(id));
     }
     let (body, json_length) = tensors::encode_response(head, &answer.outputs);
-    let mut response = match json_length {
+    let response = match json_length {
         Some(length) => (
             [(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream")), (HEADER_LENGTH, HeaderValue::from(length))],
             body,
@@ -222,8 +242,15 @@ async fn infer(State(state): State<AppState>, model: ModelPath, headers: HeaderM
             .into_response(),
         None => ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response(),
     };
-    answer.timings.finish(&answer.model_name, answer.postprocess_time, response.headers_mut());
-    Ok(response)
+    Ok((answer.timing_headers, response).into_response())
+}
+
+/// Whether a model (or pipeline) and version exist, whatever their state: 404 otherwise.
+pub fn check_exists(state: &AppState, name: &str, version: Option<&str>) -> Result<(), ApiError> {
+    match state.repository.pipeline(name) {
+        Some(pipeline) => pipeline::check_version(&pipeline, version),
+        None => state.repository.get(name, version).map(|_| ()).map_err(ApiError::from),
+    }
 }
 
 /// What the Open Inference Protocol answers, before a transport writes it: REST as JSON (and
@@ -235,8 +262,8 @@ pub struct TensorAnswer {
     /// The outputs in the order the request named them, each with whether REST sends it as
     /// binary data (gRPC always does).
     pub outputs: Vec<(OutputTensor, bool)>,
-    pub timings: StageTimings,
-    pub postprocess_time: Duration,
+    /// Every stage's time (REST's `x-*-time-ms` headers; gRPC's response metadata).
+    pub timing_headers: HeaderMap,
 }
 
 /// The Open Inference Protocol's inference, shared by REST V2 and gRPC: check the request's
@@ -253,6 +280,10 @@ pub async fn infer_tensors(
     let [input] = request.inputs.as_slice() else {
         return Err(bad(format!("expected exactly one input, got {}", request.inputs.len())));
     };
+    if let Some(pipeline) = state.repository.pipeline(name) {
+        pipeline::check_version(&pipeline, version)?;
+        return pipeline_tensors(state, &pipeline, request, context).await;
+    }
     let params = PredictParams::from_v2(&request.parameters).map_err(|e| bad(e.0))?;
     let all_binary = bool_param(&request.parameters, "binary_data_output")?.unwrap_or(false);
     let batch = *input.shape.first().ok_or_else(|| bad("input shape is empty".into()))? as usize;
@@ -279,14 +310,44 @@ pub async fn infer_tensors(
         })
         .await??;
     let outputs = choose_outputs(tensors, requested.as_deref(), all_binary, target.name(), &labels)?;
-    Ok(TensorAnswer {
-        model_name: target.name().to_string(),
-        model_version: target.entry.version.clone(),
-        id,
-        outputs,
-        timings,
-        postprocess_time: post_started.elapsed(),
-    })
+    let mut timing_headers = HeaderMap::new();
+    timings.finish(target.name(), post_started.elapsed(), &mut timing_headers);
+    Ok(TensorAnswer { model_name: target.name().to_string(), model_version: target.entry.version.clone(), id, outputs, timing_headers })
+}
+
+/// A pipeline's inference in V2's terms: BYTES images or UINT8 pixels in (a preprocessed FP32
+/// tensor fits no two models), the pipeline's tensors out.
+async fn pipeline_tensors(
+    state: &AppState,
+    pipeline: &PipelineEntry,
+    request: InferRequest,
+    context: &RequestContext,
+) -> Result<TensorAnswer, ApiError> {
+    if PredictParams::from_v2(&request.parameters).map_err(|e| ApiError::BadRequest(e.0))? != PredictParams::default() {
+        return Err(ApiError::BadRequest(format!("pipeline '{}' takes no parameters: its steps are set in its pipeline.toml", pipeline.name)));
+    }
+    let all_binary = bool_param(&request.parameters, "binary_data_output")?.unwrap_or(false);
+    let InferRequest { id, inputs, outputs: requested, .. } = request;
+    let input = inputs.into_iter().next().expect("one input, checked by the caller");
+    let batch = input.shape.first().copied().unwrap_or(0) as usize;
+    if batch == 0 || batch > state.limits.max_images_per_request {
+        return Err(ApiError::BadRequest(format!("batch of {batch} images; 1..={} are accepted", state.limits.max_images_per_request)));
+    }
+    let images = match input.datatype.as_str() {
+        "BYTES" => PipelineInput::Encoded(
+            input
+                .bytes_elements(|text| super::input::decode_base64(text).map_err(|e| format!("BYTES element is not base64: {e}")))
+                .map_err(ApiError::BadRequest)?,
+        ),
+        "UINT8" => PipelineInput::Pixels(pixel_images(&input, DecodeLimits { max_pixels: state.limits.max_image_pixels })?),
+        other => return Err(ApiError::BadRequest(format!("a pipeline takes BYTES images or UINT8 pixels, not {other}"))),
+    };
+    let run = pipeline::run(state, pipeline, images, context, false).await?;
+    let tensors = run.v2_tensors()?;
+    let outputs = choose_outputs(tensors, requested.as_deref(), all_binary, &pipeline.name, &[])?;
+    let mut timing_headers = HeaderMap::new();
+    run.timing_headers(&mut timing_headers);
+    Ok(TensorAnswer { model_name: pipeline.name.clone(), model_version: PIPELINE_VERSION.into(), id, outputs, timing_headers })
 }
 
 /// The outputs a request names, in its order and each binary or JSON as asked (Triton's
@@ -337,24 +398,10 @@ fn prepare_input(input: &InputTensor, config: &ModelConfig, limits: DecodeLimits
                 .map_err(ApiError::BadRequest)?;
             super::predict::prepare_all(&images, config, limits, false).map(|(p, _)| p)
         }
-        "UINT8" => {
-            let [n, h, w, 3] = shape else {
-                return Err(ApiError::BadRequest("UINT8 input must have shape [N, H, W, 3] (RGB pixels)".into()));
-            };
-            let (n, h, w) = (*n as usize, *h as usize, *w as usize);
-            if h == 0 || w == 0 || (h as u64).saturating_mul(w as u64) > limits.max_pixels {
-                return Err(ApiError::BadRequest(format!("{w}×{h} images are outside the accepted size")));
-            }
-            let bytes = input.u8_values().map_err(ApiError::BadRequest)?;
-            let plane = h * w * 3;
-            (0..n)
-                .map(|i| {
-                    let pixels = bytes[i * plane..(i + 1) * plane].to_vec();
-                    let image = image::RgbImage::from_raw(w as u32, h as u32, pixels).ok_or_else(|| ApiError::BadRequest("pixel count mismatch".into()))?;
-                    preprocess(&image, &config.input).map_err(|e| ApiError::Internal(e.to_string()))
-                })
-                .collect()
-        }
+        "UINT8" => pixel_images(input, limits)?
+            .iter()
+            .map(|image| preprocess(image, &config.input).map_err(|e| ApiError::Internal(e.to_string())))
+            .collect(),
         "FP32" => {
             let [n, 3, h, w] = shape else {
                 return Err(ApiError::BadRequest("FP32 input must have shape [N, 3, H, W] (preprocessed)".into()));
@@ -375,6 +422,25 @@ fn prepare_input(input: &InputTensor, config: &ModelConfig, limits: DecodeLimits
         }
         other => Err(ApiError::BadRequest(format!("input datatype {other} is not accepted: use BYTES, UINT8 or FP32"))),
     }
+}
+
+/// A `UINT8 [N, H, W, 3]` input as N RGB images.
+fn pixel_images(input: &InputTensor, limits: DecodeLimits) -> Result<Vec<image::RgbImage>, ApiError> {
+    let [n, h, w, 3] = input.shape.as_slice() else {
+        return Err(ApiError::BadRequest("UINT8 input must have shape [N, H, W, 3] (RGB pixels)".into()));
+    };
+    let (n, h, w) = (*n as usize, *h as usize, *w as usize);
+    if h == 0 || w == 0 || (h as u64).saturating_mul(w as u64) > limits.max_pixels {
+        return Err(ApiError::BadRequest(format!("{w}×{h} images are outside the accepted size")));
+    }
+    let bytes = input.u8_values().map_err(ApiError::BadRequest)?;
+    let plane = h * w * 3;
+    (0..n)
+        .map(|i| {
+            let pixels = bytes[i * plane..(i + 1) * plane].to_vec();
+            image::RgbImage::from_raw(w as u32, h as u32, pixels).ok_or_else(|| ApiError::BadRequest("pixel count mismatch".into()))
+        })
+        .collect()
 }
 
 /// Names of the model's own outputs start with this (`raw_output`, `raw_output_0`,
@@ -410,7 +476,7 @@ fn stack_raw(per_image: Vec<Vec<RawTensor>>) -> Result<Vec<OutputTensor>, ApiErr
 
 /// The task's outputs as `[N, ...]` tensors: `scores`; `mask`; or `boxes`, `scores`,
 /// `classes` and `num_detections`, padded to the image with the most detections.
-fn task_tensors(results: Vec<Finished>) -> Result<Vec<OutputTensor>, ApiError> {
+pub(crate) fn task_tensors(results: Vec<Finished>) -> Result<Vec<OutputTensor>, ApiError> {
     let n = results.len() as i64;
     let tensor = |name: &str, shape: Vec<i64>, data: OutputData| OutputTensor { name: name.into(), shape, data };
     let (mut scores, mut masks, mut detections) = (Vec::new(), Vec::new(), Vec::new());
