@@ -30,7 +30,7 @@ PRETRAINED      := $(CACHE)/pretrained-$(PRETRAINED_KEY)
 # version, a digest of the CPU flags and the exported program's checksum.
 AOTI_CACHE      := $(CACHE)/aoti
 
-.PHONY: bench-pipeline bench-protocols bench-shipped compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
+.PHONY: bench-cache bench-pipeline bench-protocols bench-shipped compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
 
 help:
 	@echo "make run    - prepare everything and serve the default models on http://127.0.0.1:8080"
@@ -48,6 +48,7 @@ help:
 	@echo "make zoo    - export the torchvision zoo (ZOO_FLAGS=--random-init offline, --aoti for .pt2 twins) into ZOO_OUT"
 	@echo "make bench  - load-test the server against the in-process ceiling (BENCHMARKS.md)"
 	@echo "make soak   - ten minutes at 70 % load, resident memory over time"
+	@echo "make bench-cache - mobilenet_v2 answered from the response cache against computed, one client"
 	@echo "make bench-pipeline - the detect_then_classify pipeline against its two steps called alone"
 	@echo "make bench-protocols - REST against gRPC on mobilenet_v2 as shipped, median of three interleaved runs"
 	@echo "make bench-shipped - the server as shipped, a 640x480 and a 12 MP photo, concurrency 1, 16 and 160"
@@ -127,7 +128,7 @@ BENCH_MODELS ?= $(subst $(eval) ,$(comma),$(foreach m,$(DEFAULT_MODELS),models/$
 comma := ,
 bench: build models
 	cargo run --release --locked --example bench -- --server $(BIN) --seconds $(BENCH_SECONDS) \
-	  --concurrency $(BENCH_CONCURRENCY) --models $(BENCH_MODELS) --protocols models --pipeline models
+	  --concurrency $(BENCH_CONCURRENCY) --models $(BENCH_MODELS) --protocols models --pipeline models --cache models
 
 # REST against gRPC alone (the last part of `make bench`): mobilenet_v2 as shipped, /v1, V2
 # binary, gRPC BYTES and gRPC UINT8, concurrency 1 and 16, median of three interleaved runs.
@@ -138,6 +139,11 @@ bench-protocols: build models
 # a photo with five detections, against the detector plus one batched forward of five crops.
 bench-pipeline: build models
 	cargo run --release --locked --example bench -- --server $(BIN) --pipeline models
+
+# The response cache (also the end of `make bench`): mobilenet_v2 answered from the cache
+# against computed, one client, the 640×480 photo uploaded each time.
+bench-cache: build models
+	cargo run --release --locked --example bench -- --server $(BIN) --seconds $(BENCH_SECONDS) --cache models
 
 # TorchServe 0.12 (Java 17, PyPI) on mobilenet_v2's TorchScript file; visionserve on the same
 # file and on its AOTInductor package; same load, same run.

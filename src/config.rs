@@ -69,6 +69,12 @@ pub struct ServerConfig {
     #[arg(long, env = "VISIONSERVE_PREPROCESS_THREADS", default_value_t = 0)]
     pub preprocess_threads: usize,
 
+    /// Bytes the response cache may hold: each image's finished result per model version and
+    /// parameters, keyed by a SHA-256 of the image, least recently used evicted first. 0 (the
+    /// default) turns it off: not every deployment sees repeated inputs.
+    #[arg(long, env = "VISIONSERVE_RESPONSE_CACHE_BYTES", default_value_t = 0)]
+    pub response_cache_bytes: usize,
+
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "VISIONSERVE_LOG_JSON", default_value_t = false)]
     pub log_json: bool,

@@ -7,6 +7,7 @@
 //! both plain Rust → `model_config` (a model's `config.toml`). `render` draws `tasks`' results.
 
 pub mod api;
+pub mod cache;
 pub mod config;
 pub mod connections;
 pub mod engine;
@@ -58,7 +59,11 @@ pub async fn serve(config: ServerConfig) -> Result<(), Box<dyn std::error::Error
         .cpu_threads(config.preprocess_thread_count())
         .api_keys(config.load_api_keys()?)
         .admin_token(config.load_admin_token()?)
+        .response_cache_bytes(config.response_cache_bytes)
         .build();
+    if state.cache.is_some() {
+        tracing::info!(bytes = config.response_cache_bytes, "response cache on");
+    }
     let listener = TcpListener::bind(config.addr).await?;
     let local = listener.local_addr()?;
     tracing::info!("listening on http://{local}");

@@ -22,6 +22,10 @@ pub const CONNECTIONS_REFUSED: &str = "visionserve_connections_refused_total";
 pub const SCALED_DECODES: &str = "visionserve_scaled_decodes_total";
 pub const ADMISSION_REFUSED: &str = "visionserve_admission_refused_total";
 pub const EXPECTED_QUEUE_WAIT: &str = "visionserve_expected_queue_wait_seconds";
+pub const CACHE_HITS: &str = "visionserve_response_cache_hits_total";
+pub const CACHE_MISSES: &str = "visionserve_response_cache_misses_total";
+pub const CACHE_EVICTIONS: &str = "visionserve_response_cache_evictions_total";
+pub const CACHE_BYTES: &str = "visionserve_response_cache_bytes";
 
 const SECONDS_BUCKETS: [f64; 16] =
     [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 10.0];
@@ -64,6 +68,10 @@ fn describe() {
     describe_gauge!(MODEL_READY, "1 when the model serves, 0 otherwise");
     describe_counter!(WORKER_RESTARTS, "Worker threads restarted after a panic");
     describe_counter!(JOBS_SKIPPED, "Queued requests not computed: client gone or deadline passed");
+    describe_counter!(CACHE_HITS, "Images answered from the response cache (--response-cache-bytes)");
+    describe_counter!(CACHE_MISSES, "Images looked up in the response cache and not found");
+    describe_counter!(CACHE_EVICTIONS, "Response cache entries evicted to keep within its byte budget");
+    describe_gauge!(CACHE_BYTES, "Bytes the response cache holds");
     describe_counter!(CONNECTIONS_REFUSED, "Connections refused because --max-connections were open");
 }
 

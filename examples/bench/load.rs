@@ -56,7 +56,12 @@ impl ServerUnderTest {
 
     /// As shipped, serving only `models` of the repository.
     pub fn start_as_shipped_only(binary: &Path, repository: &Path, models: &str) -> Self {
-        Self::spawn(binary, repository, tempfile::tempdir().unwrap(), &["--models", models])
+        Self::start_as_shipped_with(binary, repository, &["--models", models])
+    }
+
+    /// As shipped, with these flags added.
+    pub fn start_as_shipped_with(binary: &Path, repository: &Path, flags: &[&str]) -> Self {
+        Self::spawn(binary, repository, tempfile::tempdir().unwrap(), flags)
     }
 
     fn spawn(binary: &Path, repository: &Path, repo: tempfile::TempDir, extra: &[&str]) -> Self {

@@ -232,3 +232,38 @@ pub fn draw_chart(path: &Path, name: &str, rows: &[Row]) {
     }
     root.present().unwrap();
 }
+
+/// Bars of p50 and p99 per labelled run (log scale: a cache hit and a forward pass differ by
+/// an order of magnitude).
+pub fn draw_quantiles(path: &Path, title: &str, rows: &[(&str, Stats)]) {
+    let font: &'static [u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, font);
+    let root = BitMapBackend::new(path, (720, 420)).into_drawing_area();
+    root.fill(&WHITE).unwrap();
+    let max = rows.iter().map(|(_, s)| s.p99).fold(1.0, f64::max) * 2.0;
+    let min = rows.iter().map(|(_, s)| s.p50).fold(f64::MAX, f64::min).max(0.01) / 2.0;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0f64..rows.len() as f64, (min..max).log_scale())
+        .unwrap();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(rows.len() * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = x.floor() as usize;
+            if (x - i as f64 - 0.5).abs() < 0.01 { rows.get(i).map(|r| r.0.to_string()).unwrap_or_default() } else { String::new() }
+        })
+        .y_desc("ms (p50 dark, p99 light)")
+        .draw()
+        .unwrap();
+    for (i, (_, s)) in rows.iter().enumerate() {
+        let x = i as f64;
+        chart.draw_series(std::iter::once(Rectangle::new([(x + 0.25, min), (x + 0.75, s.p99)], BLUE.mix(0.3).filled()))).unwrap();
+        chart.draw_series(std::iter::once(Rectangle::new([(x + 0.25, min), (x + 0.75, s.p50)], BLUE.mix(0.8).filled()))).unwrap();
+    }
+    root.present().unwrap();
+}

@@ -133,12 +133,27 @@ async fn index(State(state): State<AppState>, body: axum::body::Bytes) -> Result
     Ok(Json(Value::Array(models)))
 }
 
-/// Loads (or reloads) on a blocking thread; the admin lock serialises loads.
+/// Loads (or reloads) on a blocking thread; the admin lock serialises loads. The model's
+/// cached answers go (they are of the versions it replaces).
 pub async fn load(state: &AppState, name: String) -> Result<Vec<String>, String> {
     let repository = state.repository.clone();
-    tokio::task::spawn_blocking(move || repository.load(&name))
+    let model = name.clone();
+    let loaded = tokio::task::spawn_blocking(move || repository.load(&name))
         .await
-        .unwrap_or_else(|e| Err(format!("the load failed: {e}")))
+        .unwrap_or_else(|e| Err(format!("the load failed: {e}")));
+    if let (Ok(_), Some(cache)) = (&loaded, &state.cache) {
+        cache.invalidate(&model);
+    }
+    loaded
+}
+
+/// Stops serving one version of a model, or all, and drops its cached answers.
+pub fn unload(state: &AppState, name: &str, version: Option<&str>) -> Result<(), LookupError> {
+    state.repository.unload(name, version)?;
+    if let Some(cache) = &state.cache {
+        cache.invalidate(name);
+    }
+    Ok(())
 }
 
 async fn triton_load(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, V2Error> {
@@ -146,9 +161,7 @@ async fn triton_load(State(state): State<AppState>, Path(name): Path<String>) ->
 }
 
 async fn triton_unload(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, V2Error> {
-    state
-        .repository
-        .unload(&name, None)
+    unload(&state, &name, None)
         .map(|()| Json(json!({})))
         .map_err(|e| V2Error::from(ApiError::from(e)))
 }
@@ -233,7 +246,7 @@ async fn set_default(State(state): State<AppState>, Path((name, version)): Path<
 }
 
 async fn unregister(State(state): State<AppState>, model: ModelPath) -> Result<Json<Value>, ApiError> {
-    state.repository.unload(&model.name, model.version()).map_err(|e: LookupError| ApiError::from(e))?;
+    unload(&state, &model.name, model.version()).map_err(ApiError::from)?;
     Ok(Json(json!({"status": format!("Model \"{}\" unregistered", model.name)})))
 }
 

@@ -6,10 +6,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::{millis, AppState};
 use crate::engine::{Admission, EngineError, JobOptions, ModelRuntime, RawTensor};
+use crate::cache::{CacheKey, Cached};
 use crate::error::ApiError;
 use crate::image::{Geometry, PreparedImage};
 use crate::metrics as m;
@@ -113,10 +115,97 @@ impl Outputs {
     pub fn finish(self) -> Result<Vec<Finished>, ApiError> {
         Ok(finish_all(self.task, self.outputs, &self.geometries, &self.labels, &self.params)?)
     }
+}
 
-    pub fn labels(&self) -> Arc<Vec<String>> {
-        Arc::clone(&self.labels)
+/// A request's images as the response cache tells them apart: per image, the bytes that decide
+/// its result (the encoded file; or the pixels with their shape).
+pub type ImageIdentities = Vec<Vec<Bytes>>;
+
+/// What answered a request, when the response cache is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheOutcome {
+    Hit,
+    Miss,
+}
+
+impl CacheOutcome {
+    /// The `x-cache` header.
+    pub fn write(outcome: Option<CacheOutcome>, headers: &mut HeaderMap) {
+        if let Some(outcome) = outcome {
+            let value = if outcome == CacheOutcome::Hit { "hit" } else { "miss" };
+            headers.insert(HeaderName::from_static("x-cache"), HeaderValue::from_static(value));
+        }
     }
+}
+
+/// Every image's finished result, from the cache or from the model.
+pub struct Answered {
+    pub results: Vec<Finished>,
+    /// The stages' times; `None` when the cache answered and no stage ran.
+    pub timings: Option<StageTimings>,
+    pub original: Option<RgbImage>,
+    pub raw: Vec<Vec<RawTensor>>,
+    pub labels: Arc<Vec<String>>,
+    /// `None` when the cache is off or the request is not cached (raw outputs, an overlay).
+    pub cache: Option<CacheOutcome>,
+}
+
+/// [`run`], then the one post-processing path, with the response cache in front: when every
+/// image's result for this version and these parameters is cached, nothing runs; otherwise the
+/// request runs whole and each image's result is stored. Requests for raw outputs or for the
+/// decoded original (an overlay) bypass it. `identities` is `None` for inputs the cache does
+/// not key (preprocessed tensors).
+pub async fn answer<P>(
+    state: &AppState,
+    target: &Target,
+    identities: Option<ImageIdentities>,
+    prepare: P,
+    params: PredictParams,
+    want_raw: bool,
+    context: &RequestContext,
+) -> Result<Answered, ApiError>
+where
+    P: FnOnce(&ModelConfig) -> Result<(Vec<PreparedImage>, Option<RgbImage>), ApiError> + Send + 'static,
+{
+    let labels = target.labels();
+    let cache = state.cache.clone().filter(|_| !want_raw);
+    let keys: Option<Vec<CacheKey>> = cache.as_ref().zip(identities).map(|(_, images)| {
+        images
+            .iter()
+            .map(|parts| {
+                let parts: Vec<&[u8]> = parts.iter().map(|p| p.as_ref()).collect();
+                CacheKey::new(target.name(), &target.entry.version, target.entry.generation, &parts, &params, false)
+            })
+            .collect()
+    });
+    if let (Some(cache), Some(keys)) = (&cache, &keys) {
+        let found: Vec<Option<Finished>> = keys
+            .iter()
+            .map(|key| match cache.get(key) {
+                Some(Cached::Result(result)) => Some(result),
+                _ => None,
+            })
+            .collect();
+        if found.iter().all(Option::is_some) {
+            let results = found.into_iter().flatten().collect();
+            return Ok(Answered { results, timings: None, original: None, raw: Vec::new(), labels, cache: Some(CacheOutcome::Hit) });
+        }
+    }
+    let Inference { outputs, raw, original, timings } = run(state, target, prepare, params, want_raw, context).await?;
+    let store = cache.zip(keys.clone());
+    let results = state
+        .run_cpu(move || {
+            let results = outputs.finish()?;
+            if let Some((cache, keys)) = store {
+                for (key, result) in keys.into_iter().zip(&results) {
+                    cache.put(key, Cached::Result(result.clone()));
+                }
+            }
+            Ok::<_, ApiError>(results)
+        })
+        .await??;
+    let cache = keys.map(|_| CacheOutcome::Miss);
+    Ok(Answered { results, timings: Some(timings), original, raw, labels, cache })
 }
 
 #[derive(Debug, Clone, Copy, Default)]

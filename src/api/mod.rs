@@ -55,6 +55,8 @@ pub struct AppState {
     pub api_keys: Arc<Vec<String>>,
     /// Token management routes require; `None` turns them off.
     pub admin_token: Option<Arc<String>>,
+    /// The response cache; `None` when off.
+    pub cache: Option<Arc<crate::cache::ResponseCache>>,
 }
 
 /// Builds an [`AppState`]: the server from its flags, tests and fuzz checks from their own
@@ -65,9 +67,16 @@ pub struct AppStateBuilder {
     cpu_threads: usize,
     api_keys: Vec<String>,
     admin_token: Option<String>,
+    response_cache_bytes: usize,
 }
 
 impl AppStateBuilder {
+    /// The response cache's byte budget; 0 (the default) leaves it off.
+    pub fn response_cache_bytes(mut self, bytes: usize) -> Self {
+        self.response_cache_bytes = bytes;
+        self
+    }
+
     /// Threads that decode and preprocess at once.
     pub fn cpu_threads(mut self, threads: usize) -> Self {
         self.cpu_threads = threads.max(1);
@@ -92,13 +101,14 @@ impl AppStateBuilder {
             metrics: crate::metrics::handle(),
             api_keys: Arc::new(self.api_keys),
             admin_token: self.admin_token.map(Arc::new),
+            cache: crate::cache::ResponseCache::new(self.response_cache_bytes).map(Arc::new),
         }
     }
 }
 
 impl AppState {
     pub fn builder(repository: Arc<ModelRepository>, limits: RequestLimits) -> AppStateBuilder {
-        AppStateBuilder { repository, limits, cpu_threads: 1, api_keys: Vec::new(), admin_token: None }
+        AppStateBuilder { repository, limits, cpu_threads: 1, api_keys: Vec::new(), admin_token: None, response_cache_bytes: 0 }
     }
 
     /// Runs CPU-heavy, non-libtorch work (decoding, resizing, mask encoding) off the reactor,

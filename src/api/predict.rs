@@ -12,11 +12,12 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::json;
 
-use super::inference::{self, Inference, RequestContext, Target};
+use super::inference::{self, Answered, CacheOutcome, RequestContext, Target};
 use super::input::ImageUploads;
 use super::model_path::ModelPath;
 use super::pipeline::{self, PipelineInput};
 use super::AppState;
+use crate::cache::{CacheKey, Cached};
 use crate::error::ApiError;
 use crate::metrics as m;
 use crate::image::{decode_scaled, decode_size_needed, preprocess_decoded, DecodeLimits, PreparedImage};
@@ -57,43 +58,78 @@ async fn predict(
 
     let limits = DecodeLimits { max_pixels: state.limits.max_image_pixels };
     let images = uploads.images;
-    // With an overlay asked for, the decoded original comes back to be drawn on.
-    let prepare = move |config: &ModelConfig| prepare_all(&images, config, limits, render);
-    let Inference { outputs, timings, original, .. } = inference::run(&state, &target, prepare, params, false, &context).await?;
+    if render {
+        return predict_overlay(&state, &target, images, params, &context).await;
+    }
+    let identities = images.iter().map(|image| vec![image.clone()]).collect();
+    let prepare = move |config: &ModelConfig| prepare_all(&images, config, limits, false);
+    let answered = inference::answer(&state, &target, Some(identities), prepare, params, false, &context).await?;
 
     let post_started = Instant::now();
-    let labels = outputs.labels();
-    let mut response = match original {
-        Some(mut image) => {
-            let png = state
-                .run_cpu(move || {
-                    let results = outputs.finish()?;
-                    let first = results.first().ok_or_else(|| ApiError::Internal("no output to render".into()))?;
-                    render::draw_result(&mut image, first, &labels);
-                    render::encode_png(&image).map_err(|e| ApiError::Internal(format!("PNG encoding failed: {e}")))
+    let Answered { results, timings, labels, cache, .. } = answered;
+    let results = state
+        .run_cpu(move || {
+            results
+                .into_iter()
+                .map(|finished| {
+                    TaskResult::from_finished(finished, &labels, params.mask_format)
+                        .map_err(|e| ApiError::Internal(format!("mask encoding failed: {e}")))
                 })
-                .await??;
-            ([(header::CONTENT_TYPE, "image/png")], png).into_response()
+                .collect::<Result<Vec<_>, ApiError>>()
+        })
+        .await??;
+    let task = target.task();
+    let mut response =
+        Json(json!({"model": target.name(), "version": target.entry.version, "task": task, "results": results})).into_response();
+    if let Some(timings) = timings {
+        timings.finish(target.name(), post_started.elapsed(), response.headers_mut());
+    }
+    CacheOutcome::write(cache, response.headers_mut());
+    Ok(response)
+}
+
+/// The result drawn on the image, as a PNG; the response cache keeps overlays apart from JSON.
+async fn predict_overlay(
+    state: &AppState,
+    target: &Target,
+    mut images: Vec<axum::body::Bytes>,
+    params: PredictParams,
+    context: &RequestContext,
+) -> Result<Response, ApiError> {
+    let image = images.pop().ok_or_else(|| ApiError::BadRequest("no image".into()))?;
+    let key = CacheKey::new(target.name(), &target.entry.version, target.entry.generation, &[&image], &params, true);
+    let png_response = |png: axum::body::Bytes| ([(header::CONTENT_TYPE, "image/png")], png).into_response();
+    if let Some(cache) = &state.cache {
+        if let Some(Cached::Overlay(png)) = cache.get(&key) {
+            let mut response = png_response(png);
+            CacheOutcome::write(Some(CacheOutcome::Hit), response.headers_mut());
+            return Ok(response);
         }
-        None => {
-            let results = state
-                .run_cpu(move || {
-                    outputs
-                        .finish()?
-                        .into_iter()
-                        .map(|finished| {
-                            TaskResult::from_finished(finished, &labels, params.mask_format)
-                                .map_err(|e| ApiError::Internal(format!("mask encoding failed: {e}")))
-                        })
-                        .collect::<Result<Vec<_>, ApiError>>()
-                })
-                .await??;
-            let task = target.task();
-            Json(json!({"model": target.name(), "version": target.entry.version, "task": task, "results": results}))
-                .into_response()
-        }
-    };
-    timings.finish(target.name(), post_started.elapsed(), response.headers_mut());
+    }
+    let limits = DecodeLimits { max_pixels: state.limits.max_image_pixels };
+    // The decoded original comes back to be drawn on.
+    let prepare = move |config: &ModelConfig| prepare_all(&[image], config, limits, true);
+    let answered = inference::answer(state, target, None, prepare, params, false, context).await?;
+    let post_started = Instant::now();
+    let Answered { results, timings, labels, original, .. } = answered;
+    let mut image = original.ok_or_else(|| ApiError::Internal("no decoded image to draw on".into()))?;
+    let png = state
+        .run_cpu(move || {
+            let first = results.first().ok_or_else(|| ApiError::Internal("no output to render".into()))?;
+            render::draw_result(&mut image, first, &labels);
+            render::encode_png(&image).map_err(|e| ApiError::Internal(format!("PNG encoding failed: {e}")))
+        })
+        .await??;
+    let png = axum::body::Bytes::from(png);
+    let outcome = state.cache.as_ref().map(|cache| {
+        cache.put(key, Cached::Overlay(png.clone()));
+        CacheOutcome::Miss
+    });
+    let mut response = png_response(png);
+    if let Some(timings) = timings {
+        timings.finish(target.name(), post_started.elapsed(), response.headers_mut());
+    }
+    CacheOutcome::write(outcome, response.headers_mut());
     Ok(response)
 }
 

@@ -19,7 +19,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
-use super::inference::{self, Inference, RequestContext, Target};
+use super::inference::{self, Answered, CacheOutcome, RequestContext, Target};
 use super::input::{decode_base64, ImageUploads};
 use super::model_path::ModelPath;
 use super::pipeline::{self, PipelineInput};
@@ -85,14 +85,19 @@ async fn predict(State(state): State<AppState>, model: ModelPath, request: Reque
     let target = Target::resolve(&state, &model.name, model.version(), &context)?;
     let images = images_of(request, &state).await?;
     let limits = DecodeLimits { max_pixels: state.limits.max_image_pixels };
+    let identities = images.iter().map(|image| vec![image.clone()]).collect();
     let prepare = move |config: &ModelConfig| super::predict::prepare_all(&images, config, limits, false);
     let params = PredictParams::torchserve();
-    let Inference { outputs, timings, .. } = inference::run(&state, &target, prepare, params, false, &context).await?;
+    let answered = inference::answer(&state, &target, Some(identities), prepare, params, false, &context).await?;
     let post_started = Instant::now();
-    let mut answers = state.run_cpu(move || Ok::<_, ApiError>(outputs.finish()?.into_iter().map(handler_answer).collect::<Vec<_>>())).await??;
+    let Answered { results, timings, cache, .. } = answered;
+    let mut answers = state.run_cpu(move || results.into_iter().map(handler_answer).collect::<Vec<_>>()).await?;
     let body = if answers.len() == 1 { answers.remove(0) } else { Value::Array(answers) };
     let mut response = Json(body).into_response();
-    timings.finish(target.name(), post_started.elapsed(), response.headers_mut());
+    if let Some(timings) = timings {
+        timings.finish(target.name(), post_started.elapsed(), response.headers_mut());
+    }
+    CacheOutcome::write(cache, response.headers_mut());
     Ok(response)
 }
 

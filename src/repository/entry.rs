@@ -42,10 +42,19 @@ pub(super) enum ModelState {
     Unloaded,
 }
 
+fn next_generation() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// One version of one model and where it stands.
 pub struct ModelEntry {
     pub name: String,
     pub version: String,
+    /// Which reading of this version it is: every scan or reload makes new entries with new
+    /// numbers, so results computed by an earlier one (the response cache) never pass for
+    /// this one's.
+    pub generation: u64,
     pub dir: PathBuf,
     /// `None` when the config itself could not be read; the reason is in the state.
     pub config: Option<Arc<ModelConfig>>,
@@ -68,6 +77,7 @@ impl ModelEntry {
         Self {
             name,
             version,
+            generation: next_generation(),
             dir,
             config: Some(config),
             labels: Arc::new(labels),
@@ -81,6 +91,7 @@ impl ModelEntry {
         Self {
             name,
             version,
+            generation: next_generation(),
             dir,
             config: None,
             labels: Arc::new(Vec::new()),

@@ -170,7 +170,7 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
         self.require_admin_token(request.metadata())?;
         let name = request.into_inner().model_name;
-        self.state.repository.unload(&name, None).map_err(|e| to_status(e.into()))?;
+        admin::unload(&self.state, &name, None).map_err(|e| to_status(e.into()))?;
         Ok(Response::new(RepositoryModelUnloadResponse {}))
     }
 }

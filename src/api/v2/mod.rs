@@ -10,7 +10,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
-use super::inference::{self, Inference, RequestContext, Target};
+use super::inference::{self, Answered, CacheOutcome, ImageIdentities, RequestContext, Target};
 use super::pipeline::{self, PipelineInput, PIPELINE_VERSION};
 use super::model_path::ModelPath;
 use super::AppState;
@@ -294,15 +294,16 @@ pub async fn infer_tensors(
     let limits = DecodeLimits { max_pixels: state.limits.max_image_pixels };
     let InferRequest { id, inputs, outputs: requested, .. } = request;
     let input = inputs.into_iter().next().expect("one input, checked above");
-    let prepare = move |config: &ModelConfig| prepare_input(&input, config, limits).map(|prepared| (prepared, None));
     let want_raw = requested.iter().flatten().any(|r| r.name.starts_with(RAW_PREFIX));
-    let Inference { outputs, timings, raw, .. } = inference::run(state, &target, prepare, params, want_raw, context).await?;
+    let identities = if want_raw { None } else { image_identities(&input) };
+    let prepare = move |config: &ModelConfig| prepare_input(&input, config, limits).map(|prepared| (prepared, None));
+    let answered = inference::answer(state, &target, identities, prepare, params, want_raw, context).await?;
 
     let post_started = Instant::now();
-    let labels = outputs.labels();
+    let Answered { results, timings, raw, labels, cache, .. } = answered;
     let tensors = state
         .run_cpu(move || {
-            let mut tensors = task_tensors(outputs.finish()?)?;
+            let mut tensors = task_tensors(results)?;
             if want_raw {
                 tensors.extend(stack_raw(raw)?);
             }
@@ -311,8 +312,30 @@ pub async fn infer_tensors(
         .await??;
     let outputs = choose_outputs(tensors, requested.as_deref(), all_binary, target.name(), &labels)?;
     let mut timing_headers = HeaderMap::new();
-    timings.finish(target.name(), post_started.elapsed(), &mut timing_headers);
+    if let Some(timings) = timings {
+        timings.finish(target.name(), post_started.elapsed(), &mut timing_headers);
+    }
+    CacheOutcome::write(cache, &mut timing_headers);
     Ok(TensorAnswer { model_name: target.name().to_string(), model_version: target.entry.version.clone(), id, outputs, timing_headers })
+}
+
+/// What tells the input's images apart for the response cache: each BYTES element, or each
+/// UINT8 image's pixels with its shape. Preprocessed FP32 tensors are not cached.
+fn image_identities(input: &InputTensor) -> Option<ImageIdentities> {
+    match input.datatype.as_str() {
+        "BYTES" => input.bytes_elements(|text| super::input::decode_base64(text).map_err(|e| e.to_string())).ok().map(|elements| {
+            elements.into_iter().map(|element| vec![element]).collect()
+        }),
+        "UINT8" => {
+            let [n, h, w, 3] = *input.shape.as_slice() else { return None };
+            let pixels = Bytes::from(input.u8_values().ok()?);
+            let plane = (h * w * 3) as usize;
+            let shape = Bytes::from([h.to_le_bytes(), w.to_le_bytes()].concat());
+            (pixels.len() == plane * n as usize)
+                .then(|| (0..n as usize).map(|i| vec![shape.clone(), pixels.slice(i * plane..(i + 1) * plane)]).collect())
+        }
+        _ => None,
+    }
 }
 
 /// A pipeline's inference in V2's terms: BYTES images or UINT8 pixels in (a preprocessed FP32
