@@ -69,6 +69,19 @@ pub struct ServerConfig {
     #[arg(long, env = "VISIONSERVE_PREPROCESS_THREADS", default_value_t = 0)]
     pub preprocess_threads: usize,
 
+    /// Models on demand: at most this many model versions loaded at once. Versions not
+    /// pinned (`runtime.pinned`) load on their first request; the least recently used
+    /// unpinned one is unloaded to make room. Unset with --memory-budget-mb unset: every
+    /// model loads at start, as always.
+    #[arg(long, env = "VISIONSERVE_MAX_LOADED_MODELS")]
+    pub max_loaded_models: Option<usize>,
+
+    /// Models on demand: the loaded versions' estimated memory stays within this many MiB
+    /// (an estimate per version from its load and warm-up; see docs). Same rules as
+    /// --max-loaded-models; both may be set.
+    #[arg(long, env = "VISIONSERVE_MEMORY_BUDGET_MB")]
+    pub memory_budget_mb: Option<u64>,
+
     /// Bytes the response cache may hold: each image's finished result per model version and
     /// parameters, keyed by a SHA-256 of the image, least recently used evicted first. 0 (the
     /// default) turns it off: not every deployment sees repeated inputs.
@@ -149,6 +162,9 @@ impl ServerConfig {
         }
         if self.grpc_max_message_bytes == Some(0) || self.grpc_stream_max_in_flight == 0 {
             return Err("--grpc-max-message-bytes and --grpc-stream-max-in-flight must be positive".into());
+        }
+        if self.max_loaded_models == Some(0) || self.memory_budget_mb == Some(0) {
+            return Err("--max-loaded-models and --memory-budget-mb must be positive".into());
         }
         if self.max_images_per_request == 0 {
             return Err("--max-images-per-request must be positive".into());

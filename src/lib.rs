@@ -42,7 +42,16 @@ pub async fn serve(config: ServerConfig) -> Result<(), Box<dyn std::error::Error
         engine::ops::load_op_library(library)?;
         tracing::info!(library = %library.display(), "operator library loaded");
     }
-    let repository = Arc::new(ModelRepository::scan(&config.model_repository, &config.models)?);
+    let mut repository = ModelRepository::scan(&config.model_repository, &config.models)?;
+    let on_demand = repository::OnDemandPolicy {
+        max_loaded_models: config.max_loaded_models,
+        memory_budget_bytes: config.memory_budget_mb.map(|mb| mb * 1024 * 1024),
+    };
+    if on_demand.is_active() {
+        tracing::info!(max_models = ?on_demand.max_loaded_models, budget_bytes = ?on_demand.memory_budget_bytes, "models load on demand; pinned ones at start");
+    }
+    repository.set_on_demand(on_demand);
+    let repository = Arc::new(repository);
     let names: Vec<String> = repository.families().iter().map(|f| f.name.clone()).collect();
     tracing::info!(repository = %config.model_repository.display(), models = ?names, "repository scanned");
 

@@ -22,6 +22,8 @@ pub const CONNECTIONS_REFUSED: &str = "visionserve_connections_refused_total";
 pub const SCALED_DECODES: &str = "visionserve_scaled_decodes_total";
 pub const ADMISSION_REFUSED: &str = "visionserve_admission_refused_total";
 pub const EXPECTED_QUEUE_WAIT: &str = "visionserve_expected_queue_wait_seconds";
+pub const MODEL_LOAD_SECONDS: &str = "visionserve_model_load_seconds";
+pub const MODEL_EVICTIONS: &str = "visionserve_model_unloads_for_room_total";
 pub const CACHE_HITS: &str = "visionserve_response_cache_hits_total";
 pub const CACHE_MISSES: &str = "visionserve_response_cache_misses_total";
 pub const CACHE_EVICTIONS: &str = "visionserve_response_cache_evictions_total";
@@ -68,6 +70,8 @@ fn describe() {
     describe_gauge!(MODEL_READY, "1 when the model serves, 0 otherwise");
     describe_counter!(WORKER_RESTARTS, "Worker threads restarted after a panic");
     describe_counter!(JOBS_SKIPPED, "Queued requests not computed: client gone or deadline passed");
+    describe_histogram!(MODEL_LOAD_SECONDS, Unit::Seconds, "Loads of a model on its first request (models on demand): the cold start");
+    describe_counter!(MODEL_EVICTIONS, "Models unloaded, least recently used first, to make room for one loaded on demand");
     describe_counter!(CACHE_HITS, "Images answered from the response cache (--response-cache-bytes)");
     describe_counter!(CACHE_MISSES, "Images looked up in the response cache and not found");
     describe_counter!(CACHE_EVICTIONS, "Response cache entries evicted to keep within its byte budget");

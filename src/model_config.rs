@@ -225,6 +225,10 @@ pub struct RuntimeSpec {
     /// makes the first few slow).
     #[serde(default = "default_warmup")]
     pub warmup_runs: usize,
+    /// With models loaded on demand (`--max-loaded-models`, `--memory-budget-mb`): load this
+    /// one at start and never unload it to make room; the server's readiness waits for it.
+    #[serde(default)]
+    pub pinned: bool,
 }
 
 impl Default for RuntimeSpec {
@@ -235,6 +239,7 @@ impl Default for RuntimeSpec {
             intra_op_threads: 0,
             op_libraries: Vec::new(),
             warmup_runs: default_warmup(),
+            pinned: false,
         }
     }
 }

@@ -66,7 +66,7 @@ fn state_name(status: ModelStatus) -> &'static str {
     match status {
         ModelStatus::Ready => "READY",
         ModelStatus::Loading => "LOADING",
-        ModelStatus::Failed | ModelStatus::Unloaded => "UNAVAILABLE",
+        ModelStatus::Failed | ModelStatus::Unloaded | ModelStatus::OnDemand => "UNAVAILABLE",
     }
 }
 

@@ -16,7 +16,7 @@ use crate::error::ApiError;
 use crate::image::{Geometry, PreparedImage};
 use crate::metrics as m;
 use crate::model_config::{ModelConfig, Task};
-use crate::repository::{LookupError, ModelEntry};
+use crate::repository::{LookupError, ModelEntry, ModelStatus};
 use crate::tasks::{finish_all, Finished, ModelOutput, PredictParams};
 use image::RgbImage;
 
@@ -36,14 +36,32 @@ pub struct Target {
     runtime: ModelRuntime,
     /// Counts this request in the model's expected wait from admission until it is queued.
     admission: Admission,
+    /// How long this request waited for the model to load on demand (its cold start).
+    pub load_time: Option<Duration>,
 }
 
 impl Target {
     /// The model (its default version unless one is named) if it serves and has room: a
     /// free slot in its queue, and an expected wait within the request's deadline and the
-    /// model's `max_queue_ms`.
-    pub fn resolve(state: &AppState, name: &str, version: Option<&str>, context: &RequestContext) -> Result<Target, ApiError> {
+    /// model's `max_queue_ms`. A version waiting on demand is loaded first, within the
+    /// request's deadline (the load goes on for the next request if the deadline passes);
+    /// with no history yet, admission lets its first requests in.
+    pub async fn resolve(state: &AppState, name: &str, version: Option<&str>, context: &RequestContext) -> Result<Target, ApiError> {
         let entry = state.repository.get(name, version)?;
+        entry.touch();
+        // On demand, or being loaded on demand by a concurrent first request: wait for the one load.
+        let load_time = if matches!(entry.status().status, ModelStatus::OnDemand | ModelStatus::Loading) && state.repository.on_demand().is_active() {
+            let (repository, loading) = (Arc::clone(&state.repository), Arc::clone(&entry));
+            let load = tokio::task::spawn_blocking(move || repository.ensure_loaded(&loading));
+            match tokio::time::timeout_at(context.deadline.at.into(), load).await {
+                Err(_) => return Err(ApiError::DeadlineExceeded(context.deadline.ms)),
+                Ok(Err(e)) => return Err(ApiError::Internal(format!("loading on demand failed: {e}"))),
+                Ok(Ok(Err(reason))) => return Err(ApiError::ModelNotReady { name: name.to_string(), reason }),
+                Ok(Ok(Ok(took))) => took,
+            }
+        } else {
+            None
+        };
         let not_ready = |reason: String| ApiError::ModelNotReady { name: name.to_string(), reason };
         let config = entry.config.clone().ok_or_else(|| not_ready(entry.status().reason.unwrap_or_default()))?;
         let runtime = entry.runtime().map_err(not_ready)?;
@@ -53,7 +71,7 @@ impl Target {
             return Err(ApiError::Overloaded(name.to_string()));
         }
         let admission = runtime.admit();
-        Ok(Target { entry, config, runtime, admission })
+        Ok(Target { entry, config, runtime, admission, load_time })
     }
 
     pub fn name(&self) -> &str {
@@ -215,6 +233,8 @@ pub struct StageTimings {
     pub inference_time: Duration,
     /// Images in the forward pass the request ran in (its own and others').
     pub batch_size: usize,
+    /// The wait for the model to load on demand, when this request found it unloaded.
+    pub model_load_time: Option<Duration>,
 }
 
 /// Prepares the images with `prepare` on the CPU pool (which may hand back the decoded first
@@ -262,6 +282,7 @@ where
             queue_time: output.queue_time,
             inference_time: output.inference_time,
             batch_size: output.batch_size,
+            model_load_time: target.load_time,
         },
     })
 }
@@ -270,6 +291,9 @@ impl StageTimings {
     /// Records the post-processing time and puts every stage's time on the response.
     pub fn finish(&self, model: &str, postprocess_time: Duration, headers: &mut HeaderMap) {
         metrics::histogram!(m::POSTPROCESS_SECONDS, "model" => model.to_string()).record(m::seconds(postprocess_time));
+        if let Some(load) = self.model_load_time {
+            headers.insert(HeaderName::from_static("x-model-load-time-ms"), HeaderValue::from_str(&millis(load)).expect("digits"));
+        }
         for (header, value) in [
             ("x-preprocess-time-ms", millis(self.preprocess_time)),
             ("x-queue-time-ms", millis(self.queue_time)),

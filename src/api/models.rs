@@ -25,6 +25,16 @@ fn summary(model: &ModelEntry) -> Value {
     if let Some(reason) = report.reason {
         value["reason"] = json!(reason);
     }
+    // Models on demand: what it cost to load, and when it was last used.
+    if let Some(bytes) = model.memory_estimate() {
+        value["memory_estimate_bytes"] = json!(bytes);
+    }
+    if let Some(ms) = model.last_used_ms() {
+        value["last_used_ms"] = json!(ms);
+    }
+    if model.is_pinned() {
+        value["pinned"] = json!(true);
+    }
     if let Some(config) = &model.config {
         value["task"] = json!(config.task);
         value["format"] = json!(config.format);

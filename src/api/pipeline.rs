@@ -98,7 +98,7 @@ pub async fn run(
     let spec = spec_of(pipeline)?;
     let steps = state.repository.pipeline_steps(pipeline).map_err(|e| step_error(pipeline, e))?;
     // Step 1's admission before anything is decoded.
-    let detector = Target::resolve(state, &steps.detect.name, Some(&steps.detect.version), context)?;
+    let detector = Target::resolve(state, &steps.detect.name, Some(&steps.detect.version), context).await?;
 
     let decode_started = Instant::now();
     let limits = DecodeLimits { max_pixels: state.limits.max_image_pixels };
@@ -187,7 +187,7 @@ pub async fn run(
     if crops.is_empty() {
         return Ok(PipelineRun { name: pipeline.name.clone(), images, original, detect, classify: None, top_k: spec.classify.top_k });
     }
-    let classifier = Target::resolve(state, &steps.classify.name, Some(&steps.classify.version), context)?;
+    let classifier = Target::resolve(state, &steps.classify.name, Some(&steps.classify.version), context).await?;
     let prepare = move |config: &ModelConfig| {
         let prepared = crops
             .iter()
@@ -241,6 +241,9 @@ impl PipelineRun {
             values.push((format!("{prefix}-queue-time-ms"), millis(step.timings.queue_time)));
             values.push((format!("{prefix}-inference-time-ms"), millis(step.timings.inference_time)));
             values.push((format!("{prefix}-batch-size"), step.timings.batch_size.to_string()));
+            if let Some(load) = step.timings.model_load_time {
+                values.push((format!("{prefix}-model-load-time-ms"), millis(load)));
+            }
         }
         for (name, value) in values {
             if let (Ok(name), Ok(value)) = (HeaderName::try_from(name), HeaderValue::from_str(&value)) {

@@ -53,7 +53,7 @@ async fn predict(
     if let Some(pipeline) = state.repository.pipeline(&model.name) {
         return predict_pipeline(&state, &pipeline, model.version(), raw, uploads.images, render, &context).await;
     }
-    let target = Target::resolve(&state, &model.name, model.version(), &context)?;
+    let target = Target::resolve(&state, &model.name, model.version(), &context).await?;
     let params = PredictParams::from_raw(&raw, target.task())?;
 
     let limits = DecodeLimits { max_pixels: state.limits.max_image_pixels };

@@ -82,7 +82,7 @@ async fn predict(State(state): State<AppState>, model: ModelPath, request: Reque
         return Ok(response);
     }
     // Resolved before the body is read: an unknown or full model costs no upload.
-    let target = Target::resolve(&state, &model.name, model.version(), &context)?;
+    let target = Target::resolve(&state, &model.name, model.version(), &context).await?;
     let images = images_of(request, &state).await?;
     let limits = DecodeLimits { max_pixels: state.limits.max_image_pixels };
     let identities = images.iter().map(|image| vec![image.clone()]).collect();

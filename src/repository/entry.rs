@@ -19,6 +19,8 @@ pub enum ModelStatus {
     Failed,
     /// In the repository but not serving: left out by `--models`, or unloaded by an admin.
     Unloaded,
+    /// Not loaded now, and loaded by its first request (models on demand).
+    OnDemand,
 }
 
 /// Where a version stands, and why when it does not serve.
@@ -40,6 +42,7 @@ pub(super) enum ModelState {
     Ready(ModelRuntime),
     Failed(String),
     Unloaded,
+    OnDemand,
 }
 
 fn next_generation() -> u64 {
@@ -62,6 +65,20 @@ pub struct ModelEntry {
     pub file_size: Option<u64>,
     state: RwLock<ModelState>,
     parameter_count: RwLock<Option<u64>>,
+    /// Models on demand: when a request last used this version, and what loading it cost.
+    pub(super) usage: Usage,
+}
+
+/// What loading on demand needs to know of a version.
+#[derive(Default)]
+pub(super) struct Usage {
+    /// Milliseconds since the process started, at the last request; 0 never.
+    pub last_used_ms: std::sync::atomic::AtomicU64,
+    /// Bytes the last load cost (see `ModelRepository::ensure_loaded`); 0 unknown.
+    pub memory_estimate: std::sync::atomic::AtomicU64,
+    /// Held while this version loads on demand, so concurrent first requests wait for the
+    /// one load instead of starting their own.
+    pub loading: std::sync::Mutex<()>,
 }
 
 impl ModelEntry {
@@ -84,6 +101,7 @@ impl ModelEntry {
             file_size,
             state: RwLock::new(state),
             parameter_count: RwLock::new(None),
+            usage: Usage::default(),
         }
     }
 
@@ -98,6 +116,7 @@ impl ModelEntry {
             file_size: None,
             state: RwLock::new(ModelState::Failed(reason)),
             parameter_count: RwLock::new(None),
+            usage: Usage::default(),
         }
     }
 
@@ -107,6 +126,7 @@ impl ModelEntry {
             ModelState::Ready(_) => (ModelStatus::Ready, None),
             ModelState::Failed(reason) => (ModelStatus::Failed, Some(reason.clone())),
             ModelState::Unloaded => (ModelStatus::Unloaded, Some("not loaded".into())),
+            ModelState::OnDemand => (ModelStatus::OnDemand, Some("not loaded now; its first request loads it".into())),
         };
         StatusReport { status, reason }
     }
@@ -118,7 +138,30 @@ impl ModelEntry {
             ModelState::Loading => Err("still loading".into()),
             ModelState::Failed(reason) => Err(reason.clone()),
             ModelState::Unloaded => Err("not loaded".into()),
+            ModelState::OnDemand => Err("not loaded now; its first request loads it".into()),
         }
+    }
+
+    /// Whether the on-demand policy must keep this version loaded.
+    pub fn is_pinned(&self) -> bool {
+        self.config.as_ref().is_some_and(|c| c.runtime.pinned)
+    }
+
+    /// When a request last used this version, as milliseconds since the process started.
+    pub fn last_used_ms(&self) -> Option<u64> {
+        Some(self.usage.last_used_ms.load(std::sync::atomic::Ordering::Relaxed)).filter(|&ms| ms > 0)
+    }
+
+    /// What loading this version cost, in bytes, when it has been loaded (see
+    /// `ModelRepository::ensure_loaded`).
+    pub fn memory_estimate(&self) -> Option<u64> {
+        Some(self.usage.memory_estimate.load(std::sync::atomic::Ordering::Relaxed)).filter(|&b| b > 0)
+    }
+
+    /// Records a request's use of this version.
+    pub fn touch(&self) {
+        let ms = super::process_start().elapsed().as_millis().max(1) as u64;
+        self.usage.last_used_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Counted from the loaded module; frozen modules have none left to count, so then the

@@ -9,6 +9,7 @@
 //! answers, while the management API loads, reloads, scales or unloads behind it.
 
 mod entry;
+mod on_demand;
 mod pipelines;
 mod scan;
 
@@ -19,6 +20,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde::Serialize;
 
 pub use entry::{ModelEntry, ModelStatus, StatusReport};
+pub use on_demand::OnDemandPolicy;
+use on_demand::process_start;
 pub use pipelines::{PipelineEntry, PipelineSteps, StepError};
 use entry::ModelState;
 use scan::{family_of, is_safe_name, model_folders, read_family};
@@ -89,6 +92,8 @@ pub struct ModelRepository {
     pipelines: BTreeMap<String, Arc<PipelineEntry>>,
     /// One management operation at a time: loads are slow and must not interleave.
     admin: Mutex<()>,
+    /// Models on demand: off unless a budget is set.
+    on_demand: OnDemandPolicy,
 }
 
 impl ModelRepository {
@@ -121,7 +126,14 @@ impl ModelRepository {
                 families.insert(wanted.clone(), Arc::new(family_of(wanted.clone(), vec![entry])));
             }
         }
-        Ok(Self { root: root.to_path_buf(), families: RwLock::new(families), pipelines, admin: Mutex::new(()) })
+        process_start();
+        Ok(Self {
+            root: root.to_path_buf(),
+            families: RwLock::new(families),
+            pipelines,
+            admin: Mutex::new(()),
+            on_demand: OnDemandPolicy::default(),
+        })
     }
 
     /// The model's default version, or the version asked for.
@@ -164,17 +176,24 @@ impl ModelRepository {
         self.families().iter().flat_map(|f| f.versions.values().cloned().collect::<Vec<_>>()).collect()
     }
 
-    /// The versions that should serve: everything not deliberately unloaded.
+    /// The versions that should serve now: everything not deliberately unloaded and not
+    /// waiting to be loaded on demand.
     pub fn serving_entries(&self) -> Vec<Arc<ModelEntry>> {
-        self.entries().into_iter().filter(|e| e.status().status != ModelStatus::Unloaded).collect()
+        self.entries()
+            .into_iter()
+            .filter(|e| !matches!(e.status().status, ModelStatus::Unloaded | ModelStatus::OnDemand))
+            .collect()
     }
 
     /// The one readiness rule, for every protocol's health route: the server is ready when
-    /// every version that should serve is ready and there is at least one. An empty
-    /// repository is not ready (a pod that serves nothing must not get traffic); versions an
-    /// admin unloaded, or that `--models` left out, do not hold readiness back.
+    /// every version that should serve is ready and there is at least one (or one to load on
+    /// demand). An empty repository is not ready (a pod that serves nothing must not get
+    /// traffic); versions an admin unloaded, or that `--models` left out, do not hold
+    /// readiness back, nor do those waiting to be loaded on demand: with a budget set, the
+    /// server is ready when its pinned models are.
     pub fn readiness(&self) -> Readiness {
         let mut readiness = Readiness::default();
+        readiness.on_demand = self.entries().iter().filter(|e| e.status().status == ModelStatus::OnDemand).count();
         for entry in self.serving_entries() {
             let name = if entry.version == FLAT_VERSION { entry.name.clone() } else { format!("{}/{}", entry.name, entry.version) };
             let report = entry.status();
@@ -189,7 +208,7 @@ impl ModelRepository {
             let report = self.pipeline_status(pipeline);
             match report.status {
                 ModelStatus::Ready => readiness.ready.push(pipeline.name.clone()),
-                ModelStatus::Unloaded => {}
+                ModelStatus::Unloaded | ModelStatus::OnDemand => {}
                 status => readiness.not_ready.push(NotReady { name: pipeline.name.clone(), status, reason: report.reason }),
             }
         }
@@ -201,10 +220,18 @@ impl ModelRepository {
     /// model's name.
     pub fn load_all(&self) {
         let _admin = self.admin.lock().unwrap();
+        if self.on_demand.is_active() {
+            // With a budget, only pinned versions load now; the rest on their first request.
+            for entry in self.entries() {
+                if entry.status().status == ModelStatus::Loading && !entry.is_pinned() {
+                    entry.set_state(ModelState::OnDemand);
+                }
+            }
+        }
         for entry in self.entries() {
             match entry.status() {
                 StatusReport { status: ModelStatus::Loading, .. } => {
-                    let _ = entry.load();
+                    let _ = on_demand::load_measured(&entry);
                 }
                 StatusReport { status: ModelStatus::Failed, reason } => {
                     tracing::error!(model = %entry.name, version = %entry.version, reason = reason.unwrap_or_default(), "model is broken");
@@ -226,7 +253,7 @@ impl ModelRepository {
             return Err(format!("the folder for '{name}' serves a model named '{}'", family.name));
         }
         for entry in family.versions.values() {
-            entry.load().map_err(|reason| format!("version {}: {reason}", entry.version))?;
+            on_demand::load_measured(entry).map_err(|reason| format!("version {}: {reason}", entry.version))?;
         }
         // Keep a default version chosen through the API when it still exists.
         let mut family = family;
@@ -321,6 +348,8 @@ pub struct Readiness {
     /// Versions that serve, as `name` (flat folders) or `name/version`.
     pub ready: Vec<String>,
     pub not_ready: Vec<NotReady>,
+    /// Versions waiting to be loaded by their first request.
+    pub on_demand: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -332,12 +361,12 @@ pub struct NotReady {
 
 impl Readiness {
     pub fn is_ready(&self) -> bool {
-        self.not_ready.is_empty() && !self.ready.is_empty()
+        self.not_ready.is_empty() && (!self.ready.is_empty() || self.on_demand > 0)
     }
 
     /// The reason when no single model is to blame.
     pub fn reason(&self) -> Option<&'static str> {
-        (self.ready.is_empty() && self.not_ready.is_empty()).then_some("the repository holds no model")
+        (self.ready.is_empty() && self.not_ready.is_empty() && self.on_demand == 0).then_some("the repository holds no model")
     }
 }
 

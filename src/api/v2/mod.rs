@@ -290,7 +290,7 @@ pub async fn infer_tensors(
     if batch == 0 || batch > state.limits.max_images_per_request {
         return Err(bad(format!("batch of {batch} images; 1..={} are accepted", state.limits.max_images_per_request)));
     }
-    let target = Target::resolve(state, name, version, context)?;
+    let target = Target::resolve(state, name, version, context).await?;
     let limits = DecodeLimits { max_pixels: state.limits.max_image_pixels };
     let InferRequest { id, inputs, outputs: requested, .. } = request;
     let input = inputs.into_iter().next().expect("one input, checked above");
