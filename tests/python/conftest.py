@@ -88,3 +88,13 @@ def encode(image, fmt, **kwargs):
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **kwargs)
     return buffer.getvalue()
+
+
+def metric(server, name, *labels):
+    """The sum of the samples of Prometheus metric `name` (exactly) whose labels include every
+    one of `labels` (written as `key="value"`)."""
+    total = 0.0
+    for line in requests.get(server.url("/metrics"), timeout=10).text.splitlines():
+        if (line.startswith(name + "{") or line.startswith(name + " ")) and all(label in line for label in labels):
+            total += float(line.rsplit(" ", 1)[1])
+    return total

@@ -9,7 +9,7 @@ import requests
 import tritonclient.grpc as grpcclient
 from PIL import Image
 
-from conftest import Server, encode
+from conftest import Server, encode, metric
 
 ADMIN = "cache-admin-token-0123456789"
 
@@ -27,13 +27,6 @@ def cached_server():
     yield server
     server.stop()
 
-
-def metric(server, name):
-    total = 0.0
-    for line in requests.get(server.url("/metrics")).text.splitlines():
-        if line.startswith(name) and not line.startswith("#"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def twice(send):

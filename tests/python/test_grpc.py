@@ -21,7 +21,7 @@ from PIL import Image
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import Server, encode
+from conftest import Server, encode, metric
 from test_default_models import CAT_CLASSES, photo
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -271,13 +271,6 @@ def test_each_error_has_its_code(default_server):
         client.infer("mobilenet_v2", [wrong_type])
     assert code_of(error.value) == "StatusCode.INVALID_ARGUMENT" and "INT16" in error.value.message()
 
-
-def metric(server, name, *labels):
-    total = 0.0
-    for line in requests.get(server.url("/metrics")).text.splitlines():
-        if line.startswith(name + "{") and all(label in line for label in labels):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_a_deadline_is_answered_deadline_exceeded_and_counted(default_server):

@@ -10,7 +10,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import Server
+from conftest import Server, metric
 
 MODELS = ["resnet18", "yolo_tiny", "tiny_ssd", "tiny_text_map"]
 ADMIN = "on-demand-admin-token-0123456789"
@@ -48,13 +48,6 @@ def status(server):
 def loaded(server):
     return sorted(name for name, m in status(server).items() if m["status"] == "ready")
 
-
-def metric(server, name, *labels):
-    total = 0.0
-    for line in requests.get(server.url("/metrics")).text.splitlines():
-        if line.startswith(name) and all(label in line for label in labels):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def resident_kib(server):

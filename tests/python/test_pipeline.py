@@ -13,7 +13,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from PIL import Image
 
-from conftest import Server, encode
+from conftest import Server, encode, metric
 from test_default_models import CAT_CLASSES, COFFEE_CLASSES
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -87,13 +87,6 @@ def test_boxes_equal_the_detectors_and_each_label_the_classifiers_on_the_same_cr
     if name == "coffee":
         assert found[0]["classification"]["predictions"][0]["label"] in COFFEE_CLASSES
 
-
-def metric(server, name, *labels):
-    total = 0.0
-    for line in requests.get(server.url("/metrics")).text.splitlines():
-        if line.startswith(name) and all(label in line for label in labels):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_the_crops_of_a_request_go_to_the_classifier_in_batched_forwards(default_server):
