@@ -7,8 +7,13 @@ v1beta1 PredictorSpec/ModelSpec), plus the rules this project relies on:
 - a runtime declares `v2` and `grpc-v2` and never auto-selects the `pytorch` format (it would
   capture TorchServe InferenceServices whose /mnt/models holds .mar files);
 - an InferenceService on a runtime names one defined here, a protocol it declares, and (for
-  grpc-v2) a container port named h2c."""
+  grpc-v2) a container port named h2c.
+KEDA's ScaledObject is checked by its CRD's keys and its Prometheus triggers' required fields.
+Every metric the autoscaling manifests and the Grafana dashboard (docker/grafana/*.json) query
+must be one the server exports (the names src/metrics.rs defines)."""
 import glob
+import json
+import re
 import sys
 
 import kubernetes_validate
@@ -24,6 +29,25 @@ MODEL_SPEC_KEYS = {"modelFormat", "runtime", "protocolVersion", "storageUri", "s
 PREDICTOR_KEYS = {"minReplicas", "maxReplicas", "scaleMetric", "scaleTarget", "containers", "model", "serviceAccountName",
                   "timeout", "canaryTrafficPercent", "containerConcurrency", "nodeSelector", "tolerations", "affinity",
                   "volumes", "logger", "batcher", "annotations", "labels", "deploymentStrategy", "autoScaling"}
+
+
+SCALED_OBJECT_KEYS = {"scaleTargetRef", "pollingInterval", "cooldownPeriod", "idleReplicaCount", "minReplicaCount",
+                      "maxReplicaCount", "fallback", "advanced", "triggers", "initialCooldownPeriod"}
+TRIGGER_KEYS = {"type", "metadata", "name", "metricType", "authenticationRef", "useCachedMetrics"}
+
+
+def exported_metrics():
+    """The metric names src/metrics.rs defines; a histogram's series add _bucket, _sum, _count."""
+    source = open("src/metrics.rs").read()
+    names = set(re.findall(r'pub const [A-Z_]+: &str = "(visionserve_[a-z_]+)"', source))
+    series = set(names)
+    for name in names:
+        series |= {name + "_bucket", name + "_sum", name + "_count"}
+    return series
+
+
+def queried_metrics(text):
+    return set(re.findall(r"visionserve_[a-z_]+", text))
 
 
 def as_pod(name, containers):
@@ -54,6 +78,20 @@ def validate_runtime(doc):
     kubernetes_validate.validate(as_pod(doc["metadata"]["name"], spec["containers"]), K8S, strict=True)
 
 
+def validate_scaled_object(doc, exported):
+    spec = doc["spec"]
+    check(set(spec) <= SCALED_OBJECT_KEYS, f"unknown ScaledObject keys {set(spec) - SCALED_OBJECT_KEYS}")
+    check("name" in spec["scaleTargetRef"], "scaleTargetRef needs a name")
+    for trigger in spec["triggers"]:
+        check(set(trigger) <= TRIGGER_KEYS, f"unknown trigger keys {set(trigger) - TRIGGER_KEYS}")
+        if trigger["type"] == "prometheus":
+            missing = {"serverAddress", "query", "threshold"} - set(trigger["metadata"])
+            check(not missing, f"a prometheus trigger needs {missing}")
+            float(trigger["metadata"]["threshold"])
+            unknown = queried_metrics(trigger["metadata"]["query"]) - exported
+            check(not unknown, f"the query names metrics the server does not export: {unknown}")
+
+
 def validate_inference_service(doc, runtimes):
     predictor = doc["spec"]["predictor"]
     check(set(predictor) <= PREDICTOR_KEYS, f"unknown predictor keys {set(predictor) - PREDICTOR_KEYS}")
@@ -74,6 +112,7 @@ def validate_inference_service(doc, runtimes):
     kubernetes_validate.validate(as_pod(doc["metadata"]["name"], [{"name": "kserve-container", **container}]), K8S, strict=True)
 
 
+exported = exported_metrics()
 documents = [(path, doc) for path in sorted(glob.glob("docker/k8s/*.yaml")) for doc in yaml.safe_load_all(open(path)) if doc]
 runtimes = {doc["metadata"]["name"]: doc["spec"] for _, doc in documents
             if doc["kind"] in ("ServingRuntime", "ClusterServingRuntime")}
@@ -84,14 +123,31 @@ for path, doc in documents:
         if doc["kind"] in ("ServingRuntime", "ClusterServingRuntime"):
             validate_runtime(doc)
             name += " (KServe fields; containers as a Pod spec)"
+        elif doc["kind"] == "ScaledObject":
+            validate_scaled_object(doc, exported)
+            name += " (KEDA fields; queried metrics exported)"
         elif doc["apiVersion"].startswith("serving.kserve.io/"):
             validate_inference_service(doc, runtimes)
             name += " (KServe fields; containers as a Pod spec)"
         else:
             kubernetes_validate.validate(doc, K8S, strict=True)
+            if doc["kind"] == "HorizontalPodAutoscaler":
+                names = {m["pods"]["metric"]["name"] for m in doc["spec"]["metrics"] if m["type"] == "Pods"}
+                check(names <= exported, f"the HPA scales on metrics the server does not export: {names - exported}")
         print(f"ok    {name}")
     except (kubernetes_validate.ValidationError, RuleError) as e:
         failures += 1
         print(f"FAIL  {name}: {e.message} at {'/'.join(map(str, e.path))}")
+for path in sorted(glob.glob("docker/grafana/*.json")):
+    dashboard = json.load(open(path))
+    queries = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    queries += [v.get("query", "") for v in dashboard.get("templating", {}).get("list", []) if isinstance(v.get("query"), str)]
+    unknown = set().union(*(queried_metrics(q) for q in queries)) - exported
+    documents.append((path, None))
+    if unknown or not queries:
+        failures += 1
+        print(f"FAIL  {path}: queries metrics the server does not export: {sorted(unknown)}")
+    else:
+        print(f"ok    {path}: {len(dashboard['panels'])} panels, {len(queries)} queries, every metric exported")
 print(f"{len(documents) - failures} passed, {failures} failed")
 sys.exit(1 if failures else 0)

@@ -88,6 +88,12 @@ pub struct ServerConfig {
     #[arg(long, env = "VISIONSERVE_RESPONSE_CACHE_BYTES", default_value_t = 0)]
     pub response_cache_bytes: usize,
 
+    /// OTLP endpoint to export traces to (a collector: `http://host:4318` for HTTP/protobuf,
+    /// `http://host:4317` with OTEL_EXPORTER_OTLP_PROTOCOL=grpc). Unset, the standard
+    /// OTEL_EXPORTER_OTLP_ENDPOINT is used; with neither, tracing is off.
+    #[arg(long, env = "VISIONSERVE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "VISIONSERVE_LOG_JSON", default_value_t = false)]
     pub log_json: bool,

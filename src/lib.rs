@@ -22,6 +22,7 @@ pub mod pipeline;
 pub mod render;
 pub mod repository;
 pub mod tasks;
+pub mod telemetry;
 
 use std::sync::Arc;
 

@@ -22,6 +22,7 @@ pub const CONNECTIONS_REFUSED: &str = "visionserve_connections_refused_total";
 pub const SCALED_DECODES: &str = "visionserve_scaled_decodes_total";
 pub const ADMISSION_REFUSED: &str = "visionserve_admission_refused_total";
 pub const EXPECTED_QUEUE_WAIT: &str = "visionserve_expected_queue_wait_seconds";
+pub const TRACE_EXPORT_ERRORS: &str = "visionserve_trace_export_errors_total";
 pub const MODEL_LOAD_SECONDS: &str = "visionserve_model_load_seconds";
 pub const MODEL_EVICTIONS: &str = "visionserve_model_unloads_for_room_total";
 pub const CACHE_HITS: &str = "visionserve_response_cache_hits_total";
@@ -70,6 +71,7 @@ fn describe() {
     describe_gauge!(MODEL_READY, "1 when the model serves, 0 otherwise");
     describe_counter!(WORKER_RESTARTS, "Worker threads restarted after a panic");
     describe_counter!(JOBS_SKIPPED, "Queued requests not computed: client gone or deadline passed");
+    describe_counter!(TRACE_EXPORT_ERRORS, "OTLP trace exports that failed (the spans are dropped; requests never wait on exports)");
     describe_histogram!(MODEL_LOAD_SECONDS, Unit::Seconds, "Loads of a model on its first request (models on demand): the cold start");
     describe_counter!(MODEL_EVICTIONS, "Models unloaded, least recently used first, to make room for one loaded on demand");
     describe_counter!(CACHE_HITS, "Images answered from the response cache (--response-cache-bytes)");

@@ -49,6 +49,7 @@ impl Target {
     pub async fn resolve(state: &AppState, name: &str, version: Option<&str>, context: &RequestContext) -> Result<Target, ApiError> {
         let entry = state.repository.get(name, version)?;
         entry.touch();
+        tracing::Span::current().record("version", entry.version.as_str());
         // On demand, or being loaded on demand by a concurrent first request: wait for the one load.
         let load_time = if matches!(entry.status().status, ModelStatus::OnDemand | ModelStatus::Loading) && state.repository.on_demand().is_active() {
             let (repository, loading) = (Arc::clone(&state.repository), Arc::clone(&entry));
@@ -213,6 +214,7 @@ where
     let store = cache.zip(keys.clone());
     let results = state
         .run_cpu(move || {
+            let _postprocess = tracing::info_span!("postprocess").entered();
             let results = outputs.finish()?;
             if let Some((cache, keys)) = store {
                 for (key, result) in keys.into_iter().zip(&results) {
@@ -265,6 +267,7 @@ where
         .infer(prepared, options, deadline.at, &context.request_id)
         .await
         .map_err(|e| engine_error(target.name(), e, deadline.ms))?;
+    tracing::Span::current().record("batch_size", output.batch_size as i64);
     let name = target.name().to_string();
     for (metric, time) in [
         (m::PREPROCESS_SECONDS, preprocess_time),

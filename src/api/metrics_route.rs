@@ -39,6 +39,8 @@ pub async fn track_inference(request: Request, next: Next) -> Response {
         return next.run(request).await;
     };
     let tracker = InferenceTracker::start(model, protocol);
+    // The upload, as a span that ends when the handler has read the whole body.
+    let request = request.map(|body| axum::body::Body::new(TimedBody { inner: body, span: Some(tracing::info_span!("receive_body")) }));
     let response = next.run(request).await;
     tracker.finish(response.status().as_u16());
     response
@@ -71,5 +73,35 @@ impl InferenceTracker {
 impl Drop for InferenceTracker {
     fn drop(&mut self) {
         self.in_flight.decrement(1.0);
+    }
+}
+
+/// A request body that closes its span when its last frame (or an error) has been read.
+struct TimedBody {
+    inner: axum::body::Body,
+    span: Option<tracing::Span>,
+}
+
+impl http_body::Body for TimedBody {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None | Some(Err(_)))) {
+            self.span.take();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -123,7 +123,9 @@ impl AppState {
             .acquire()
             .await
             .map_err(|_| ApiError::Internal("CPU pool closed".into()))?;
-        tokio::task::spawn_blocking(work)
+        // The work's spans and log lines stay the request's.
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || span.in_scope(work))
             .await
             .map_err(|e| ApiError::Internal(format!("CPU task failed: {e}")))
     }
@@ -154,17 +156,44 @@ pub fn router(state: AppState) -> Router {
         .layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
-                .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
-                    let id = request
-                        .headers()
-                        .get(REQUEST_ID)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("-");
-                    tracing::info_span!("request", id, method = %request.method(), uri = %request.uri())
-                }))
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(|request: &Request<_>| {
+                            let id = request.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
+                            let (protocol, model) = inference_route(request.uri().path()).unwrap_or(("", ""));
+                            let span = request_span(id, request.method().as_str(), &request.uri().to_string(), protocol, model);
+                            crate::telemetry::adopt(&span, request.headers());
+                            span
+                        })
+                        .on_response(|response: &axum::http::Response<_>, _latency: Duration, span: &tracing::Span| {
+                            span.record("status", i64::from(response.status().as_u16()));
+                        }),
+                )
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID)),
         )
         .with_state(state)
+}
+
+/// A request's span, the same for REST and gRPC: its id, method and route, and — filled in as
+/// the request goes — the model, version, protocol, batch size and status, and the trace id
+/// when traces are exported. Stage spans (`receive_body`, `decode`, `preprocess`, `queue_wait`,
+/// `postprocess`, `encode`) are its children; the batched `forward` links to it.
+pub fn request_span(id: &str, method: &str, uri: &str, protocol: &str, model: &str) -> tracing::Span {
+    use tracing::field::Empty;
+    let protocol = (!protocol.is_empty()).then_some(protocol);
+    let model = (!model.is_empty()).then_some(model);
+    tracing::info_span!(
+        "request",
+        id,
+        method,
+        uri,
+        protocol,
+        model,
+        version = Empty,
+        batch_size = Empty,
+        status = Empty,
+        trace_id = Empty
+    )
 }
 
 /// The model an inference route addresses — `/v1/models/{m}/predict`,

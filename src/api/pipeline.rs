@@ -112,7 +112,9 @@ pub async fn run(
                         .enumerate()
                         .map(|(i, bytes)| {
                             let which = if images.len() > 1 { format!("image {i}: ") } else { String::new() };
-                            decode_image(bytes, limits).map_err(|e| ApiError::InvalidImage(format!("{which}{e}")))
+                            tracing::info_span!("decode", bytes = bytes.len())
+                                .in_scope(|| decode_image(bytes, limits))
+                                .map_err(|e| ApiError::InvalidImage(format!("{which}{e}")))
                         })
                         .collect::<Result<Vec<_>, _>>()
                 })

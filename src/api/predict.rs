@@ -69,6 +69,7 @@ async fn predict(
     let Answered { results, timings, labels, cache, .. } = answered;
     let results = state
         .run_cpu(move || {
+            let _encode = tracing::info_span!("encode").entered();
             results
                 .into_iter()
                 .map(|finished| {
@@ -115,6 +116,7 @@ async fn predict_overlay(
     let mut image = original.ok_or_else(|| ApiError::Internal("no decoded image to draw on".into()))?;
     let png = state
         .run_cpu(move || {
+            let _encode = tracing::info_span!("encode").entered();
             let first = results.first().ok_or_else(|| ApiError::Internal("no output to render".into()))?;
             render::draw_result(&mut image, first, &labels);
             render::encode_png(&image).map_err(|e| ApiError::Internal(format!("PNG encoding failed: {e}")))
@@ -198,11 +200,17 @@ pub(super) fn prepare_all(
     for (i, bytes) in images.iter().enumerate() {
         let which = if images.len() > 1 { format!("image {i}: ") } else { String::new() };
         let needed = |w, h| if keep_original { None } else { decode_size_needed(&config.input, w, h) };
-        let decoded = decode_scaled(bytes, limits, needed).map_err(|e| ApiError::InvalidImage(format!("{which}{e}")))?;
+        let span = tracing::info_span!("decode", bytes = bytes.len(), width = tracing::field::Empty, height = tracing::field::Empty);
+        let decoded = span
+            .in_scope(|| decode_scaled(bytes, limits, needed))
+            .map_err(|e| ApiError::InvalidImage(format!("{which}{e}")))?;
+        span.record("width", i64::from(decoded.original.0)).record("height", i64::from(decoded.original.1));
+        drop(span);
         if decoded.is_scaled() {
             metrics::counter!(m::SCALED_DECODES, "scale" => decoded.scale_name()).increment(1);
         }
-        prepared.push(preprocess_decoded(&decoded, &config.input).map_err(|e| ApiError::Internal(format!("{which}{e}")))?);
+        let preprocessed = tracing::info_span!("preprocess").in_scope(|| preprocess_decoded(&decoded, &config.input));
+        prepared.push(preprocessed.map_err(|e| ApiError::Internal(format!("{which}{e}")))?);
         if keep_original && original.is_none() {
             original = Some(decoded.image);
         }

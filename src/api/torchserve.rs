@@ -91,7 +91,9 @@ async fn predict(State(state): State<AppState>, model: ModelPath, request: Reque
     let answered = inference::answer(&state, &target, Some(identities), prepare, params, false, &context).await?;
     let post_started = Instant::now();
     let Answered { results, timings, cache, .. } = answered;
-    let mut answers = state.run_cpu(move || results.into_iter().map(handler_answer).collect::<Vec<_>>()).await?;
+    let mut answers = state
+        .run_cpu(move || tracing::info_span!("encode").in_scope(|| results.into_iter().map(handler_answer).collect::<Vec<_>>()))
+        .await?;
     let body = if answers.len() == 1 { answers.remove(0) } else { Value::Array(answers) };
     let mut response = Json(body).into_response();
     if let Some(timings) = timings {

@@ -13,8 +13,12 @@ use crate::metrics as m;
 use crate::model_config::ModelConfig;
 use crate::tasks::ModelOutput;
 
-pub(super) fn run_jobs(name: &str, model: &LoadedModel, config: &ModelConfig, jobs: Vec<Job>) {
+pub(super) fn run_jobs(name: &str, model: &LoadedModel, config: &ModelConfig, mut jobs: Vec<Job>) {
     let started = Instant::now();
+    // The wait is over for every job of the batch.
+    for job in &mut jobs {
+        job.queue_span = tracing::Span::none();
+    }
     let all: Vec<&PreparedImage> = jobs.iter().flat_map(|j| j.images.iter()).collect();
     let batch_size = all.len();
     // One span for the batched forward, naming every request it serves and linked to each

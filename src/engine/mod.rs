@@ -48,6 +48,8 @@ pub struct Job {
     /// The request's id and span, so the worker's log lines about this job name it.
     pub request_id: String,
     pub span: tracing::Span,
+    /// Open while the job waits in the queue; the batch that takes it closes it.
+    pub queue_span: tracing::Span,
 }
 
 #[derive(Debug)]
@@ -149,6 +151,7 @@ impl ModelRuntime {
             reply,
             request_id: request_id.to_string(),
             span: tracing::Span::current(),
+            queue_span: tracing::info_span!("queue_wait"),
         };
         if self.queue().push(job).is_err() {
             return Err(EngineError::QueueFull);

@@ -68,8 +68,13 @@ pub(super) async fn infer_one(
     Ok((convert::infer_response(answer), metadata))
 }
 
-fn request_span(method: &str, context: &RequestContext) -> tracing::Span {
-    tracing::info_span!("request", id = %context.request_id, method = "grpc", uri = %format!("/inference.GRPCInferenceService/{method}"))
+/// REST's request span, for a gRPC call or stream frame: its parent is the W3C trace context
+/// of the call's metadata.
+pub(super) fn request_span(method: &str, model: &str, context: &RequestContext, metadata: &axum::http::HeaderMap) -> tracing::Span {
+    let uri = format!("/inference.GRPCInferenceService/{method}");
+    let span = crate::api::request_span(&context.request_id, "grpc", &uri, "grpc", model);
+    crate::telemetry::adopt(&span, metadata);
+    span
 }
 
 #[tonic::async_trait]
@@ -118,8 +123,11 @@ impl GrpcInferenceService for InferenceService {
     async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
         self.require_api_key(request.metadata())?;
         let context = request_context(request.metadata(), self.state.limits.request_timeout_ms)?;
-        let span = request_span("ModelInfer", &context);
-        let (message, metadata) = infer_one(&self.state, request.into_inner(), &context).instrument(span).await?;
+        let headers = request.metadata().clone().into_headers();
+        let request = request.into_inner();
+        let span = request_span("ModelInfer", &request.model_name, &context, &headers);
+        let (message, metadata) = infer_one(&self.state, request, &context).instrument(span.clone()).await?;
+        span.record("status", 200i64);
         let mut response = Response::new(message);
         *response.metadata_mut() = metadata;
         Ok(response)
@@ -135,7 +143,8 @@ impl GrpcInferenceService for InferenceService {
         // The call's own deadline (grpc-timeout) bounds every frame; each frame also has the
         // server's default from the moment it arrives.
         let call = request_context(request.metadata(), self.state.limits.request_timeout_ms)?;
-        let frames = stream::answer_in_order(self.state.clone(), request.into_inner(), call.deadline, self.options.stream_max_in_flight);
+        let headers = request.metadata().clone().into_headers();
+        let frames = stream::answer_in_order(self.state.clone(), request.into_inner(), call.deadline, headers, self.options.stream_max_in_flight);
         Ok(Response::new(frames))
     }
 

@@ -50,10 +50,16 @@ enum Next {
 
 /// Answers `inbound`'s frames in order, at most `max_in_flight` at once, each within the
 /// call's deadline and the server's default timeout from its own arrival.
-pub fn answer_in_order(state: AppState, inbound: Streaming<ModelInferRequest>, call_deadline: Deadline, max_in_flight: usize) -> ResponseStream {
+pub fn answer_in_order(
+    state: AppState,
+    inbound: Streaming<ModelInferRequest>,
+    call_deadline: Deadline,
+    metadata: axum::http::HeaderMap,
+    max_in_flight: usize,
+) -> ResponseStream {
     let permits = Arc::new(Semaphore::new(max_in_flight));
     let (sender, receiver) = mpsc::unbounded_channel();
-    let reader = AbortOnDrop(tokio::spawn(read_frames(state, inbound, call_deadline, permits, sender)));
+    let reader = AbortOnDrop(tokio::spawn(read_frames(state, inbound, call_deadline, metadata, permits, sender)));
     Box::pin(futures_util::stream::unfold((receiver, reader), |(mut receiver, reader)| async move {
         let answer = match receiver.recv().await? {
             Next::Frame(mut frame) => match (&mut frame.0).await {
@@ -71,6 +77,7 @@ async fn read_frames(
     state: AppState,
     mut inbound: Streaming<ModelInferRequest>,
     call_deadline: Deadline,
+    metadata: axum::http::HeaderMap,
     permits: Arc<Semaphore>,
     sender: mpsc::UnboundedSender<Next>,
 ) {
@@ -88,7 +95,7 @@ async fn read_frames(
             }
         };
         let context = frame_context(&state, &frame, call_deadline);
-        let span = tracing::info_span!("request", id = %context.request_id, method = "grpc", uri = "/inference.GRPCInferenceService/ModelStreamInfer");
+        let span = super::service::request_span("ModelStreamInfer", &frame.model_name, &context, &metadata);
         let state = state.clone();
         let task = tokio::spawn(
             async move {

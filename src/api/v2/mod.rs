@@ -303,6 +303,7 @@ pub async fn infer_tensors(
     let Answered { results, timings, raw, labels, cache, .. } = answered;
     let tensors = state
         .run_cpu(move || {
+            let _encode = tracing::info_span!("encode").entered();
             let mut tensors = task_tensors(results)?;
             if want_raw {
                 tensors.extend(stack_raw(raw)?);
