@@ -46,7 +46,8 @@ pub fn bearer(metadata: &MetadataMap) -> Option<&str> {
     metadata.get("authorization").and_then(|v| v.to_str().ok()).and_then(strip_bearer)
 }
 
-/// The call's deadline — the client's `grpc-timeout`, else the server's default — and its id
+/// The call's deadline — the client's `grpc-timeout` (or REST's `x-request-timeout-ms` as
+/// metadata, whichever is shorter), else the server's default — and its id
 /// (`x-request-id` metadata if the client sent one, else a new one), as REST's
 /// `RequestContext` holds them.
 pub fn request_context(metadata: &MetadataMap, default_timeout_ms: u64) -> Result<RequestContext, Status> {
@@ -58,6 +59,17 @@ pub fn request_context(metadata: &MetadataMap, default_timeout_ms: u64) -> Resul
             .ok()
             .and_then(parse_grpc_timeout)
             .ok_or_else(|| Status::invalid_argument("grpc-timeout is not a gRPC timeout (1 to 8 digits and a unit: H M S m u n)"))?,
+    };
+    // REST's `x-request-timeout-ms` works as metadata too; the shorter of the two wins.
+    let timeout = match metadata.get("x-request-timeout-ms") {
+        None => timeout,
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|ms| (1..=600_000).contains(ms))
+            .map(|ms| timeout.min(Duration::from_millis(ms)))
+            .ok_or_else(|| Status::invalid_argument("x-request-timeout-ms must be an integer within 1..=600000"))?,
     };
     // A timeout longer than REST's longest is held to it, as a header would be refused.
     let timeout = timeout.min(Duration::from_millis(600_000));
