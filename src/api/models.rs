@@ -66,6 +66,13 @@ fn describe(state: &AppState, model: &ModelEntry) -> Value {
         value["output"] = json!(config.output);
         value["runtime"] = json!(config.runtime);
         value["workers"] = json!(model.workers());
+        // The shared pool at this moment: executors running this version's batches, and how
+        // many it may use at once (its cap, bounded by the pool).
+        if let Ok(runtime) = model.runtime() {
+            value["executors_now"] = json!(runtime.executors_now());
+            value["executors_max"] = json!(runtime.parallelism());
+            value["queued_requests"] = json!(runtime.queue_depth());
+        }
         value["batching"] = json!(config.batching);
         value["parameter_count"] = json!(model.parameter_count());
         value["file_size_bytes"] = json!(model.file_size);

@@ -119,6 +119,11 @@ impl ModelRuntime {
         self.queue().cap().min(pool().executors()).max(1)
     }
 
+    /// Executors of the shared pool serving this version at this moment.
+    pub fn executors_now(&self) -> usize {
+        self.queue().running()
+    }
+
 
     /// The model's own outputs, as found at warm-up (empty when not available).
     pub fn raw_outputs(&self) -> &[RawOutputSpec] {

@@ -61,6 +61,11 @@ impl ModelQueue {
         self.cap.load(Ordering::Relaxed)
     }
 
+    /// Executors running (or gathering) a batch of this version now.
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::Relaxed)
+    }
+
     pub fn set_cap(&self, cap: usize) {
         self.cap.store(cap.max(1), Ordering::Relaxed);
         pool().notify();

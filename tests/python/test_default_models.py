@@ -1,5 +1,6 @@
 """The default, really pretrained models on real photos (scikit-image's sample data), through
 HTTP: the answers a user would check by eye."""
+import os
 import base64
 import io
 
@@ -103,3 +104,11 @@ def test_text_detector_masks_the_lines_of_the_page(default_server):
     mask_rows = (mask == 1).mean(1)
     correlation = np.corrcoef(ink_rows, mask_rows)[0, 1]
     assert correlation >= 0.5, f"row profiles correlate at {correlation:.2f}"
+
+
+def test_the_detail_shows_the_shared_pool_as_it_serves_now(default_server):
+    detail = requests.get(default_server.url("/v1/models/mobilenet_v2")).json()
+    cores = os.cpu_count() or 1
+    # Idle between requests: no executor on it, nothing queued; it may use every executor.
+    assert detail["executors_now"] == 0 and detail["queued_requests"] == 0
+    assert detail["executors_max"] == min(cores, detail["workers"]) >= 1
