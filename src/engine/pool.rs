@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use super::admission::QueuedImages;
 use super::backend::LoadedModel;
 use super::batcher::run_jobs;
-use super::Job;
+use super::{EngineError, Job};
 use crate::metrics as m;
 use crate::model_config::ModelConfig;
 
@@ -293,19 +293,23 @@ impl Pool {
 }
 
 /// A client that has gone, or whose deadline passed, gets no computation.
-fn skip_gone(name: &str, mut jobs: Vec<Job>) -> Vec<Job> {
+fn skip_gone(name: &str, jobs: Vec<Job>) -> Vec<Job> {
     let now = Instant::now();
-    jobs.retain(|job| {
+    let mut kept = Vec::with_capacity(jobs.len());
+    for job in jobs {
         let reason = if job.reply.is_closed() {
             "disconnected"
         } else if job.deadline <= now {
             "deadline"
         } else {
-            return true;
+            kept.push(job);
+            continue;
         };
         metrics::counter!(m::JOBS_SKIPPED, "model" => name.to_string(), "reason" => reason).increment(1);
         tracing::debug!(parent: &job.span, reason, "job skipped before its forward pass");
-        false
-    });
-    jobs
+        // Said, not left to a dropped channel: a caller whose timer has not fired yet would
+        // otherwise read the closed channel as a worker that died (500 instead of 504).
+        let _ = job.reply.send(Err(EngineError::DeadlineExceeded));
+    }
+    kept
 }

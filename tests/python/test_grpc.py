@@ -287,8 +287,11 @@ def test_a_deadline_is_answered_deadline_exceeded_and_counted(default_server):
         client.infer("ssd_mobilenet_v2_coco", image, client_timeout=30, headers={"x-request-timeout-ms": "5"})
     assert code_of(error.value) == "StatusCode.DEADLINE_EXCEEDED" and "deadline" in error.value.message()
     assert metric(default_server, "visionserve_requests_total", 'protocol="grpc"', 'status="504"') == before + 1
+    client.infer("mobilenet_v2", image)
     assert metric(default_server, "visionserve_requests_total", 'protocol="grpc"', 'status="200"') >= 1
-    assert metric(default_server, "visionserve_requests_total", 'protocol="v2"') >= 1
+    # REST counts under its own protocol label.
+    assert requests.post(default_server.url("/v1/models/mobilenet_v2/predict"), data=encode(photo("coffee"), "JPEG")).status_code == 200
+    assert metric(default_server, "visionserve_requests_total", 'protocol="v1"', 'model="mobilenet_v2"') >= 1
 
 
 def test_the_bad_input_corpus_through_the_bytes_path(default_server):
