@@ -60,20 +60,13 @@ pub fn request_context(metadata: &MetadataMap, default_timeout_ms: u64) -> Resul
             .and_then(parse_grpc_timeout)
             .ok_or_else(|| Status::invalid_argument("grpc-timeout is not a gRPC timeout (1 to 8 digits and a unit: H M S m u n)"))?,
     };
-    // REST's `x-request-timeout-ms` works as metadata too; the shorter of the two wins.
-    let timeout = match metadata.get("x-request-timeout-ms") {
-        None => timeout,
-        Some(value) => value
-            .to_str()
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .filter(|ms| (1..=600_000).contains(ms))
-            .map(|ms| timeout.min(Duration::from_millis(ms)))
-            .ok_or_else(|| Status::invalid_argument("x-request-timeout-ms must be an integer within 1..=600000"))?,
-    };
     // A timeout longer than REST's longest is held to it, as a header would be refused.
-    let timeout = timeout.min(Duration::from_millis(600_000));
-    let ms = (timeout.as_millis() as u64).max(1);
+    let grpc_ms = (timeout.as_millis() as u64).clamp(1, 600_000);
+    // REST's `x-request-timeout-ms` works as metadata too, read by REST's own rule; the
+    // shorter of the two wins.
+    let rest = Deadline::from_headers(&metadata.clone().into_headers(), grpc_ms, started).map_err(to_status)?;
+    let ms = rest.ms.min(grpc_ms);
+    let timeout = Duration::from_millis(ms);
     let request_id = metadata
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
