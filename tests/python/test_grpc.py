@@ -85,7 +85,11 @@ def test_health_service_and_reflection(default_server):
     health = health_pb2_grpc.HealthStub(channel)
     serving = health_pb2.HealthCheckResponse.SERVING
     for service in ["", "live", "inference.GRPCInferenceService"]:
-        assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == serving, service
+        # The health service follows the readiness rule every 200 ms: allow it a moment.
+        deadline = time.time() + 3
+        while health.Check(health_pb2.HealthCheckRequest(service=service)).status != serving:
+            assert time.time() < deadline, service
+            time.sleep(0.05)
     with pytest.raises(grpc.RpcError) as unknown:
         health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
@@ -425,13 +429,16 @@ def test_a_client_that_goes_away_cancels_its_queued_frames():
         # The bound: never more than 8 frames of the stream in the server at once.
         seen = [metric(server, "visionserve_in_flight_requests", f'model="{model}"') for _ in range(20)]
         assert max(seen) <= 8, seen
+        at_cancel = computed()
         client.stop_stream(cancel_requests=True)  # the RPC is cancelled: the client is gone
         deadline = time.time() + 30
         while metric(server, "visionserve_in_flight_requests", f'model="{model}"') > 0:
             assert time.time() < deadline, "the frames of a gone client stayed in flight"
             time.sleep(0.05)
         time.sleep(1)
-        assert skipped() >= 1, "no queued frame was skipped"
+        # Of the 8 frames in flight, at most the batch running (2 images) and one more could
+        # still be computed; the rest were dropped, queued (skipped) or still preprocessing.
+        assert computed() - at_cancel <= 4, (at_cancel, computed(), skipped())
         assert computed() < 20, "every frame was computed although the client left"
     finally:
         server.stop()
