@@ -132,7 +132,6 @@ impl Telemetry {
             .with_batch_exporter(CountingExporter { inner: exporter })
             .build();
         let tracer = provider.tracer("visionserve");
-        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         Ok((Telemetry { provider }, tracer))
     }
 

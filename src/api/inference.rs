@@ -136,6 +136,15 @@ impl Outputs {
     }
 }
 
+/// Already-decoded RGB images (V2 pixels, a pipeline's images and crops) through a model's
+/// preprocessing; a failure there is the server's, not the client's.
+pub fn preprocess_images(images: &[RgbImage], spec: &crate::model_config::InputSpec) -> Result<Vec<PreparedImage>, ApiError> {
+    images
+        .iter()
+        .map(|image| crate::image::preprocess(image, spec).map_err(|e| ApiError::Internal(e.to_string())))
+        .collect()
+}
+
 /// A request's images as the response cache tells them apart: per image, the bytes that decide
 /// its result (the encoded file; or the pixels with their shape).
 pub type ImageIdentities = Vec<Vec<Bytes>>;

@@ -18,13 +18,13 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use image::RgbImage;
 use serde_json::{json, Map, Value};
 
-use super::inference::{self, Inference, RequestContext, StageTimings, Target};
+use super::inference::{self, preprocess_images, Inference, RequestContext, StageTimings, Target};
 use super::millis;
 use super::v2::tensors::{OutputData, OutputTensor};
 use super::v2::TensorSpec;
 use super::AppState;
 use crate::error::ApiError;
-use crate::image::{decode_image, preprocess, DecodeLimits};
+use crate::image::{decode_image, DecodeLimits};
 use crate::model_config::ModelConfig;
 use crate::pipeline::{crop_of, PipelineSpec};
 use crate::repository::{PipelineEntry, StepError};
@@ -126,13 +126,7 @@ pub async fn run(
     // Step 1: the detector, with the pipeline's score floor; the class filter and the crop
     // cap apply after its NMS, so a class left out never takes a kept one's place.
     let for_detector = Arc::clone(&decoded);
-    let prepare = move |config: &ModelConfig| {
-        let prepared = for_detector
-            .iter()
-            .map(|image| preprocess(image, &config.input).map_err(|e| ApiError::Internal(e.to_string())))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok((prepared, None))
-    };
+    let prepare = move |config: &ModelConfig| Ok((preprocess_images(&for_detector, &config.input)?, None));
     let detector_params = PredictParams { score_threshold: spec.detect.min_score, max_detections: usize::MAX, ..PredictParams::default() };
     let Inference { outputs, mut timings, .. } = inference::run(state, &detector, prepare, detector_params, false, context).await?;
     timings.preprocess_time += decode_time;
@@ -190,13 +184,7 @@ pub async fn run(
         return Ok(PipelineRun { name: pipeline.name.clone(), images, original, detect, classify: None, top_k: spec.classify.top_k });
     }
     let classifier = Target::resolve(state, &steps.classify.name, Some(&steps.classify.version), context).await?;
-    let prepare = move |config: &ModelConfig| {
-        let prepared = crops
-            .iter()
-            .map(|crop| preprocess(crop, &config.input).map_err(|e| ApiError::Internal(e.to_string())))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok((prepared, None))
-    };
+    let prepare = move |config: &ModelConfig| Ok((preprocess_images(&crops, &config.input)?, None));
     let classifier_params = PredictParams { top_k: spec.classify.top_k, ..PredictParams::default() };
     let Inference { outputs, timings, .. } = inference::run(state, &classifier, prepare, classifier_params, false, context).await?;
     let post_started = Instant::now();

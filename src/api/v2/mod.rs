@@ -16,7 +16,7 @@ use super::model_path::ModelPath;
 use super::AppState;
 use crate::engine::{RawData, RawTensor};
 use crate::error::ApiError;
-use crate::image::{preprocess, DecodeLimits, Geometry, PreparedImage};
+use crate::image::{DecodeLimits, Geometry, PreparedImage};
 use crate::model_config::{ModelConfig, ModelFormat, ResizePolicy, Task};
 use crate::repository::PipelineEntry;
 use crate::tasks::{classification, Finished, PredictParams};
@@ -422,10 +422,7 @@ fn prepare_input(input: &InputTensor, config: &ModelConfig, limits: DecodeLimits
                 .map_err(ApiError::BadRequest)?;
             super::predict::prepare_all(&images, config, limits, false).map(|(p, _)| p)
         }
-        "UINT8" => pixel_images(input, limits)?
-            .iter()
-            .map(|image| preprocess(image, &config.input).map_err(|e| ApiError::Internal(e.to_string())))
-            .collect(),
+        "UINT8" => inference::preprocess_images(&pixel_images(input, limits)?, &config.input),
         "FP32" => {
             let [n, 3, h, w] = shape else {
                 return Err(ApiError::BadRequest("FP32 input must have shape [N, 3, H, W] (preprocessed)".into()));
