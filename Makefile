@@ -69,7 +69,7 @@ $(PY_STAMP): requirements.lock | prereqs
 
 pyenv: $(PY_STAMP)
 
-build: $(PY_STAMP)
+build: $(PY_STAMP) | prereqs
 	@echo "[build] cargo build --release (first time: about 5 minutes for torch-sys)"
 	cargo build --release --locked
 	@mkdir -p target/release
@@ -151,7 +151,7 @@ bench-cache: build models
 # and a 12 MP phone-size photo, at concurrency 1, 16 and 160 (a retry storm). Appends to
 # BENCHMARKS.md, draws docs/bench/shipped.png.
 bench-shipped: build models
-	cargo run --release --locked --example bench -- --server $(BIN) --seconds $(BENCH_SECONDS) --shipped models
+	cargo run --release --locked --example bench -- --server $(BIN) --seconds $(BENCH_SECONDS) --shipped models --python $(PYTHON)
 
 bench-torchserve: build models
 	scripts/bench-torchserve.sh $(CACHE) models/mobilenet_v2/1 $(abspath $(BIN)) $(BENCH_SECONDS) models/mobilenet_v2/2

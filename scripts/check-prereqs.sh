@@ -9,6 +9,16 @@ need python3 "python3 (3.10 or newer) is not installed; install it (Debian: apt-
 need c++ "no C++ compiler found; install one (Debian: apt-get install g++), torch-sys compiles a C++ wrapper."
 need cc "no C compiler found; install one (Debian: apt-get install gcc)."
 need cargo "cargo is not installed; install the Rust toolchain from https://rustup.rs."
+# libjpeg-turbo (scaled JPEG decoding) is built from source inside turbojpeg-sys: cmake, and nasm
+# for its SIMD code. Installed here when we may (root with apt), as the browser test's Chromium is.
+for tool in cmake nasm; do
+  if ! command -v "$tool" >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "visionserve setup: installing $tool (Debian package) for the libjpeg-turbo build" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get install -y -q --no-install-recommends "$tool" || { apt-get update -q && apt-get install -y -q --no-install-recommends "$tool"; }; } >/dev/null 2>&1
+  fi
+  need "$tool" "$tool is not installed; libjpeg-turbo's build needs it (Debian: apt-get install $tool)."
+done
 if command -v python3 >/dev/null 2>&1; then
   if ! python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)'; then
     echo "visionserve setup: python3 is $(python3 -V 2>&1 | cut -d' ' -f2); torch 2.13 needs 3.10 or newer." >&2; missing=1

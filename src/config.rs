@@ -60,6 +60,14 @@ pub struct ServerConfig {
     #[arg(long, env = "VISIONSERVE_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
     pub request_timeout_ms: u64,
 
+    /// How long a request refused for overload (503 with `Retry-After`, gRPC UNAVAILABLE) is
+    /// held before its answer, never past its own deadline; 0 answers at once. Clients that
+    /// retry without waiting then cost a refusal per this many milliseconds each instead of one
+    /// per round trip, which keeps a retry storm from taking the cores the admitted requests
+    /// need (see docs/scaling.md).
+    #[arg(long, env = "VISIONSERVE_REFUSAL_DELAY_MS", default_value_t = 50)]
+    pub refusal_delay_ms: u64,
+
     /// Inference threads shared by every loaded model: how many forward passes run at once,
     /// whatever the models. 0 means one per core.
     #[arg(long, env = "VISIONSERVE_INFERENCE_THREADS", default_value_t = 0)]

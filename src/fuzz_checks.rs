@@ -75,7 +75,7 @@ fn request_fixture() -> &'static RequestFixture {
         let repository = ModelRepository::scan(&empty, &[]).expect("an empty repository");
         // Scanned once and never read again: the folder need not outlive the scan.
         let _ = std::fs::remove_dir(&empty);
-        let limits = RequestLimits { max_body_bytes: 1 << 20, max_image_pixels: 1 << 20, max_images_per_request: 4, request_timeout_ms: 1000 };
+        let limits = RequestLimits { max_body_bytes: 1 << 20, max_image_pixels: 1 << 20, max_images_per_request: 4, request_timeout_ms: 1000, refusal_delay_ms: 0 };
         let state = AppState::builder(Arc::new(repository), limits).build();
         let runtime = tokio::runtime::Builder::new_current_thread().build().expect("a runtime");
         RequestFixture { runtime, state }

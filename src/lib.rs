@@ -64,6 +64,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), Box<dyn std::error::Error
         max_image_pixels: config.max_image_pixels,
         max_images_per_request: config.max_images_per_request,
         request_timeout_ms: config.request_timeout_ms,
+        refusal_delay_ms: config.refusal_delay_ms,
     };
     let state = AppState::builder(repository, limits)
         .cpu_threads(config.preprocess_thread_count())

@@ -267,8 +267,9 @@ pub struct BatchingSpec {
     #[serde(default = "default_queue")]
     pub queue_capacity: usize,
     /// A request is refused at once (503) when its expected wait for a worker is over its own
-    /// deadline, or over both this and the time 16 images a worker take: the queue is bounded
-    /// by time, not only by count. 0 leaves only the deadline.
+    /// deadline, or over both this and the time its floor takes (16 images, or a full batch for
+    /// each executor it may use if that is more): the queue is bounded by time, not only by
+    /// count. 0 leaves only the deadline.
     #[serde(default = "default_max_queue_ms")]
     pub max_queue_ms: u64,
 }

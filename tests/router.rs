@@ -12,7 +12,7 @@ use visionserve::api::{router, AppState, RequestLimits};
 use visionserve::repository::ModelRepository;
 
 fn limits() -> RequestLimits {
-    RequestLimits { max_body_bytes: 1024, max_image_pixels: 1_000_000, max_images_per_request: 2, request_timeout_ms: 1000 }
+    RequestLimits { max_body_bytes: 1024, max_image_pixels: 1_000_000, max_images_per_request: 2, request_timeout_ms: 1000, refusal_delay_ms: 0 }
 }
 
 fn app_over(repo: &std::path::Path) -> axum::Router {

@@ -102,6 +102,31 @@ impl ServerUnderTest {
         format!("{}/v1/models/{model}/predict", self.base)
     }
 
+    /// CPU seconds (user + system) the server has used so far, from /proc.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces): utime and stime are the 12th
+        // and 13th, in clock ticks.
+        let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // SAFETY: sysconf has no preconditions.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        (ticks(11) + ticks(12)) / per_second
+    }
+
+    /// The JPEGs the server has decoded at each reduced DCT scale so far (`/metrics`).
+    pub fn scaled_decodes(&self) -> Vec<(String, f64)> {
+        let text = reqwest::blocking::get(format!("{}/metrics", self.base)).and_then(|r| r.text()).unwrap_or_default();
+        text.lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix("visionserve_scaled_decodes_total{scale=\"")?;
+                let (scale, count) = rest.split_once("\"}")?;
+                Some((scale.to_string(), count.trim().parse().ok()?))
+            })
+            .collect()
+    }
+
     pub fn rss_kib(&self) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .ok()

@@ -67,6 +67,11 @@ struct Args {
     /// 16 and 160 (a retry storm). Appends the table to `--out`, draws `shipped.png`.
     #[arg(long)]
     shipped: Option<PathBuf>,
+
+    /// A Python with PIL, for `--shipped` to time PIL's `draft()` decoding of the 12 MP photo
+    /// in the same run (the yardstick of scaled decoding).
+    #[arg(long)]
+    python: Option<PathBuf>,
     /// Also (or, without --models, only): REST against gRPC on this repository's default
     /// classifier as shipped — /v1, V2 binary, gRPC BYTES and gRPC UINT8 at concurrency 1 and
     /// 16, three interleaved runs. Appends the table to `--out`, draws `protocols.png`.
@@ -118,13 +123,15 @@ fn main() {
     if let Some(repository) = &args.shipped {
         let photos = shipped::photos(&body);
         println!("[bench] as shipped: {repository:?}; photos: {}", photos.iter().map(|(n, b)| format!("{n} ({} bytes)", b.len())).collect::<Vec<_>>().join(", "));
+        let draft = shipped::pil_draft_ms(args.python.as_deref(), &photos[1].1);
+        println!("[bench] PIL draft() on the 12 MP photo: {draft:?}");
         let rows = shipped::measure(&args.server, repository, &photos, args.seconds);
         println!("[bench] all models at once");
         let mixed = shipped::measure_mixed(&args.server, repository, &shipped::models(repository), &photos[0].1, args.seconds);
         let report = format!(
             "\n## As shipped, {} — {cores} cores, {cpu}\n{}{}",
             utc_now(),
-            shipped::render(&rows),
+            shipped::render(&rows, &draft),
             shipped::render_mixed(&mixed)
         );
         println!("{report}");

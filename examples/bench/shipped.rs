@@ -34,6 +34,61 @@ pub struct ShippedRow {
     pub stats: Stats,
     /// Median `x-preprocess-time-ms` of sequential requests (concurrency 1 only).
     pub preprocess_ms: Option<f64>,
+    /// The DCT scale those requests were decoded at ("1" when whole; concurrency 1 only).
+    pub decode_scale: Option<String>,
+    /// CPU seconds the server used during the step.
+    pub server_cpu_s: f64,
+    pub seconds: f64,
+}
+
+impl ShippedRow {
+    fn answered(&self) -> f64 {
+        self.stats.throughput * self.seconds
+    }
+}
+
+/// Server CPU per refusal in a storm row: the step's server CPU, less what its answered requests
+/// cost at the CPU per answer of the same model and photo at concurrency 16, over its refusals.
+pub fn cpu_per_refusal_us(rows: &[ShippedRow], storm: &ShippedRow) -> Option<f64> {
+    let calm = rows.iter().find(|r| r.model == storm.model && r.photo == storm.photo && r.concurrency == 16)?;
+    if storm.stats.refused == 0 || calm.answered() == 0.0 {
+        return None;
+    }
+    let per_answer = calm.server_cpu_s / calm.answered();
+    Some(((storm.server_cpu_s - storm.answered() * per_answer).max(0.0) / storm.stats.refused as f64) * 1e6)
+}
+
+/// Median milliseconds PIL (libjpeg-turbo) takes to decode `photo` with `draft()` at each DCT
+/// scale, measured by `python` in this run: the yardstick for our scaled decoding. Empty when
+/// no Python with PIL is given.
+pub fn pil_draft_ms(python: Option<&Path>, photo: &[u8]) -> Vec<(String, f64)> {
+    let Some(python) = python else { return Vec::new() };
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), photo).unwrap();
+    let script = r#"
+import io, statistics, sys, time
+from PIL import Image
+data = open(sys.argv[1], "rb").read()
+width, height = Image.open(io.BytesIO(data)).size
+for scale in (1, 2, 4, 8):
+    times = []
+    for _ in range(11):
+        started = time.perf_counter()
+        image = Image.open(io.BytesIO(data))
+        image.draft("RGB", (width // scale, height // scale))
+        image.load()
+        times.append((time.perf_counter() - started) * 1000)
+    print("1" if scale == 1 else f"1/{scale}", statistics.median(times))
+"#;
+    let output = std::process::Command::new(python).arg("-c").arg(script).arg(file.path()).output();
+    let Ok(output) = output else { return Vec::new() };
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (scale, ms) = l.split_once(' ')?;
+            Some((scale.to_string(), ms.parse().ok()?))
+        })
+        .collect()
 }
 
 fn median_preprocess_ms(url: &str, photo: &[u8]) -> f64 {
@@ -70,8 +125,16 @@ pub fn measure(binary: &Path, repository: &Path, photos: &[(&'static str, Vec<u8
         let url = server.url(&model);
         for (photo, bytes) in photos {
             for concurrency in [1, 16, 160] {
+                let before = server.scaled_decodes();
                 let preprocess_ms = (concurrency == 1).then(|| median_preprocess_ms(&url, bytes));
+                let decode_scale = (concurrency == 1).then(|| {
+                    let after = server.scaled_decodes();
+                    let grew = |(scale, count): &(String, f64)| before.iter().find(|(s, _)| s == scale).map_or(*count > 0.0, |(_, was)| count > was);
+                    after.iter().find(|entry| grew(entry)).map_or_else(|| "1".to_string(), |(scale, _)| scale.clone())
+                });
+                let cpu_before = server.cpu_seconds();
                 let stats = closed_loop(&url, bytes, concurrency, Duration::from_secs_f64(seconds));
+                let server_cpu_s = server.cpu_seconds() - cpu_before;
                 println!(
                     "    {model} {photo} c={concurrency}: {:.1} req/s, p50 {:.1} ms, p99 {:.1} ms, refused {} (p99 {:.1} ms){}",
                     stats.throughput,
@@ -81,7 +144,7 @@ pub fn measure(binary: &Path, repository: &Path, photos: &[(&'static str, Vec<u8
                     stats.refused_p99,
                     preprocess_ms.map(|p| format!(", preprocess p50 {p:.1} ms")).unwrap_or_default()
                 );
-                rows.push(ShippedRow { model: model.clone(), photo, concurrency, stats, preprocess_ms });
+                rows.push(ShippedRow { model: model.clone(), photo, concurrency, stats, preprocess_ms, decode_scale, server_cpu_s, seconds });
             }
         }
     }
@@ -114,16 +177,27 @@ pub fn render_mixed(mixed: &[(String, Stats)]) -> String {
     s
 }
 
-pub fn render(rows: &[ShippedRow]) -> String {
+pub fn render(rows: &[ShippedRow], draft: &[(String, f64)]) -> String {
     let mut s = String::from(
         "\nAs shipped (`make run`'s repository, configs untouched, every version loaded; closed loop, \
-         zero think time, `Retry-After` ignored; the load generator shares the cores):\n\n\
-         | model | photo | concurrency | answered req/s | p50 ms | p99 ms | refused | refused p99 ms | preprocess p50 ms (sequential) |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
+         zero think time, `Retry-After` ignored; the load generator shares the cores). Preprocess: \
+         the median `x-preprocess-time-ms` (decode + resize + normalise) of 11 sequential requests, \
+         the DCT scale they were decoded at, and that time over PIL's `draft()` decoding the same \
+         file at the same scale in this run (libjpeg-turbo). Server CPU per refusal: the storm \
+         step's server CPU, less its answered requests at the CPU per answer of the concurrency-16 \
+         step, over its refusals.\n\n\
+         | model | photo | concurrency | answered req/s | p50 ms | p99 ms | refused | refused p99 ms | server CPU µs per refusal | preprocess p50 ms (sequential) | decode scale | × PIL draft |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
+        let pil = r.decode_scale.as_ref().and_then(|scale| draft.iter().find(|(s, _)| s == scale)).filter(|_| r.photo == "12 MP");
+        let ratio = match (r.preprocess_ms, pil) {
+            (Some(ours), Some((_, theirs))) => format!("{:.2} ({theirs:.1} ms)", ours / theirs),
+            _ => String::new(),
+        };
+        let per_refusal = (r.concurrency == 160).then(|| cpu_per_refusal_us(rows, r)).flatten();
         s += &format!(
-            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {} | {:.1} | {} |\n",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {} | {:.1} | {} | {} | {} | {} |\n",
             r.model,
             r.photo,
             r.concurrency,
@@ -132,7 +206,10 @@ pub fn render(rows: &[ShippedRow]) -> String {
             r.stats.p99,
             r.stats.refused,
             r.stats.refused_p99,
-            r.preprocess_ms.map(|p| format!("{p:.1}")).unwrap_or_default()
+            per_refusal.map(|us| format!("{us:.0}")).unwrap_or_default(),
+            r.preprocess_ms.map(|p| format!("{p:.1}")).unwrap_or_default(),
+            r.decode_scale.clone().unwrap_or_default(),
+            ratio
         );
     }
     s

@@ -69,6 +69,7 @@ impl Target {
         // Checked before decoding, so a request over capacity costs no preprocessing.
         if runtime.is_full() || !within_budget(&runtime, &config, context.deadline) {
             metrics::counter!(m::ADMISSION_REFUSED, "model" => name.to_string()).increment(1);
+            hold_refusal(state.limits.refusal_delay_ms, context.deadline).await;
             return Err(ApiError::Overloaded(name.to_string()));
         }
         let admission = runtime.admit();
@@ -88,14 +89,31 @@ impl Target {
     }
 }
 
-/// Images a model's queue always admits per worker, whatever `max_queue_ms` says: what 16
-/// clients keep waiting, so a slow model is not refused under ordinary load and its workers
-/// never run dry (a queue refused down to nothing idles them while clients retry).
-const MIN_QUEUE_IMAGES_PER_WORKER: usize = 16;
+/// Holds an overload refusal for `delay_ms` (never past the request's own deadline) before it is
+/// answered. A client that retries at once, ignoring `Retry-After`, then sends a request per
+/// `delay_ms` instead of one per round trip. By Little's law a storm of N such clients costs
+/// N ÷ (delay + round trip) refusals a second, each a full HTTP exchange of server and client
+/// CPU taken from the admitted requests; at 160 clients on 2 cores, answering at once gave the
+/// admitted 0.47× the unloaded throughput, holding 50 ms 0.80× (BENCHMARKS.md). A timer, not
+/// a thread: a held refusal costs no CPU while it waits.
+async fn hold_refusal(delay_ms: u64, deadline: Deadline) {
+    if delay_ms == 0 {
+        return;
+    }
+    let until = (Instant::now() + Duration::from_millis(delay_ms)).min(deadline.at);
+    tokio::time::sleep_until(until.into()).await;
+}
+
+/// Images a model's queue always admits, whatever `max_queue_ms` says: what 16 clients keep
+/// waiting, and at least a full batch for each executor that may serve it, so a slow model is
+/// not refused under ordinary load and its executors never run dry (a queue refused down to
+/// nothing idles them while clients retry). No more than that: every image admitted beyond
+/// what keeps the executors busy only lengthens every admitted request's wait.
+const MIN_QUEUE_IMAGES: usize = 16;
 
 /// Whether a request arriving now can be answered in time: its expected wait for a worker
 /// must be within what is left of its deadline, and within the model's `max_queue_ms` or
-/// the time 16 images a worker take, whichever is longer (`max_queue_ms = 0`: no such bound).
+/// the time the floor above takes, whichever is longer (`max_queue_ms = 0`: no such bound).
 fn within_budget(runtime: &ModelRuntime, config: &ModelConfig, deadline: Deadline) -> bool {
     let wait = runtime.expected_wait();
     if wait > deadline.at.saturating_duration_since(Instant::now()) {
@@ -105,7 +123,8 @@ fn within_budget(runtime: &ModelRuntime, config: &ModelConfig, deadline: Deadlin
     if max_queue == 0 {
         return true;
     }
-    let floor = runtime.time_for(MIN_QUEUE_IMAGES_PER_WORKER * runtime.parallelism());
+    let floor_images = MIN_QUEUE_IMAGES.max(runtime.parallelism() * config.batching.max_batch_size);
+    let floor = runtime.time_for(floor_images);
     wait <= Duration::from_millis(max_queue).max(floor)
 }
 

@@ -41,6 +41,8 @@ pub struct RequestLimits {
     pub max_images_per_request: usize,
     /// Default deadline of a predict request, in milliseconds.
     pub request_timeout_ms: u64,
+    /// How long an overload refusal (503, gRPC UNAVAILABLE) is held before it is answered.
+    pub refusal_delay_ms: u64,
 }
 
 /// Everything a handler needs, cheap to clone.
@@ -167,7 +169,11 @@ pub fn router(state: AppState) -> Router {
                         })
                         .on_response(|response: &axum::http::Response<_>, _latency: Duration, span: &tracing::Span| {
                             span.record("status", i64::from(response.status().as_u16()));
-                        }),
+                        })
+                        // Faults are logged once, with their detail, by `ApiError::log`; the
+                        // layer's own line for every 5xx would also log each overload refusal
+                        // at ERROR — tens of thousands of lines a second in a retry storm.
+                        .on_failure(()),
                 )
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID)),
         )

@@ -1,7 +1,8 @@
 //! One elastic pool of inference threads shared by every loaded model version. A version owns
 //! a bounded queue, not threads: an idle executor takes the next batch from the version whose
-//! oldest job has waited longest, among those under their cap (`runtime.workers`), so no model
-//! starves and a model nobody calls holds no thread. Each forward gets the cores divided among
+//! oldest job has waited longest for its size (its wait over the model's time per image),
+//! among those under their cap (`runtime.workers`), so short jobs pass long ones, no model
+//! starves, and a model nobody calls holds no thread. Each forward gets the cores divided among
 //! the executors busy at that moment: a lone request runs on every core (the low-latency
 //! split), a busy server one forward per core (the throughput split).
 //!
@@ -218,18 +219,28 @@ impl Pool {
         Arc::new(Registration { queue })
     }
 
-    /// The queue whose oldest job has waited longest, among those with work, under their cap
-    /// and with no executor already gathering a batch for them.
+    /// The queue whose oldest job has waited longest *for its size*: its wait divided by the
+    /// model's recent time per image, among those with work, under their cap and with no
+    /// executor already gathering a batch for them. Oldest-first alone is fair per request
+    /// in milliseconds, so a 10 ms classifier waits behind 50 ms detectors as long as they do;
+    /// waiting measured in units of one's own work lets short jobs pass long ones, while a long
+    /// one's claim still grows with every millisecond, so none starves. (It cannot undo a long
+    /// batched forward already running: executors are not preempted.)
     fn pick(queues: &[Arc<ModelQueue>]) -> Option<Arc<ModelQueue>> {
+        let now = Instant::now();
         queues
             .iter()
             .filter(|q| q.running.load(Ordering::Relaxed) < q.cap() && !q.gathering.load(Ordering::Relaxed))
             .filter_map(|q| {
                 let jobs = q.jobs.lock().unwrap();
                 // Jobs left for this executor once those already claimed are taken.
-                (jobs.len() > q.claimed.load(Ordering::Relaxed)).then(|| jobs.front().map(|job| (job.enqueued_at, q))).flatten()
+                if jobs.len() <= q.claimed.load(Ordering::Relaxed) {
+                    return None;
+                }
+                let waited = now.saturating_duration_since(jobs.front()?.enqueued_at);
+                Some((wait_for_size(waited, q.model.service.per_image()), q))
             })
-            .min_by_key(|(oldest, _)| *oldest)
+            .max_by(|(a, _), (b, _)| a.total_cmp(b))
             .map(|(_, q)| Arc::clone(q))
     }
 
@@ -292,6 +303,12 @@ impl Pool {
     }
 }
 
+/// A job's wait in units of its model's time per image (at least 1 ms, so a model with no
+/// history yet, or a trivially fast one, does not claim every executor).
+fn wait_for_size(waited: Duration, per_image: Duration) -> f64 {
+    waited.as_secs_f64() / per_image.max(Duration::from_millis(1)).as_secs_f64()
+}
+
 /// A client that has gone, or whose deadline passed, gets no computation.
 fn skip_gone(name: &str, jobs: Vec<Job>) -> Vec<Job> {
     let now = Instant::now();
@@ -312,4 +329,21 @@ fn skip_gone(name: &str, jobs: Vec<Job>) -> Vec<Job> {
         let _ = job.reply.send(Err(EngineError::DeadlineExceeded));
     }
     kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waiting_counts_in_units_of_the_models_own_work() {
+        let fast = Duration::from_millis(10);
+        let slow = Duration::from_millis(50);
+        // A classifier waiting 30 ms has waited longer for its size than a detector waiting 100 ms...
+        assert!(wait_for_size(Duration::from_millis(30), fast) > wait_for_size(Duration::from_millis(100), slow));
+        // ...but a detector's claim grows with its wait, so it is not passed for ever.
+        assert!(wait_for_size(Duration::from_millis(200), slow) > wait_for_size(Duration::from_millis(30), fast));
+        // A model with no history yet counts as 1 ms an image, not as infinitely fast.
+        assert_eq!(wait_for_size(Duration::from_millis(5), Duration::ZERO), 5.0);
+    }
 }

@@ -7,6 +7,7 @@
 //! costs its Huffman decoding and little else. Everything else, and any JPEG the scaled path
 //! cannot take (CMYK, 16-bit, an error), goes through the full decoder as before.
 
+use std::cell::RefCell;
 use std::io::Cursor;
 
 use image::metadata::Orientation;
@@ -79,49 +80,80 @@ pub fn decode_scaled(bytes: &[u8], limits: DecodeLimits, needed: impl Fn(u32, u3
     Ok(Decoded { image, original })
 }
 
+/// The most scans a progressive JPEG may have on the scaled path. libjpeg-turbo's guard against
+/// files made of thousands of tiny scans (each one a pass over the whole image); real encoders
+/// write about ten. A file over it is left to the full decoder, which has its own limits.
+const MAX_PROGRESSIVE_SCANS: u32 = 500;
+
+thread_local! {
+    /// One libjpeg-turbo decompressor per decoding thread: creating one allocates its state,
+    /// and a thread decodes one image at a time.
+    static TURBOJPEG: RefCell<Option<turbojpeg::Decompressor>> = const { RefCell::new(None) };
+}
+
 /// The scaled path, or `None` where it does not apply or cannot decode the file: the full
 /// decoder then takes it and reports any error exactly as it always has.
+///
+/// libjpeg-turbo decodes here (as in PIL's `draft()`): its Huffman decoder is what a scaled
+/// decode mostly costs. It reports any warning (corrupt data, a premature end) as an error, so
+/// it never hands back a padded image.
 fn try_scaled_jpeg(bytes: &[u8], limits: DecodeLimits, needed: impl Fn(u32, u32) -> Option<(u32, u32)>) -> Option<Decoded> {
     if !bytes.starts_with(&[0xFF, 0xD8, 0xFF]) || !jpeg_is_complete(bytes) {
         return None;
     }
-    let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(bytes));
-    decoder.read_info().ok()?;
-    let info = decoder.info()?;
-    let (width, height) = (u32::from(info.width), u32::from(info.height));
-    let pixels = u64::from(width) * u64::from(height);
-    if pixels == 0 || pixels > limits.max_pixels {
-        return None;
+    TURBOJPEG.with_borrow_mut(|slot| {
+        if slot.is_none() {
+            let mut decompressor = turbojpeg::Decompressor::new().ok()?;
+            decompressor.set_scan_limit(MAX_PROGRESSIVE_SCANS).ok()?;
+            *slot = Some(decompressor);
+        }
+        let decompressor = slot.as_mut()?;
+        decompressor.set_scaling_factor(turbojpeg::ScalingFactor::ONE).ok()?;
+        let header = decompressor.read_header(bytes).ok()?;
+        let (width, height) = (u32::try_from(header.width).ok()?, u32::try_from(header.height).ok()?);
+        let pixels = u64::from(width) * u64::from(height);
+        if pixels == 0 || pixels > limits.max_pixels || header.is_lossless {
+            return None;
+        }
+        // CMYK and YCCK have no RGB conversion in libjpeg-turbo; the full decoder does it.
+        if !matches!(header.colorspace, turbojpeg::Colorspace::YCbCr | turbojpeg::Colorspace::Gray | turbojpeg::Colorspace::RGB) {
+            return None;
+        }
+        let orientation = exif_orientation(bytes);
+        let turned = matches!(
+            orientation,
+            Orientation::Rotate90 | Orientation::Rotate270 | Orientation::Rotate90FlipH | Orientation::Rotate270FlipH
+        );
+        let original = if turned { (height, width) } else { (width, height) };
+        let (need_w, need_h) = needed(original.0, original.1)?;
+        let (need_w, need_h) = if turned { (need_h, need_w) } else { (need_w, need_h) };
+        let eighths = dct_scale(width, height, need_w, need_h)?;
+        let factor = turbojpeg::ScalingFactor::new(eighths as usize, 8);
+        decompressor.set_scaling_factor(factor).ok()?;
+        let (out_w, out_h) = (factor.scale(header.width), factor.scale(header.height));
+        let mut rgb = turbojpeg::Image {
+            pixels: vec![0u8; out_w.checked_mul(out_h)?.checked_mul(3)?],
+            width: out_w,
+            pitch: 3 * out_w,
+            height: out_h,
+            format: turbojpeg::PixelFormat::RGB,
+        };
+        decompressor.decompress(bytes, rgb.as_deref_mut()).ok()?;
+        let rgb = RgbImage::from_raw(u32::try_from(out_w).ok()?, u32::try_from(out_h).ok()?, rgb.pixels)?;
+        let mut image = DynamicImage::ImageRgb8(rgb);
+        image.apply_orientation(orientation);
+        Some(Decoded { image: image.into_rgb8(), original })
+    })
+}
+
+/// The EXIF orientation of a JPEG, read from its headers alone by the same parser that
+/// `image` uses for full decoding, so that both paths turn a photo the same way.
+fn exif_orientation(bytes: &[u8]) -> Orientation {
+    let mut headers = zune_jpeg::JpegDecoder::new(Cursor::new(bytes));
+    if headers.decode_headers().is_err() {
+        return Orientation::NoTransforms;
     }
-    if !matches!(info.pixel_format, jpeg_decoder::PixelFormat::RGB24 | jpeg_decoder::PixelFormat::L8) {
-        return None;
-    }
-    let orientation = decoder.exif_data().and_then(Orientation::from_exif_chunk).unwrap_or(Orientation::NoTransforms);
-    let turned = matches!(
-        orientation,
-        Orientation::Rotate90 | Orientation::Rotate270 | Orientation::Rotate90FlipH | Orientation::Rotate270FlipH
-    );
-    let original = if turned { (height, width) } else { (width, height) };
-    let (need_w, need_h) = needed(original.0, original.1)?;
-    let (need_w, need_h) = if turned { (need_h, need_w) } else { (need_w, need_h) };
-    let eighths = dct_scale(width, height, need_w, need_h)?;
-    let (out_w, out_h) = decoder.scale(scaled(width, eighths) as u16, scaled(height, eighths) as u16).ok()?;
-    let (out_w, out_h) = (u32::from(out_w), u32::from(out_h));
-    // The decoder picks its scale by one axis; keep its answer only when both suffice.
-    if out_w < need_w || out_h < need_h || (out_w, out_h) == (width, height) {
-        return None;
-    }
-    let data = decoder.decode().ok()?;
-    let rgb = match info.pixel_format {
-        jpeg_decoder::PixelFormat::L8 => RgbImage::from_fn(out_w, out_h, |x, y| {
-            let v = data[(y * out_w + x) as usize];
-            image::Rgb([v, v, v])
-        }),
-        _ => RgbImage::from_raw(out_w, out_h, data)?,
-    };
-    let mut image = DynamicImage::ImageRgb8(rgb);
-    image.apply_orientation(orientation);
-    Some(Decoded { image: image.into_rgb8(), original })
+    headers.exif().and_then(|exif| Orientation::from_exif_chunk(exif)).unwrap_or(Orientation::NoTransforms)
 }
 
 /// `size` decoded at `eighths`/8 of its size: the IDCT output rounds up.
@@ -257,6 +289,54 @@ mod tests {
         // Other formats always decode whole.
         let png = encode(&DynamicImage::ImageRgb8(RgbImage::new(1600, 1200)), ImageFormat::Png);
         assert!(!decode_scaled(&png, LIMITS, |_, _| Some((10, 10))).unwrap().is_scaled());
+    }
+
+    /// `jpeg` with an EXIF block (APP1, big-endian TIFF, one IFD entry) giving `orientation`.
+    fn with_exif_orientation(jpeg: &[u8], orientation: u16) -> Vec<u8> {
+        let mut tiff = b"Exif\0\0MM\0\x2a\0\0\0\x08\0\x01\x01\x12\0\x03\0\0\0\x01".to_vec();
+        tiff.extend_from_slice(&orientation.to_be_bytes());
+        tiff.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        let mut out = jpeg[..2].to_vec();
+        out.extend_from_slice(&[0xFF, 0xE1]);
+        out.extend_from_slice(&(tiff.len() as u16 + 2).to_be_bytes());
+        out.extend_from_slice(&tiff);
+        out.extend_from_slice(&jpeg[2..]);
+        out
+    }
+
+    /// Mean absolute difference between `small` and `large` shrunk to `small`'s size.
+    fn mean_difference(small: &RgbImage, large: &RgbImage) -> f64 {
+        let shrunk = image::imageops::resize(large, small.width(), small.height(), image::imageops::FilterType::Triangle);
+        let total: u64 = small.as_raw().iter().zip(shrunk.as_raw()).map(|(a, b)| u64::from(a.abs_diff(*b))).sum();
+        total as f64 / small.as_raw().len() as f64
+    }
+
+    #[test]
+    fn the_scaled_path_turns_by_exif_and_matches_the_full_decode() {
+        let photo = RgbImage::from_fn(1600, 1200, |x, y| Rgb([(x / 7) as u8, (y / 5) as u8, ((x + y) / 11) as u8]));
+        let jpeg = encode(&DynamicImage::ImageRgb8(photo), ImageFormat::Jpeg);
+        for orientation in [1u16, 3, 6, 8] {
+            let oriented = with_exif_orientation(&jpeg, orientation);
+            let full = decode_image(&oriented, LIMITS).unwrap();
+            let scaled = decode_scaled(&oriented, LIMITS, |_, _| Some((150, 150))).unwrap();
+            assert_eq!(scaled.original, full.dimensions(), "orientation {orientation}");
+            assert_eq!(scaled.scale_name(), "1/8");
+            let turned = matches!(orientation, 6 | 8);
+            assert_eq!(scaled.image.dimensions(), if turned { (150, 200) } else { (200, 150) });
+            let difference = mean_difference(&scaled.image, &full);
+            assert!(difference < 3.0, "orientation {orientation}: mean difference {difference}");
+        }
+    }
+
+    #[test]
+    fn a_grey_jpeg_decodes_scaled_to_rgb() {
+        let grey = image::GrayImage::from_fn(1200, 900, |x, y| image::Luma([((x * 3 + y) / 16) as u8]));
+        let jpeg = encode(&DynamicImage::ImageLuma8(grey), ImageFormat::Jpeg);
+        let full = decode_image(&jpeg, LIMITS).unwrap();
+        let scaled = decode_scaled(&jpeg, LIMITS, |_, _| Some((300, 200))).unwrap();
+        assert_eq!(scaled.scale_name(), "1/4");
+        assert!(scaled.image.pixels().all(|p| p[0] == p[1] && p[1] == p[2]));
+        assert!(mean_difference(&scaled.image, &full) < 3.0);
     }
 
     #[test]
