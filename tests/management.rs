@@ -90,6 +90,15 @@ fn load_reload_scale_and_unload_under_load_fail_no_request() {
     let (_, described) = admin(reqwest::Method::GET, &server, "/models/clf/2");
     assert_eq!(described[0]["minWorkers"], 3, "{described}");
     assert_eq!(admin(reqwest::Method::PUT, &server, "/models/clf?min_worker=0").0, 422);
+    // In pool terms: min_worker executors kept for the model whenever it has work, max_worker
+    // the most it may use at once; both shown on /v1 too.
+    assert_eq!(admin(reqwest::Method::PUT, &server, "/models/clf?min_worker=1&max_worker=2").0, 200);
+    let (_, described) = admin(reqwest::Method::GET, &server, "/models/clf/2");
+    assert_eq!((described[0]["minWorkers"].as_u64(), described[0]["maxWorkers"].as_u64()), (Some(1), Some(2)), "{described}");
+    let v1: serde_json::Value = reqwest::blocking::get(format!("{}/v1/models/clf/versions/2", server.base)).unwrap().json().unwrap();
+    assert_eq!((v1["reserved_executors"].as_u64(), v1["workers"].as_u64()), (Some(1), Some(2)), "{v1}");
+    let (status, refused) = admin(reqwest::Method::PUT, &server, "/models/clf?min_worker=3&max_worker=2");
+    assert_eq!(status, 422, "{refused}");
     pause();
     // Make version 1 the default, then unload version 2 behind the clients' backs.
     assert_eq!(admin(reqwest::Method::PUT, &server, "/models/clf/1/set-default").0, 200);

@@ -374,13 +374,91 @@ fn soak(args: &Args, body: &[u8]) {
 
 /// visionserve serving each of `--models` (the same model, e.g. its TorchScript file and its
 /// AOTInductor package) beside the other servers' URLs.
+/// The label of the server as a user gets it in the side-by-side comparison.
+const SHIPPED: &str = "visionserve as shipped";
+
+/// Starts one visionserve setting of the comparison.
+type Start<'a> = Box<dyn Fn() -> ServerUnderTest + 'a>;
+
+/// Runs clear of noise for #15's ratio targets: as shipped against the best hand-tuned setting
+/// of the sweep at concurrency 16 (req/s) and at concurrency 1 (p50), three rounds, the
+/// settings interleaved within each round, each on the small photo; the medians compared.
+fn interleaved_medians(
+    starts: &[(String, Start<'_>)],
+    results: &[(String, &'static str, usize, Stats)],
+    name: &str,
+    photo: &(&'static str, Vec<u8>),
+    duration: Duration,
+) -> String {
+    let hand_tuned = |c: usize, better: &dyn Fn(&Stats, &Stats) -> std::cmp::Ordering| {
+        results
+            .iter()
+            .filter(|(l, p, cc, _)| l.starts_with("visionserve") && l != SHIPPED && *p == photo.0 && *cc == c)
+            .max_by(|a, b| better(&a.3, &b.3))
+            .map(|(l, ..)| l.clone())
+    };
+    let (Some(best16), Some(best1)) = (
+        hand_tuned(16, &|a, b| a.throughput.total_cmp(&b.throughput)),
+        hand_tuned(1, &|a, b| b.p50.total_cmp(&a.p50)),
+    ) else {
+        return String::new();
+    };
+    let mut labels = vec![SHIPPED.to_string(), best16.clone()];
+    if !labels.contains(&best1) {
+        labels.push(best1.clone());
+    }
+    // (label, concurrency) -> one Stats per round
+    let mut runs: Vec<(String, usize, Vec<Stats>)> = Vec::new();
+    for round in 1..=3 {
+        for label in &labels {
+            let Some((_, start)) = starts.iter().find(|(l, _)| l == label) else { continue };
+            let server = start();
+            for c in [1, 16] {
+                println!("[compare] interleaved round {round}: {label}, {}, concurrency {c}", photo.0);
+                let stats = closed_loop(&server.url(name), &photo.1, c, duration);
+                match runs.iter_mut().find(|(l, cc, _)| l == label && *cc == c) {
+                    Some((_, _, all)) => all.push(stats),
+                    None => runs.push((label.clone(), c, vec![stats])),
+                }
+            }
+        }
+    }
+    let median = |label: &str, c: usize, of: &dyn Fn(&Stats) -> f64| {
+        let mut values: Vec<f64> = runs.iter().filter(|(l, cc, _)| l == label && *cc == c).flat_map(|(_, _, all)| all.iter().map(of)).collect();
+        values.sort_by(f64::total_cmp);
+        values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let values = |label: &str, c: usize, of: &dyn Fn(&Stats) -> f64| {
+        runs.iter().filter(|(l, cc, _)| l == label && *cc == c).flat_map(|(_, _, all)| all.iter().map(of)).map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(", ")
+    };
+    let throughput = |s: &Stats| s.throughput;
+    let p50 = |s: &Stats| s.p50;
+    let (shipped16, tuned16) = (median(SHIPPED, 16, &throughput), median(&best16, 16, &throughput));
+    let (shipped1, tuned1) = (median(SHIPPED, 1, &p50), median(&best1, 1, &p50));
+    format!(
+        "\nAs shipped against the best hand-tuned settings of this sweep, three interleaved rounds on the {} photo (medians; each round's figures in brackets):\n\n\
+         | | as shipped | best hand-tuned | ratio | target |\n|---|---|---|---|---|\n\
+         | concurrency 16, req/s | {shipped16:.1} ({}) | {tuned16:.1} ({}; {best16}) | **{:.2}×** | ≥ 0.95× |\n\
+         | concurrency 1, p50 ms | {shipped1:.1} ({}) | {tuned1:.1} ({}; {best1}) | **{:.2}×** | ≤ 1.1× |\n",
+        photo.0,
+        values(SHIPPED, 16, &throughput),
+        values(&best16, 16, &throughput),
+        shipped16 / tuned16,
+        values(SHIPPED, 1, &p50),
+        values(&best1, 1, &p50),
+        shipped1 / tuned1,
+    )
+}
+
 fn compare(args: &Args, body: &[u8], cpu: &str, cores: usize) {
     let name = model_name(&args.models[0]);
     let duration = Duration::from_secs_f64(args.seconds);
-    // The bench's 640×480 photo at concurrency 1 and 16, and a 12 MP phone-size photo at 16.
+    // The bench's 640×480 photo at concurrency 1 and 16, and the same photo at 0.1, 1, 3 and
+    // 12 MP (the last one phone-size) at 16.
     let photos = shipped::photos(body);
-    let legs: Vec<(&'static str, &[u8], usize)> =
-        vec![(photos[0].0, &photos[0].1, 1), (photos[0].0, &photos[0].1, 16), (photos[1].0, &photos[1].1, 16)];
+    let sizes = shipped::photo_sizes();
+    let mut legs: Vec<(&'static str, &[u8], usize)> = vec![(photos[0].0, &photos[0].1, 1), (photos[0].0, &photos[0].1, 16)];
+    legs.extend(sizes.iter().map(|(name, bytes)| (*name, bytes.as_slice(), 16)));
     let mut results: Vec<(String, &'static str, usize, Stats)> = Vec::new();
     let run = |label: &str, url: &str, results: &mut Vec<(String, &'static str, usize, Stats)>| {
         for &(photo, bytes, c) in &legs {
@@ -390,6 +468,14 @@ fn compare(args: &Args, body: &[u8], cpu: &str, cores: usize) {
             results.push((label.to_string(), photo, c, stats));
         }
     };
+    // Every visionserve setting, by label, with a way to start it again (for the interleaved
+    // runs below). As a user gets it first: the repository the model folder is in, configs
+    // untouched, only this model (every version; its default serves).
+    let mut starts: Vec<(String, Start<'_>)> = Vec::new();
+    if let Some(repository) = args.models[0].parent().and_then(|family| family.parent()) {
+        let model = name.clone();
+        starts.push((SHIPPED.to_string(), Box::new(move || ServerUnderTest::start_as_shipped_only(&args.server, repository, &model))));
+    }
     for dir in &args.models {
         let format = ModelConfig::parse(&std::fs::read_to_string(dir.join("config.toml")).unwrap()).unwrap().format;
         let settings = [Split { workers: 2, threads: 1 }, Split { workers: 1, threads: 2 }]
@@ -402,18 +488,21 @@ fn compare(args: &Args, body: &[u8], cpu: &str, cores: usize) {
                 split_name(split),
                 if batching { "on / 2 ms" } else { "off" }
             );
-            let server = ServerUnderTest::start(&args.server, dir, split, batching, 64);
-            run(&label, &server.url(&name), &mut results);
+            starts.push((label, Box::new(move || ServerUnderTest::start(&args.server, dir, split, batching, 64))));
         }
+    }
+    for (label, start) in &starts {
+        let server = start();
+        run(label, &server.url(&name), &mut results);
     }
     for entry in &args.compare {
         let (label, url) = entry.split_once('=').expect("--compare takes LABEL=URL");
         run(label, url, &mut results);
     }
     let mut report = format!(
-        "\n## Side by side, {} — {cores} cores, {cpu}\n\nThe same model (`{name}`; the other servers and visionserve's `torchscript` rows serve its TorchScript file, visionserve's `aoti` rows its AOTInductor package of the same weights), the same photos (the bench's 640×480 JPEG, and a 12 MP phone-size JPEG of {} bytes), the same closed-loop client, {} s per step, 127.0.0.1. Errors include refusals.\n\n| server and setting | photo | concurrency | req/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|---|---|\n",
+        "\n## Side by side, {} — {cores} cores, {cpu}\n\nThe same model (`{name}`; the other servers and visionserve's `torchscript` rows serve its TorchScript file, visionserve's `aoti` rows its AOTInductor package of the same weights, `as shipped` the model's folder as `make run` serves it), the same photos (the bench's 640×480 JPEG, and one photo at 0.1, 1, 3 and 12 MP — {} — quality 92), the same closed-loop client, {} s per step, 127.0.0.1. Errors include refusals.\n\n| server and setting | photo | concurrency | req/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|---|---|\n",
         utc_now(),
-        photos[1].1.len(),
+        sizes.iter().map(|(n, b)| format!("{n} {} bytes", b.len())).collect::<Vec<_>>().join(", "),
         args.seconds
     );
     for (label, photo, c, s) in &results {
@@ -455,6 +544,39 @@ fn compare(args: &Args, body: &[u8], cpu: &str, cores: usize) {
             }
         }
     }
+    report += &interleaved_medians(&starts, &results, &name, &photos[0], duration);
+    // req/s against photo size: as shipped, the best hand-tuned visionserve setting at each
+    // size, and the best other server at each size.
+    let line = |label: &str, pick: &dyn Fn(&str) -> bool| {
+        let points: Vec<(f64, f64)> = sizes
+            .iter()
+            .filter_map(|(size, _)| {
+                let best = results.iter().filter(|(l, p, c, _)| *c == 16 && p == size && pick(l)).map(|(_, _, _, s)| s.throughput).fold(f64::NAN, f64::max);
+                let megapixels: f64 = size.trim_end_matches(" MP").parse().ok()?;
+                best.is_finite().then_some((megapixels, best))
+            })
+            .collect();
+        (label.to_string(), points)
+    };
+    let lines = vec![
+        line(SHIPPED, &|l| l == SHIPPED),
+        line("visionserve, best hand-tuned setting at each size", &|l| l.starts_with("visionserve") && l != SHIPPED),
+        line("other servers, best setting at each size", &|l| !l.starts_with("visionserve")),
+    ];
+    report += "\n| photo | visionserve as shipped | visionserve best hand-tuned | other best | as shipped ÷ other |\n|---|---|---|---|---|\n";
+    for (size, _) in &sizes {
+        let at = |k: usize| lines[k].1.iter().find(|p| format!("{} MP", p.0) == *size).map(|p| p.1);
+        let cell = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_default();
+        let ratio = match (at(0), at(2)) {
+            (Some(us), Some(them)) if them > 0.0 => format!("**{:.2}×**", us / them),
+            _ => String::new(),
+        };
+        report += &format!("| {size} | {} | {} | {} | {ratio} |\n", cell(at(0)), cell(at(1)), cell(at(2)));
+    }
+    std::fs::create_dir_all(&args.chart_dir).unwrap();
+    let chart = args.chart_dir.join("photo-size.png");
+    shipped::draw_photo_sizes(&chart, &lines);
+    report += &format!("\n![req/s against photo size]({})\n", chart.display());
     println!("{report}");
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&args.out).unwrap();
     file.write_all(report.as_bytes()).unwrap();

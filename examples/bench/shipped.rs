@@ -13,8 +13,19 @@ use crate::load::{closed_loop, ServerUnderTest, Stats};
 /// The photos: the bench's small one, and a 4032 × 3024 JPEG (quality 92) made from a project
 /// photo with a little deterministic noise, so that it weighs what a phone photo weighs.
 pub fn photos(small: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+    vec![("640×480", small.to_vec()), ("12 MP", photo_of(4032, 3024))]
+}
+
+/// The same photo at 0.1, 1, 3 and 12 megapixels (4:3), for req/s against photo size.
+pub fn photo_sizes() -> Vec<(&'static str, Vec<u8>)> {
+    vec![("0.1 MP", photo_of(365, 274)), ("1 MP", photo_of(1155, 866)), ("3 MP", photo_of(2000, 1500)), ("12 MP", photo_of(4032, 3024))]
+}
+
+/// A project photo resized to `width × height` with a little deterministic noise (so that it
+/// weighs what a camera's JPEG of that size weighs), encoded at quality 92.
+fn photo_of(width: u32, height: u32) -> Vec<u8> {
     let source = image::load_from_memory(include_bytes!("../../assets/samples/coffee.jpg")).unwrap();
-    let mut big = source.resize_exact(4032, 3024, image::imageops::FilterType::CatmullRom).to_rgb8();
+    let mut big = source.resize_exact(width, height, image::imageops::FilterType::CatmullRom).to_rgb8();
     let mut state = 0x2545_f491_4f6c_dd1du64;
     for value in big.iter_mut() {
         state ^= state << 13;
@@ -22,9 +33,39 @@ pub fn photos(small: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
         state ^= state << 17;
         *value = value.saturating_add((state % 13) as u8).saturating_sub(6);
     }
-    let mut phone = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut phone, 92).encode_image(&big).unwrap();
-    vec![("640×480", small.to_vec()), ("12 MP", phone)]
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 92).encode_image(&big).unwrap();
+    jpeg
+}
+
+/// Answered req/s against photo size (megapixels, log scale) at concurrency 16, one line per
+/// server: `lines` are (label, [(megapixels, req/s)]).
+pub fn draw_photo_sizes(path: &Path, lines: &[(String, Vec<(f64, f64)>)]) {
+    let font: &'static [u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, font);
+    let root = BitMapBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE).unwrap();
+    let max = lines.iter().flat_map(|(_, points)| points.iter().map(|p| p.1)).fold(1.0, f64::max) * 1.15;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("req/s against photo size (concurrency 16, one model, same client)", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(56)
+        .build_cartesian_2d((0.08f64..15.0).log_scale(), 0f64..max)
+        .unwrap();
+    chart.configure_mesh().x_desc("megapixels (JPEG, quality 92)").y_desc("answered req/s").draw().unwrap();
+    let colours = [BLUE, GREEN, RED, MAGENTA, CYAN, BLACK];
+    for (i, (label, points)) in lines.iter().enumerate() {
+        let colour = colours[i % colours.len()];
+        chart
+            .draw_series(LineSeries::new(points.iter().copied(), colour.stroke_width(2)))
+            .unwrap()
+            .label(label.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2)));
+        chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, colour.filled()))).unwrap();
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).position(SeriesLabelPosition::UpperRight).draw().unwrap();
+    root.present().unwrap();
 }
 
 pub struct ShippedRow {

@@ -194,7 +194,7 @@ fn version_description(state: &AppState, name: &str, version: Option<&str>) -> R
                 "isDefault": entry.version == family.default_version,
                 "status": status,
                 "reason": reason,
-                "minWorkers": entry.workers(),
+                "minWorkers": entry.reserved_executors(),
                 "maxWorkers": entry.workers(),
                 "batchSize": batching.as_ref().map(|b| b.max_batch_size),
                 "maxBatchDelay": batching.as_ref().map(|b| b.max_delay_ms),
@@ -220,24 +220,35 @@ async fn register(State(state): State<AppState>, Query(query): Query<HashMap<Str
     Ok((StatusCode::OK, Json(json!({"status": message}))).into_response())
 }
 
-fn workers_param(query: &HashMap<String, String>) -> Result<usize, ApiError> {
+/// TorchServe's scale parameters in pool terms: `min_worker` executors kept for the model
+/// whenever it has work (required), `max_worker` the most it may use at once (optional).
+fn share_params(query: &HashMap<String, String>) -> Result<(usize, Option<usize>), ApiError> {
+    let count = |key: &str, raw: &String| {
+        raw.parse::<usize>()
+            .ok()
+            .filter(|n| (1..=64).contains(n))
+            .ok_or_else(|| ApiError::InvalidParameter(format!("'{key}' must be an integer within 1..=64, got '{raw}'")))
+    };
     let raw = query
         .get("min_worker")
-        .ok_or_else(|| ApiError::InvalidParameter("parameter 'min_worker' (worker threads, 1..=64) is required".into()))?;
-    raw.parse::<usize>()
-        .ok()
-        .filter(|n| (1..=64).contains(n))
-        .ok_or_else(|| ApiError::InvalidParameter(format!("'min_worker' must be an integer within 1..=64, got '{raw}'")))
+        .ok_or_else(|| ApiError::InvalidParameter("parameter 'min_worker' (executors kept for the model, 1..=64) is required".into()))?;
+    let reserved = count("min_worker", raw)?;
+    let cap = query.get("max_worker").map(|raw| count("max_worker", raw)).transpose()?;
+    if let Some(cap) = cap.filter(|&cap| cap < reserved) {
+        return Err(ApiError::InvalidParameter(format!("'max_worker' ({cap}) must not be below 'min_worker' ({reserved})")));
+    }
+    Ok((reserved, cap))
 }
 
 async fn scale(State(state): State<AppState>, model: ModelPath, Query(query): Query<HashMap<String, String>>) -> Result<Json<Value>, ApiError> {
     let (name, version) = (&model.name, model.version());
-    let workers = workers_param(&query)?;
-    state.repository.scale(name, version, workers).map_err(|e| match e {
+    let (reserved, cap) = share_params(&query)?;
+    state.repository.scale(name, version, reserved, cap).map_err(|e| match e {
         ScaleError::Lookup(e) => ApiError::from(e),
         ScaleError::NotReady(reason) => ApiError::Conflict(format!("model '{name}' cannot be scaled now: {reason}; load it first")),
     })?;
-    Ok(Json(json!({"status": format!("Model \"{name}\" now has {workers} workers")})))
+    let cap = state.repository.get(name, version).map(|entry| entry.workers()).unwrap_or(reserved);
+    Ok(Json(json!({"status": format!("Model \"{name}\" now has {reserved} executors kept and at most {cap} at once")})))
 }
 
 async fn set_default(State(state): State<AppState>, Path((name, version)): Path<(String, String)>) -> Result<Json<Value>, ApiError> {

@@ -47,6 +47,17 @@ impl Target {
     /// request's deadline (the load goes on for the next request if the deadline passes);
     /// with no history yet, admission lets its first requests in.
     pub async fn resolve(state: &AppState, name: &str, version: Option<&str>, context: &RequestContext) -> Result<Target, ApiError> {
+        Self::resolve_as(state, name, version, context, Arrival::New).await
+    }
+
+    /// As [`Target::resolve`], for a later step of work already admitted and partly done (a
+    /// pipeline's second model): refused only for a full queue or a wait past its deadline, not
+    /// for `max_queue_ms`, which would throw the first step's work away to shorten a queue.
+    pub async fn resolve_continuing(state: &AppState, name: &str, version: Option<&str>, context: &RequestContext) -> Result<Target, ApiError> {
+        Self::resolve_as(state, name, version, context, Arrival::Continuing).await
+    }
+
+    async fn resolve_as(state: &AppState, name: &str, version: Option<&str>, context: &RequestContext, arrival: Arrival) -> Result<Target, ApiError> {
         let entry = state.repository.get(name, version)?;
         entry.touch();
         tracing::Span::current().record("version", entry.version.as_str());
@@ -67,9 +78,11 @@ impl Target {
         let config = entry.config.clone().ok_or_else(|| not_ready(entry.status().reason.unwrap_or_default()))?;
         let runtime = entry.runtime().map_err(not_ready)?;
         // Checked before decoding, so a request over capacity costs no preprocessing.
-        if runtime.is_full() || !within_budget(&runtime, &config, context.deadline) {
+        if runtime.is_full() || !within_budget(&runtime, &config, context.deadline, arrival) {
             metrics::counter!(m::ADMISSION_REFUSED, "model" => name.to_string()).increment(1);
-            hold_refusal(state.limits.refusal_delay_ms, context.deadline).await;
+            if arrival == Arrival::New {
+                hold_refusal(state.limits.refusal_delay_ms, context.deadline).await;
+            }
             return Err(ApiError::Overloaded(name.to_string()));
         }
         let admission = runtime.admit();
@@ -87,6 +100,13 @@ impl Target {
     pub fn labels(&self) -> Arc<Vec<String>> {
         Arc::clone(&self.entry.labels)
     }
+}
+
+/// Whether a request reaches a model fresh, or as a later step of work already under way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arrival {
+    New,
+    Continuing,
 }
 
 /// Holds an overload refusal for `delay_ms` (never past the request's own deadline) before it is
@@ -114,13 +134,13 @@ const MIN_QUEUE_IMAGES: usize = 16;
 /// Whether a request arriving now can be answered in time: its expected wait for a worker
 /// must be within what is left of its deadline, and within the model's `max_queue_ms` or
 /// the time the floor above takes, whichever is longer (`max_queue_ms = 0`: no such bound).
-fn within_budget(runtime: &ModelRuntime, config: &ModelConfig, deadline: Deadline) -> bool {
+fn within_budget(runtime: &ModelRuntime, config: &ModelConfig, deadline: Deadline, arrival: Arrival) -> bool {
     let wait = runtime.expected_wait();
     if wait > deadline.at.saturating_duration_since(Instant::now()) {
         return false;
     }
     let max_queue = config.batching.max_queue_ms;
-    if max_queue == 0 {
+    if max_queue == 0 || arrival == Arrival::Continuing {
         return true;
     }
     let floor_images = MIN_QUEUE_IMAGES.max(runtime.parallelism() * config.batching.max_batch_size);

@@ -66,6 +66,7 @@ fn describe(state: &AppState, model: &ModelEntry) -> Value {
         value["output"] = json!(config.output);
         value["runtime"] = json!(config.runtime);
         value["workers"] = json!(model.workers());
+        value["reserved_executors"] = json!(model.reserved_executors());
         // The shared pool at this moment: executors running this version's batches, and how
         // many it may use at once (its cap, bounded by the pool).
         if let Ok(runtime) = model.runtime() {

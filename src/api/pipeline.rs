@@ -183,7 +183,7 @@ pub async fn run(
     if crops.is_empty() {
         return Ok(PipelineRun { name: pipeline.name.clone(), images, original, detect, classify: None, top_k: spec.classify.top_k });
     }
-    let classifier = Target::resolve(state, &steps.classify.name, Some(&steps.classify.version), context).await?;
+    let classifier = Target::resolve_continuing(state, &steps.classify.name, Some(&steps.classify.version), context).await?;
     let prepare = move |config: &ModelConfig| Ok((preprocess_images(&crops, &config.input)?, None));
     let classifier_params = PredictParams { top_k: spec.classify.top_k, ..PredictParams::default() };
     let Inference { outputs, timings, .. } = inference::run(state, &classifier, prepare, classifier_params, false, context).await?;

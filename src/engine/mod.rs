@@ -130,10 +130,15 @@ impl ModelRuntime {
         &self.model.raw_outputs
     }
 
-    /// Lets the version use up to `workers` executors of the pool at once (the management
-    /// API's scale call).
-    pub fn rescale(&self, workers: usize) {
-        self.queue().set_cap(workers);
+    /// Executors kept for this version whenever it has work (0 unless scaled).
+    pub fn reserved(&self) -> usize {
+        self.queue().reserved()
+    }
+
+    /// The management API's scale call: `reserved` executors kept for this version whenever it
+    /// has work, and at most `cap` (unchanged when `None`, and never below `reserved`) at once.
+    pub fn rescale(&self, reserved: usize, cap: Option<usize>) {
+        self.queue().set_share(reserved, cap.unwrap_or_else(|| self.queue().cap()));
     }
 
     /// Enqueues at once or refuses at once: a full queue is an answer, not a wait. Waits for

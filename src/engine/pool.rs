@@ -35,6 +35,9 @@ pub struct ModelQueue {
     queued_images: QueuedImages,
     /// Most executors this version may use at once.
     cap: AtomicUsize,
+    /// Executors kept for this version whenever it has work (TorchServe's `min_worker`): while
+    /// fewer than this run its batches, it goes before every version that has its share.
+    reserved: AtomicUsize,
     running: AtomicUsize,
     /// Executors that picked this queue and have not yet taken their jobs. A queue is only
     /// picked while it holds more jobs than that, so a lone job wakes one executor, not two
@@ -67,8 +70,14 @@ impl ModelQueue {
         self.running.load(Ordering::Relaxed)
     }
 
-    pub fn set_cap(&self, cap: usize) {
-        self.cap.store(cap.max(1), Ordering::Relaxed);
+    pub fn reserved(&self) -> usize {
+        self.reserved.load(Ordering::Relaxed)
+    }
+
+    /// Sets the reservation and the cap together (the cap never below the reservation).
+    pub fn set_share(&self, reserved: usize, cap: usize) {
+        self.reserved.store(reserved, Ordering::Relaxed);
+        self.cap.store(cap.max(reserved).max(1), Ordering::Relaxed);
         pool().notify();
     }
 
@@ -210,6 +219,7 @@ impl Pool {
             arrived: Condvar::new(),
             queued_images: QueuedImages::default(),
             cap: AtomicUsize::new(cap.unwrap_or(self.executors).max(1)),
+            reserved: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
             claimed: AtomicUsize::new(0),
             gathering: AtomicBool::new(false),
@@ -226,9 +236,11 @@ impl Pool {
     /// waiting measured in units of one's own work lets short jobs pass long ones, while a long
     /// one's claim still grows with every millisecond, so none starves. (It cannot undo a long
     /// batched forward already running: executors are not preempted.)
+    ///
+    /// A version below its reservation (`min_worker`) goes first, whatever the others waited.
     fn pick(queues: &[Arc<ModelQueue>]) -> Option<Arc<ModelQueue>> {
         let now = Instant::now();
-        queues
+        let candidates: Vec<(Claim, &Arc<ModelQueue>)> = queues
             .iter()
             .filter(|q| q.running.load(Ordering::Relaxed) < q.cap() && !q.gathering.load(Ordering::Relaxed))
             .filter_map(|q| {
@@ -238,10 +250,15 @@ impl Pool {
                     return None;
                 }
                 let waited = now.saturating_duration_since(jobs.front()?.enqueued_at);
-                Some((wait_for_size(waited, q.model.service.per_image()), q))
+                let claim = Claim {
+                    reserved: q.running.load(Ordering::Relaxed) < q.reserved(),
+                    wait_for_size: wait_for_size(waited, q.model.service.per_image()),
+                };
+                Some((claim, q))
             })
-            .max_by(|(a, _), (b, _)| a.total_cmp(b))
-            .map(|(_, q)| Arc::clone(q))
+            .collect();
+        let best = strongest(candidates.iter().map(|(claim, _)| *claim))?;
+        Some(Arc::clone(candidates[best].1))
     }
 
     fn executor_loop(&self, index: usize) {
@@ -303,6 +320,24 @@ impl Pool {
     }
 }
 
+/// What a version with work has on the next free executor.
+#[derive(Debug, Clone, Copy)]
+struct Claim {
+    /// Fewer of its reserved executors run it than it was promised.
+    reserved: bool,
+    /// Its oldest job's wait in units of its own time per image.
+    wait_for_size: f64,
+}
+
+/// The index of the strongest claim: an unmet reservation first, then the longest wait for
+/// its size.
+fn strongest(claims: impl Iterator<Item = Claim>) -> Option<usize> {
+    claims
+        .enumerate()
+        .max_by(|(_, a), (_, b)| a.reserved.cmp(&b.reserved).then(a.wait_for_size.total_cmp(&b.wait_for_size)))
+        .map(|(i, _)| i)
+}
+
 /// A job's wait in units of its model's time per image (at least 1 ms, so a model with no
 /// history yet, or a trivially fast one, does not claim every executor).
 fn wait_for_size(waited: Duration, per_image: Duration) -> f64 {
@@ -345,5 +380,14 @@ mod tests {
         assert!(wait_for_size(Duration::from_millis(200), slow) > wait_for_size(Duration::from_millis(30), fast));
         // A model with no history yet counts as 1 ms an image, not as infinitely fast.
         assert_eq!(wait_for_size(Duration::from_millis(5), Duration::ZERO), 5.0);
+    }
+
+    #[test]
+    fn an_unmet_reservation_goes_first_then_the_longest_wait_for_size() {
+        let claim = |reserved, wait_for_size| Claim { reserved, wait_for_size };
+        assert_eq!(strongest([claim(false, 3.0), claim(false, 9.0), claim(false, 1.0)].into_iter()), Some(1));
+        assert_eq!(strongest([claim(false, 30.0), claim(true, 0.5), claim(false, 9.0)].into_iter()), Some(1));
+        assert_eq!(strongest([claim(true, 2.0), claim(true, 4.0)].into_iter()), Some(1));
+        assert_eq!(strongest(std::iter::empty()), None);
     }
 }

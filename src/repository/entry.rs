@@ -180,6 +180,11 @@ impl ModelEntry {
         self.runtime().map(|r| r.workers()).unwrap_or(0)
     }
 
+    /// Executors kept for this version whenever it has work (0 unless ready or scaled).
+    pub fn reserved_executors(&self) -> usize {
+        self.runtime().map(|r| r.reserved()).unwrap_or(0)
+    }
+
     pub(super) fn set_state(&self, state: ModelState) {
         *self.state.write().unwrap() = state;
     }

@@ -285,13 +285,14 @@ impl ModelRepository {
         Ok(())
     }
 
-    /// Lets the version use up to `workers` executors of the inference pool at once; takes
-    /// effect for the next batch.
-    pub fn scale(&self, name: &str, version: Option<&str>, workers: usize) -> Result<(), ScaleError> {
+    /// Keeps `reserved` executors of the inference pool for the version whenever it has work,
+    /// and lets it use at most `cap` at once (unchanged when `None`); takes effect for the next
+    /// batch.
+    pub fn scale(&self, name: &str, version: Option<&str>, reserved: usize, cap: Option<usize>) -> Result<(), ScaleError> {
         let _admin = self.admin.lock().unwrap();
         let entry = self.get(name, version).map_err(ScaleError::Lookup)?;
-        entry.runtime().map_err(ScaleError::NotReady)?.rescale(workers);
-        tracing::info!(model = %name, version = %entry.version, workers, "model scaled");
+        entry.runtime().map_err(ScaleError::NotReady)?.rescale(reserved, cap);
+        tracing::info!(model = %name, version = %entry.version, reserved, cap, "model scaled");
         Ok(())
     }
 
