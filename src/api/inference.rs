@@ -143,7 +143,7 @@ fn within_budget(runtime: &ModelRuntime, config: &ModelConfig, deadline: Deadlin
     if max_queue == 0 || arrival == Arrival::Continuing {
         return true;
     }
-    let floor_images = MIN_QUEUE_IMAGES.max(runtime.parallelism() * config.batching.max_batch_size);
+    let floor_images = MIN_QUEUE_IMAGES.max(runtime.parallelism() * runtime.batch_bound());
     let floor = runtime.time_for(floor_images);
     wait <= Duration::from_millis(max_queue).max(floor)
 }

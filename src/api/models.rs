@@ -73,6 +73,7 @@ fn describe(state: &AppState, model: &ModelEntry) -> Value {
             value["executors_now"] = json!(runtime.executors_now());
             value["executors_max"] = json!(runtime.parallelism());
             value["queued_requests"] = json!(runtime.queue_depth());
+            value["batch_bound"] = json!(runtime.batch_bound());
         }
         value["batching"] = json!(config.batching);
         value["parameter_count"] = json!(model.parameter_count());

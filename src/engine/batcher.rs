@@ -35,7 +35,7 @@ pub(super) fn run_jobs(name: &str, model: &LoadedModel, config: &ModelConfig, mu
     let want_confidence = jobs.iter().any(|j| j.options.want_confidence);
     let want_raw = jobs.iter().any(|j| j.options.want_raw);
     let options = JobOptions { score_threshold: threshold, want_confidence, want_raw };
-    for chunk in all.chunks(config.batching.max_batch_size.max(1)) {
+    for chunk in all.chunks(model.batch_bound.max(1)) {
         metrics::histogram!(m::BATCH_SIZE, "model" => name.to_string()).record(chunk.len() as f64);
         match run_images(model, config, chunk, options) {
             Ok(outputs) => results.extend(outputs.into_iter().map(Ok)),

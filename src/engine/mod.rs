@@ -130,6 +130,12 @@ impl ModelRuntime {
         &self.model.raw_outputs
     }
 
+    /// The most images one forward takes (the config's bound, or less where the load-time
+    /// measurement found larger batches no cheaper per image).
+    pub fn batch_bound(&self) -> usize {
+        self.model.batch_bound
+    }
+
     /// Executors kept for this version whenever it has work (0 unless scaled).
     pub fn reserved(&self) -> usize {
         self.queue().reserved()

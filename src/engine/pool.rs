@@ -109,7 +109,7 @@ impl ModelQueue {
     /// The first job and whatever else is queued, up to the batch size, waiting at most
     /// `max_delay_ms` for more.
     fn take_batch(&self) -> Vec<Job> {
-        let max_batch = self.config.batching.max_batch_size;
+        let max_batch = self.model.batch_bound;
         let max_delay = Duration::from_millis(self.config.batching.max_delay_ms);
         let deadline = Instant::now() + max_delay;
         let mut batch = Vec::new();
