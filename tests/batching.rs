@@ -178,3 +178,50 @@ fn metrics_expose_the_documented_names() {
     assert!(metric_value(&text, "visionserve_requests_total", &["model=\"resnet18\"", "status=\"422\""]) >= 1.0);
     assert_eq!(metric_value(&text, "visionserve_model_ready", &["model=\"resnet18\""]), 1.0);
 }
+
+/// A refusal for overload is held `--refusal-delay-ms` before it is answered, so that clients
+/// retrying without waiting cost one refusal per delay — but never past the request's own
+/// deadline. A server of its own, with a hold (400 ms) far longer than a refusal takes.
+#[test]
+fn overload_refusals_are_held_but_never_past_their_deadline() {
+    let repo = common::test_models();
+    let s = Server::start_ready(&["--model-repository", repo.to_str().unwrap(), "--models", FAULT_PROBE, "--refusal-delay-ms", "400"]);
+    let url = s.url(&format!("/v1/models/{FAULT_PROBE}/predict"));
+    let send = |value: u8, deadline_ms: Option<u64>| {
+        let mut request = client().post(&url).header("content-type", "image/png").body(png_of(value));
+        if let Some(ms) = deadline_ms {
+            request = request.header("x-request-timeout-ms", ms.to_string());
+        }
+        let started = std::time::Instant::now();
+        let status = request.send().unwrap().status().as_u16();
+        (status, started.elapsed())
+    };
+    // 12 at once on a queue of 2: the overflow is refused, each refusal held ~400 ms.
+    let outcomes: Vec<_> = std::thread::scope(|scope| {
+        let burst: Vec<_> = (0..12).map(|i| scope.spawn(move || send(90 + i, None))).collect();
+        burst.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let refused: Vec<_> = outcomes.iter().filter(|o| o.0 == 503).collect();
+    assert!(!refused.is_empty(), "12 requests at once on a queue of 2 must overflow: {outcomes:?}");
+    for (_, took) in &refused {
+        assert!(*took >= Duration::from_millis(400) && *took < Duration::from_millis(1500), "a refusal took {took:?}");
+    }
+    // With a forward running and an image queued, a 15 ms deadline cannot be met: refused,
+    // and answered at its deadline, not after the 400 ms hold.
+    std::thread::scope(|scope| {
+        let running = scope.spawn(|| {
+            let four = (0..4).fold(reqwest::blocking::multipart::Form::new(), |form, i| {
+                form.part("image", reqwest::blocking::multipart::Part::bytes(png_of(110 + i)).file_name(format!("{i}.png")))
+            });
+            (client().post(&url).multipart(four).send().unwrap().status().as_u16(), Duration::ZERO)
+        });
+        std::thread::sleep(Duration::from_millis(30));
+        let queued = scope.spawn(|| send(101, None));
+        std::thread::sleep(Duration::from_millis(30));
+        let (status, took) = send(102, Some(15));
+        assert_eq!(status, 503);
+        assert!(took < Duration::from_millis(300), "a refusal was held past its 15 ms deadline: {took:?}");
+        assert_eq!(running.join().unwrap().0, 200);
+        assert_eq!(queued.join().unwrap().0, 200);
+    });
+}

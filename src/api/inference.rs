@@ -310,11 +310,15 @@ where
     let deadline = context.deadline;
     // From here on the job itself counts in the queue.
     target.admission.release();
-    let output = target
-        .runtime
-        .infer(prepared, options, deadline.at, &context.request_id)
-        .await
-        .map_err(|e| engine_error(target.name(), e, deadline.ms))?;
+    let output = match target.runtime.infer(prepared, options, deadline.at, &context.request_id).await {
+        // Admitted, then beaten to the queue's last places while it decoded: a refusal like
+        // admission's, held the same way.
+        Err(EngineError::QueueFull) => {
+            hold_refusal(state.limits.refusal_delay_ms, deadline).await;
+            return Err(engine_error(target.name(), EngineError::QueueFull, deadline.ms));
+        }
+        output => output.map_err(|e| engine_error(target.name(), e, deadline.ms))?,
+    };
     tracing::Span::current().record("batch_size", output.batch_size as i64);
     let name = target.name().to_string();
     for (metric, time) in [
