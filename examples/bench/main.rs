@@ -423,13 +423,17 @@ fn interleaved_medians(
             }
         }
     }
+    // One setting's figure at one concurrency, round by round.
+    let samples = |label: &str, c: usize, of: &dyn Fn(&Stats) -> f64| -> Vec<f64> {
+        runs.iter().filter(|(l, cc, _)| l == label && *cc == c).flat_map(|(_, _, all)| all.iter().map(of)).collect()
+    };
     let median = |label: &str, c: usize, of: &dyn Fn(&Stats) -> f64| {
-        let mut values: Vec<f64> = runs.iter().filter(|(l, cc, _)| l == label && *cc == c).flat_map(|(_, _, all)| all.iter().map(of)).collect();
+        let mut values = samples(label, c, of);
         values.sort_by(f64::total_cmp);
         values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
     };
     let values = |label: &str, c: usize, of: &dyn Fn(&Stats) -> f64| {
-        runs.iter().filter(|(l, cc, _)| l == label && *cc == c).flat_map(|(_, _, all)| all.iter().map(of)).map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(", ")
+        samples(label, c, of).iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(", ")
     };
     let throughput = |s: &Stats| s.throughput;
     let p50 = |s: &Stats| s.p50;

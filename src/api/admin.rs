@@ -243,11 +243,10 @@ fn share_params(query: &HashMap<String, String>) -> Result<(usize, Option<usize>
 async fn scale(State(state): State<AppState>, model: ModelPath, Query(query): Query<HashMap<String, String>>) -> Result<Json<Value>, ApiError> {
     let (name, version) = (&model.name, model.version());
     let (reserved, cap) = share_params(&query)?;
-    state.repository.scale(name, version, reserved, cap).map_err(|e| match e {
+    let cap = state.repository.scale(name, version, reserved, cap).map_err(|e| match e {
         ScaleError::Lookup(e) => ApiError::from(e),
         ScaleError::NotReady(reason) => ApiError::Conflict(format!("model '{name}' cannot be scaled now: {reason}; load it first")),
     })?;
-    let cap = state.repository.get(name, version).map(|entry| entry.workers()).unwrap_or(reserved);
     Ok(Json(json!({"status": format!("Model \"{name}\" now has {reserved} executors kept and at most {cap} at once")})))
 }
 

@@ -146,8 +146,9 @@ pub fn load_model(config: &ModelConfig, model_file: &Path) -> Result<LoadedModel
     tch::set_num_threads(1);
     let (w, h) = warmup_size(config);
     let variable_size = matches!(config.input.resize, ResizePolicy::Original | ResizePolicy::FitMultiple);
+    // One blank input of the configured size, for the warm-up and the batch costs below.
+    let blank = PreparedImage { data: vec![0.0; (w * h * 3) as usize], geometry: Geometry::identity(w, h) };
     for run in 0..config.runtime.warmup_runs.max(1) {
-        let blank = PreparedImage { data: vec![0.0; (w * h * 3) as usize], geometry: Geometry::identity(w, h) };
         // The first run also reads the model's own outputs, to describe them in metadata.
         let want_raw = run == 0 && config.output.convention != OutputConvention::TorchvisionDetection;
         let started = Instant::now();
@@ -173,7 +174,6 @@ pub fn load_model(config: &ModelConfig, model_file: &Path) -> Result<LoadedModel
     // that the first batches correct.
     model.service = Arc::new(ServiceTime::new(last_run));
     if device == Device::Cpu && config.batching.max_batch_size > 1 {
-        let blank = PreparedImage { data: vec![0.0; (w * h * 3) as usize], geometry: Geometry::identity(w, h) };
         let options = JobOptions { score_threshold: 1.0, want_confidence: false, want_raw: false };
         let per_image = |size: usize| {
             let images = vec![&blank; size];

@@ -143,8 +143,9 @@ impl ModelRuntime {
 
     /// The management API's scale call: `reserved` executors kept for this version whenever it
     /// has work, and at most `cap` (unchanged when `None`, and never below `reserved`) at once.
-    pub fn rescale(&self, reserved: usize, cap: Option<usize>) {
-        self.queue().set_share(reserved, cap.unwrap_or_else(|| self.queue().cap()));
+    /// Returns the cap now in force.
+    pub fn rescale(&self, reserved: usize, cap: Option<usize>) -> usize {
+        self.queue().set_share(reserved, cap.unwrap_or_else(|| self.queue().cap()))
     }
 
     /// Enqueues at once or refuses at once: a full queue is an answer, not a wait. Waits for

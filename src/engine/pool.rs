@@ -74,11 +74,14 @@ impl ModelQueue {
         self.reserved.load(Ordering::Relaxed)
     }
 
-    /// Sets the reservation and the cap together (the cap never below the reservation).
-    pub fn set_share(&self, reserved: usize, cap: usize) {
+    /// Sets the reservation and the cap together (the cap never below the reservation);
+    /// returns the cap set.
+    pub fn set_share(&self, reserved: usize, cap: usize) -> usize {
+        let cap = cap.max(reserved).max(1);
         self.reserved.store(reserved, Ordering::Relaxed);
-        self.cap.store(cap.max(reserved).max(1), Ordering::Relaxed);
+        self.cap.store(cap, Ordering::Relaxed);
         pool().notify();
+        cap
     }
 
     /// Queues a job, or hands it back when the queue is full.

@@ -108,7 +108,7 @@ fn try_scaled_jpeg(bytes: &[u8], limits: DecodeLimits, needed: impl Fn(u32, u32)
             *slot = Some(decompressor);
         }
         let decompressor = slot.as_mut()?;
-        decompressor.set_scaling_factor(turbojpeg::ScalingFactor::ONE).ok()?;
+        // The header is the file's own size whatever scaling factor a previous decode left set.
         let header = decompressor.read_header(bytes).ok()?;
         let (width, height) = (u32::try_from(header.width).ok()?, u32::try_from(header.height).ok()?);
         let pixels = u64::from(width) * u64::from(height);

@@ -287,13 +287,13 @@ impl ModelRepository {
 
     /// Keeps `reserved` executors of the inference pool for the version whenever it has work,
     /// and lets it use at most `cap` at once (unchanged when `None`); takes effect for the next
-    /// batch.
-    pub fn scale(&self, name: &str, version: Option<&str>, reserved: usize, cap: Option<usize>) -> Result<(), ScaleError> {
+    /// batch. Returns the cap now in force.
+    pub fn scale(&self, name: &str, version: Option<&str>, reserved: usize, cap: Option<usize>) -> Result<usize, ScaleError> {
         let _admin = self.admin.lock().unwrap();
         let entry = self.get(name, version).map_err(ScaleError::Lookup)?;
-        entry.runtime().map_err(ScaleError::NotReady)?.rescale(reserved, cap);
+        let cap = entry.runtime().map_err(ScaleError::NotReady)?.rescale(reserved, cap);
         tracing::info!(model = %name, version = %entry.version, reserved, cap, "model scaled");
-        Ok(())
+        Ok(cap)
     }
 
     pub fn set_default_version(&self, name: &str, version: &str) -> Result<(), LookupError> {
