@@ -36,7 +36,8 @@ help:
 	@echo "make run    - prepare everything and serve the default models on http://127.0.0.1:8080"
 	@echo "make test   - prepare everything and run the whole test suite, which is:"
 	@echo "  make test-rust          - unit, router (in-process) and integration tests (tests/*.rs, real binary)"
-	@echo "  make test-python        - torchvision reference checks, default models, tritonclient, TorchServe API, OpenAPI"
+	@echo "  make test-python        - torchvision reference checks, default models, tritonclient (REST and gRPC), pipelines,"
+	@echo "                           the response cache, models on demand, tracing, TorchServe API, OpenAPI"
 	@echo "  make test-browser       - the web page in headless Chromium"
 	@echo "  make validate-manifests - Kubernetes and KServe manifests against their schemas, offline"
 	@echo "  make docker-test        - the image built and run, answers compared with the host binary"
@@ -173,14 +174,14 @@ docker-test: build models
 	cargo build --release --locked --example bench
 	scripts/docker-test.sh $(CACHE)
 
-# A refactor's check: every route's answers to the sample photos and the corpus, recorded with
-# the binary BEFORE and with this build, compared byte for byte (timing headers and request
-# ids aside). EXEMPT lists answer keys that are meant to change.
-compare-answers: build models
+# A refactor's check: every route's answers (REST, gRPC, the pipeline, the test models) to the
+# sample photos and the corpus, recorded with the binary BEFORE and with this build, compared
+# byte for byte (timing headers and request ids aside). EXEMPT lists answer keys that are meant to change.
+compare-answers: build models test-models
 	@test -n "$(BEFORE)" || { echo "make compare-answers: set BEFORE=<path to the old visionserve binary>"; exit 2; }
 	@mkdir -p test-output
-	python3 scripts/compare-answers.py record --bin $(BEFORE) --models models --out test-output/answers-before.json
-	python3 scripts/compare-answers.py record --bin $(BIN) --models models --out test-output/answers-after.json
+	$(PYTHON) scripts/compare-answers.py record --bin $(BEFORE) --models models --test-models $(TEST_MODELS) --out test-output/answers-before.json
+	$(PYTHON) scripts/compare-answers.py record --bin $(BIN) --models models --test-models $(TEST_MODELS) --out test-output/answers-after.json
 	python3 scripts/compare-answers.py compare test-output/answers-before.json test-output/answers-after.json $(if $(EXEMPT),--exempt $(EXEMPT))
 
 # docker/k8s/*.yaml against the Kubernetes schemas, offline.

@@ -11,7 +11,7 @@ use axum::extract::{FromRequest, Query};
 use axum::http::{Request, Uri};
 
 use crate::api::input::{decode_base64, ImageUploads};
-use crate::api::v2::tensors::{encode_response, parse_request, split_length_prefixed, OutputData, OutputTensor};
+use crate::serve::oip::tensors::{encode_response, parse_request, split_length_prefixed, OutputData, OutputTensor};
 use crate::api::{AppState, RequestLimits};
 use crate::image::{decode_image, decode_scaled, decode_size_needed, preprocess, preprocess_decoded, DecodeLimits, Geometry};
 use crate::model_config::{InputSpec, ModelConfig, Task};

@@ -1,10 +1,13 @@
 //! visionserve: libtorch vision models behind REST and gRPC.
 //!
-//! Layers, top to bottom, each importing only those below it: `api` (HTTP and gRPC, thin
-//! handlers, one module per protocol) → `repository` (model folders, versions, status, lifecycle, the one
-//! readiness rule) → `engine` (backend and batcher: worker threads owning libtorch state) →
-//! `tasks` (the one post-processing path: top-k, NMS, masks) and `image` (decode, preprocess),
-//! both plain Rust → `model_config` (a model's `config.toml`). `render` draws `tasks`' results.
+//! Layers, top to bottom, each importing only those below it: `api` (protocol shells for /v1,
+//! V2 REST, gRPC and TorchServe, none importing another) → `serve` (the serving core: lookup,
+//! admission, decoding, the queue, `tasks::finish`, the cache, pipelines, the Open Inference
+//! Protocol's shared part) → `repository` (model folders, versions, status, lifecycle, the one
+//! readiness rule) → `engine` (the pool of inference threads owning libtorch state; its rules
+//! in `engine::policy`) → `tasks` (the one post-processing path: top-k, NMS, masks) and `image`
+//! (decode, preprocess), both plain Rust → `model_config` (a model's `config.toml`). `render`
+//! draws `tasks`' results.
 
 pub mod api;
 pub mod cache;
@@ -21,6 +24,7 @@ pub mod model_config;
 pub mod pipeline;
 pub mod render;
 pub mod repository;
+pub mod serve;
 pub mod tasks;
 pub mod telemetry;
 

@@ -16,7 +16,7 @@ pub const BATCH_SIZE: &str = "visionserve_batch_size";
 pub const QUEUE_DEPTH: &str = "visionserve_queue_depth";
 pub const IN_FLIGHT: &str = "visionserve_in_flight_requests";
 pub const MODEL_READY: &str = "visionserve_model_ready";
-pub const WORKER_RESTARTS: &str = "visionserve_worker_restarts_total";
+pub const EXECUTOR_PANICS: &str = "visionserve_worker_restarts_total";
 pub const JOBS_SKIPPED: &str = "visionserve_jobs_skipped_total";
 pub const CONNECTIONS_REFUSED: &str = "visionserve_connections_refused_total";
 pub const SCALED_DECODES: &str = "visionserve_scaled_decodes_total";
@@ -69,7 +69,7 @@ fn describe() {
     describe_gauge!(QUEUE_DEPTH, "Requests waiting in the model's queue");
     describe_gauge!(IN_FLIGHT, "Inference requests being handled");
     describe_gauge!(MODEL_READY, "1 when the model serves, 0 otherwise");
-    describe_counter!(WORKER_RESTARTS, "Worker threads restarted after a panic");
+    describe_counter!(EXECUTOR_PANICS, "Inference executors that caught a panic in a batch and carried on");
     describe_counter!(JOBS_SKIPPED, "Queued requests not computed: client gone or deadline passed");
     describe_counter!(TRACE_EXPORT_ERRORS, "OTLP trace exports that failed (the spans are dropped; requests never wait on exports)");
     describe_histogram!(MODEL_LOAD_SECONDS, Unit::Seconds, "Loads of a model on its first request (models on demand): the cold start");

@@ -18,7 +18,7 @@
 //! ```
 //!
 //! Plain Rust and serde: which detections become which crops is decided here and unit-tested;
-//! running the steps is `api::pipeline`.
+//! running the steps is `serve::pipeline`.
 
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +26,9 @@ use crate::tasks::Detection;
 
 /// The file that makes a model folder a pipeline.
 pub const PIPELINE_FILE: &str = "pipeline.toml";
+
+/// A pipeline has one version.
+pub const PIPELINE_VERSION: &str = "1";
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

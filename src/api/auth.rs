@@ -1,7 +1,9 @@
-//! Optional API keys for the inference routes (`/v1/models/*/predict`, `/v2/models/*/infer`,
-//! `/predictions/*`): `Authorization: Bearer <key>`. A missing key is 401 (with
-//! `WWW-Authenticate: Bearer`), a wrong one 403. Keys are compared in constant time and never
-//! logged. Health, metadata, metrics and the web page stay open.
+//! The two credentials, each a layer on its own sub-router (`api::router`): optional API keys
+//! for the inference routes (`/v1/models/*/predict`, `/v2/models/*/infer`, `/predictions/*`),
+//! and the admin token for the management routes, off without one. Both are
+//! `Authorization: Bearer <…>`; a missing one is 401 (with `WWW-Authenticate: Bearer`), a wrong
+//! one 403. Compared in constant time and never logged. Health, metadata, metrics and the web
+//! page stay open. gRPC applies the same two rules (`check_api_key`, `check_admin_token`).
 
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -10,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use super::{inference_model, AppState};
+use super::AppState;
 
 /// Equal without an early exit, so timing does not reveal how much of a key matched.
 pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -70,16 +72,28 @@ pub fn check_admin_token(state: &AppState, presented: Option<&str>) -> Result<()
     if constant_time_eq(presented.as_bytes(), token.as_bytes()) { Ok(()) } else { Err(Refusal::Invalid) }
 }
 
+/// The inference sub-router's layer.
 pub async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if inference_model(request.uri().path()).is_none() {
-        return next.run(request).await;
-    }
     match check_api_key(&state, bearer_token(request.headers())) {
         Ok(()) => next.run(request).await,
         Err(Refusal::Invalid) => refuse(StatusCode::FORBIDDEN, "forbidden", "the API key is not valid"),
         Err(_) => refuse(StatusCode::UNAUTHORIZED, "unauthorized", "this route needs an API key: Authorization: Bearer <key>"),
     }
 }
+
+/// The management sub-router's layer: the admin token; with none configured, management is off.
+pub async fn require_admin_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    match check_admin_token(&state, bearer_token(request.headers())) {
+        Ok(()) => next.run(request).await,
+        Err(Refusal::ManagementOff) => refuse(StatusCode::FORBIDDEN, "management_disabled", MANAGEMENT_OFF),
+        Err(Refusal::Missing) => {
+            refuse(StatusCode::UNAUTHORIZED, "unauthorized", "management routes need the admin token: Authorization: Bearer <token>")
+        }
+        Err(Refusal::Invalid) => refuse(StatusCode::FORBIDDEN, "forbidden", "the admin token is not valid"),
+    }
+}
+
+pub const MANAGEMENT_OFF: &str = "the management API is off: start the server with --admin-token or --admin-token-file";
 
 #[cfg(test)]
 mod tests {

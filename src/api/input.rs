@@ -8,11 +8,11 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, Multipart, Request};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::StatusCode;
-use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::AppState;
+pub use crate::serve::prepare::decode_base64;
 use crate::error::ApiError;
 
 /// Names a multipart text field or JSON key may use to carry a parameter instead of the query.
@@ -151,20 +151,6 @@ fn from_json(body: &[u8]) -> Result<ImageUploads, ApiError> {
     Ok(ImageUploads { images, body_parameters })
 }
 
-/// Standard base64, with or without padding, optionally as a `data:` URL.
-pub fn decode_base64(text: &str) -> Result<Bytes, base64::DecodeError> {
-    let payload = match text.split_once(";base64,") {
-        Some((prefix, rest)) if prefix.starts_with("data:") => rest,
-        _ => text,
-    };
-    let cleaned: String = payload.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-    let engine = base64::engine::GeneralPurpose::new(
-        &base64::alphabet::STANDARD,
-        base64::engine::GeneralPurposeConfig::new()
-            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
-    );
-    engine.decode(cleaned).map(Bytes::from)
-}
 
 #[cfg(test)]
 mod tests {

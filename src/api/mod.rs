@@ -1,19 +1,18 @@
-//! The network surface. REST: each module exposes a `router()`, merged here under one state
-//! and one stack of layers (request id, tracing, body limit) with a JSON fallback for unknown
-//! routes. gRPC (`grpc`) is its own router on its own listener, over the same state and the
-//! same inference path.
+//! The network surface: protocol shells over the serving core (`crate::serve`). Each shell
+//! parses its wire format into the core's request and shapes the core's answer; no shell
+//! imports another. REST: each module exposes its routes, merged here under one state and one
+//! stack of layers (request id, tracing, body limit) with a JSON fallback for unknown routes;
+//! inference routes and management routes are sub-routers, each behind its own credential
+//! layer. gRPC (`grpc`) is its own router on its own listener, over the same core.
 
-pub(crate) mod admin;
 pub(crate) mod auth;
 mod docs;
 pub mod grpc;
-pub(crate) mod inference;
 mod health;
 pub(crate) mod metrics_route;
 pub(crate) mod model_path;
 pub mod input;
 mod models;
-pub(crate) mod pipeline;
 mod predict;
 mod torchserve;
 pub mod v2;
@@ -26,39 +25,34 @@ use axum::extract::DefaultBodyLimit;
 use metrics_exporter_prometheus::PrometheusHandle;
 use axum::http::{HeaderName, Request};
 use axum::Router;
-use tokio::sync::Semaphore;
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::error::ApiError;
 use crate::repository::ModelRepository;
+use crate::serve::Core;
 
-#[derive(Debug, Clone, Copy)]
-pub struct RequestLimits {
-    pub max_body_bytes: usize,
-    pub max_image_pixels: u64,
-    pub max_images_per_request: usize,
-    /// Default deadline of a predict request, in milliseconds.
-    pub request_timeout_ms: u64,
-    /// How long an overload refusal (503, gRPC UNAVAILABLE) is held before it is answered.
-    pub refusal_delay_ms: u64,
-}
+pub use crate::serve::RequestLimits;
 
-/// Everything a handler needs, cheap to clone.
+/// Everything a handler needs, cheap to clone: the serving core (which it derefs to) and what
+/// only the network surface uses.
 #[derive(Clone)]
 pub struct AppState {
-    pub repository: Arc<ModelRepository>,
-    pub limits: RequestLimits,
-    /// Bounds the decode/preprocess work running at once on tokio's blocking pool.
-    pub cpu_permits: Arc<Semaphore>,
+    pub core: Core,
     pub metrics: PrometheusHandle,
     /// Keys inference routes require; empty means open.
     pub api_keys: Arc<Vec<String>>,
     /// Token management routes require; `None` turns them off.
     pub admin_token: Option<Arc<String>>,
-    /// The response cache; `None` when off.
-    pub cache: Option<Arc<crate::cache::ResponseCache>>,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Core;
+
+    fn deref(&self) -> &Core {
+        &self.core
+    }
 }
 
 /// Builds an [`AppState`]: the server from its flags, tests and fuzz checks from their own
@@ -97,13 +91,10 @@ impl AppStateBuilder {
 
     pub fn build(self) -> AppState {
         AppState {
-            repository: self.repository,
-            limits: self.limits,
-            cpu_permits: Arc::new(Semaphore::new(self.cpu_threads)),
+            core: Core::new(self.repository, self.limits, self.cpu_threads, self.response_cache_bytes),
             metrics: crate::metrics::handle(),
             api_keys: Arc::new(self.api_keys),
             admin_token: self.admin_token.map(Arc::new),
-            cache: crate::cache::ResponseCache::new(self.response_cache_bytes).map(Arc::new),
         }
     }
 }
@@ -112,47 +103,37 @@ impl AppState {
     pub fn builder(repository: Arc<ModelRepository>, limits: RequestLimits) -> AppStateBuilder {
         AppStateBuilder { repository, limits, cpu_threads: 1, api_keys: Vec::new(), admin_token: None, response_cache_bytes: 0 }
     }
-
-    /// Runs CPU-heavy, non-libtorch work (decoding, resizing, mask encoding) off the reactor,
-    /// at most `cpu_permits` at a time.
-    pub async fn run_cpu<T, F>(&self, work: F) -> Result<T, ApiError>
-    where
-        F: FnOnce() -> T + Send + 'static,
-        T: Send + 'static,
-    {
-        let _permit = self
-            .cpu_permits
-            .acquire()
-            .await
-            .map_err(|_| ApiError::Internal("CPU pool closed".into()))?;
-        // The work's spans and log lines stay the request's.
-        let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || span.in_scope(work))
-            .await
-            .map_err(|e| ApiError::Internal(format!("CPU task failed: {e}")))
-    }
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 pub fn router(state: AppState) -> Router {
     let body_limit = state.limits.max_body_bytes;
+    // Each credential guards its own sub-router, so a route is guarded by being put there,
+    // not by matching a list of paths.
+    let inference = Router::new()
+        .merge(predict::inference_routes())
+        .merge(v2::inference_routes())
+        .merge(torchserve::inference_routes())
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key));
+    let management = Router::new()
+        .merge(v2::management_routes())
+        .merge(torchserve::management_routes())
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_admin_token));
     Router::new()
         .merge(health::router())
         .merge(metrics_route::router())
         .merge(models::router())
-        .merge(predict::router())
         .merge(web::router())
         .merge(v2::router())
         .merge(torchserve::router())
-        .merge(admin::router())
         .merge(docs::router())
+        .merge(inference)
+        .merge(management)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError::MethodNotAllowed("method not allowed on this route".into())
         })
-        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), admin::require_admin_token))
         .layer(axum::middleware::from_fn(metrics_route::track_inference))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(
@@ -204,8 +185,7 @@ pub fn request_span(id: &str, method: &str, uri: &str, protocol: &str, model: &s
 
 /// The model an inference route addresses — `/v1/models/{m}/predict`,
 /// `/v2/models/{m}[/versions/{v}]/infer`, `/predictions/{m}[/{v}]` — and `None` for every other
-/// route. The one place that knows which routes run models: API keys and request metrics
-/// both ask it.
+/// route: the request metrics' and the request span's labels.
 pub fn inference_model(path: &str) -> Option<&str> {
     inference_route(path).map(|(_, model)| model)
 }
@@ -242,7 +222,4 @@ mod tests {
     }
 }
 
-/// Milliseconds with microsecond resolution, for timing headers.
-pub fn millis(d: Duration) -> String {
-    format!("{:.3}", d.as_secs_f64() * 1000.0)
-}
+pub use crate::serve::millis;

@@ -7,10 +7,10 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::model_path::ModelPath;
-use super::pipeline;
 use super::AppState;
 use crate::error::ApiError;
-use crate::repository::ModelEntry;
+use crate::pipeline::PIPELINE_VERSION;
+use crate::repository::{ModelEntry, PipelineEntry, Servable};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -55,7 +55,7 @@ fn with_versions(state: &AppState, model: &ModelEntry, mut value: Value) -> Valu
 /// Every model (its default version), then every pipeline with its steps.
 async fn list(State(state): State<AppState>) -> Json<Value> {
     let mut models: Vec<Value> = state.repository.iter().iter().map(|m| with_versions(&state, m, summary(m))).collect();
-    models.extend(state.repository.pipelines().iter().map(|p| pipeline::summary(&state, p)));
+    models.extend(state.repository.pipelines().iter().map(|p| pipeline_summary(&state, p)));
     Json(json!({"models": models}))
 }
 
@@ -83,10 +83,32 @@ fn describe(state: &AppState, model: &ModelEntry) -> Value {
 }
 
 async fn detail(State(state): State<AppState>, model: ModelPath) -> Result<Json<Value>, ApiError> {
-    if let Some(found) = state.repository.pipeline(&model.name) {
-        pipeline::check_version(&found, model.version())?;
-        return Ok(Json(pipeline::summary(&state, &found)));
+    Ok(Json(match state.repository.lookup(&model.name, model.version())? {
+        Servable::Pipeline(pipeline) => pipeline_summary(&state, &pipeline),
+        Servable::Model(entry) => describe(&state, &entry),
+    }))
+}
+
+/// A pipeline in `/v1/models`: its status (its steps'), and its steps as configured.
+fn pipeline_summary(state: &AppState, pipeline: &PipelineEntry) -> Value {
+    let report = state.repository.pipeline_status(pipeline);
+    let mut value = json!({
+        "name": pipeline.name,
+        "version": PIPELINE_VERSION,
+        "status": report.status,
+        "kind": "pipeline",
+        "task": "detection",
+        "versions": [PIPELINE_VERSION],
+        "default_version": PIPELINE_VERSION,
+    });
+    if let Some(reason) = report.reason {
+        value["reason"] = json!(reason);
     }
-    let entry = state.repository.get(&model.name, model.version())?;
-    Ok(Json(describe(&state, &entry)))
+    if let Ok(spec) = &pipeline.spec {
+        value["steps"] = json!({"detect": spec.detect, "classify": spec.classify});
+        if let Some(description) = &spec.description {
+            value["description"] = json!(description);
+        }
+    }
+    value
 }

@@ -1,33 +1,33 @@
-//! `POST /v1/models/{name}[/versions/{version}]/predict`: parse → the shared inference path →
-//! the finished results as `/v1` JSON or drawn on the image as a PNG, with timing headers.
+//! `POST /v1/models/{name}[/versions/{version}]/predict`, the /v1 shell: the request's images
+//! and parameters → the serving core → the finished results as `/v1` JSON, or drawn on the
+//! image as a PNG, with timing headers. A pipeline's `/v1` shape lives here too.
 
 use std::collections::HashMap;
 use std::time::Instant;
 
+use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use serde_json::json;
+use serde_json::{json, Value};
 
-use super::inference::{self, Answered, CacheOutcome, RequestContext, Target};
 use super::input::ImageUploads;
 use super::model_path::ModelPath;
-use super::pipeline::{self, PipelineInput};
 use super::AppState;
 use crate::cache::{CacheKey, Cached};
 use crate::error::ApiError;
-use crate::metrics as m;
-use crate::image::{decode_scaled, decode_size_needed, preprocess_decoded, DecodeLimits, PreparedImage};
-use crate::model_config::ModelConfig;
+use crate::pipeline::PIPELINE_VERSION;
 use crate::render;
-use crate::repository::PipelineEntry;
+use crate::repository::{PipelineEntry, Servable};
+use crate::serve::infer::{self, answer_headers, write_cache, write_pairs, Answered, CacheOutcome, Wants};
+use crate::serve::pipeline::{self, PipelineRun};
+use crate::serve::{ImageInput, RequestContext, Target};
 use crate::tasks::{PredictParams, TaskResult};
-use image::RgbImage;
 
-pub fn router() -> Router<AppState> {
+pub fn inference_routes() -> Router<AppState> {
     Router::new()
         .route("/v1/models/{name}/predict", post(predict))
         .route("/v1/models/{name}/versions/{version}/predict", post(predict))
@@ -50,20 +50,17 @@ async fn predict(
             uploads.images.len()
         )));
     }
-    if let Some(pipeline) = state.repository.pipeline(&model.name) {
-        return predict_pipeline(&state, &pipeline, model.version(), raw, uploads.images, render, &context).await;
-    }
-    let target = Target::resolve(&state, &model.name, model.version(), &context).await?;
+    let entry = match state.repository.lookup(&model.name, model.version())? {
+        Servable::Pipeline(pipeline) => return predict_pipeline(&state, &pipeline, raw, uploads.images, render, &context).await,
+        Servable::Model(entry) => entry,
+    };
+    let target = Target::resolve(&state, entry, &context).await?;
     let params = PredictParams::from_raw(&raw, target.task())?;
-
-    let limits = DecodeLimits { max_pixels: state.limits.max_image_pixels };
     let images = uploads.images;
     if render {
         return predict_overlay(&state, &target, images, params, &context).await;
     }
-    let identities = images.iter().map(|image| vec![image.clone()]).collect();
-    let prepare = move |config: &ModelConfig| prepare_all(&images, config, limits, false);
-    let answered = inference::answer(&state, &target, Some(identities), prepare, params, false, &context).await?;
+    let answered = infer::answer(&state, &target, ImageInput::Encoded(images), params, Wants::default(), &context).await?;
 
     let post_started = Instant::now();
     let Answered { results, timings, labels, cache, .. } = answered;
@@ -80,37 +77,35 @@ async fn predict(
         })
         .await??;
     let task = target.task();
-    let mut response =
-        Json(json!({"model": target.name(), "version": target.entry.version, "task": task, "results": results})).into_response();
-    if let Some(timings) = timings {
-        timings.finish(target.name(), post_started.elapsed(), response.headers_mut());
-    }
-    CacheOutcome::write(cache, response.headers_mut());
-    Ok(response)
+    let body = json!({"model": target.name(), "version": target.entry.version, "task": task, "results": results});
+    let headers = answer_headers(timings, cache, target.name(), post_started);
+    Ok((headers, Json(body)).into_response())
+}
+
+fn png_response(png: Bytes) -> Response {
+    ([(header::CONTENT_TYPE, "image/png")], png).into_response()
 }
 
 /// The result drawn on the image, as a PNG; the response cache keeps overlays apart from JSON.
 async fn predict_overlay(
     state: &AppState,
     target: &Target,
-    mut images: Vec<axum::body::Bytes>,
+    mut images: Vec<Bytes>,
     params: PredictParams,
     context: &RequestContext,
 ) -> Result<Response, ApiError> {
     let image = images.pop().ok_or_else(|| ApiError::BadRequest("no image".into()))?;
     let key = CacheKey::new(target.name(), &target.entry.version, target.entry.generation, &[&image], &params, true);
-    let png_response = |png: axum::body::Bytes| ([(header::CONTENT_TYPE, "image/png")], png).into_response();
     if let Some(cache) = &state.cache {
         if let Some(Cached::Overlay(png)) = cache.get(&key) {
             let mut response = png_response(png);
-            CacheOutcome::write(Some(CacheOutcome::Hit), response.headers_mut());
+            write_cache(Some(CacheOutcome::Hit), response.headers_mut());
             return Ok(response);
         }
     }
-    let limits = DecodeLimits { max_pixels: state.limits.max_image_pixels };
     // The decoded original comes back to be drawn on.
-    let prepare = move |config: &ModelConfig| prepare_all(&[image], config, limits, true);
-    let answered = inference::answer(state, target, None, prepare, params, false, context).await?;
+    let wants = Wants { raw: false, original: true };
+    let answered = infer::answer(state, target, ImageInput::Encoded(vec![image]), params, wants, context).await?;
     let post_started = Instant::now();
     let Answered { results, timings, labels, original, .. } = answered;
     let mut image = original.ok_or_else(|| ApiError::Internal("no decoded image to draw on".into()))?;
@@ -122,37 +117,31 @@ async fn predict_overlay(
             render::encode_png(&image).map_err(|e| ApiError::Internal(format!("PNG encoding failed: {e}")))
         })
         .await??;
-    let png = axum::body::Bytes::from(png);
+    let png = Bytes::from(png);
     let outcome = state.cache.as_ref().map(|cache| {
         cache.put(key, Cached::Overlay(png.clone()));
         CacheOutcome::Miss
     });
-    let mut response = png_response(png);
-    if let Some(timings) = timings {
-        timings.finish(target.name(), post_started.elapsed(), response.headers_mut());
-    }
-    CacheOutcome::write(outcome, response.headers_mut());
-    Ok(response)
+    let headers = answer_headers(timings, outcome, target.name(), post_started);
+    Ok((headers, png_response(png)).into_response())
 }
 
 /// A pipeline on /v1: nested JSON, or its detections drawn with the classifier's labels.
 async fn predict_pipeline(
     state: &AppState,
     pipeline: &PipelineEntry,
-    version: Option<&str>,
     raw: HashMap<String, String>,
-    images: Vec<axum::body::Bytes>,
+    images: Vec<Bytes>,
     render: bool,
     context: &RequestContext,
 ) -> Result<Response, ApiError> {
-    pipeline::check_version(pipeline, version)?;
     if let Some(name) = raw.keys().next() {
         return Err(ApiError::InvalidParameter(format!(
             "pipeline '{}' takes no parameters (got '{name}'): its steps are set in its pipeline.toml",
             pipeline.name
         )));
     }
-    let run = pipeline::run(state, pipeline, PipelineInput::Encoded(images), context, render).await?;
+    let run = pipeline::run(state, pipeline, ImageInput::Encoded(images), context, render).await?;
     let mut response = match run.original.clone() {
         Some(mut image) => {
             let drawn = run.overlay();
@@ -162,12 +151,34 @@ async fn predict_pipeline(
                     render::encode_png(&image).map_err(|e| ApiError::Internal(format!("PNG encoding failed: {e}")))
                 })
                 .await??;
-            ([(header::CONTENT_TYPE, "image/png")], png).into_response()
+            png_response(Bytes::from(png))
         }
-        None => Json(run.v1_json()).into_response(),
+        None => Json(pipeline_json(&run)).into_response(),
     };
-    run.timing_headers(response.headers_mut());
+    write_pairs(run.timing_pairs(), response.headers_mut());
     Ok(response)
+}
+
+/// A pipeline's `/v1` answer: each image's detections, each with its classifier's answer nested.
+fn pipeline_json(run: &PipelineRun) -> Value {
+    let results: Vec<Value> = run
+        .images
+        .iter()
+        .map(|found| {
+            let detections: Vec<Value> = found
+                .iter()
+                .map(|n| {
+                    let mut value = serde_json::to_value(&n.detection).expect("detections serialise");
+                    value["classification"] = json!({"predictions": n.predictions});
+                    value
+                })
+                .collect();
+            json!({"detections": detections})
+        })
+        .collect();
+    let step = |s: &pipeline::StepRun| json!({"model": s.model, "version": s.version});
+    let steps = json!({"detect": step(&run.detect), "classify": run.classify.as_ref().map(step)});
+    json!({"model": run.name, "version": PIPELINE_VERSION, "task": "detection", "steps": steps, "results": results})
 }
 
 /// `?render=png` or an `Accept` that names `image/png` (and not JSON first) asks for the
@@ -184,36 +195,4 @@ fn wants_png(render: Option<&str>, headers: &HeaderMap) -> Result<bool, ApiError
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
     let first = accept.split(',').map(|t| t.split(';').next().unwrap_or("").trim()).find(|t| !t.is_empty());
     Ok(first == Some("image/png"))
-}
-
-/// Decodes and preprocesses every image; keeps the first decoded image when an overlay will
-/// be drawn on it. A JPEG larger than the model needs is decoded at a reduced scale, except
-/// when an overlay is drawn (it is drawn on the full image).
-pub(super) fn prepare_all(
-    images: &[axum::body::Bytes],
-    config: &ModelConfig,
-    limits: DecodeLimits,
-    keep_original: bool,
-) -> Result<(Vec<PreparedImage>, Option<RgbImage>), ApiError> {
-    let mut prepared = Vec::with_capacity(images.len());
-    let mut original = None;
-    for (i, bytes) in images.iter().enumerate() {
-        let which = if images.len() > 1 { format!("image {i}: ") } else { String::new() };
-        let needed = |w, h| if keep_original { None } else { decode_size_needed(&config.input, w, h) };
-        let span = tracing::info_span!("decode", bytes = bytes.len(), width = tracing::field::Empty, height = tracing::field::Empty);
-        let decoded = span
-            .in_scope(|| decode_scaled(bytes, limits, needed))
-            .map_err(|e| ApiError::InvalidImage(format!("{which}{e}")))?;
-        span.record("width", i64::from(decoded.original.0)).record("height", i64::from(decoded.original.1));
-        drop(span);
-        if decoded.is_scaled() {
-            metrics::counter!(m::SCALED_DECODES, "scale" => decoded.scale_name()).increment(1);
-        }
-        let preprocessed = tracing::info_span!("preprocess").in_scope(|| preprocess_decoded(&decoded, &config.input));
-        prepared.push(preprocessed.map_err(|e| ApiError::Internal(format!("{which}{e}")))?);
-        if keep_original && original.is_none() {
-            original = Some(decoded.image);
-        }
-    }
-    Ok((prepared, original))
 }

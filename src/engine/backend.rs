@@ -10,6 +10,7 @@ use std::time::Instant;
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
 use super::admission::ServiceTime;
+use super::policy::{batch_sizes, cheapest_batch, stop_measuring};
 use super::aoti::AotiModel;
 use super::first_line;
 use super::outputs::{parse_batched, parse_torchvision_detection, raw_tensors, scale_normalised, RawData, RawTensor};
@@ -174,56 +175,44 @@ pub fn load_model(config: &ModelConfig, model_file: &Path) -> Result<LoadedModel
     // that the first batches correct.
     model.service = Arc::new(ServiceTime::new(last_run));
     if device == Device::Cpu && config.batching.max_batch_size > 1 {
-        let options = JobOptions { score_threshold: 1.0, want_confidence: false, want_raw: false };
-        let per_image = |size: usize| {
-            let images = vec![&blank; size];
-            // The better of two runs: the first at a new size also pays for its allocations.
-            (0..2)
-                .map(|_| {
-                    let started = Instant::now();
-                    run_images(&model, config, &images, options).map(|_| started.elapsed().as_secs_f64() / size as f64)
-                })
-                .try_fold(f64::INFINITY, |best, run| run.map(|t| best.min(t)))
-        };
-        let mut sizes = batch_sizes(config.batching.max_batch_size);
-        let mut costs: Vec<f64> = Vec::with_capacity(sizes.len());
-        for &size in &sizes {
-            costs.push(per_image(size).map_err(|e| format!("warm-up failed: {e}"))?);
-            // Past a quarter dearer than the best so far, larger batches are not measured:
-            // their cost only grows, and a big batch of a slow model takes seconds.
-            if costs[costs.len() - 1] > costs.iter().copied().fold(f64::INFINITY, f64::min) * 1.25 {
-                break;
-            }
-        }
-        sizes.truncate(costs.len());
-        model.batch_bound = cheapest_batch(&sizes, &costs);
-        if model.batch_bound < config.batching.max_batch_size {
-            tracing::info!(
-                batch_bound = model.batch_bound,
-                max_batch_size = config.batching.max_batch_size,
-                per_image_ms = ?costs.iter().map(|c| (c * 1e4).round() / 10.0).collect::<Vec<_>>(),
-                "larger batches measured no cheaper per image on this CPU; batching up to the bound"
-            );
-        }
+        model.batch_bound = measure_batch_bound(&model, config, &blank)?;
     }
     Ok(model)
 }
 
-/// The batch sizes measured at load: powers of two below `max`, and `max`.
-fn batch_sizes(max: usize) -> Vec<usize> {
-    let mut sizes: Vec<usize> = std::iter::successors(Some(1usize), |s| Some(s * 2)).take_while(|&s| s < max).collect();
-    sizes.push(max);
-    sizes
-}
-
-/// The smallest batch size whose measured time per image is within 5 % of the cheapest. On a
-/// CPU a batch is not always cheaper per image than one image: mobilenet_v2 (AOTInductor, one
-/// thread a forward) served 157–162 req/s at concurrency 16 batching up to 8, and 178 with
-/// batches of one (p99 166–176 against 101 ms), while the SSD served 45.5 batching and 29.5
-/// without. So the server measures, and batches only as far as it pays.
-fn cheapest_batch(sizes: &[usize], per_image: &[f64]) -> usize {
-    let cheapest = per_image.iter().copied().fold(f64::INFINITY, f64::min);
-    sizes.iter().zip(per_image).find(|(_, &cost)| cost <= cheapest * 1.05).map(|(&size, _)| size).unwrap_or(1)
+/// The batch bound on a CPU (`policy::cheapest_batch`): one-thread forwards of 1, 2, 4, ... up
+/// to `max_batch_size` blank images, timed.
+fn measure_batch_bound(model: &LoadedModel, config: &ModelConfig, blank: &PreparedImage) -> Result<usize, String> {
+    let options = JobOptions { score_threshold: 1.0, want_confidence: false, want_raw: false };
+    let per_image = |size: usize| {
+        let images = vec![blank; size];
+        // The better of two runs: the first at a new size also pays for its allocations.
+        (0..2)
+            .map(|_| {
+                let started = Instant::now();
+                run_images(model, config, &images, options).map(|_| started.elapsed().as_secs_f64() / size as f64)
+            })
+            .try_fold(f64::INFINITY, |best, run| run.map(|t| best.min(t)))
+    };
+    let mut sizes = batch_sizes(config.batching.max_batch_size);
+    let mut costs: Vec<f64> = Vec::with_capacity(sizes.len());
+    for &size in &sizes {
+        costs.push(per_image(size).map_err(|e| format!("warm-up failed: {e}"))?);
+        if stop_measuring(&costs) {
+            break;
+        }
+    }
+    sizes.truncate(costs.len());
+    let bound = cheapest_batch(&sizes, &costs);
+    if bound < config.batching.max_batch_size {
+        tracing::info!(
+            batch_bound = bound,
+            max_batch_size = config.batching.max_batch_size,
+            per_image_ms = ?costs.iter().map(|c| (c * 1e4).round() / 10.0).collect::<Vec<_>>(),
+            "larger batches measured no cheaper per image on this CPU; batching up to the bound"
+        );
+    }
+    Ok(bound)
 }
 
 fn available_cores() -> usize {
@@ -325,26 +314,4 @@ fn run_images_inner(
         }
     }
     Ok(outputs.into_iter().map(|o| o.expect("every image has an output")).collect())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn measures_powers_of_two_up_to_the_configured_bound() {
-        assert_eq!(batch_sizes(8), vec![1, 2, 4, 8]);
-        assert_eq!(batch_sizes(6), vec![1, 2, 4, 6]);
-        assert_eq!(batch_sizes(2), vec![1, 2]);
-    }
-
-    #[test]
-    fn batches_only_as_far_as_it_is_cheaper_per_image() {
-        // Overhead amortised: the largest batch is the cheapest.
-        assert_eq!(cheapest_batch(&[1, 2, 4, 8], &[10.0, 6.0, 4.0, 3.0]), 8);
-        // Larger batches cost more per image (caches): one at a time.
-        assert_eq!(cheapest_batch(&[1, 2, 4, 8], &[10.0, 10.4, 11.0, 12.0]), 1);
-        // Within 5 % of the cheapest, the smaller batch wins (less waiting for its slowest image).
-        assert_eq!(cheapest_batch(&[1, 2, 4, 8], &[10.0, 8.1, 8.0, 7.9]), 2);
-    }
 }

@@ -8,6 +8,7 @@ mod backend;
 mod batcher;
 mod outputs;
 pub mod ops;
+pub mod policy;
 mod pool;
 
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use crate::image::PreparedImage;
 use crate::model_config::ModelConfig;
 use crate::tasks::ModelOutput;
 pub use admission::Admission;
+pub use policy::Arrival;
 use admission::QueuedImages;
 
 pub use backend::{load_model, Backend, LoadedModel, RawOutputSpec};
@@ -29,7 +31,7 @@ use pool::{pool, ModelQueue, Registration};
 
 #[derive(Debug, Clone, Copy)]
 pub struct JobOptions {
-    /// Detection candidates below this score are dropped on the worker.
+    /// Detection candidates below this score are dropped on the executor.
     pub score_threshold: f32,
     /// Segmentation: also return each pixel's class probability.
     pub want_confidence: bool,
@@ -37,15 +39,15 @@ pub struct JobOptions {
     pub want_raw: bool,
 }
 
-/// A request's images, on their way to a worker.
+/// A request's images, on their way to an executor.
 pub struct Job {
     pub images: Vec<PreparedImage>,
     pub options: JobOptions,
     pub enqueued_at: Instant,
-    /// Past this the caller has answered 504 and the worker drops the job uncomputed.
+    /// Past this the caller has answered 504 and the executor drops the job uncomputed.
     pub deadline: Instant,
     pub reply: oneshot::Sender<Result<JobOutput, EngineError>>,
-    /// The request's id and span, so the worker's log lines about this job name it.
+    /// The request's id and span, so the executor's log lines about this job name it.
     pub request_id: String,
     pub span: tracing::Span,
     /// Open while the job waits in the queue; the batch that takes it closes it.
@@ -71,21 +73,26 @@ pub enum EngineError {
     Output(String),
     #[error("the queue is full")]
     QueueFull,
-    #[error("the model's workers have stopped")]
+    #[error("the model's queue has closed")]
     Stopped,
-    #[error("the worker failed while running this request")]
-    WorkerFailed,
+    #[error("the inference executor failed while running this request")]
+    ExecutorFailed,
     #[error("the request's deadline passed before it was answered")]
     DeadlineExceeded,
 }
 
-/// The handle the HTTP side holds: one model version's queue in the shared inference pool.
+/// Admission's refusal: the request would wait past its budget, or the queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused;
+
+/// The handle the serving core holds: one model version's queue in the shared inference pool.
 /// The queue leaves the pool once every handle is dropped and what it holds is answered.
 #[derive(Clone)]
 pub struct ModelRuntime {
     registration: Arc<Registration>,
-    pub config: Arc<ModelConfig>,
     model: Arc<LoadedModel>,
+    /// The version's `max_queue_ms`, admission's bound on a fresh request's wait.
+    max_queue_ms: u64,
     /// Requests admitted and still being decoded: they will queue in a moment.
     admitted: Arc<QueuedImages>,
 }
@@ -93,8 +100,9 @@ pub struct ModelRuntime {
 /// Registers a loaded model version with the inference pool; `cap` bounds the executors it
 /// may use at once (`runtime.workers`; `None`: the whole pool).
 pub fn serve(name: &str, model: Arc<LoadedModel>, config: Arc<ModelConfig>, cap: Option<usize>) -> ModelRuntime {
-    let registration = pool().register(name, Arc::clone(&model), Arc::clone(&config), cap);
-    ModelRuntime { registration, config, model, admitted: Arc::new(QueuedImages::default()) }
+    let max_queue_ms = config.batching.max_queue_ms;
+    let registration = pool().register(name, Arc::clone(&model), config, cap);
+    ModelRuntime { registration, model, max_queue_ms, admitted: Arc::new(QueuedImages::default()) }
 }
 
 /// The first line of a libtorch or shim message that says something (they start with a blank
@@ -150,7 +158,7 @@ impl ModelRuntime {
 
     /// Enqueues at once or refuses at once: a full queue is an answer, not a wait. Waits for
     /// the answer until `deadline`; a caller that gives up (or whose client goes away) drops
-    /// the reply channel, and the worker skips the job. The caller's span travels with the
+    /// the reply channel, and the executor skips the job. The caller's span travels with the
     /// job.
     pub async fn infer(
         &self,
@@ -175,8 +183,8 @@ impl ModelRuntime {
         }
         match tokio::time::timeout_at(deadline.into(), response).await {
             Ok(Ok(answer)) => answer,
-            // The sender was dropped unanswered: the worker died on this batch.
-            Ok(Err(_)) => Err(EngineError::WorkerFailed),
+            // The sender was dropped unanswered: the executor died on this batch.
+            Ok(Err(_)) => Err(EngineError::ExecutorFailed),
             Err(_) => Err(EngineError::DeadlineExceeded),
         }
     }
@@ -198,16 +206,25 @@ impl ModelRuntime {
         admission::expected_wait(images, self.model.service.per_image(), self.parallelism())
     }
 
-    /// Counts a request that passed admission until its job is queued (`Admission::release`)
-    /// or it ends, so that the expected wait sees it while it is decoded.
-    pub fn admit(&self) -> Admission {
-        Admission::new(Arc::clone(&self.admitted))
-    }
-
-    /// Whether a job would be refused now. Checked before decoding, so that a request over
-    /// capacity is refused without paying for its preprocessing; `infer`'s `try_send` stays
-    /// the authority.
-    pub fn is_full(&self) -> bool {
-        self.queue().is_full()
+    /// Admission: lets a request in if its queue has a free slot and the engine's rule
+    /// (`policy::admits`) finds its expected wait within its deadline (and, arriving fresh,
+    /// within `max_queue_ms` or the floor's time). Decided before decoding, so a request over
+    /// capacity is refused without paying for its preprocessing; `infer`'s push stays the
+    /// authority on the queue's bound. The returned [`Admission`] counts the request in the
+    /// expected wait until its job is queued (`Admission::release`) or it ends.
+    pub fn try_admit(&self, deadline: Instant, arrival: Arrival) -> Result<Admission, Refused> {
+        if self.queue().is_full() {
+            return Err(Refused);
+        }
+        let state = policy::QueueState {
+            expected_wait: self.expected_wait(),
+            time_left: deadline.saturating_duration_since(Instant::now()),
+            max_queue_ms: self.max_queue_ms,
+            floor: self.time_for(policy::floor_images(self.parallelism(), self.batch_bound())),
+        };
+        if !policy::admits(state, arrival) {
+            return Err(Refused);
+        }
+        Ok(Admission::new(Arc::clone(&self.admitted)))
     }
 }

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use super::admission::QueuedImages;
 use super::backend::LoadedModel;
+use super::policy::{strongest, threads_for, wait_for_size, Claim};
 use super::batcher::run_jobs;
 use super::{EngineError, Job};
 use crate::metrics as m;
@@ -294,7 +295,7 @@ impl Pool {
             };
             let busy = self.busy.fetch_add(1, Ordering::Relaxed) + 1;
             let own = queue.config.runtime.intra_op_threads;
-            let threads = if own > 0 { own } else { (self.cores / busy).max(1) };
+            let threads = threads_for(own, self.cores, busy);
             THREADS.with(|current| {
                 if current.get() != threads {
                     tch::set_num_threads(threads as i32);
@@ -313,7 +314,7 @@ impl Pool {
             if outcome.is_err() {
                 // A panic while gathering must not leave the model looking gathered for ever.
                 queue.gathering.store(false, Ordering::Relaxed);
-                metrics::counter!(m::WORKER_RESTARTS, "model" => queue.name.clone()).increment(1);
+                metrics::counter!(m::EXECUTOR_PANICS, "model" => queue.name.clone()).increment(1);
                 tracing::error!(model = %queue.name, "inference executor panicked; it carries on");
             }
             self.busy.fetch_sub(1, Ordering::Relaxed);
@@ -321,30 +322,6 @@ impl Pool {
             self.notify();
         }
     }
-}
-
-/// What a version with work has on the next free executor.
-#[derive(Debug, Clone, Copy)]
-struct Claim {
-    /// Fewer of its reserved executors run it than it was promised.
-    reserved: bool,
-    /// Its oldest job's wait in units of its own time per image.
-    wait_for_size: f64,
-}
-
-/// The index of the strongest claim: an unmet reservation first, then the longest wait for
-/// its size.
-fn strongest(claims: impl Iterator<Item = Claim>) -> Option<usize> {
-    claims
-        .enumerate()
-        .max_by(|(_, a), (_, b)| a.reserved.cmp(&b.reserved).then(a.wait_for_size.total_cmp(&b.wait_for_size)))
-        .map(|(i, _)| i)
-}
-
-/// A job's wait in units of its model's time per image (at least 1 ms, so a model with no
-/// history yet, or a trivially fast one, does not claim every executor).
-fn wait_for_size(waited: Duration, per_image: Duration) -> f64 {
-    waited.as_secs_f64() / per_image.max(Duration::from_millis(1)).as_secs_f64()
 }
 
 /// A client that has gone, or whose deadline passed, gets no computation.
@@ -367,30 +344,4 @@ fn skip_gone(name: &str, jobs: Vec<Job>) -> Vec<Job> {
         let _ = job.reply.send(Err(EngineError::DeadlineExceeded));
     }
     kept
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn waiting_counts_in_units_of_the_models_own_work() {
-        let fast = Duration::from_millis(10);
-        let slow = Duration::from_millis(50);
-        // A classifier waiting 30 ms has waited longer for its size than a detector waiting 100 ms...
-        assert!(wait_for_size(Duration::from_millis(30), fast) > wait_for_size(Duration::from_millis(100), slow));
-        // ...but a detector's claim grows with its wait, so it is not passed for ever.
-        assert!(wait_for_size(Duration::from_millis(200), slow) > wait_for_size(Duration::from_millis(30), fast));
-        // A model with no history yet counts as 1 ms an image, not as infinitely fast.
-        assert_eq!(wait_for_size(Duration::from_millis(5), Duration::ZERO), 5.0);
-    }
-
-    #[test]
-    fn an_unmet_reservation_goes_first_then_the_longest_wait_for_size() {
-        let claim = |reserved, wait_for_size| Claim { reserved, wait_for_size };
-        assert_eq!(strongest([claim(false, 3.0), claim(false, 9.0), claim(false, 1.0)].into_iter()), Some(1));
-        assert_eq!(strongest([claim(false, 30.0), claim(true, 0.5), claim(false, 9.0)].into_iter()), Some(1));
-        assert_eq!(strongest([claim(true, 2.0), claim(true, 4.0)].into_iter()), Some(1));
-        assert_eq!(strongest(std::iter::empty()), None);
-    }
 }

@@ -1,13 +1,12 @@
 //! One version of one model and its status machine: `loading` → `ready` (with its runtime) or
 //! `failed` (with the reason); `unloaded` when an admin or `--models` takes it out of service.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use serde::Serialize;
 
-use super::scan::load_op_libraries;
 use crate::engine::{self, ModelRuntime};
 use crate::model_config::ModelConfig;
 
@@ -171,10 +170,6 @@ impl ModelEntry {
         counted.or_else(|| self.config.as_ref().and_then(|c| c.provenance.parameter_count))
     }
 
-    pub fn model_file(&self) -> Option<PathBuf> {
-        self.config.as_ref().map(|c| self.dir.join(c.model_file()))
-    }
-
     /// Executors of the pool this version may use at once (0 unless ready).
     pub fn workers(&self) -> usize {
         self.runtime().map(|r| r.workers()).unwrap_or(0)
@@ -224,4 +219,13 @@ impl ModelEntry {
             }
         }
     }
+}
+
+/// The custom-operator libraries a version's config names, loaded before its model.
+fn load_op_libraries(dir: &Path, config: &ModelConfig) -> Result<(), String> {
+    for lib in &config.runtime.op_libraries {
+        let path = if lib.is_absolute() { lib.clone() } else { dir.join(lib) };
+        engine::ops::load_op_library(&path)?;
+    }
+    Ok(())
 }

@@ -25,6 +25,7 @@ use on_demand::process_start;
 pub use pipelines::{PipelineEntry, PipelineSteps, StepError};
 use entry::ModelState;
 use scan::{family_of, is_safe_name, model_folders, read_family};
+use crate::pipeline::PIPELINE_VERSION;
 
 /// The version a folder without numbered sub-folders has.
 pub const FLAT_VERSION: &str = "1";
@@ -71,6 +72,8 @@ impl ModelFamily {
 pub enum LookupError {
     NoModel(String),
     NoVersion { name: String, version: String, known: Vec<String> },
+    /// A pipeline has one version.
+    NoPipelineVersion { name: String, version: String },
 }
 
 impl std::fmt::Display for LookupError {
@@ -80,8 +83,17 @@ impl std::fmt::Display for LookupError {
             LookupError::NoVersion { name, version, known } => {
                 write!(f, "model '{name}' has no version '{version}' (it has {})", known.join(", "))
             }
+            LookupError::NoPipelineVersion { name, version } => {
+                write!(f, "pipeline '{name}' has no version '{version}' (it has {PIPELINE_VERSION})")
+            }
         }
     }
+}
+
+/// What a request's name and version address.
+pub enum Servable {
+    Model(Arc<ModelEntry>),
+    Pipeline(Arc<PipelineEntry>),
 }
 
 /// All models found in the repository folder, by name.
@@ -134,6 +146,27 @@ impl ModelRepository {
             admin: Mutex::new(()),
             on_demand: OnDemandPolicy::default(),
         })
+    }
+
+    /// What a request names, asked once per request by every protocol: a model's version (its
+    /// default unless one is named), or a pipeline (which has only version 1).
+    pub fn lookup(&self, name: &str, version: Option<&str>) -> Result<Servable, LookupError> {
+        if let Some(pipeline) = self.pipeline(name) {
+            return match version {
+                None | Some(PIPELINE_VERSION) | Some("1.0") => Ok(Servable::Pipeline(pipeline)),
+                Some(other) => Err(LookupError::NoPipelineVersion { name: name.to_string(), version: other.to_string() }),
+            };
+        }
+        self.get(name, version).map(Servable::Model)
+    }
+
+    /// Whether what `lookup` found serves now: a model version's readiness, or a pipeline's
+    /// (its steps').
+    pub fn is_ready(&self, servable: &Servable) -> bool {
+        match servable {
+            Servable::Model(entry) => entry.status().is_ready(),
+            Servable::Pipeline(pipeline) => self.pipeline_status(pipeline).is_ready(),
+        }
     }
 
     /// The model's default version, or the version asked for.

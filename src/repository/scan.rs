@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use super::entry::{ModelEntry, ModelState};
 use super::{ModelFamily, VersionKey, FLAT_VERSION};
-use crate::engine;
 use crate::model_config::ModelConfig;
 
 /// A model name can only name a folder directly under the repository.
@@ -18,14 +17,6 @@ pub(super) fn is_safe_name(name: &str) -> bool {
         && name != "."
         && name != ".."
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-}
-
-pub(super) fn load_op_libraries(dir: &Path, config: &ModelConfig) -> Result<(), String> {
-    for lib in &config.runtime.op_libraries {
-        let path = if lib.is_absolute() { lib.clone() } else { dir.join(lib) };
-        engine::ops::load_op_library(&path)?;
-    }
-    Ok(())
 }
 
 /// Folders directly under `root` that hold a model: a `config.toml`, or numbered version

@@ -18,6 +18,8 @@ pub struct Server {
     pub base: String,
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
+    /// The gRPC listener's address, once the server has said it.
+    grpc: Arc<Mutex<Option<String>>>,
 }
 
 impl Drop for Server {
@@ -72,12 +74,16 @@ impl Server {
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
         let log = Arc::new(Mutex::new(Vec::new()));
-        let kept = Arc::clone(&log);
+        let grpc = Arc::new(Mutex::new(None));
+        let (kept, grpc_said) = (Arc::clone(&log), Arc::clone(&grpc));
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 kept.lock().unwrap().push(line.clone());
                 if let Some(addr) = line.split("listening on http://").nth(1) {
                     let _ = tx.send(addr.trim().to_string());
+                }
+                if let Some(addr) = line.split("listening on grpc://").nth(1) {
+                    *grpc_said.lock().unwrap() = Some(format!("http://{}", addr.trim()));
                 }
                 if std::env::var_os("VISIONSERVE_TEST_LOGS").is_some() {
                     eprintln!("[server] {line}");
@@ -85,7 +91,19 @@ impl Server {
             }
         });
         let addr = rx.recv_timeout(Duration::from_secs(60)).expect("server did not report its address");
-        Server { base: format!("http://{addr}"), child, log }
+        Server { base: format!("http://{addr}"), child, log, grpc }
+    }
+
+    /// The gRPC listener (`http://127.0.0.1:<port>`, as tonic's client takes it).
+    pub fn grpc_url(&self) -> String {
+        let started = Instant::now();
+        loop {
+            if let Some(url) = self.grpc.lock().unwrap().clone() {
+                return url;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "the server did not report a gRPC address");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Starts the server and waits until every model it loads is ready.

@@ -1,5 +1,5 @@
-//! gRPC's messages to and from the Open Inference Protocol's tensors that REST V2 uses
-//! (`v2::tensors`): after this, a gRPC call is the same request as a REST one.
+//! gRPC's messages to and from the Open Inference Protocol's tensors (`serve::oip::tensors`),
+//! which REST V2 reads too: after this, a gRPC call is the same request as a REST one.
 //!
 //! Inputs come the way `tritonclient.grpc` sends them — one `raw_input_contents` entry per
 //! input, in input order, in Triton's binary layout — or in typed `contents` (`bytes_contents`
@@ -16,8 +16,8 @@ use super::proto::infer_parameter::ParameterChoice;
 use super::proto::model_infer_request::InferInputTensor;
 use super::proto::model_infer_response::InferOutputTensor;
 use super::proto::{InferParameter, InferTensorContents, ModelInferRequest, ModelInferResponse};
-use crate::api::v2::tensors::{InferRequest, InputTensor, RequestedOutput};
-use crate::api::v2::TensorAnswer;
+use crate::serve::oip::tensors::{InferRequest, InputTensor, RequestedOutput};
+use crate::serve::oip::TensorAnswer;
 
 /// A `ModelInferRequest` as REST V2's parsed request. The error says what is wrong with it.
 pub fn infer_request(request: ModelInferRequest) -> Result<InferRequest, String> {
@@ -130,7 +130,7 @@ pub fn infer_response(answer: TensorAnswer) -> ModelInferResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::v2::tensors::{OutputData, OutputTensor};
+    use crate::serve::oip::tensors::{OutputData, OutputTensor};
     use super::super::proto::model_infer_request::InferRequestedOutputTensor;
 
     fn input(datatype: &str, shape: Vec<i64>, contents: Option<InferTensorContents>) -> InferInputTensor {

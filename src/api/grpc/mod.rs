@@ -2,12 +2,14 @@
 //! definitions in `proto/grpc_service.proto`), with the standard health service and server
 //! reflection, on its own HTTP/2 listener.
 //!
-//! A transport only: every RPC goes through the code REST V2 uses — the same model lookup,
-//! admission, queue, batching, deadline and post-processing (`v2::infer_tensors`), the same
-//! metadata, readiness rule, API keys and admin token — and differs only in how it reads the
-//! request and writes the answer (`convert`) and how errors are named (`status`).
+//! A shell only: every RPC goes through the Open Inference Protocol's shared part that REST V2
+//! uses too (`serve::oip`) — the same model lookup, admission, queue, batching, deadline and
+//! post-processing, the same metadata, readiness rule, API keys and admin token — and differs
+//! only in how it reads the request and writes the answer (`convert`), runs one inference
+//! (`infer`, for ModelInfer and every stream frame) and names errors (`status`).
 
 mod convert;
+mod infer;
 mod service;
 mod status;
 mod stream;

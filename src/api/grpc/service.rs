@@ -4,7 +4,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use super::convert;
+use super::infer::{infer_one, request_span, version};
 use super::proto::grpc_inference_service_server::GrpcInferenceService;
 use super::proto::model_metadata_response::TensorMetadata;
 use super::proto::repository_index_response::ModelIndex;
@@ -12,13 +12,11 @@ use super::proto::*;
 use super::status::{bearer, refusal, request_context, to_status};
 use super::stream::{self, ResponseStream};
 use super::GrpcOptions;
-use crate::api::admin::{self, repository_index};
+use crate::serve::manage::{self, repository_index};
 use crate::api::auth::{check_admin_token, check_api_key};
-use crate::api::inference::RequestContext;
-use crate::api::metrics_route::InferenceTracker;
-use crate::api::v2::{self, TensorSpec};
 use crate::api::AppState;
 use crate::error::ApiError;
+use crate::serve::oip::{self, TensorSpec, EXTENSIONS};
 
 pub struct InferenceService {
     state: AppState,
@@ -39,44 +37,6 @@ impl InferenceService {
     }
 }
 
-/// gRPC's empty version means the model's default version, as a route without one does.
-fn version(version: &str) -> Option<&str> {
-    Some(version).filter(|v| !v.is_empty())
-}
-
-/// One inference, as ModelInfer and every frame of ModelStreamInfer run it: the shared V2
-/// path, counted in the request metrics under `protocol="grpc"`, and the per-stage timings
-/// (REST's `x-*-time-ms` headers) as response metadata.
-pub(super) async fn infer_one(
-    state: &AppState,
-    request: ModelInferRequest,
-    context: &RequestContext,
-) -> Result<(ModelInferResponse, MetadataMap), Status> {
-    let tracker = InferenceTracker::start(&request.model_name, "grpc");
-    let name = request.model_name.clone();
-    let version_name = request.model_version.clone();
-    let answer = async {
-        // Unknown model and version are NOT_FOUND whatever the request holds, as on REST.
-        v2::check_exists(state, &name, version(&version_name))?;
-        let request = convert::infer_request(request).map_err(ApiError::BadRequest)?;
-        v2::infer_tensors(state, &name, version(&version_name), request, context).await
-    }
-    .await;
-    tracker.finish(answer.as_ref().map_or_else(|e| e.status().as_u16(), |_| 200));
-    let mut answer = answer.map_err(to_status)?;
-    let metadata = MetadataMap::from_headers(std::mem::take(&mut answer.timing_headers));
-    Ok((convert::infer_response(answer), metadata))
-}
-
-/// REST's request span, for a gRPC call or stream frame: its parent is the W3C trace context
-/// of the call's metadata.
-pub(super) fn request_span(method: &str, model: &str, context: &RequestContext, metadata: &axum::http::HeaderMap) -> tracing::Span {
-    let uri = format!("/inference.GRPCInferenceService/{method}");
-    let span = crate::api::request_span(&context.request_id, "grpc", &uri, "grpc", model);
-    crate::telemetry::adopt(&span, metadata);
-    span
-}
-
 #[tonic::async_trait]
 impl GrpcInferenceService for InferenceService {
     async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
@@ -91,20 +51,22 @@ impl GrpcInferenceService for InferenceService {
     /// `is_model_ready` over HTTP reads REST's 404: the same client call gives the same answer.
     async fn model_ready(&self, request: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
         let request = request.into_inner();
-        Ok(Response::new(ModelReadyResponse { ready: v2::is_model_ready(&self.state, &request.name, version(&request.version)) }))
+        let found = self.state.repository.lookup(&request.name, version(&request.version));
+        Ok(Response::new(ModelReadyResponse { ready: found.is_ok_and(|servable| self.state.repository.is_ready(&servable)) }))
     }
 
     async fn server_metadata(&self, _: Request<ServerMetadataRequest>) -> Result<Response<ServerMetadataResponse>, Status> {
         Ok(Response::new(ServerMetadataResponse {
             name: "visionserve".into(),
             version: env!("CARGO_PKG_VERSION").into(),
-            extensions: v2::EXTENSIONS.iter().map(|e| e.to_string()).collect(),
+            extensions: EXTENSIONS.iter().map(|e| e.to_string()).collect(),
         }))
     }
 
     async fn model_metadata(&self, request: Request<ModelMetadataRequest>) -> Result<Response<ModelMetadataResponse>, Status> {
         let request = request.into_inner();
-        let metadata = v2::model_metadata_of(&self.state, &request.name, version(&request.version)).map_err(to_status)?;
+        let servable = self.state.repository.lookup(&request.name, version(&request.version)).map_err(|e| to_status(e.into()))?;
+        let metadata = oip::model_metadata(&self.state, servable).map_err(to_status)?;
         let tensors = |specs: Vec<TensorSpec>| {
             specs
                 .into_iter()
@@ -169,7 +131,7 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
         self.require_admin_token(request.metadata())?;
         let name = request.into_inner().model_name;
-        admin::load(&self.state, name).await.map_err(|e| to_status(ApiError::BadRequest(e)))?;
+        manage::load(&self.state, name).await.map_err(|e| to_status(ApiError::BadRequest(e)))?;
         Ok(Response::new(RepositoryModelLoadResponse {}))
     }
 
@@ -179,7 +141,7 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
         self.require_admin_token(request.metadata())?;
         let name = request.into_inner().model_name;
-        admin::unload(&self.state, &name, None).map_err(|e| to_status(e.into()))?;
+        manage::unload(&self.state, &name, None).map_err(|e| to_status(e.into()))?;
         Ok(Response::new(RepositoryModelUnloadResponse {}))
     }
 }

@@ -9,7 +9,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
 use crate::api::auth::{strip_bearer, Refusal};
-use crate::api::inference::{Deadline, RequestContext};
+use crate::serve::request::{Deadline, RequestContext, MAX_TIMEOUT_MS};
 use crate::error::ApiError;
 
 /// `ApiError` → gRPC status, with the same message REST gives. Faults are logged with their
@@ -37,7 +37,7 @@ pub fn refusal(refusal: Refusal, what: &str) -> Status {
     match refusal {
         Refusal::Missing => Status::unauthenticated(format!("{what} needs a key: metadata 'authorization: Bearer <key>'")),
         Refusal::Invalid => Status::permission_denied(format!("the key for {what} is not valid")),
-        Refusal::ManagementOff => Status::permission_denied(crate::api::admin::MANAGEMENT_OFF),
+        Refusal::ManagementOff => Status::permission_denied(crate::api::auth::MANAGEMENT_OFF),
     }
 }
 
@@ -61,7 +61,7 @@ pub fn request_context(metadata: &MetadataMap, default_timeout_ms: u64) -> Resul
             .ok_or_else(|| Status::invalid_argument("grpc-timeout is not a gRPC timeout (1 to 8 digits and a unit: H M S m u n)"))?,
     };
     // A timeout longer than REST's longest is held to it, as a header would be refused.
-    let grpc_ms = (timeout.as_millis() as u64).clamp(1, 600_000);
+    let grpc_ms = (timeout.as_millis() as u64).clamp(1, MAX_TIMEOUT_MS);
     // REST's `x-request-timeout-ms` works as metadata too, read by REST's own rule; the
     // shorter of the two wins.
     let rest = Deadline::from_headers(&metadata.clone().into_headers(), grpc_ms, started).map_err(to_status)?;

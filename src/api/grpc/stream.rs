@@ -14,7 +14,6 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use futures_util::Stream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -22,11 +21,11 @@ use tokio::task::JoinHandle;
 use tonic::{Status, Streaming};
 use tracing::Instrument;
 
+use super::infer::{infer_one, request_span};
 use super::proto::{ModelInferRequest, ModelInferResponse, ModelStreamInferResponse};
-use super::service::infer_one;
 use super::status::rename_oversized;
-use crate::api::inference::{Deadline, RequestContext};
 use crate::api::AppState;
+use crate::serve::{Deadline, RequestContext};
 
 pub type ResponseStream = Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send>>;
 
@@ -95,7 +94,7 @@ async fn read_frames(
             }
         };
         let context = frame_context(&state, &frame, call_deadline);
-        let span = super::service::request_span("ModelStreamInfer", &frame.model_name, &context, &metadata);
+        let span = request_span("ModelStreamInfer", &frame.model_name, &context, &metadata);
         let state = state.clone();
         let task = tokio::spawn(
             async move {
@@ -122,11 +121,8 @@ async fn read_frames(
 
 /// A frame's deadline: the server's default from its arrival, within the call's own.
 fn frame_context(state: &AppState, frame: &ModelInferRequest, call_deadline: Deadline) -> RequestContext {
-    let own = Instant::now() + Duration::from_millis(state.limits.request_timeout_ms);
-    let at = own.min(call_deadline.at);
-    let ms = at.saturating_duration_since(Instant::now()).as_millis().max(1) as u64;
     let request_id = if frame.id.is_empty() { uuid::Uuid::new_v4().to_string() } else { frame.id.clone() };
-    RequestContext { deadline: Deadline { at, ms }, request_id }
+    RequestContext { deadline: call_deadline.within(state.limits.request_timeout_ms), request_id }
 }
 
 /// A frame's failure, in its own response: the message, and the frame's id so a client can

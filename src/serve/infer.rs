@@ -1,24 +1,24 @@
-//! The steps every protocol's inference handler shares, in one place: find the model version,
-//! refuse early when its queue is full, prepare the images on the CPU pool, run them through
-//! the model's queue within the deadline, record the per-stage timings, and finish each
-//! image's result (`tasks::finish`) for the protocol to shape.
+//! One model's inference, as every protocol runs it: the version found and admitted
+//! ([`Target::resolve`]), its images prepared on the CPU pool, run through the model's queue
+//! within the deadline, every stage timed, and each image's result finished by the one
+//! post-processing path (`tasks::finish`), with the response cache in front ([`answer`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use image::RgbImage;
 
-use super::{millis, AppState};
-use crate::engine::{Admission, EngineError, JobOptions, ModelRuntime, RawTensor};
+use super::prepare::{prepare, ImageInput};
+use super::{millis, Core, Deadline, RequestContext};
 use crate::cache::{CacheKey, Cached};
+use crate::engine::{Admission, Arrival, EngineError, JobOptions, ModelRuntime, RawTensor};
 use crate::error::ApiError;
 use crate::image::{Geometry, PreparedImage};
 use crate::metrics as m;
 use crate::model_config::{ModelConfig, Task};
 use crate::repository::{LookupError, ModelEntry, ModelStatus};
 use crate::tasks::{finish_all, Finished, ModelOutput, PredictParams};
-use image::RgbImage;
 
 impl From<LookupError> for ApiError {
     fn from(e: LookupError) -> Self {
@@ -41,51 +41,48 @@ pub struct Target {
 }
 
 impl Target {
-    /// The model (its default version unless one is named) if it serves and has room: a
-    /// free slot in its queue, and an expected wait within the request's deadline and the
-    /// model's `max_queue_ms`. A version waiting on demand is loaded first, within the
-    /// request's deadline (the load goes on for the next request if the deadline passes);
-    /// with no history yet, admission lets its first requests in.
-    pub async fn resolve(state: &AppState, name: &str, version: Option<&str>, context: &RequestContext) -> Result<Target, ApiError> {
-        Self::resolve_as(state, name, version, context, Arrival::New).await
+    /// The version the request's lookup found, if it serves and admits the request (the
+    /// engine's rule: a free slot in its queue, and an expected wait within the deadline and
+    /// the model's `max_queue_ms`). A version waiting on demand is loaded first, within the
+    /// request's deadline (the load goes on for the next request if the deadline passes).
+    pub async fn resolve(core: &Core, entry: Arc<ModelEntry>, context: &RequestContext) -> Result<Target, ApiError> {
+        Self::resolve_as(core, entry, context, Arrival::New).await
     }
 
     /// As [`Target::resolve`], for a later step of work already admitted and partly done (a
-    /// pipeline's second model): refused only for a full queue or a wait past its deadline, not
-    /// for `max_queue_ms`, which would throw the first step's work away to shorten a queue.
-    pub async fn resolve_continuing(state: &AppState, name: &str, version: Option<&str>, context: &RequestContext) -> Result<Target, ApiError> {
-        Self::resolve_as(state, name, version, context, Arrival::Continuing).await
+    /// pipeline's second model).
+    pub async fn resolve_continuing(core: &Core, entry: Arc<ModelEntry>, context: &RequestContext) -> Result<Target, ApiError> {
+        Self::resolve_as(core, entry, context, Arrival::Continuing).await
     }
 
-    async fn resolve_as(state: &AppState, name: &str, version: Option<&str>, context: &RequestContext, arrival: Arrival) -> Result<Target, ApiError> {
-        let entry = state.repository.get(name, version)?;
+    async fn resolve_as(core: &Core, entry: Arc<ModelEntry>, context: &RequestContext, arrival: Arrival) -> Result<Target, ApiError> {
         entry.touch();
         tracing::Span::current().record("version", entry.version.as_str());
+        let name = entry.name.clone();
         // On demand, or being loaded on demand by a concurrent first request: wait for the one load.
-        let load_time = if matches!(entry.status().status, ModelStatus::OnDemand | ModelStatus::Loading) && state.repository.on_demand().is_active() {
-            let (repository, loading) = (Arc::clone(&state.repository), Arc::clone(&entry));
+        let load_time = if matches!(entry.status().status, ModelStatus::OnDemand | ModelStatus::Loading) && core.repository.on_demand().is_active() {
+            let (repository, loading) = (Arc::clone(&core.repository), Arc::clone(&entry));
             let load = tokio::task::spawn_blocking(move || repository.ensure_loaded(&loading));
             match tokio::time::timeout_at(context.deadline.at.into(), load).await {
                 Err(_) => return Err(ApiError::DeadlineExceeded(context.deadline.ms)),
                 Ok(Err(e)) => return Err(ApiError::Internal(format!("loading on demand failed: {e}"))),
-                Ok(Ok(Err(reason))) => return Err(ApiError::ModelNotReady { name: name.to_string(), reason }),
+                Ok(Ok(Err(reason))) => return Err(ApiError::ModelNotReady { name, reason }),
                 Ok(Ok(Ok(took))) => took,
             }
         } else {
             None
         };
-        let not_ready = |reason: String| ApiError::ModelNotReady { name: name.to_string(), reason };
+        let not_ready = |reason: String| ApiError::ModelNotReady { name: name.clone(), reason };
         let config = entry.config.clone().ok_or_else(|| not_ready(entry.status().reason.unwrap_or_default()))?;
         let runtime = entry.runtime().map_err(not_ready)?;
-        // Checked before decoding, so a request over capacity costs no preprocessing.
-        if runtime.is_full() || !within_budget(&runtime, &config, context.deadline, arrival) {
-            metrics::counter!(m::ADMISSION_REFUSED, "model" => name.to_string()).increment(1);
+        // Decided before decoding, so a request over capacity costs no preprocessing.
+        let Ok(admission) = runtime.try_admit(context.deadline.at, arrival) else {
+            metrics::counter!(m::ADMISSION_REFUSED, "model" => name.clone()).increment(1);
             if arrival == Arrival::New {
-                hold_refusal(state.limits.refusal_delay_ms, context.deadline).await;
+                hold_refusal(core.limits.refusal_delay_ms, context.deadline).await;
             }
-            return Err(ApiError::Overloaded(name.to_string()));
-        }
-        let admission = runtime.admit();
+            return Err(ApiError::Overloaded(name));
+        };
         Ok(Target { entry, config, runtime, admission, load_time })
     }
 
@@ -102,50 +99,17 @@ impl Target {
     }
 }
 
-/// Whether a request reaches a model fresh, or as a later step of work already under way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Arrival {
-    New,
-    Continuing,
-}
-
 /// Holds an overload refusal for `delay_ms` (never past the request's own deadline) before it is
 /// answered. A client that retries at once, ignoring `Retry-After`, then sends a request per
-/// `delay_ms` instead of one per round trip. By Little's law a storm of N such clients costs
-/// N ÷ (delay + round trip) refusals a second, each a full HTTP exchange of server and client
-/// CPU taken from the admitted requests; at 160 clients on 2 cores, answering at once gave the
-/// admitted 0.47× the unloaded throughput, holding 50 ms 0.80× (BENCHMARKS.md). A timer, not
-/// a thread: a held refusal costs no CPU while it waits.
+/// `delay_ms` instead of one per round trip, so a retry storm costs fewer refusals, each a full
+/// exchange of CPU taken from the admitted requests (BENCHMARKS.md, "refusals held"). A timer,
+/// not a thread: a held refusal costs no CPU while it waits.
 async fn hold_refusal(delay_ms: u64, deadline: Deadline) {
     if delay_ms == 0 {
         return;
     }
     let until = (Instant::now() + Duration::from_millis(delay_ms)).min(deadline.at);
     tokio::time::sleep_until(until.into()).await;
-}
-
-/// Images a model's queue always admits, whatever `max_queue_ms` says: what 16 clients keep
-/// waiting, and at least a full batch for each executor that may serve it, so a slow model is
-/// not refused under ordinary load and its executors never run dry (a queue refused down to
-/// nothing idles them while clients retry). No more than that: every image admitted beyond
-/// what keeps the executors busy only lengthens every admitted request's wait.
-const MIN_QUEUE_IMAGES: usize = 16;
-
-/// Whether a request arriving now can be answered in time: its expected wait for a worker
-/// must be within what is left of its deadline, and within the model's `max_queue_ms` or
-/// the time the floor above takes, whichever is longer (`max_queue_ms = 0`: no such bound).
-fn within_budget(runtime: &ModelRuntime, config: &ModelConfig, deadline: Deadline, arrival: Arrival) -> bool {
-    let wait = runtime.expected_wait();
-    if wait > deadline.at.saturating_duration_since(Instant::now()) {
-        return false;
-    }
-    let max_queue = config.batching.max_queue_ms;
-    if max_queue == 0 || arrival == Arrival::Continuing {
-        return true;
-    }
-    let floor_images = MIN_QUEUE_IMAGES.max(runtime.parallelism() * runtime.batch_bound());
-    let floor = runtime.time_for(floor_images);
-    wait <= Duration::from_millis(max_queue).max(floor)
 }
 
 /// What came back, with the time each stage took.
@@ -158,7 +122,7 @@ pub struct Inference {
     pub timings: StageTimings,
 }
 
-/// The worker's outputs for a request's images, with what finishing them needs.
+/// The executor's outputs for a request's images, with what finishing them needs.
 pub struct Outputs {
     outputs: Vec<ModelOutput>,
     geometries: Vec<Geometry>,
@@ -175,34 +139,11 @@ impl Outputs {
     }
 }
 
-/// Already-decoded RGB images (V2 pixels, a pipeline's images and crops) through a model's
-/// preprocessing; a failure there is the server's, not the client's.
-pub fn preprocess_images(images: &[RgbImage], spec: &crate::model_config::InputSpec) -> Result<Vec<PreparedImage>, ApiError> {
-    images
-        .iter()
-        .map(|image| crate::image::preprocess(image, spec).map_err(|e| ApiError::Internal(e.to_string())))
-        .collect()
-}
-
-/// A request's images as the response cache tells them apart: per image, the bytes that decide
-/// its result (the encoded file; or the pixels with their shape).
-pub type ImageIdentities = Vec<Vec<Bytes>>;
-
 /// What answered a request, when the response cache is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheOutcome {
     Hit,
     Miss,
-}
-
-impl CacheOutcome {
-    /// The `x-cache` header.
-    pub fn write(outcome: Option<CacheOutcome>, headers: &mut HeaderMap) {
-        if let Some(outcome) = outcome {
-            let value = if outcome == CacheOutcome::Hit { "hit" } else { "miss" };
-            headers.insert(HeaderName::from_static("x-cache"), HeaderValue::from_static(value));
-        }
-    }
 }
 
 /// Every image's finished result, from the cache or from the model.
@@ -217,26 +158,31 @@ pub struct Answered {
     pub cache: Option<CacheOutcome>,
 }
 
+/// How a request wants its answer beyond the finished results.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Wants {
+    /// The model's own output tensors too (V2 `raw_*` outputs).
+    pub raw: bool,
+    /// The decoded first image too (to draw an overlay on).
+    pub original: bool,
+}
+
 /// [`run`], then the one post-processing path, with the response cache in front: when every
 /// image's result for this version and these parameters is cached, nothing runs; otherwise the
 /// request runs whole and each image's result is stored. Requests for raw outputs or for the
-/// decoded original (an overlay) bypass it. `identities` is `None` for inputs the cache does
-/// not key (preprocessed tensors).
-pub async fn answer<P>(
-    state: &AppState,
+/// decoded original (an overlay) bypass it, and so do preprocessed tensors; the images'
+/// identities are computed only when the cache is on.
+pub async fn answer(
+    core: &Core,
     target: &Target,
-    identities: Option<ImageIdentities>,
-    prepare: P,
+    input: ImageInput,
     params: PredictParams,
-    want_raw: bool,
+    wants: Wants,
     context: &RequestContext,
-) -> Result<Answered, ApiError>
-where
-    P: FnOnce(&ModelConfig) -> Result<(Vec<PreparedImage>, Option<RgbImage>), ApiError> + Send + 'static,
-{
+) -> Result<Answered, ApiError> {
     let labels = target.labels();
-    let cache = state.cache.clone().filter(|_| !want_raw);
-    let keys: Option<Vec<CacheKey>> = cache.as_ref().zip(identities).map(|(_, images)| {
+    let cache = core.cache.clone().filter(|_| !wants.raw && !wants.original);
+    let keys: Option<Vec<CacheKey>> = cache.as_ref().and_then(|_| input.identities()).map(|images| {
         images
             .iter()
             .map(|parts| {
@@ -258,9 +204,9 @@ where
             return Ok(Answered { results, timings: None, original: None, raw: Vec::new(), labels, cache: Some(CacheOutcome::Hit) });
         }
     }
-    let Inference { outputs, raw, original, timings } = run(state, target, prepare, params, want_raw, context).await?;
+    let Inference { outputs, raw, original, timings } = run(core, target, input, params, wants, context).await?;
     let store = cache.zip(keys.clone());
-    let results = state
+    let results = core
         .run_cpu(move || {
             let _postprocess = tracing::info_span!("postprocess").entered();
             let results = outputs.finish()?;
@@ -287,23 +233,36 @@ pub struct StageTimings {
     pub model_load_time: Option<Duration>,
 }
 
-/// Prepares the images with `prepare` on the CPU pool (which may hand back the decoded first
-/// image) and runs them through the model with the request's parameters; `want_raw` also
-/// returns the model's own output tensors.
-pub async fn run<P>(
-    state: &AppState,
+/// Prepares the images on the CPU pool and runs them through the model with the request's
+/// parameters.
+pub async fn run(
+    core: &Core,
     target: &Target,
-    prepare: P,
+    input: ImageInput,
+    params: PredictParams,
+    wants: Wants,
+    context: &RequestContext,
+) -> Result<Inference, ApiError> {
+    let started = Instant::now();
+    let config = Arc::clone(&target.config);
+    let limits = core.decode_limits();
+    let (prepared, original) = core.run_cpu(move || prepare(input, &config, limits, wants.original)).await??;
+    run_prepared(core, target, prepared, original, started, params, wants.raw, context).await
+}
+
+/// Images already prepared for this model (a pipeline's, cut from its decoded images) through
+/// its queue; `started` is when their preparation began.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_prepared(
+    core: &Core,
+    target: &Target,
+    prepared: Vec<PreparedImage>,
+    original: Option<RgbImage>,
+    started: Instant,
     params: PredictParams,
     want_raw: bool,
     context: &RequestContext,
-) -> Result<Inference, ApiError>
-where
-    P: FnOnce(&ModelConfig) -> Result<(Vec<PreparedImage>, Option<RgbImage>), ApiError> + Send + 'static,
-{
-    let started = Instant::now();
-    let config = Arc::clone(&target.config);
-    let (prepared, original) = state.run_cpu(move || prepare(&config)).await??;
+) -> Result<Inference, ApiError> {
     let preprocess_time = started.elapsed();
     let geometries = prepared.iter().map(|p| p.geometry).collect();
     let options = JobOptions { score_threshold: params.score_threshold, want_confidence: params.pixel_confidence, want_raw };
@@ -314,7 +273,7 @@ where
         // Admitted, then beaten to the queue's last places while it decoded: a refusal like
         // admission's, held the same way.
         Err(EngineError::QueueFull) => {
-            hold_refusal(state.limits.refusal_delay_ms, deadline).await;
+            hold_refusal(core.limits.refusal_delay_ms, deadline).await;
             return Err(engine_error(target.name(), EngineError::QueueFull, deadline.ms));
         }
         output => output.map_err(|e| engine_error(target.name(), e, deadline.ms))?,
@@ -343,11 +302,12 @@ where
 }
 
 impl StageTimings {
-    /// Records the post-processing time and puts every stage's time on the response.
-    pub fn finish(&self, model: &str, postprocess_time: Duration, headers: &mut HeaderMap) {
+    /// Records the post-processing time; the stages' times as `x-*` pairs.
+    pub fn finish(&self, model: &str, postprocess_time: Duration) -> Vec<(String, String)> {
         metrics::histogram!(m::POSTPROCESS_SECONDS, "model" => model.to_string()).record(m::seconds(postprocess_time));
+        let mut pairs = Vec::with_capacity(6);
         if let Some(load) = self.model_load_time {
-            headers.insert(HeaderName::from_static("x-model-load-time-ms"), HeaderValue::from_str(&millis(load)).expect("digits"));
+            pairs.push(("x-model-load-time-ms".to_string(), millis(load)));
         }
         for (header, value) in [
             ("x-preprocess-time-ms", millis(self.preprocess_time)),
@@ -356,63 +316,51 @@ impl StageTimings {
             ("x-postprocess-time-ms", millis(postprocess_time)),
             ("x-batch-size", self.batch_size.to_string()),
         ] {
-            if let Ok(v) = HeaderValue::from_str(&value) {
-                headers.insert(HeaderName::from_static(header), v);
-            }
+            pairs.push((header.to_string(), value));
+        }
+        pairs
+    }
+}
+
+/// An answer's `x-*` timing pairs and `x-cache`, for REST headers and gRPC metadata alike:
+/// the one place they are written. `post_started` is when the protocol began shaping the
+/// answer (the post-processing time runs from there).
+pub fn answer_headers(timings: Option<StageTimings>, cache: Option<CacheOutcome>, model: &str, post_started: Instant) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if let Some(timings) = timings {
+        write_pairs(timings.finish(model, post_started.elapsed()), &mut headers);
+    }
+    write_cache(cache, &mut headers);
+    headers
+}
+
+/// `x-cache: hit|miss`, when the cache is on and the request is one it keeps.
+pub fn write_cache(outcome: Option<CacheOutcome>, headers: &mut HeaderMap) {
+    if let Some(outcome) = outcome {
+        let value = if outcome == CacheOutcome::Hit { "hit" } else { "miss" };
+        headers.insert(HeaderName::from_static("x-cache"), HeaderValue::from_static(value));
+    }
+}
+
+/// `x-*` pairs into a header map (a pair that is not a valid header is left out).
+pub fn write_pairs(pairs: Vec<(String, String)>, headers: &mut HeaderMap) {
+    for (name, value) in pairs {
+        if let (Ok(name), Ok(value)) = (HeaderName::try_from(name), HeaderValue::from_str(&value)) {
+            headers.insert(name, value);
         }
     }
 }
 
-/// What every protocol reads from a request's headers before anything else: its deadline and
-/// its id (set by the request-id layer), which travels with the job into the worker's logs.
-#[derive(Debug, Clone)]
-pub struct RequestContext {
-    pub deadline: Deadline,
-    pub request_id: String,
-}
-
-impl RequestContext {
-    pub fn from_headers(headers: &HeaderMap, default_timeout_ms: u64) -> Result<RequestContext, ApiError> {
-        let deadline = Deadline::from_headers(headers, default_timeout_ms, Instant::now())?;
-        let request_id = headers.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
-        Ok(RequestContext { deadline, request_id })
-    }
-}
-
-/// When a request must be answered by: the server default, or `x-request-timeout-ms`.
-#[derive(Debug, Clone, Copy)]
-pub struct Deadline {
-    pub at: Instant,
-    pub ms: u64,
-}
-
-impl Deadline {
-    pub fn from_headers(headers: &HeaderMap, default_ms: u64, started: Instant) -> Result<Deadline, ApiError> {
-        let ms = match headers.get("x-request-timeout-ms") {
-            None => default_ms,
-            Some(value) => value
-                .to_str()
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .filter(|ms| (1..=600_000).contains(ms))
-                .ok_or_else(|| {
-                    ApiError::InvalidParameter("header 'x-request-timeout-ms' must be an integer within 1..=600000".into())
-                })?,
-        };
-        Ok(Deadline { at: started + Duration::from_millis(ms), ms })
-    }
-}
-
-/// The one mapping of engine failures to HTTP errors, shared by every protocol's handler.
+/// The one mapping of engine failures to the service's errors, for every protocol.
 pub fn engine_error(model: &str, error: EngineError, timeout_ms: u64) -> ApiError {
     match error {
         EngineError::QueueFull => ApiError::Overloaded(model.to_string()),
         EngineError::DeadlineExceeded => ApiError::DeadlineExceeded(timeout_ms),
-        EngineError::Stopped => ApiError::ModelNotReady { name: model.to_string(), reason: "its workers have stopped".into() },
+        EngineError::Stopped => ApiError::ModelNotReady { name: model.to_string(), reason: "its queue has closed".into() },
         // The model itself failed on this input: a server-side fault, logged with detail.
         EngineError::Forward(detail) | EngineError::Output(detail) => {
             ApiError::ModelFailed { model: model.to_string(), detail }
         }
-        EngineError::WorkerFailed => ApiError::ModelFailed { model: model.to_string(), detail: "the worker died".into() },
+        EngineError::ExecutorFailed => ApiError::ModelFailed { model: model.to_string(), detail: "its inference executor died running it".into() },
     }
 }

@@ -8,6 +8,8 @@
 //!
 //! One image gives its answer; several (multipart) give a list of answers, in order.
 
+mod management;
+
 use std::time::Instant;
 
 use axum::body::Bytes;
@@ -19,19 +21,26 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
-use super::inference::{self, Answered, CacheOutcome, RequestContext, Target};
-use super::input::{decode_base64, ImageUploads};
-use super::model_path::ModelPath;
-use super::pipeline::{self, PipelineInput};
-use super::AppState;
+use crate::api::input::{decode_base64, ImageUploads};
+use crate::api::model_path::ModelPath;
+use crate::api::AppState;
 use crate::error::ApiError;
-use crate::image::DecodeLimits;
-use crate::model_config::ModelConfig;
+use crate::repository::Servable;
+use crate::serve::infer::{self, answer_headers, write_pairs, Answered, Wants};
+use crate::serve::pipeline::{self, PipelineRun};
+use crate::serve::{ImageInput, RequestContext, Target};
 use crate::tasks::{Finished, PredictParams};
 
 pub fn router() -> Router<AppState> {
+    Router::new().route("/ping", get(ping))
+}
+
+pub fn management_routes() -> Router<AppState> {
+    management::routes()
+}
+
+pub fn inference_routes() -> Router<AppState> {
     Router::new()
-        .route("/ping", get(ping))
         // `curl -T image.jpg`, as TorchServe's documentation shows it, sends a PUT.
         .route("/predictions/{name}", post(predict).put(predict))
         .route("/predictions/{name}/{version}", post(predict).put(predict))
@@ -71,36 +80,57 @@ async fn images_of(request: Request, state: &AppState) -> Result<Vec<Bytes>, Api
 
 async fn predict(State(state): State<AppState>, model: ModelPath, request: Request) -> Result<Response, ApiError> {
     let context = RequestContext::from_headers(request.headers(), state.limits.request_timeout_ms)?;
-    if let Some(pipeline) = state.repository.pipeline(&model.name) {
-        pipeline::check_version(&pipeline, model.version())?;
-        let images = images_of(request, &state).await?;
-        let run = pipeline::run(&state, &pipeline, PipelineInput::Encoded(images), &context, false).await?;
-        let mut answers = run.torchserve_json();
-        let body = if answers.len() == 1 { answers.remove(0) } else { Value::Array(answers) };
-        let mut response = Json(body).into_response();
-        run.timing_headers(response.headers_mut());
-        return Ok(response);
-    }
+    let entry = match state.repository.lookup(&model.name, model.version())? {
+        Servable::Pipeline(pipeline) => {
+            let images = images_of(request, &state).await?;
+            let run = pipeline::run(&state, &pipeline, ImageInput::Encoded(images), &context, false).await?;
+            let mut response = Json(one_or_list(pipeline_answers(&run))).into_response();
+            write_pairs(run.timing_pairs(), response.headers_mut());
+            return Ok(response);
+        }
+        Servable::Model(entry) => entry,
+    };
     // Resolved before the body is read: an unknown or full model costs no upload.
-    let target = Target::resolve(&state, &model.name, model.version(), &context).await?;
+    let target = Target::resolve(&state, entry, &context).await?;
     let images = images_of(request, &state).await?;
-    let limits = DecodeLimits { max_pixels: state.limits.max_image_pixels };
-    let identities = images.iter().map(|image| vec![image.clone()]).collect();
-    let prepare = move |config: &ModelConfig| super::predict::prepare_all(&images, config, limits, false);
     let params = PredictParams::torchserve();
-    let answered = inference::answer(&state, &target, Some(identities), prepare, params, false, &context).await?;
+    let answered = infer::answer(&state, &target, ImageInput::Encoded(images), params, Wants::default(), &context).await?;
     let post_started = Instant::now();
     let Answered { results, timings, cache, .. } = answered;
-    let mut answers = state
+    let answers = state
         .run_cpu(move || tracing::info_span!("encode").in_scope(|| results.into_iter().map(handler_answer).collect::<Vec<_>>()))
         .await?;
-    let body = if answers.len() == 1 { answers.remove(0) } else { Value::Array(answers) };
-    let mut response = Json(body).into_response();
-    if let Some(timings) = timings {
-        timings.finish(target.name(), post_started.elapsed(), response.headers_mut());
-    }
-    CacheOutcome::write(cache, response.headers_mut());
-    Ok(response)
+    let body = one_or_list(answers);
+    Ok((answer_headers(timings, cache, target.name(), post_started), Json(body)).into_response())
+}
+
+/// One image gives its answer; several give a list of answers, in order.
+fn one_or_list(mut answers: Vec<Value>) -> Value {
+    if answers.len() == 1 { answers.remove(0) } else { Value::Array(answers) }
+}
+
+/// A pipeline per image in TorchServe's detector shape, `{"<label>": [x1, y1, x2, y2],
+/// "score": s}`, with the classifier's top-k in its classifier shape under `"classification"`.
+fn pipeline_answers(run: &PipelineRun) -> Vec<Value> {
+    run.images
+        .iter()
+        .map(|found| {
+            Value::Array(
+                found
+                    .iter()
+                    .map(|n| {
+                        let d = &n.detection;
+                        let mut object = Map::new();
+                        object.insert(d.label.clone(), json!([d.bbox.x1, d.bbox.y1, d.bbox.x2, d.bbox.y2]));
+                        object.insert("score".into(), json!(d.score));
+                        let classes: Map<String, Value> = n.predictions.iter().map(|p| (p.label.clone(), json!(p.score))).collect();
+                        object.insert("classification".into(), Value::Object(classes));
+                        Value::Object(object)
+                    })
+                    .collect(),
+            )
+        })
+        .collect()
 }
 
 /// One image's result in the shape of TorchServe's default handler for its task.

@@ -1,0 +1,434 @@
+//! The Open Inference Protocol's shared part, the same for REST V2 and gRPC: the tensors on
+//! the wire ([`tensors`]), a version's metadata, the one input turned into the core's
+//! [`ImageInput`], the finished results as the tensors asked for (Triton's classification
+//! extension included), and an inference from request to [`TensorAnswer`]. REST writes the
+//! answer as JSON (and binary data), gRPC as `ModelInferResponse`; neither imports the other.
+
+pub mod tensors;
+
+use std::time::Instant;
+
+use axum::http::HeaderMap;
+use serde_json::{json, Map, Value};
+
+use super::infer::{self, answer_headers, write_pairs, Answered, Wants};
+use super::pipeline::{self, PipelineRun};
+use super::prepare::{ImageInput, PixelBatch, TensorBatch};
+use super::{Core, RequestContext, Target};
+use crate::engine::{RawData, RawTensor};
+use crate::error::ApiError;
+use crate::model_config::{ModelFormat, Task};
+use crate::pipeline::PIPELINE_VERSION;
+use crate::repository::{PipelineEntry, Servable};
+use crate::tasks::{classification, Finished, PredictParams};
+use tensors::{InferRequest, InputTensor, OutputData, OutputTensor, RequestedOutput};
+
+/// The protocol extensions served, on REST and gRPC alike.
+pub const EXTENSIONS: [&str; 3] = ["classification", "binary_tensor_data", "model_repository"];
+
+/// A tensor a model takes or gives, as metadata describes it.
+pub struct TensorSpec {
+    pub name: String,
+    pub datatype: &'static str,
+    pub shape: Vec<i64>,
+}
+
+fn tensor_spec(name: &str, datatype: &'static str, shape: &[i64]) -> TensorSpec {
+    TensorSpec { name: name.to_string(), datatype, shape: shape.to_vec() }
+}
+
+/// A model version's metadata, as REST V2 and gRPC both describe it.
+pub struct ModelMetadata {
+    pub name: String,
+    pub versions: Vec<String>,
+    pub platform: &'static str,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    /// What only REST reports (gRPC's message has no such field): task, version, other inputs.
+    pub parameters: Value,
+}
+
+/// The metadata of what a lookup found.
+pub fn model_metadata(core: &Core, servable: Servable) -> Result<ModelMetadata, ApiError> {
+    let entry = match servable {
+        Servable::Pipeline(pipeline) => return Ok(pipeline_metadata(&pipeline)),
+        Servable::Model(entry) => entry,
+    };
+    let config = entry.config.clone().ok_or_else(|| ApiError::ModelNotReady {
+        name: entry.name.clone(),
+        reason: entry.status().reason.unwrap_or_default(),
+    })?;
+    let classes = entry.labels.len().max(1) as i64;
+    let mut outputs = match config.task {
+        Task::Classification => vec![tensor_spec("scores", "FP32", &[-1, classes])],
+        Task::Segmentation => vec![tensor_spec("mask", "UINT8", &[-1, -1, -1])],
+        Task::Detection => detection_specs(),
+    };
+    // The model's own outputs, as the warm-up saw them (stacked-batch models).
+    if let Ok(runtime) = entry.runtime() {
+        outputs.extend(runtime.raw_outputs().iter().map(|r| tensor_spec(&r.name, r.datatype, &r.shape)));
+    }
+    let versions = core.repository.family(&entry.name).map(|f| f.version_names()).unwrap_or_default();
+    Ok(ModelMetadata {
+        name: entry.name.clone(),
+        versions,
+        platform: match config.format {
+            ModelFormat::Torchscript => "pytorch_torchscript",
+            ModelFormat::Aoti => "pytorch_aoti",
+        },
+        inputs: vec![tensor_spec("image", "BYTES", &[-1])],
+        outputs,
+        parameters: json!({
+            "task": config.task,
+            "version": entry.version,
+            "also_accepts": [
+                {"datatype": "UINT8", "shape": [-1, -1, -1, 3], "meaning": "raw RGB pixels"},
+                {"datatype": "FP32", "shape": [-1, 3, config.input.height, config.input.width], "meaning": "preprocessed input"}
+            ]
+        }),
+    })
+}
+
+fn detection_specs() -> Vec<TensorSpec> {
+    vec![
+        tensor_spec("boxes", "FP32", &[-1, -1, 4]),
+        tensor_spec("scores", "FP32", &[-1, -1]),
+        tensor_spec("classes", "INT64", &[-1, -1]),
+        tensor_spec("num_detections", "INT32", &[-1]),
+    ]
+}
+
+/// A pipeline's metadata: the detector's tensors and, per detection, the classifier's top-k.
+fn pipeline_metadata(pipeline: &PipelineEntry) -> ModelMetadata {
+    let mut outputs = detection_specs();
+    outputs.extend([
+        tensor_spec("classification_scores", "FP32", &[-1, -1, -1]),
+        tensor_spec("classification_classes", "INT64", &[-1, -1, -1]),
+        tensor_spec("classification_labels", "BYTES", &[-1, -1, -1]),
+    ]);
+    let steps = match &pipeline.spec {
+        Ok(spec) => json!({"detect": spec.detect, "classify": spec.classify}),
+        Err(_) => Value::Null,
+    };
+    ModelMetadata {
+        name: pipeline.name.clone(),
+        versions: vec![PIPELINE_VERSION.into()],
+        platform: "visionserve_pipeline",
+        inputs: vec![tensor_spec("image", "BYTES", &[-1])],
+        outputs,
+        parameters: json!({
+            "task": "detection",
+            "steps": steps,
+            "also_accepts": [{"datatype": "UINT8", "shape": [-1, -1, -1, 3], "meaning": "raw RGB pixels"}]
+        }),
+    }
+}
+
+fn bool_param(parameters: &Map<String, Value>, key: &str) -> Result<Option<bool>, ApiError> {
+    match parameters.get(key) {
+        None => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(ApiError::BadRequest(format!("parameter '{key}' must be true or false"))),
+    }
+}
+
+/// What the Open Inference Protocol answers, before a transport writes it: REST as JSON (and
+/// binary data), gRPC as `ModelInferResponse`.
+pub struct TensorAnswer {
+    pub model_name: String,
+    pub model_version: String,
+    pub id: Option<String>,
+    /// The outputs in the order the request named them, each with whether REST sends it as
+    /// binary data (gRPC always does).
+    pub outputs: Vec<(OutputTensor, bool)>,
+    /// Every stage's time (REST's `x-*-time-ms` headers; gRPC's response metadata).
+    pub timing_headers: HeaderMap,
+}
+
+/// The Open Inference Protocol's inference, for REST V2 and gRPC: check the request's one input
+/// and parameters, run it through the core (admission, queue, batching, deadline,
+/// `tasks::finish`) and shape the finished results as the tensors asked for.
+pub async fn infer(core: &Core, servable: Servable, request: InferRequest, context: &RequestContext) -> Result<TensorAnswer, ApiError> {
+    let bad = |message: String| ApiError::BadRequest(message);
+    let [input] = request.inputs.as_slice() else {
+        return Err(bad(format!("expected exactly one input, got {}", request.inputs.len())));
+    };
+    let entry = match servable {
+        Servable::Pipeline(pipeline) => return pipeline_infer(core, &pipeline, request, context).await,
+        Servable::Model(entry) => entry,
+    };
+    let params = PredictParams::from_v2(&request.parameters).map_err(|e| bad(e.0))?;
+    let all_binary = bool_param(&request.parameters, "binary_data_output")?.unwrap_or(false);
+    check_batch(core, input)?;
+    let target = Target::resolve(core, entry, context).await?;
+    let InferRequest { id, inputs, outputs: requested, .. } = request;
+    let input = inputs.into_iter().next().expect("one input, checked above");
+    let want_raw = requested.iter().flatten().any(|r| r.name.starts_with(RAW_PREFIX));
+    let limits = core.limits.max_image_pixels;
+    let images = core.run_cpu(move || image_input(&input, limits, true)).await??;
+    let answered = infer::answer(core, &target, images, params, Wants { raw: want_raw, original: false }, context).await?;
+
+    let post_started = Instant::now();
+    let Answered { results, timings, raw, labels, cache, .. } = answered;
+    let tensors = core
+        .run_cpu(move || {
+            let _encode = tracing::info_span!("encode").entered();
+            let mut tensors = task_tensors(results)?;
+            if want_raw {
+                tensors.extend(stack_raw(raw)?);
+            }
+            Ok::<_, ApiError>(tensors)
+        })
+        .await??;
+    let outputs = choose_outputs(tensors, requested.as_deref(), all_binary, target.name(), &labels)?;
+    let timing_headers = answer_headers(timings, cache, target.name(), post_started);
+    Ok(TensorAnswer { model_name: target.name().to_string(), model_version: target.entry.version.clone(), id, outputs, timing_headers })
+}
+
+/// One to `max_images_per_request` images in the input's first dimension.
+fn check_batch(core: &Core, input: &InputTensor) -> Result<(), ApiError> {
+    let batch = *input.shape.first().ok_or_else(|| ApiError::BadRequest("input shape is empty".into()))? as usize;
+    if batch == 0 || batch > core.limits.max_images_per_request {
+        return Err(ApiError::BadRequest(format!("batch of {batch} images; 1..={} are accepted", core.limits.max_images_per_request)));
+    }
+    Ok(())
+}
+
+/// A pipeline's inference in the protocol's terms: BYTES images or UINT8 pixels in (a
+/// preprocessed FP32 tensor fits no two models), the pipeline's tensors out.
+async fn pipeline_infer(core: &Core, pipeline: &PipelineEntry, request: InferRequest, context: &RequestContext) -> Result<TensorAnswer, ApiError> {
+    if PredictParams::from_v2(&request.parameters).map_err(|e| ApiError::BadRequest(e.0))? != PredictParams::default() {
+        return Err(ApiError::BadRequest(format!("pipeline '{}' takes no parameters: its steps are set in its pipeline.toml", pipeline.name)));
+    }
+    let all_binary = bool_param(&request.parameters, "binary_data_output")?.unwrap_or(false);
+    let InferRequest { id, inputs, outputs: requested, .. } = request;
+    let input = inputs.into_iter().next().expect("one input, checked by the caller");
+    let batch = input.shape.first().copied().unwrap_or(0) as usize;
+    if batch == 0 || batch > core.limits.max_images_per_request {
+        return Err(ApiError::BadRequest(format!("batch of {batch} images; 1..={} are accepted", core.limits.max_images_per_request)));
+    }
+    if !matches!(input.datatype.as_str(), "BYTES" | "UINT8") {
+        return Err(ApiError::BadRequest(format!("a pipeline takes BYTES images or UINT8 pixels, not {}", input.datatype)));
+    }
+    let images = image_input(&input, core.limits.max_image_pixels, false)?;
+    let run = pipeline::run(core, pipeline, images, context, false).await?;
+    let tensors = pipeline_tensors(&run)?;
+    let outputs = choose_outputs(tensors, requested.as_deref(), all_binary, &pipeline.name, &[])?;
+    let mut timing_headers = HeaderMap::new();
+    write_pairs(run.timing_pairs(), &mut timing_headers);
+    Ok(TensorAnswer { model_name: pipeline.name.clone(), model_version: PIPELINE_VERSION.into(), id, outputs, timing_headers })
+}
+
+/// The detector's tensors (`boxes`, `scores`, `classes`, `num_detections`) and, per detection,
+/// the classifier's top-k: `classification_scores FP32 [N, K, T]`, `classification_classes
+/// INT64 [N, K, T]` and `classification_labels BYTES [N, K, T]`, padded past each image's
+/// detections (and past a crop's k) with 0, -1 and "".
+fn pipeline_tensors(run: &PipelineRun) -> Result<Vec<OutputTensor>, ApiError> {
+    let finished: Vec<Finished> =
+        run.images.iter().map(|found| Finished::Detection { detections: found.iter().map(|n| n.detection.clone()).collect() }).collect();
+    let mut tensors = task_tensors(finished)?;
+    let (n, k, t) = (run.images.len(), run.images.iter().map(Vec::len).max().unwrap_or(0), run.top_k);
+    let (mut scores, mut classes, mut labels) = (Vec::new(), Vec::new(), Vec::new());
+    for found in &run.images {
+        for i in 0..k {
+            let predictions = found.get(i).map(|d| d.predictions.as_slice()).unwrap_or(&[]);
+            for r in 0..t {
+                match predictions.get(r) {
+                    Some(p) => {
+                        scores.push(p.score);
+                        classes.push(p.index as i64);
+                        labels.push(p.label.clone());
+                    }
+                    None => {
+                        scores.push(0.0);
+                        classes.push(-1);
+                        labels.push(String::new());
+                    }
+                }
+            }
+        }
+    }
+    let shape = vec![n as i64, k as i64, t as i64];
+    tensors.push(OutputTensor { name: "classification_scores".into(), shape: shape.clone(), data: OutputData::Fp32(scores) });
+    tensors.push(OutputTensor { name: "classification_classes".into(), shape: shape.clone(), data: OutputData::Int64(classes) });
+    tensors.push(OutputTensor { name: "classification_labels".into(), shape, data: OutputData::Bytes(labels) });
+    Ok(tensors)
+}
+
+/// The outputs a request names, in its order and each binary or JSON as asked (Triton's
+/// classification extension turns a score tensor into its top-k strings); all of them when it
+/// names none.
+fn choose_outputs(
+    mut tensors: Vec<OutputTensor>,
+    requested: Option<&[RequestedOutput]>,
+    all_binary: bool,
+    model: &str,
+    labels: &[String],
+) -> Result<Vec<(OutputTensor, bool)>, ApiError> {
+    let Some(requested) = requested else {
+        return Ok(tensors.drain(..).map(|t| (t, all_binary)).collect());
+    };
+    let mut chosen = Vec::new();
+    for r in requested {
+        let tensor = tensors
+            .iter()
+            .find(|o| o.name == r.name)
+            .cloned()
+            .ok_or_else(|| ApiError::BadRequest(format!("model '{model}' has no output '{}'", r.name)))?;
+        let binary = bool_param(&r.parameters, "binary_data")?.unwrap_or(all_binary);
+        match r.parameters.get("classification") {
+            None => chosen.push((tensor, binary)),
+            Some(k) => {
+                let k = k
+                    .as_u64()
+                    .filter(|k| *k >= 1)
+                    .ok_or_else(|| ApiError::BadRequest("'classification' must be a positive integer".into()))?;
+                chosen.push((classification_strings(&tensor, k as usize, labels)?, binary));
+            }
+        }
+    }
+    Ok(chosen)
+}
+
+/// The one input tensor as the core's images: `BYTES` encoded files, `UINT8 [N, H, W, 3]`
+/// pixels, or — for a model, `for_model` — `FP32 [N, 3, H, W]` inputs already preprocessed
+/// (a pipeline's two models take no one tensor), and `BYTES` held to `[N]` or `[N, 1]`.
+fn image_input(input: &InputTensor, max_pixels: u64, for_model: bool) -> Result<ImageInput, ApiError> {
+    let bad = |message: String| ApiError::BadRequest(message);
+    let shape = input.shape.as_slice();
+    match input.datatype.as_str() {
+        "BYTES" => {
+            if for_model && (shape.len() > 2 || shape.get(1).is_some_and(|&d| d != 1)) {
+                return Err(bad("BYTES input must have shape [N] or [N, 1]: one encoded image each".into()));
+            }
+            let images = input
+                .bytes_elements(|text| super::prepare::decode_base64(text).map_err(|e| format!("BYTES element is not base64: {e}")))
+                .map_err(bad)?;
+            Ok(ImageInput::Encoded(images))
+        }
+        "UINT8" => {
+            let [n, h, w, 3] = shape else {
+                return Err(bad("UINT8 input must have shape [N, H, W, 3] (RGB pixels)".into()));
+            };
+            let (n, h, w) = (*n as usize, *h as usize, *w as usize);
+            if h == 0 || w == 0 || (h as u64).saturating_mul(w as u64) > max_pixels {
+                return Err(bad(format!("{w}×{h} images are outside the accepted size")));
+            }
+            let data = input.u8_values().map_err(bad)?;
+            Ok(ImageInput::Pixels(PixelBatch { data, count: n, width: w as u32, height: h as u32 }))
+        }
+        "FP32" if for_model => {
+            let [n, 3, h, w] = shape else {
+                return Err(bad("FP32 input must have shape [N, 3, H, W] (preprocessed)".into()));
+            };
+            let (n, h, w) = (*n as usize, *h as u32, *w as u32);
+            if w == 0 || h == 0 || u64::from(w) * u64::from(h) > max_pixels {
+                return Err(bad(format!("{w}×{h} inputs are outside the accepted size")));
+            }
+            let data = input.f32_values().map_err(bad)?;
+            Ok(ImageInput::Preprocessed(TensorBatch { data, count: n, width: w, height: h }))
+        }
+        other => Err(bad(format!("input datatype {other} is not accepted: use BYTES, UINT8 or FP32"))),
+    }
+}
+
+/// Names of the model's own outputs start with this (`raw_output`, `raw_output_0`,
+/// `raw_<dict key>`); they are computed only when a request names one.
+const RAW_PREFIX: &str = "raw_";
+
+/// Per-image raw tensors stacked back into `[N, ...]` outputs.
+fn stack_raw(per_image: Vec<Vec<RawTensor>>) -> Result<Vec<OutputTensor>, ApiError> {
+    let n = per_image.len() as i64;
+    let Some(first) = per_image.first() else { return Ok(Vec::new()) };
+    let mut stacked = Vec::new();
+    for (index, lead) in first.iter().enumerate() {
+        let mut data = match lead.data {
+            RawData::Fp32(_) => OutputData::Fp32(Vec::new()),
+            RawData::Int64(_) => OutputData::Int64(Vec::new()),
+        };
+        for image in &per_image {
+            let tensor = &image[index];
+            if tensor.shape != lead.shape {
+                return Err(ApiError::BadRequest(format!("raw output '{}' differs in shape between images: send one per request", lead.name)));
+            }
+            match (&mut data, &tensor.data) {
+                (OutputData::Fp32(all), RawData::Fp32(v)) => all.extend_from_slice(v),
+                (OutputData::Int64(all), RawData::Int64(v)) => all.extend_from_slice(v),
+                _ => return Err(ApiError::Internal("raw outputs differ in type between images".into())),
+            }
+        }
+        let shape = std::iter::once(n).chain(lead.shape.iter().copied()).collect();
+        stacked.push(OutputTensor { name: lead.name.clone(), shape, data });
+    }
+    Ok(stacked)
+}
+/// The task's outputs as `[N, ...]` tensors: `scores`; `mask`; or `boxes`, `scores`,
+/// `classes` and `num_detections`, padded to the image with the most detections.
+pub(crate) fn task_tensors(results: Vec<Finished>) -> Result<Vec<OutputTensor>, ApiError> {
+    let n = results.len() as i64;
+    let tensor = |name: &str, shape: Vec<i64>, data: OutputData| OutputTensor { name: name.into(), shape, data };
+    let (mut scores, mut masks, mut detections) = (Vec::new(), Vec::new(), Vec::new());
+    for result in results {
+        match result {
+            Finished::Classification { scores: s, .. } => scores.push(s),
+            Finished::Segmentation { mask } => masks.push(mask),
+            Finished::Detection { detections: d } => detections.push(d),
+        }
+    }
+    // One task per model, so exactly one of the three is filled.
+    if let Some(first) = scores.first() {
+        let classes = first.len() as i64;
+        return Ok(vec![tensor("scores", vec![n, classes], OutputData::Fp32(scores.concat()))]);
+    }
+    if let Some(first) = masks.first() {
+        let size = (first.height, first.width);
+        if masks.iter().any(|m| (m.height, m.width) != size) {
+            return Err(ApiError::BadRequest("images of different sizes give masks of different shapes: send one per request".into()));
+        }
+        let data = masks.into_iter().flat_map(|m| m.labels).collect();
+        return Ok(vec![tensor("mask", vec![n, size.0 as i64, size.1 as i64], OutputData::Uint8(data))]);
+    }
+    let k = detections.iter().map(Vec::len).max().unwrap_or(0);
+    let (mut boxes, mut scores, mut classes, mut counts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for dets in &detections {
+        counts.push(dets.len() as i32);
+        for i in 0..k {
+            match dets.get(i) {
+                Some(d) => {
+                    boxes.extend([d.bbox.x1, d.bbox.y1, d.bbox.x2, d.bbox.y2]);
+                    scores.push(d.score);
+                    classes.push(d.index as i64);
+                }
+                // Padding past an image's own detections: see num_detections.
+                None => {
+                    boxes.extend([0.0; 4]);
+                    scores.push(0.0);
+                    classes.push(-1);
+                }
+            }
+        }
+    }
+    let k = k as i64;
+    Ok(vec![
+        tensor("boxes", vec![n, k, 4], OutputData::Fp32(boxes)),
+        tensor("scores", vec![n, k], OutputData::Fp32(scores)),
+        tensor("classes", vec![n, k], OutputData::Int64(classes)),
+        tensor("num_detections", vec![n], OutputData::Int32(counts)),
+    ])
+}
+
+/// Triton's classification extension: the top `k` of a `[N, C]` score tensor as
+/// `"score:index:label"` strings, `BYTES [N, k]`.
+fn classification_strings(tensor: &OutputTensor, k: usize, labels: &[String]) -> Result<OutputTensor, ApiError> {
+    let (&[n, c], OutputData::Fp32(data)) = (tensor.shape.as_slice(), &tensor.data) else {
+        return Err(ApiError::BadRequest(format!("output '{}' is not a [N, C] score tensor", tensor.name)));
+    };
+    let k = k.min(c as usize);
+    let mut strings = Vec::new();
+    for row in data.chunks(c.max(1) as usize) {
+        for p in classification::top_k(row, k, labels) {
+            strings.push(format!("{}:{}:{}", p.score, p.index, p.label));
+        }
+    }
+    Ok(OutputTensor { name: tensor.name.clone(), shape: vec![n, k as i64], data: OutputData::Bytes(strings) })
+}

@@ -1,0 +1,229 @@
+//! Running a pipeline (`pipeline.toml`: detect, then classify every kept detection) in one
+//! request, through the same inference path as any model. Each protocol shapes the
+//! [`PipelineRun`] itself (`/v1` and TorchServe JSON, the Open Inference Protocol's tensors).
+//!
+//! Each image is decoded once, at full resolution: the crops are cut from the decoded image,
+//! and how small a scale would still give the classifier crops as large as its resize step
+//! needs is only known once the detector has answered — so pipelines never take the scaled
+//! JPEG decode. The detector runs on the request's images like any detector request (its own
+//! preprocessing, queue, batching and admission); every kept detection of every image of the
+//! request becomes a crop, and all the crops go to the classifier as one job, which its
+//! batcher runs in forwards of up to its `max_batch_size`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use image::RgbImage;
+
+use super::infer::{self, Inference};
+use super::prepare::{decode_whole, preprocess_images, ImageInput};
+use super::{millis, Core, RequestContext, StageTimings, Target};
+use crate::error::ApiError;
+use crate::pipeline::{crop_of, PipelineSpec};
+use crate::repository::{PipelineEntry, StepError};
+use crate::tasks::{Detection, Finished, PredictParams, Prediction};
+
+/// A detection with the classifier's answer on its crop.
+#[derive(Debug, Clone)]
+pub struct NestedDetection {
+    pub detection: Detection,
+    /// The classifier's top-k on the crop, best first.
+    pub predictions: Vec<Prediction>,
+}
+
+/// One step as it ran: the model version and its stage times.
+pub struct StepRun {
+    pub model: String,
+    pub version: String,
+    pub timings: StageTimings,
+    pub postprocess_time: Duration,
+}
+
+pub struct PipelineRun {
+    pub name: String,
+    /// Per image of the request, in order.
+    pub images: Vec<Vec<NestedDetection>>,
+    /// The first decoded image, when asked for (to draw on).
+    pub original: Option<RgbImage>,
+    pub detect: StepRun,
+    /// `None` when no image had a detection to classify.
+    pub classify: Option<StepRun>,
+    pub top_k: usize,
+}
+
+fn spec_of(pipeline: &PipelineEntry) -> Result<Arc<PipelineSpec>, ApiError> {
+    pipeline
+        .spec
+        .clone()
+        .map_err(|reason| ApiError::ModelNotReady { name: pipeline.name.clone(), reason })
+}
+
+/// A step that cannot run is the pipeline's 503, naming the step.
+fn step_error(pipeline: &PipelineEntry, error: StepError) -> ApiError {
+    ApiError::ModelNotReady { name: pipeline.name.clone(), reason: error.to_string() }
+}
+
+/// Runs both steps on the request's images.
+pub async fn run(
+    core: &Core,
+    pipeline: &PipelineEntry,
+    input: ImageInput,
+    context: &RequestContext,
+    keep_original: bool,
+) -> Result<PipelineRun, ApiError> {
+    let spec = spec_of(pipeline)?;
+    let steps = core.repository.pipeline_steps(pipeline).map_err(|e| step_error(pipeline, e))?;
+    // Step 1's admission before anything is decoded.
+    let detector = Target::resolve(core, Arc::clone(&steps.detect), context).await?;
+
+    let decode_started = Instant::now();
+    let limits = core.decode_limits();
+    let decoded: Arc<Vec<RgbImage>> = Arc::new(core.run_cpu(move || decode_whole(input, limits)).await??);
+    let decode_time = decode_started.elapsed();
+
+    // Step 1: the detector, with the pipeline's score floor; the class filter and the crop
+    // cap apply after its NMS, so a class left out never takes a kept one's place.
+    let detector_params = PredictParams { score_threshold: spec.detect.min_score, max_detections: usize::MAX, ..PredictParams::default() };
+    let Inference { outputs, mut timings, .. } = run_step(core, &detector, Arc::clone(&decoded), detector_params, context).await?;
+    timings.preprocess_time += decode_time;
+    let post_started = Instant::now();
+    let keep_spec = Arc::clone(&spec);
+    let detections: Vec<Vec<Detection>> = core
+        .run_cpu(move || {
+            outputs
+                .finish()?
+                .into_iter()
+                .map(|finished| match finished {
+                    Finished::Detection { detections } => Ok(detections
+                        .into_iter()
+                        .filter(|d| keep_spec.keeps(&d.label))
+                        .take(keep_spec.detect.max_crops)
+                        .collect()),
+                    _ => Err(ApiError::Internal("the detect step answered another task".into())),
+                })
+                .collect::<Result<Vec<_>, ApiError>>()
+        })
+        .await??;
+    let detect = StepRun {
+        model: detector.name().to_string(),
+        version: detector.entry.version.clone(),
+        timings,
+        postprocess_time: post_started.elapsed(),
+    };
+    drop(detector);
+
+    // Step 2: every kept detection's crop, of every image, as one job for the classifier.
+    let margin = spec.classify.margin;
+    let crops_of = Arc::clone(&decoded);
+    let cut = detections.clone();
+    let (crops, owners): (Vec<RgbImage>, Vec<(usize, usize)>) = core
+        .run_cpu(move || {
+            let mut crops = Vec::new();
+            let mut owners = Vec::new();
+            for (i, (image, found)) in crops_of.iter().zip(&cut).enumerate() {
+                for (j, detection) in found.iter().enumerate() {
+                    if let Some(rect) = crop_of(detection, margin, image.width(), image.height()) {
+                        crops.push(image::imageops::crop_imm(image, rect.x, rect.y, rect.width, rect.height).to_image());
+                        owners.push((i, j));
+                    }
+                }
+            }
+            (crops, owners)
+        })
+        .await?;
+    let original = if keep_original { Arc::try_unwrap(decoded).ok().and_then(|mut v| (!v.is_empty()).then(|| v.remove(0))) } else { None };
+    let mut images: Vec<Vec<NestedDetection>> = detections
+        .into_iter()
+        .map(|found| found.into_iter().map(|detection| NestedDetection { detection, predictions: Vec::new() }).collect())
+        .collect();
+    if crops.is_empty() {
+        return Ok(PipelineRun { name: pipeline.name.clone(), images, original, detect, classify: None, top_k: spec.classify.top_k });
+    }
+    let classifier = Target::resolve_continuing(core, Arc::clone(&steps.classify), context).await?;
+    let classifier_params = PredictParams { top_k: spec.classify.top_k, ..PredictParams::default() };
+    let Inference { outputs, timings, .. } = run_step(core, &classifier, Arc::new(crops), classifier_params, context).await?;
+    let post_started = Instant::now();
+    let tops: Vec<Vec<Prediction>> = core
+        .run_cpu(move || {
+            outputs
+                .finish()?
+                .into_iter()
+                .map(|finished| match finished {
+                    Finished::Classification { top, .. } => Ok(top),
+                    _ => Err(ApiError::Internal("the classify step answered another task".into())),
+                })
+                .collect::<Result<Vec<_>, ApiError>>()
+        })
+        .await??;
+    for ((i, j), top) in owners.into_iter().zip(tops) {
+        images[i][j].predictions = top;
+    }
+    let classify = StepRun {
+        model: classifier.name().to_string(),
+        version: classifier.entry.version.clone(),
+        timings,
+        postprocess_time: post_started.elapsed(),
+    };
+    Ok(PipelineRun { name: pipeline.name.clone(), images, original, detect, classify: Some(classify), top_k: spec.classify.top_k })
+}
+
+/// One step on decoded images (the request's, or the crops): preprocessed for its model on the
+/// CPU pool, then through its queue like any request.
+async fn run_step(
+    core: &Core,
+    target: &Target,
+    images: Arc<Vec<RgbImage>>,
+    params: PredictParams,
+    context: &RequestContext,
+) -> Result<Inference, ApiError> {
+    let started = Instant::now();
+    let config = Arc::clone(&target.config);
+    let prepared = core.run_cpu(move || preprocess_images(&images, &config.input)).await??;
+    infer::run_prepared(core, target, prepared, None, started, params, false, context).await
+}
+
+impl PipelineRun {
+    /// Every step's times as `x-*` pairs: `x-step1-*` for the detector, `x-step2-*` for the
+    /// classifier, and the usual `x-*-time-ms` as their sums.
+    pub fn timing_pairs(&self) -> Vec<(String, String)> {
+        let steps: Vec<&StepRun> = std::iter::once(&self.detect).chain(self.classify.as_ref()).collect();
+        let sum = |f: fn(&StepRun) -> Duration| steps.iter().map(|s| f(s)).sum::<Duration>();
+        let mut values = vec![
+            ("x-preprocess-time-ms".to_string(), millis(sum(|s| s.timings.preprocess_time))),
+            ("x-queue-time-ms".to_string(), millis(sum(|s| s.timings.queue_time))),
+            ("x-inference-time-ms".to_string(), millis(sum(|s| s.timings.inference_time))),
+            ("x-postprocess-time-ms".to_string(), millis(sum(|s| s.postprocess_time))),
+        ];
+        for (n, step) in steps.iter().enumerate() {
+            let prefix = format!("x-step{}", n + 1);
+            values.push((format!("{prefix}-model"), format!("{}/{}", step.model, step.version)));
+            values.push((format!("{prefix}-preprocess-time-ms"), millis(step.timings.preprocess_time)));
+            values.push((format!("{prefix}-queue-time-ms"), millis(step.timings.queue_time)));
+            values.push((format!("{prefix}-inference-time-ms"), millis(step.timings.inference_time)));
+            values.push((format!("{prefix}-batch-size"), step.timings.batch_size.to_string()));
+            if let Some(load) = step.timings.model_load_time {
+                values.push((format!("{prefix}-model-load-time-ms"), millis(load)));
+            }
+        }
+        values
+    }
+
+    /// The detections to draw: each labelled with the classifier's best class and the
+    /// detector's class, `"golden retriever (dog)"`.
+    pub fn overlay(&self) -> Finished {
+        let detections = self
+            .images
+            .first()
+            .into_iter()
+            .flatten()
+            .map(|n| {
+                let mut d = n.detection.clone();
+                if let Some(best) = n.predictions.first() {
+                    d.label = format!("{} ({})", best.label, d.label);
+                }
+                d
+            })
+            .collect();
+        Finished::Detection { detections }
+    }
+}
