@@ -29,7 +29,8 @@ pub(super) fn run_jobs(name: &str, model: &LoadedModel, config: &ModelConfig, mu
         forward_span.follows_from(&job.span);
     }
     let _entered = forward_span.enter();
-    // One threshold for the batch: the lowest asked for; each job's own is applied after.
+    // One threshold for the batch, the lowest asked for, so fewer candidates cross the queue;
+    // each request's own is applied next to NMS (`tasks::finish`).
     let threshold = jobs.iter().map(|j| j.options.score_threshold).fold(f32::INFINITY, f32::min);
     let mut results: Vec<Result<(ModelOutput, Vec<RawTensor>), String>> = Vec::with_capacity(batch_size);
     let want_confidence = jobs.iter().any(|j| j.options.want_confidence);
@@ -64,8 +65,7 @@ pub(super) fn run_jobs(name: &str, model: &LoadedModel, config: &ModelConfig, mu
         let outcome = mine
             .into_iter()
             .map(|r| {
-                r.map(|(output, raw)| (keep_above(output, job.options.score_threshold), raw))
-                    .map_err(EngineError::Forward)
+                r.map_err(EngineError::Forward)
             })
             .collect::<Result<Vec<_>, _>>()
             .map(|pairs| {
@@ -79,14 +79,5 @@ pub(super) fn run_jobs(name: &str, model: &LoadedModel, config: &ModelConfig, mu
                 }
             });
         let _ = job.reply.send(outcome);
-    }
-}
-
-fn keep_above(output: ModelOutput, threshold: f32) -> ModelOutput {
-    match output {
-        ModelOutput::Candidates(list) => {
-            ModelOutput::Candidates(list.into_iter().filter(|c| c.score >= threshold).collect())
-        }
-        other => other,
     }
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use image::RgbImage;
 
-use super::infer::{self, Inference};
+use super::infer::{self, Inference, Outputs};
 use super::prepare::{decode_whole, preprocess_images, ImageInput};
 use super::{millis, Core, RequestContext, StageTimings, Target};
 use crate::error::ApiError;
@@ -81,29 +81,13 @@ pub async fn run(
     let decoded: Arc<Vec<RgbImage>> = Arc::new(core.run_cpu(move || decode_whole(input, limits)).await??);
     let decode_time = decode_started.elapsed();
 
-    // Step 1: the detector, with the pipeline's score floor; the class filter and the crop
-    // cap apply after its NMS, so a class left out never takes a kept one's place.
+    // Step 1: the detector, with the pipeline's score floor.
     let detector_params = PredictParams { score_threshold: spec.detect.min_score, max_detections: usize::MAX, ..PredictParams::default() };
     let Inference { outputs, mut timings, .. } = run_step(core, &detector, Arc::clone(&decoded), detector_params, context).await?;
     timings.preprocess_time += decode_time;
     let post_started = Instant::now();
     let keep_spec = Arc::clone(&spec);
-    let detections: Vec<Vec<Detection>> = core
-        .run_cpu(move || {
-            outputs
-                .finish()?
-                .into_iter()
-                .map(|finished| match finished {
-                    Finished::Detection { detections } => Ok(detections
-                        .into_iter()
-                        .filter(|d| keep_spec.keeps(&d.label))
-                        .take(keep_spec.detect.max_crops)
-                        .collect()),
-                    _ => Err(ApiError::Internal("the detect step answered another task".into())),
-                })
-                .collect::<Result<Vec<_>, ApiError>>()
-        })
-        .await??;
+    let detections = core.run_cpu(move || kept_detections(outputs, &keep_spec)).await??;
     let detect = StepRun {
         model: detector.name().to_string(),
         version: detector.entry.version.clone(),
@@ -116,21 +100,7 @@ pub async fn run(
     let margin = spec.classify.margin;
     let crops_of = Arc::clone(&decoded);
     let cut = detections.clone();
-    let (crops, owners): (Vec<RgbImage>, Vec<(usize, usize)>) = core
-        .run_cpu(move || {
-            let mut crops = Vec::new();
-            let mut owners = Vec::new();
-            for (i, (image, found)) in crops_of.iter().zip(&cut).enumerate() {
-                for (j, detection) in found.iter().enumerate() {
-                    if let Some(rect) = crop_of(detection, margin, image.width(), image.height()) {
-                        crops.push(image::imageops::crop_imm(image, rect.x, rect.y, rect.width, rect.height).to_image());
-                        owners.push((i, j));
-                    }
-                }
-            }
-            (crops, owners)
-        })
-        .await?;
+    let (crops, owners) = core.run_cpu(move || cut_crops(&crops_of, &cut, margin)).await?;
     let original = if keep_original { Arc::try_unwrap(decoded).ok().and_then(|mut v| (!v.is_empty()).then(|| v.remove(0))) } else { None };
     let mut images: Vec<Vec<NestedDetection>> = detections
         .into_iter()
@@ -143,18 +113,7 @@ pub async fn run(
     let classifier_params = PredictParams { top_k: spec.classify.top_k, ..PredictParams::default() };
     let Inference { outputs, timings, .. } = run_step(core, &classifier, Arc::new(crops), classifier_params, context).await?;
     let post_started = Instant::now();
-    let tops: Vec<Vec<Prediction>> = core
-        .run_cpu(move || {
-            outputs
-                .finish()?
-                .into_iter()
-                .map(|finished| match finished {
-                    Finished::Classification { top, .. } => Ok(top),
-                    _ => Err(ApiError::Internal("the classify step answered another task".into())),
-                })
-                .collect::<Result<Vec<_>, ApiError>>()
-        })
-        .await??;
+    let tops = core.run_cpu(move || top_predictions(outputs)).await??;
     for ((i, j), top) in owners.into_iter().zip(tops) {
         images[i][j].predictions = top;
     }
@@ -165,6 +124,49 @@ pub async fn run(
         postprocess_time: post_started.elapsed(),
     };
     Ok(PipelineRun { name: pipeline.name.clone(), images, original, detect, classify: Some(classify), top_k: spec.classify.top_k })
+}
+
+/// The detector's results per image, filtered to the pipeline's classes and capped at its crop
+/// count, best first (after its NMS, so a class left out never takes a kept one's place).
+fn kept_detections(outputs: Outputs, spec: &PipelineSpec) -> Result<Vec<Vec<Detection>>, ApiError> {
+    outputs
+        .finish()?
+        .into_iter()
+        .map(|finished| match finished {
+            Finished::Detection { detections } => {
+                Ok(detections.into_iter().filter(|d| spec.keeps(&d.label)).take(spec.detect.max_crops).collect())
+            }
+            _ => Err(ApiError::Internal("the detect step answered another task".into())),
+        })
+        .collect()
+}
+
+/// Every detection's crop of its image, with whose it is (image, detection); a detection with
+/// nothing of it in the image has none.
+fn cut_crops(images: &[RgbImage], detections: &[Vec<Detection>], margin: f32) -> (Vec<RgbImage>, Vec<(usize, usize)>) {
+    let mut crops = Vec::new();
+    let mut owners = Vec::new();
+    for (i, (image, found)) in images.iter().zip(detections).enumerate() {
+        for (j, detection) in found.iter().enumerate() {
+            if let Some(rect) = crop_of(detection, margin, image.width(), image.height()) {
+                crops.push(image::imageops::crop_imm(image, rect.x, rect.y, rect.width, rect.height).to_image());
+                owners.push((i, j));
+            }
+        }
+    }
+    (crops, owners)
+}
+
+/// The classifier's top-k per crop.
+fn top_predictions(outputs: Outputs) -> Result<Vec<Vec<Prediction>>, ApiError> {
+    outputs
+        .finish()?
+        .into_iter()
+        .map(|finished| match finished {
+            Finished::Classification { top, .. } => Ok(top),
+            _ => Err(ApiError::Internal("the classify step answered another task".into())),
+        })
+        .collect()
 }
 
 /// One step on decoded images (the request's, or the crops): preprocessed for its model on the

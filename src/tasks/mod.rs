@@ -47,8 +47,8 @@ pub enum Finished {
 #[error("worker output does not match task {0:?}")]
 pub struct OutputMismatch(pub Task);
 
-/// Turns one image's model output into its result: top-k, NMS, mapping boxes and masks back
-/// through the image's geometry.
+/// Turns one image's model output into its result: top-k; the request's score threshold, then
+/// NMS; mapping boxes and masks back through the image's geometry.
 pub fn finish(
     task: Task,
     output: ModelOutput,
@@ -61,7 +61,9 @@ pub fn finish(
             let top = classification::top_k(&scores, params.top_k, labels);
             Ok(Finished::Classification { scores, top })
         }
-        (Task::Detection, ModelOutput::Candidates(candidates)) => {
+        (Task::Detection, ModelOutput::Candidates(mut candidates)) => {
+            // The executor dropped only what is below every threshold of its batch.
+            candidates.retain(|c| c.score >= params.score_threshold);
             let kept = detection::non_max_suppression(candidates, params.iou_threshold, params.max_detections);
             Ok(Finished::Detection { detections: detection::to_detections(&kept, geometry, labels) })
         }
@@ -126,6 +128,16 @@ mod tests {
         let Ok(Finished::Classification { scores, top }) = out else { panic!("{out:?}") };
         assert_eq!(scores, [0.2, 0.5, 0.3]);
         assert_eq!(top.iter().map(|p| p.label.as_str()).collect::<Vec<_>>(), ["one", "two"]);
+    }
+
+    #[test]
+    fn detection_keeps_only_what_reaches_the_requests_threshold() {
+        let c = |x: f32, score: f32| Candidate { x1: x, y1: 0.0, x2: x + 10.0, y2: 10.0, score, class: 1 };
+        // A batch-mate asked for 0.2, so the executor passed these on; this request asked for 0.5.
+        let candidates = vec![c(0.0, 0.3), c(50.0, 0.5), c(80.0, 0.9)];
+        let out = finish(Task::Detection, ModelOutput::Candidates(candidates), &Geometry::identity(100, 10), &labels(), &PredictParams::default()).unwrap();
+        let Finished::Detection { detections } = out else { panic!() };
+        assert_eq!(detections.iter().map(|d| d.score).collect::<Vec<_>>(), [0.9, 0.5]);
     }
 
     #[test]
