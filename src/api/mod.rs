@@ -221,5 +221,3 @@ mod tests {
         }
     }
 }
-
-pub use crate::serve::millis;

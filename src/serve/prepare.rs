@@ -23,7 +23,8 @@ pub enum ImageInput {
 
 /// `count` RGB images of one size, row-major, three bytes a pixel.
 pub struct PixelBatch {
-    pub data: Vec<u8>,
+    /// Shared, so the cache's identities are slices of it, not copies.
+    pub data: Bytes,
     pub count: usize,
     pub width: u32,
     pub height: u32,
@@ -42,18 +43,6 @@ pub struct TensorBatch {
 pub type ImageIdentities = Vec<Vec<Bytes>>;
 
 impl ImageInput {
-    pub fn len(&self) -> usize {
-        match self {
-            ImageInput::Encoded(images) => images.len(),
-            ImageInput::Pixels(batch) => batch.count,
-            ImageInput::Preprocessed(batch) => batch.count,
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// What the cache keys each image by; `None` for preprocessed tensors, which it does not
     /// keep. Asked only when the cache is on.
     pub fn identities(&self) -> Option<ImageIdentities> {
@@ -62,8 +51,7 @@ impl ImageInput {
             ImageInput::Pixels(batch) => {
                 let plane = batch.width as usize * batch.height as usize * 3;
                 let shape = Bytes::from([i64::from(batch.height).to_le_bytes(), i64::from(batch.width).to_le_bytes()].concat());
-                let pixels = Bytes::copy_from_slice(&batch.data);
-                Some((0..batch.count).map(|i| vec![shape.clone(), pixels.slice(i * plane..(i + 1) * plane)]).collect())
+                Some((0..batch.count).map(|i| vec![shape.clone(), batch.data.slice(i * plane..(i + 1) * plane)]).collect())
             }
             ImageInput::Preprocessed(_) => None,
         }

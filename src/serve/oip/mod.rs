@@ -314,7 +314,7 @@ fn image_input(input: &InputTensor, max_pixels: u64, for_model: bool) -> Result<
             if h == 0 || w == 0 || (h as u64).saturating_mul(w as u64) > max_pixels {
                 return Err(bad(format!("{w}×{h} images are outside the accepted size")));
             }
-            let data = input.u8_values().map_err(bad)?;
+            let data = input.u8_values().map_err(bad)?.into();
             Ok(ImageInput::Pixels(PixelBatch { data, count: n, width: w as u32, height: h as u32 }))
         }
         "FP32" if for_model => {
