@@ -47,6 +47,7 @@ fn compile_aoti_shim(lib_dir: &std::path::Path) {
 /// file descriptor set that server reflection serves.
 fn compile_protos() {
     println!("cargo:rerun-if-changed=proto/grpc_service.proto");
+    println!("cargo:rerun-if-changed=proto/model_config.proto");
     let protoc = protoc_bin_vendored::protoc_bin_path().expect("protoc-bin-vendored ships protoc for this platform");
     std::env::set_var("PROTOC", protoc);
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -54,6 +55,6 @@ fn compile_protos() {
         .file_descriptor_set_path(out.join("inference_descriptor.bin"))
         // Tensor payloads stay reference-counted slices of the received message, not copies.
         .bytes(".inference")
-        .compile_protos(&["proto/grpc_service.proto"], &["proto"])
-        .expect("compiling proto/grpc_service.proto");
+        .compile_protos(&["proto/grpc_service.proto", "proto/model_config.proto"], &["proto"])
+        .expect("compiling proto/grpc_service.proto and proto/model_config.proto");
 }

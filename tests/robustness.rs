@@ -351,3 +351,46 @@ fn sigterm_under_load_answers_every_accepted_request_then_exits_zero() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Sends a `bytes`-long upload to `path` in 64 kB writes, then reads the answer. Every write
+/// must go through: a server that answered without reading would reset the connection.
+fn upload_then_read(addr: &str, path: &str, extra_headers: &str, bytes: usize) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-type: image/jpeg\r\ncontent-length: {bytes}\r\n{extra_headers}\r\n"
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    let mut sent = 0;
+    while sent < bytes {
+        let n = chunk.len().min(bytes - sent);
+        if let Err(e) = stream.write_all(&chunk[..n]) {
+            panic!("{path}: the upload broke after {sent} of {bytes} bytes ({e}): the server answered without reading it");
+        }
+        sent += n;
+    }
+    read_until_closed(stream, Duration::from_secs(30)).0
+}
+
+#[test]
+fn an_unread_upload_is_read_before_the_refusal_goes_back() {
+    let repo = test_models();
+    let server = Server::start(&["--model-repository", repo.to_str().unwrap(), "--models", "tiny_ssd", "--api-keys", "upload-key"]);
+    assert_eq!(server.wait_until_settled(Duration::from_secs(60)).status(), 200);
+    let addr = server.base.trim_start_matches("http://").to_string();
+    // 16 MB: more than loopback's socket buffers hold, under the 20 MB body limit.
+    let size = 16 * 1024 * 1024;
+    let key = "authorization: Bearer upload-key\r\n";
+    for (path, headers, status) in [
+        ("/predictions/no_such_model", key, "404"),
+        ("/v2/models/tiny_ssd/infer", "", "401"),
+        ("/v1/models/tiny_ssd/predict", "", "401"),
+        ("/no/such/route", "", "404"),
+    ] {
+        let answer = upload_then_read(&addr, path, headers, size);
+        assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{path}: {}", answer.lines().next().unwrap_or(""));
+    }
+    // Over the limit: the 413 is read too (the rest is drained up to the limit once more).
+    let answer = upload_then_read(&addr, "/predictions/tiny_ssd", key, 24 * 1024 * 1024);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{}", answer.lines().next().unwrap_or(""));
+}

@@ -164,23 +164,34 @@ async fn body_limit_content_type_and_image_count_are_enforced_before_any_model()
 }
 
 #[tokio::test]
-async fn unknown_routes_and_methods_answer_json() {
-    let (status, _, body) = call(get("/v2/nothing")).await;
+async fn unknown_routes_and_methods_answer_json_in_their_protocols_shape() {
+    let (status, _, body) = call(get("/v1/nothing")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["error"]["code"], "not_found");
     let (status, _, body) = call(get("/v1/models/broken/predict")).await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(body["error"]["code"], "method_not_allowed");
+    // Under /v2, Triton's shape: a string (tritonclient fails formatting an object).
+    let (status, _, body) = call(get("/v2/nothing")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body["error"].is_string(), "{body}");
+    let (status, _, body) = call(get("/v2/models/broken/infer")).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(body["error"].is_string(), "{body}");
 }
 
 #[tokio::test]
 async fn management_is_off_without_an_admin_token() {
-    for (method, uri) in [("POST", "/v2/repository/index"), ("GET", "/models"), ("DELETE", "/models/broken")] {
+    for (method, uri) in [("GET", "/models"), ("DELETE", "/models/broken")] {
         let request = Request::builder().method(method).uri(uri).body(Body::empty()).unwrap();
         let (status, _, body) = call(request).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{method} {uri}");
         assert_eq!(body["error"]["code"], "management_disabled", "{method} {uri}");
     }
+    let request = Request::builder().method("POST").uri("/v2/repository/index").body(Body::empty()).unwrap();
+    let (status, _, body) = call(request).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(body["error"].as_str().is_some_and(|m| m.contains("--admin-token")), "{body}");
 }
 
 #[tokio::test]
@@ -190,4 +201,62 @@ async fn the_contract_and_its_page_are_served() {
     assert_eq!(response.status(), StatusCode::OK);
     let text = response.into_body().collect().await.unwrap().to_bytes();
     assert!(text.starts_with(b"openapi: 3.1"));
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(bytes).unwrap();
+    encoder.finish().unwrap()
+}
+
+#[tokio::test]
+async fn gzip_bodies_are_read_decompressed_and_a_bomb_is_413() {
+    // Parsed as JSON once decompressed: the error is about the inputs, not the bytes.
+    let body = gzip(br#"{"model_name": "broken", "inputs": []}"#);
+    let request = Request::post("/v2/models/broken/infer").header("content-encoding", "gzip").body(Body::from(body)).unwrap();
+    let (status, _, body) = call(request).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["error"].as_str().unwrap().contains("exactly one input"), "{body}");
+    // 200 kB of zeros is a few hundred bytes compressed; the 1 kB limit counts what it becomes.
+    let bomb = gzip(&vec![0u8; 200_000]);
+    assert!(bomb.len() < 1024);
+    for uri in ["/v2/models/broken/infer", "/v1/models/broken/predict"] {
+        let request = Request::post(uri).header("content-encoding", "gzip").header("content-type", "image/jpeg").body(Body::from(bomb.clone())).unwrap();
+        let (status, _, body) = call(request).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{uri}: {body}");
+    }
+    // An encoding we do not read is refused, not parsed as JSON.
+    let request = Request::post("/v2/models/broken/infer").header("content-encoding", "br").body(Body::from("x")).unwrap();
+    assert_eq!(call(request).await.0, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+}
+
+#[tokio::test]
+async fn model_configuration_and_statistics_in_tritons_shape() {
+    let (status, _, config) = call(get("/v2/models/broken/config")).await;
+    assert_eq!(status, StatusCode::OK, "{config}");
+    assert_eq!(config["name"], "broken");
+    assert_eq!(config["max_batch_size"], 2, "the images a request may carry");
+    assert_eq!(config["input"][0], json!({"name": "image", "data_type": "TYPE_STRING", "dims": [], "format": "FORMAT_NONE"}));
+    assert_eq!(config["output"][0]["data_type"], "TYPE_FP32");
+    assert_eq!(config["instance_group"][0]["kind"], "KIND_CPU");
+    assert_eq!(config["version_policy"], json!({"all": {}}));
+    assert_eq!(call(get("/v2/models/broken/versions/1/config")).await.2, config);
+    let (status, _, missing) = call(get("/v2/models/nothing/config")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(missing["error"].is_string(), "{missing}");
+
+    let (status, _, all) = call(get("/v2/models/stats")).await;
+    assert_eq!(status, StatusCode::OK);
+    let row = &all["model_stats"][0];
+    assert_eq!((row["name"].as_str(), row["version"].as_str()), (Some("broken"), Some("1")));
+    assert_eq!(row["inference_stats"]["success"], json!({"count": 0, "ns": 0}));
+    assert_eq!(row["execution_count"], 0);
+    assert_eq!(call(get("/v2/models/broken/stats")).await.2, all);
+    assert_eq!(call(get("/v2/models/broken/versions/1/stats")).await.2, all);
+    assert_eq!(call(get("/v2/models/nothing/stats")).await.0, StatusCode::NOT_FOUND);
+    let (_, _, server) = call(get("/v2")).await;
+    for extension in ["model_configuration", "statistics"] {
+        assert!(server["extensions"].as_array().unwrap().contains(&json!(extension)), "{server}");
+    }
 }

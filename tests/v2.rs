@@ -84,3 +84,36 @@ fn open_inference_protocol_v2_answers_like_v1() {
     let (status, _) = v2_infer(CLASSIFIER, json!({"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": [b64]}]}));
     assert_eq!(status, 400);
 }
+
+fn success_count(model: &str) -> (u64, u64, u64) {
+    let stats: Value = client().get(server().url(&format!("/v2/models/{model}/stats"))).send().unwrap().json().unwrap();
+    let row = &stats["model_stats"][0];
+    let n = |v: &Value| v.as_u64().unwrap();
+    (n(&row["inference_stats"]["success"]["count"]), n(&row["inference_count"]), n(&row["execution_count"]))
+}
+
+#[test]
+fn kserves_sdk_fields_are_ignored_and_each_request_is_counted_in_the_statistics() {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(jpeg(96, 64, 4));
+    let before = success_count(CLASSIFIER);
+    // What KServe's InferenceRESTClient sends: model_name and model_version at the top.
+    let (status, body) = v2_infer(CLASSIFIER, json!({
+        "model_name": CLASSIFIER, "model_version": "1", "id": "sdk",
+        "inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": [b64, b64], "parameters": {}}]}));
+    assert_eq!(status, 200, "{body}");
+    let after = success_count(CLASSIFIER);
+    // Other tests share this server, so at least ours is counted.
+    assert!(after.0 > before.0, "success count {before:?} → {after:?}");
+    assert!(after.1 >= before.1 + 2, "two images inferred: {before:?} → {after:?}");
+    assert!(after.2 > before.2, "at least one forward: {before:?} → {after:?}");
+    let stats: Value = client().get(server().url(&format!("/v2/models/{CLASSIFIER}/stats"))).send().unwrap().json().unwrap();
+    let inference = &stats["model_stats"][0]["inference_stats"];
+    assert!(inference["compute_infer"]["ns"].as_u64().unwrap() > 0);
+    assert!(inference["success"]["ns"].as_u64().unwrap() >= inference["compute_infer"]["ns"].as_u64().unwrap());
+    assert!(stats["model_stats"][0]["last_inference"].as_u64().unwrap() > 1_700_000_000_000);
+
+    let config: Value = client().get(server().url(&format!("/v2/models/{CLASSIFIER}/config"))).send().unwrap().json().unwrap();
+    assert_eq!(config["output"][0], json!({"name": "scores", "data_type": "TYPE_FP32", "dims": [1000], "label_filename": "labels.txt"}));
+    assert!(config["dynamic_batching"]["preferred_batch_size"][0].as_i64().unwrap() >= 1);
+    assert_eq!(config["backend"], "pytorch");
+}

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use super::AppState;
+use super::{v2, AppState};
 
 /// Equal without an early exit, so timing does not reveal how much of a key matched.
 pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -23,8 +23,15 @@ pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-pub(super) fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
-    let mut response = (status, Json(json!({"error": {"code": code, "message": message}}))).into_response();
+/// A refusal in the shape of the route's protocol: V2's `{"error": "<message>"}` under `/v2`
+/// (what Triton's and KServe's clients read), the service's `{"error": {"code", "message"}}`
+/// elsewhere.
+pub(super) fn refuse(path: &str, status: StatusCode, code: &str, message: &str) -> Response {
+    let mut response = if v2::is_v2_path(path) {
+        v2::error_response(status, message)
+    } else {
+        (status, Json(json!({"error": {"code": code, "message": message}}))).into_response()
+    };
     if status == StatusCode::UNAUTHORIZED {
         response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
@@ -74,22 +81,27 @@ pub fn check_admin_token(state: &AppState, presented: Option<&str>) -> Result<()
 
 /// The inference sub-router's layer.
 pub async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let path = request.uri().path().to_string();
     match check_api_key(&state, bearer_token(request.headers())) {
         Ok(()) => next.run(request).await,
-        Err(Refusal::Invalid) => refuse(StatusCode::FORBIDDEN, "forbidden", "the API key is not valid"),
-        Err(_) => refuse(StatusCode::UNAUTHORIZED, "unauthorized", "this route needs an API key: Authorization: Bearer <key>"),
+        Err(Refusal::Invalid) => refuse(&path, StatusCode::FORBIDDEN, "forbidden", "the API key is not valid"),
+        Err(_) => refuse(&path, StatusCode::UNAUTHORIZED, "unauthorized", "this route needs an API key: Authorization: Bearer <key>"),
     }
 }
 
 /// The management sub-router's layer: the admin token; with none configured, management is off.
 pub async fn require_admin_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let path = request.uri().path().to_string();
     match check_admin_token(&state, bearer_token(request.headers())) {
         Ok(()) => next.run(request).await,
-        Err(Refusal::ManagementOff) => refuse(StatusCode::FORBIDDEN, "management_disabled", MANAGEMENT_OFF),
-        Err(Refusal::Missing) => {
-            refuse(StatusCode::UNAUTHORIZED, "unauthorized", "management routes need the admin token: Authorization: Bearer <token>")
-        }
-        Err(Refusal::Invalid) => refuse(StatusCode::FORBIDDEN, "forbidden", "the admin token is not valid"),
+        Err(Refusal::ManagementOff) => refuse(&path, StatusCode::FORBIDDEN, "management_disabled", MANAGEMENT_OFF),
+        Err(Refusal::Missing) => refuse(
+            &path,
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "management routes need the admin token: Authorization: Bearer <token>",
+        ),
+        Err(Refusal::Invalid) => refuse(&path, StatusCode::FORBIDDEN, "forbidden", "the admin token is not valid"),
     }
 }
 

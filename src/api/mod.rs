@@ -15,6 +15,7 @@ pub mod input;
 mod models;
 mod predict;
 mod torchserve;
+mod unread_body;
 pub mod v2;
 mod web;
 
@@ -23,9 +24,12 @@ use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use metrics_exporter_prometheus::PrometheusHandle;
-use axum::http::{HeaderName, Request};
+use axum::http::{HeaderName, Request, Uri};
+use axum::response::{IntoResponse, Response};
 use axum::Router;
 use tower::ServiceBuilder;
+use tower_http::compression::CompressionLayer;
+use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
@@ -130,11 +134,17 @@ pub fn router(state: AppState) -> Router {
         .merge(docs::router())
         .merge(inference)
         .merge(management)
-        .fallback(|| async { ApiError::NotFound("no such route".into()) })
-        .method_not_allowed_fallback(|| async {
-            ApiError::MethodNotAllowed("method not allowed on this route".into())
+        .fallback(|uri: Uri| async move { in_route_shape(&uri, ApiError::NotFound("no such route".into())) })
+        .method_not_allowed_fallback(|uri: Uri| async move {
+            in_route_shape(&uri, ApiError::MethodNotAllowed("method not allowed on this route".into()))
         })
         .layer(axum::middleware::from_fn(metrics_route::track_inference))
+        // `Content-Encoding: gzip` or `deflate` bodies are read decompressed, and the body
+        // limit counts decompressed bytes, so a small bomb is a 413, never memory; answers are
+        // compressed when the client's `Accept-Encoding` asks (tritonclient, browsers).
+        .layer(RequestDecompressionLayer::new())
+        .layer(CompressionLayer::new())
+        .layer(axum::middleware::from_fn_with_state(body_limit, unread_body::read_before_answering))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(
             ServiceBuilder::new()
@@ -159,6 +169,12 @@ pub fn router(state: AppState) -> Router {
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID)),
         )
         .with_state(state)
+}
+
+/// An error made outside any handler (an unknown route, a wrong method) in the shape of the
+/// protocol the path belongs to.
+fn in_route_shape(uri: &Uri, error: ApiError) -> Response {
+    if v2::is_v2_path(uri.path()) { v2::V2Error::from(error).into_response() } else { error.into_response() }
 }
 
 /// A request's span, the same for REST and gRPC: its id, method and route, and — filled in as

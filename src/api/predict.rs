@@ -22,7 +22,7 @@ use crate::error::ApiError;
 use crate::pipeline::PIPELINE_VERSION;
 use crate::render;
 use crate::repository::{PipelineEntry, Servable};
-use crate::serve::infer::{self, answer_headers, write_cache, write_pairs, Answered, CacheOutcome, Wants};
+use crate::serve::infer::{self, answer_headers, write_cache, write_pairs, Answered, CacheOutcome, ImageRequest, Wants};
 use crate::serve::pipeline::{self, PipelineRun};
 use crate::serve::{ImageInput, RequestContext, Target};
 use crate::tasks::{PredictParams, TaskResult};
@@ -60,7 +60,7 @@ async fn predict(
     if render {
         return predict_overlay(&state, &target, images, params, &context).await;
     }
-    let answered = infer::answer(&state, &target, ImageInput::Encoded(images), params, Wants::default(), &context).await?;
+    let answered = infer::answer(&state, &target, ImageRequest::new(ImageInput::Encoded(images), params), &context).await?;
 
     let post_started = Instant::now();
     let Answered { results, timings, labels, cache, .. } = answered;
@@ -105,7 +105,7 @@ async fn predict_overlay(
     }
     // The decoded original comes back to be drawn on.
     let wants = Wants { raw: false, original: true };
-    let answered = infer::answer(state, target, ImageInput::Encoded(vec![image]), params, wants, context).await?;
+    let answered = infer::answer(state, target, ImageRequest { input: ImageInput::Encoded(vec![image]), params, wants }, context).await?;
     let post_started = Instant::now();
     let Answered { results, timings, labels, original, .. } = answered;
     let mut image = original.ok_or_else(|| ApiError::Internal("no decoded image to draw on".into()))?;

@@ -13,6 +13,8 @@ use serde_json::{json, Map, Value};
 use super::model_path::ModelPath;
 use super::AppState;
 use crate::error::ApiError;
+use crate::serve::oip::config::{model_configuration, ModelConfiguration};
+use crate::serve::oip::statistics::{statistics, VersionStatistics};
 use crate::serve::oip::{self, tensors, TensorSpec, EXTENSIONS};
 use crate::serve::{manage, RequestContext};
 
@@ -27,6 +29,11 @@ pub fn router() -> Router<AppState> {
         .route("/v2/models/{name}/versions/{version}", get(model_metadata))
         .route("/v2/models/{name}/ready", get(model_ready))
         .route("/v2/models/{name}/versions/{version}/ready", get(model_ready))
+        .route("/v2/models/{name}/config", get(model_config))
+        .route("/v2/models/{name}/versions/{version}/config", get(model_config))
+        .route("/v2/models/stats", get(all_statistics))
+        .route("/v2/models/{name}/stats", get(model_statistics))
+        .route("/v2/models/{name}/versions/{version}/stats", get(model_statistics))
 }
 
 /// Triton's model repository extension, behind the admin token (`api::router`):
@@ -47,7 +54,8 @@ pub fn inference_routes() -> Router<AppState> {
 
 /// The service's one error, rendered in the V2 shape, `{"error": "..."}`, with Triton's
 /// mapping: not found 404, unavailable 503 (with `Retry-After`), internal 500, deadline 504,
-/// everything else 400.
+/// everything else 400 — except a body over the limit (413) and a wrong method (405), which
+/// keep their own status so a client can tell them from a bad request.
 pub struct V2Error(ApiError);
 
 impl From<ApiError> for V2Error {
@@ -69,15 +77,46 @@ impl IntoResponse for V2Error {
             status @ (StatusCode::NOT_FOUND
             | StatusCode::SERVICE_UNAVAILABLE
             | StatusCode::INTERNAL_SERVER_ERROR
-            | StatusCode::GATEWAY_TIMEOUT) => status,
+            | StatusCode::GATEWAY_TIMEOUT
+            | StatusCode::PAYLOAD_TOO_LARGE
+            | StatusCode::METHOD_NOT_ALLOWED) => status,
             _ => StatusCode::BAD_REQUEST,
         };
         self.0.log();
-        let mut response = (status, Json(json!({"error": self.0.to_string()}))).into_response();
+        let mut response = error_response(status, &self.0.to_string());
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
+    }
+}
+
+/// V2's error body, `{"error": "<message>"}`: what `tritonclient` and KServe's SDK read (a
+/// nested object makes `tritonclient.http` fail formatting it). Also for the errors made
+/// outside this module's handlers on `/v2` paths: credentials refused, unknown routes.
+pub fn error_response(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({"error": message}))).into_response()
+}
+
+/// V2's paths (`/v2` and below), whose errors all take V2's shape.
+pub fn is_v2_path(path: &str) -> bool {
+    path == "/v2" || path.starts_with("/v2/")
+}
+
+/// A body the V2 handlers could not read: too large (413) or cut off (400), in V2's shape.
+pub struct V2Body(pub Bytes);
+
+impl axum::extract::FromRequest<AppState> for V2Body {
+    type Rejection = V2Error;
+
+    async fn from_request(request: axum::extract::Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        match Bytes::from_request(request, state).await {
+            Ok(body) => Ok(V2Body(body)),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(V2Error(ApiError::PayloadTooLarge(state.limits.max_body_bytes)))
+            }
+            Err(rejection) => Err(V2Error::bad(rejection.body_text())),
+        }
     }
 }
 
@@ -120,8 +159,77 @@ async fn model_ready(State(state): State<AppState>, model: ModelPath) -> Result<
     Ok((status, Json(json!({"name": model.name, "ready": is_ready}))).into_response())
 }
 
+/// Triton's model configuration, in the JSON shape Triton's HTTP endpoint gives it.
+async fn model_config(State(state): State<AppState>, model: ModelPath) -> Result<Json<Value>, V2Error> {
+    let servable = state.repository.lookup(&model.name, model.version()).map_err(ApiError::from)?;
+    Ok(Json(config_json(&model_configuration(&state, servable)?)))
+}
+
+fn config_json(c: &ModelConfiguration) -> Value {
+    let tensor = |t: &oip::config::ConfigTensor| {
+        let mut object = json!({"name": t.name, "data_type": t.data_type, "dims": t.dims});
+        if let Some(format) = t.format {
+            object["format"] = json!(format);
+        }
+        if let Some(labels) = &t.label_filename {
+            object["label_filename"] = json!(labels);
+        }
+        object
+    };
+    let mut config = json!({
+        "name": c.name,
+        "platform": c.platform,
+        "backend": c.backend,
+        "version_policy": {"all": {}},
+        "max_batch_size": c.max_batch_size,
+        "input": c.inputs.iter().map(tensor).collect::<Vec<_>>(),
+        "output": c.outputs.iter().map(tensor).collect::<Vec<_>>(),
+        "default_model_filename": c.default_model_filename,
+        "parameters": c.parameters.iter().map(|(k, v)| (k.clone(), json!({"string_value": v}))).collect::<Map<_, _>>(),
+    });
+    if let Some(batching) = c.dynamic_batching {
+        config["dynamic_batching"] = json!({
+            "preferred_batch_size": [batching.preferred_batch_size],
+            "max_queue_delay_microseconds": batching.max_queue_delay_microseconds,
+        });
+    }
+    if let Some(group) = &c.instance_group {
+        config["instance_group"] = json!([{"name": group.name, "kind": group.kind, "count": group.count, "gpus": group.gpus}]);
+    }
+    config
+}
+
+async fn all_statistics(State(state): State<AppState>) -> Result<Json<Value>, V2Error> {
+    Ok(Json(statistics_json(statistics(&state, None, None)?)))
+}
+
+async fn model_statistics(State(state): State<AppState>, model: ModelPath) -> Result<Json<Value>, V2Error> {
+    Ok(Json(statistics_json(statistics(&state, Some(&model.name), model.version())?)))
+}
+
+fn statistics_json(rows: Vec<VersionStatistics>) -> Value {
+    let rows: Vec<Value> = rows
+        .into_iter()
+        .map(|row| {
+            let stats: Map<String, Value> =
+                row.inference_stats.iter().map(|(name, total)| (name.to_string(), json!({"count": total.count, "ns": total.ns}))).collect();
+            json!({
+                "name": row.name,
+                "version": row.version,
+                "last_inference": row.last_inference,
+                "inference_count": row.inference_count,
+                "execution_count": row.execution_count,
+                "inference_stats": stats,
+                "batch_stats": [],
+                "memory_usage": [],
+            })
+        })
+        .collect();
+    json!({"model_stats": rows})
+}
+
 /// Parse the body → the shared tensor path → JSON, or JSON and binary data.
-async fn infer(State(state): State<AppState>, model: ModelPath, headers: HeaderMap, body: Bytes) -> Result<Response, V2Error> {
+async fn infer(State(state): State<AppState>, model: ModelPath, headers: HeaderMap, V2Body(body): V2Body) -> Result<Response, V2Error> {
     let context = RequestContext::from_headers(&headers, state.limits.request_timeout_ms)?;
     let header_length = match headers.get(HEADER_LENGTH) {
         None => None,
@@ -154,7 +262,7 @@ async fn infer(State(state): State<AppState>, model: ModelPath, headers: HeaderM
     Ok((answer.timing_headers, response).into_response())
 }
 
-async fn index(State(state): State<AppState>, body: axum::body::Bytes) -> Result<Json<Value>, V2Error> {
+async fn index(State(state): State<AppState>, V2Body(body): V2Body) -> Result<Json<Value>, V2Error> {
     let ready_only = if body.is_empty() {
         false
     } else {

@@ -32,6 +32,8 @@ pub struct LoadedModel {
     /// The most images a forward takes: `batching.max_batch_size`, or on the CPU the smaller
     /// batch that measured as cheap per image at load (see `cheapest_batch`).
     pub batch_bound: usize,
+    /// Forward passes run for requests since the load (Triton's `execution_count`).
+    pub executions: std::sync::atomic::AtomicU64,
 }
 
 /// The model format, hidden from everything above `run_images`: both take input tensors and
@@ -136,6 +138,7 @@ pub fn load_model(config: &ModelConfig, model_file: &Path) -> Result<LoadedModel
             raw_outputs: Vec::new(),
             service: Arc::new(ServiceTime::new(Default::default())),
             batch_bound: config.batching.max_batch_size.max(1),
+            executions: Default::default(),
         };
     let mut last_run = Default::default();
     let _no_grad = tch::no_grad_guard();

@@ -38,6 +38,7 @@ pub(super) fn run_jobs(name: &str, model: &LoadedModel, config: &ModelConfig, mu
     let options = JobOptions { score_threshold: threshold, want_confidence, want_raw };
     for chunk in all.chunks(model.batch_bound.max(1)) {
         metrics::histogram!(m::BATCH_SIZE, "model" => name.to_string()).record(chunk.len() as f64);
+        model.executions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match run_images(model, config, chunk, options) {
             Ok(outputs) => results.extend(outputs.into_iter().map(Ok)),
             Err(e) if chunk.len() > 1 => {

@@ -144,6 +144,11 @@ impl ModelRuntime {
         self.model.batch_bound
     }
 
+    /// Forward passes run for requests since this version loaded.
+    pub fn executions(&self) -> u64 {
+        self.model.executions.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Executors kept for this version whenever it has work (0 unless scaled).
     pub fn reserved(&self) -> usize {
         self.queue().reserved()

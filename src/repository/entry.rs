@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::engine::{self, ModelRuntime};
 use crate::model_config::ModelConfig;
+use super::statistics::InferenceStatistics;
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -66,6 +67,8 @@ pub struct ModelEntry {
     parameter_count: RwLock<Option<u64>>,
     /// Models on demand: when a request last used this version, and what loading it cost.
     pub(super) usage: Usage,
+    /// What it has served (Triton's statistics extension).
+    pub statistics: InferenceStatistics,
 }
 
 /// What loading on demand needs to know of a version.
@@ -101,6 +104,7 @@ impl ModelEntry {
             state: RwLock::new(state),
             parameter_count: RwLock::new(None),
             usage: Usage::default(),
+            statistics: InferenceStatistics::default(),
         }
     }
 
@@ -116,6 +120,7 @@ impl ModelEntry {
             state: RwLock::new(ModelState::Failed(reason)),
             parameter_count: RwLock::new(None),
             usage: Usage::default(),
+            statistics: InferenceStatistics::default(),
         }
     }
 

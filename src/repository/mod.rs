@@ -12,6 +12,7 @@ mod entry;
 mod on_demand;
 mod pipelines;
 mod scan;
+mod statistics;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,7 @@ use serde::Serialize;
 pub use entry::{ModelEntry, ModelStatus, StatusReport};
 pub use on_demand::OnDemandPolicy;
 use on_demand::process_start;
+pub use statistics::{DurationTotal, InferenceStatistics, ServedRequest};
 pub use pipelines::{PipelineEntry, PipelineSteps, StepError};
 use entry::ModelState;
 use scan::{family_of, is_safe_name, model_folders, read_family};
@@ -91,6 +93,7 @@ impl std::fmt::Display for LookupError {
 }
 
 /// What a request's name and version address.
+#[derive(Clone)]
 pub enum Servable {
     Model(Arc<ModelEntry>),
     Pipeline(Arc<PipelineEntry>),

@@ -17,7 +17,7 @@ use crate::error::ApiError;
 use crate::image::{Geometry, PreparedImage};
 use crate::metrics as m;
 use crate::model_config::{ModelConfig, Task};
-use crate::repository::{LookupError, ModelEntry, ModelStatus};
+use crate::repository::{LookupError, ModelEntry, ModelStatus, ServedRequest};
 use crate::tasks::{finish_all, Finished, ModelOutput, PredictParams};
 
 impl From<LookupError> for ApiError {
@@ -167,27 +167,54 @@ pub struct Wants {
     pub original: bool,
 }
 
+/// One request for one model, as every protocol hands it to the core: its images (encoded,
+/// pixels or preprocessed tensors), the task's parameters and what it wants back beyond the
+/// finished results. Its deadline and id travel beside it in the [`RequestContext`].
+pub struct ImageRequest {
+    pub input: ImageInput,
+    pub params: PredictParams,
+    pub wants: Wants,
+}
+
+impl ImageRequest {
+    /// Images with the task's parameters, and nothing wanted beyond the finished results.
+    pub fn new(input: ImageInput, params: PredictParams) -> ImageRequest {
+        ImageRequest { input, params, wants: Wants::default() }
+    }
+}
+
 /// [`run`], then the one post-processing path, with the response cache in front: when every
 /// image's result for this version and these parameters is cached, nothing runs; otherwise the
 /// request runs whole and each image's result is stored. Requests for raw outputs or for the
 /// decoded original (an overlay) bypass it, and so do preprocessed tensors; the images'
-/// identities are computed only when the cache is on.
-pub async fn answer(
+/// identities are computed only when the cache is on. Each request is counted in the
+/// version's statistics, answered or failed.
+pub async fn answer(core: &Core, target: &Target, request: ImageRequest, context: &RequestContext) -> Result<Answered, ApiError> {
+    let started = Instant::now();
+    let answered = answer_counted(core, target, request, context, started).await;
+    if answered.is_err() {
+        target.entry.statistics.failed(started.elapsed());
+    }
+    answered
+}
+
+async fn answer_counted(
     core: &Core,
     target: &Target,
-    input: ImageInput,
-    params: PredictParams,
-    wants: Wants,
+    request: ImageRequest,
     context: &RequestContext,
+    started: Instant,
 ) -> Result<Answered, ApiError> {
+    let statistics = &target.entry.statistics;
     let labels = target.labels();
+    let ImageRequest { input, params, wants } = &request;
     let cache = core.cache.clone().filter(|_| !wants.raw && !wants.original);
     let keys: Option<Vec<CacheKey>> = cache.as_ref().and_then(|_| input.identities()).map(|images| {
         images
             .iter()
             .map(|parts| {
                 let parts: Vec<&[u8]> = parts.iter().map(|p| p.as_ref()).collect();
-                CacheKey::new(target.name(), &target.entry.version, target.entry.generation, &parts, &params, false)
+                CacheKey::new(target.name(), &target.entry.version, target.entry.generation, &parts, params, false)
             })
             .collect()
     });
@@ -201,10 +228,13 @@ pub async fn answer(
             .collect();
         if found.iter().all(Option::is_some) {
             let results = found.into_iter().flatten().collect();
+            statistics.cache_hit(started.elapsed());
             return Ok(Answered { results, timings: None, original: None, raw: Vec::new(), labels, cache: Some(CacheOutcome::Hit) });
         }
+        statistics.cache_miss.record(started.elapsed());
     }
-    let Inference { outputs, raw, original, timings } = run(core, target, input, params, wants, context).await?;
+    let Inference { outputs, raw, original, timings } = run(core, target, request, context).await?;
+    let post_started = Instant::now();
     let store = cache.zip(keys.clone());
     let results = core
         .run_cpu(move || {
@@ -218,6 +248,14 @@ pub async fn answer(
             Ok::<_, ApiError>(results)
         })
         .await??;
+    statistics.served(ServedRequest {
+        images: results.len(),
+        total: started.elapsed(),
+        queue: timings.queue_time,
+        compute_input: timings.preprocess_time,
+        compute_infer: timings.inference_time,
+        compute_output: post_started.elapsed(),
+    });
     let cache = keys.map(|_| CacheOutcome::Miss);
     Ok(Answered { results, timings: Some(timings), original, raw, labels, cache })
 }
@@ -235,17 +273,11 @@ pub struct StageTimings {
 
 /// Prepares the images on the CPU pool and runs them through the model with the request's
 /// parameters.
-pub async fn run(
-    core: &Core,
-    target: &Target,
-    input: ImageInput,
-    params: PredictParams,
-    wants: Wants,
-    context: &RequestContext,
-) -> Result<Inference, ApiError> {
+pub async fn run(core: &Core, target: &Target, request: ImageRequest, context: &RequestContext) -> Result<Inference, ApiError> {
     let started = Instant::now();
     let config = Arc::clone(&target.config);
     let limits = core.decode_limits();
+    let ImageRequest { input, params, wants } = request;
     let (prepared, original) = core.run_cpu(move || prepare(input, &config, limits, wants.original)).await??;
     run_prepared(core, target, prepared, original, started, params, wants.raw, context).await
 }

@@ -20,7 +20,7 @@ use super::prepare::{decode_whole, preprocess_images, ImageInput};
 use super::{millis, Core, RequestContext, StageTimings, Target};
 use crate::error::ApiError;
 use crate::pipeline::{crop_of, PipelineSpec};
-use crate::repository::{PipelineEntry, StepError};
+use crate::repository::{PipelineEntry, ServedRequest, StepError};
 use crate::tasks::{Detection, Finished, PredictParams, Prediction};
 
 /// A detection with the classifier's answer on its crop.
@@ -37,6 +37,21 @@ pub struct StepRun {
     pub version: String,
     pub timings: StageTimings,
     pub postprocess_time: Duration,
+}
+
+impl StepRun {
+    /// The step as one request of its model, in that model's statistics (`started` is when
+    /// the step's preparation began).
+    fn count_in(&self, target: &Target, images: usize, started: Instant) {
+        target.entry.statistics.served(ServedRequest {
+            images,
+            total: started.elapsed(),
+            queue: self.timings.queue_time,
+            compute_input: self.timings.preprocess_time,
+            compute_infer: self.timings.inference_time,
+            compute_output: self.postprocess_time,
+        });
+    }
 }
 
 pub struct PipelineRun {
@@ -94,6 +109,7 @@ pub async fn run(
         timings,
         postprocess_time: post_started.elapsed(),
     };
+    detect.count_in(&detector, decoded.len(), decode_started);
     drop(detector);
 
     // Step 2: every kept detection's crop, of every image, as one job for the classifier.
@@ -111,6 +127,7 @@ pub async fn run(
     }
     let classifier = Target::resolve_continuing(core, Arc::clone(&steps.classify), context).await?;
     let classifier_params = PredictParams { top_k: spec.classify.top_k, ..PredictParams::default() };
+    let (crop_count, classify_started) = (crops.len(), Instant::now());
     let Inference { outputs, timings, .. } = run_step(core, &classifier, Arc::new(crops), classifier_params, context).await?;
     let post_started = Instant::now();
     let tops = core.run_cpu(move || top_predictions(outputs)).await??;
@@ -123,6 +140,7 @@ pub async fn run(
         timings,
         postprocess_time: post_started.elapsed(),
     };
+    classify.count_in(&classifier, crop_count, classify_started);
     Ok(PipelineRun { name: pipeline.name.clone(), images, original, detect, classify: Some(classify), top_k: spec.classify.top_k })
 }
 

@@ -80,6 +80,70 @@ def test_the_proto_matches_tritonclients_descriptors_field_by_field(default_serv
             theirs_method.input_type, theirs_method.output_type, theirs_method.client_streaming, theirs_method.server_streaming)
 
 
+def test_our_model_config_proto_is_a_subset_of_tritons(default_server):
+    """`proto/model_config.proto` writes only the part of Triton's ModelConfig we fill in: every
+    message, field and enum value it has must be Triton's, with the same number and type."""
+    from tritonclient.grpc import model_config_pb2
+    database = ProtoReflectionDescriptorDatabase(grpc.insecure_channel(default_server.grpc))
+    ours = database.FindFileByName("model_config.proto")
+    theirs = descriptor_pb2.FileDescriptorProto()
+    model_config_pb2.DESCRIPTOR.CopyToProto(theirs)
+
+    def check(our_message, their_message):
+        their_fields = {f.number: f for f in their_message.field}
+        for field in our_message.field:
+            other = their_fields[field.number]
+            assert (field.name, field.type, field.label, field.type_name) == (other.name, other.type, other.label, other.type_name), field.name
+        their_nested = {n.name: n for n in their_message.nested_type}
+        for nested in our_message.nested_type:
+            check(nested, their_nested[nested.name])
+        their_enums = {e.name: {v.name: v.number for v in e.value} for e in their_message.enum_type}
+        for enum in our_message.enum_type:
+            assert {v.name: v.number for v in enum.value}.items() <= their_enums[enum.name].items(), enum.name
+
+    their_messages = {m.name: m for m in theirs.message_type}
+    assert {m.name for m in ours.message_type} >= {"ModelConfig", "ModelInput", "ModelOutput"}
+    for message in ours.message_type:
+        check(message, their_messages[message.name])
+    their_enums = {e.name: {v.name: v.number for v in e.value} for e in theirs.enum_type}
+    for enum in ours.enum_type:
+        assert {v.name: v.number for v in enum.value} == their_enums[enum.name], enum.name
+
+
+def test_model_config_statistics_and_gzip(default_server):
+    client = client_for(default_server)
+    config = client.get_model_config("mobilenet_v2").config
+    rest = requests.get(default_server.url("/v2/models/mobilenet_v2/config")).json()
+    assert config.name == rest["name"] and config.max_batch_size == rest["max_batch_size"]
+    assert [(i.name, list(i.dims)) for i in config.input] == [(i["name"], i["dims"]) for i in rest["input"]]
+    assert config.input[0].data_type == model_config_type("TYPE_STRING")
+    assert [o.name for o in config.output] == [o["name"] for o in rest["output"]]
+    assert config.instance_group[0].count == rest["instance_group"][0]["count"]
+    assert config.version_policy.WhichOneof("policy_choice") == "all"
+    as_json = client.get_model_config("mobilenet_v2", as_json=True)["config"]
+    assert as_json["output"][0]["data_type"] == "TYPE_FP32"
+
+    def successes():
+        return sum(s.inference_stats.success.count for s in client.get_inference_statistics("mobilenet_v2").model_stats)
+
+    before = successes()
+    image = bytes_input(encode(photo("chelsea"), "JPEG"))
+    plain = client.infer("mobilenet_v2", [image]).as_numpy("scores")
+    compressed = client.infer("mobilenet_v2", [image], compression_algorithm="gzip").as_numpy("scores")
+    np.testing.assert_allclose(plain, compressed, rtol=1e-4, atol=1e-6)
+    assert successes() >= before + 2
+    every = client.get_inference_statistics().model_stats
+    assert {"mobilenet_v2", "ssd_mobilenet_v2_coco"} <= {s.name for s in every}
+    with pytest.raises(InferenceServerException) as error:
+        client.get_model_config("no_such_model")
+    assert code_of(error.value) == "StatusCode.NOT_FOUND"
+
+
+def model_config_type(name):
+    from tritonclient.grpc import model_config_pb2
+    return model_config_pb2.DataType.Value(name)
+
+
 def test_health_service_and_reflection(default_server):
     channel = grpc.insecure_channel(default_server.grpc)
     health = health_pb2_grpc.HealthStub(channel)
@@ -261,7 +325,9 @@ def test_each_error_has_its_code(default_server):
          "StatusCode.INVALID_ARGUMENT", "no output 'nope'"),
         (lambda: client.infer("mobilenet_v2", [bytes_input(image)], parameters={"score_threshold": 2.0}),
          "StatusCode.INVALID_ARGUMENT", "score_threshold"),
-        (lambda: client.get_model_config("mobilenet_v2"), "StatusCode.UNIMPLEMENTED", ""),
+        (lambda: client.get_model_config("no_such_model"), "StatusCode.NOT_FOUND", "no_such_model"),
+        (lambda: client.get_inference_statistics("no_such_model"), "StatusCode.NOT_FOUND", "no_such_model"),
+        (lambda: client.get_trace_settings(), "StatusCode.UNIMPLEMENTED", ""),
         (lambda: client.get_model_repository_index(), "StatusCode.PERMISSION_DENIED", "--admin-token"),
     ]
     for call, code, words in cases:

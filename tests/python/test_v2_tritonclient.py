@@ -5,6 +5,7 @@ import base64
 import numpy as np
 import requests
 import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 from PIL import Image
 
 from conftest import encode
@@ -138,3 +139,65 @@ def test_raw_model_outputs_on_request(default_server):
     pixels.set_data_from_numpy(np.asarray(photo("coffee").resize((160, 120)), dtype=np.uint8)[None], binary_data=True)
     result = client.infer("ssd_mobilenet_v2_coco", [pixels], outputs=[httpclient.InferRequestedOutput(n) for n in names])
     assert result.as_numpy("raw_output_0").shape[:2] == result.as_numpy("raw_output_1").shape[:2] == (1, 1917)
+
+
+def bytes_image(picture, binary):
+    image_input = httpclient.InferInput("image", [1], "BYTES")
+    image_input.set_data_from_numpy(np.array([encode(picture, "JPEG")], dtype=object), binary_data=binary)
+    return image_input
+
+
+def test_model_configuration_statistics_and_gzip_both_ways(default_server):
+    client = client_for(default_server)
+    config = client.get_model_config("mobilenet_v2")
+    assert config["name"] == "mobilenet_v2" and config["max_batch_size"] >= 1
+    assert config["input"] == [{"name": "image", "data_type": "TYPE_STRING", "dims": [], "format": "FORMAT_NONE"}]
+    assert config["output"][0]["name"] == "scores" and config["output"][0]["dims"] == [1000]
+    assert config["dynamic_batching"]["preferred_batch_size"][0] >= 1
+    assert config["instance_group"][0]["kind"] == "KIND_CPU"
+    assert "model_configuration" in client.get_server_metadata()["extensions"]
+
+    def counted():
+        rows = client.get_inference_statistics("mobilenet_v2")["model_stats"]  # every version
+        return (sum(r["inference_stats"]["success"]["count"] for r in rows), sum(r["inference_count"] for r in rows))
+
+    before = counted()
+    image_input = bytes_image(photo("chelsea"), binary=True)
+    plain = client.infer("mobilenet_v2", [image_input]).as_numpy("scores")
+    for algorithm in ("gzip", "deflate"):
+        result = client.infer("mobilenet_v2", [image_input],
+                              request_compression_algorithm=algorithm, response_compression_algorithm=algorithm)
+        # The same forward up to float noise (a forward's result varies in the 7th digit with
+        # the batch it ran in).
+        np.testing.assert_allclose(result.as_numpy("scores"), plain, rtol=1e-4, atol=1e-6)
+    after = counted()
+    assert after[0] >= before[0] + 3 and after[1] >= before[1] + 3, (before, after)
+    names = {row["name"] for row in client.get_inference_statistics()["model_stats"]}
+    assert {"mobilenet_v2", "ssd_mobilenet_v2_coco"} <= names
+
+    # The answer really is compressed when asked for, and plain when not.
+    body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                        "data": [base64.b64encode(encode(photo("chelsea"), "JPEG")).decode()]}]}
+    url = default_server.url("/v2/models/mobilenet_v2/infer")
+    assert requests.post(url, json=body, headers={"Accept-Encoding": "gzip"}).headers.get("Content-Encoding") == "gzip"
+    assert "Content-Encoding" not in requests.post(url, json=body, headers={"Accept-Encoding": "identity"}).headers
+
+
+def test_every_v2_error_reaches_tritonclient_as_a_message(default_server):
+    """tritonclient formats `error` as a string; the service's own error object made it raise
+    TypeError instead of InferenceServerException."""
+    client = client_for(default_server)
+    for call, expected in [
+        (lambda: client.get_model_repository_index(), "--admin-token"),  # 403: management is off
+        (lambda: client.load_model("mobilenet_v2"), "--admin-token"),
+        (lambda: client.get_model_config("no_such_model"), "no_such_model"),
+        (lambda: client.get_inference_statistics("no_such_model"), "no_such_model"),
+    ]:
+        try:
+            call()
+        except InferenceServerException as error:
+            assert expected in error.message(), error.message()
+        else:
+            raise AssertionError("no error")
+    unknown = requests.get(default_server.url("/v2/no/such/route"))
+    assert unknown.status_code == 404 and isinstance(unknown.json()["error"], str)

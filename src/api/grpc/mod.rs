@@ -61,7 +61,12 @@ pub fn routes(state: AppState, options: GrpcOptions, shutdown: watch::Receiver<b
     let reflection_v1alpha = descriptors().build_v1alpha().expect("the compiled descriptor sets are valid");
     let inference = proto::grpc_inference_service_server::GrpcInferenceServiceServer::new(InferenceService::new(state, options))
         .max_decoding_message_size(options.max_message_bytes)
-        .max_encoding_message_size(usize::MAX);
+        .max_encoding_message_size(usize::MAX)
+        // tritonclient's `compression_algorithm="gzip"`: requests decompressed within the same
+        // message limit (a bomb is RESOURCE_EXHAUSTED, never memory), answers compressed when
+        // the client says it accepts gzip.
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip);
     Routes::new(inference)
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -4,6 +4,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use super::convert;
 use super::infer::{infer_one, request_span, version};
 use super::proto::grpc_inference_service_server::GrpcInferenceService;
 use super::proto::model_metadata_response::TensorMetadata;
@@ -16,6 +17,8 @@ use crate::serve::manage::{self, repository_index};
 use crate::api::auth::{check_admin_token, check_api_key};
 use crate::api::AppState;
 use crate::error::ApiError;
+use crate::serve::oip::config::model_configuration;
+use crate::serve::oip::statistics::statistics;
 use crate::serve::oip::{self, TensorSpec, EXTENSIONS};
 
 pub struct InferenceService {
@@ -108,6 +111,21 @@ impl GrpcInferenceService for InferenceService {
         let headers = request.metadata().clone().into_headers();
         let frames = stream::answer_in_order(self.state.clone(), request.into_inner(), call.deadline, headers, self.options.stream_max_in_flight);
         Ok(Response::new(frames))
+    }
+
+    async fn model_config(&self, request: Request<ModelConfigRequest>) -> Result<Response<ModelConfigResponse>, Status> {
+        let request = request.into_inner();
+        let servable = self.state.repository.lookup(&request.name, version(&request.version)).map_err(|e| to_status(e.into()))?;
+        let configuration = model_configuration(&self.state, servable).map_err(to_status)?;
+        Ok(Response::new(ModelConfigResponse { config: Some(convert::model_config(&configuration)) }))
+    }
+
+    /// An empty name asks for every model, an empty version for every version of the one named.
+    async fn model_statistics(&self, request: Request<ModelStatisticsRequest>) -> Result<Response<ModelStatisticsResponse>, Status> {
+        let request = request.into_inner();
+        let name = (!request.name.is_empty()).then_some(request.name.as_str());
+        let rows = statistics(&self.state, name, version(&request.version)).map_err(to_status)?;
+        Ok(Response::new(convert::model_statistics(rows)))
     }
 
     async fn repository_index(&self, request: Request<RepositoryIndexRequest>) -> Result<Response<RepositoryIndexResponse>, Status> {

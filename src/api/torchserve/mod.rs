@@ -26,7 +26,7 @@ use crate::api::model_path::ModelPath;
 use crate::api::AppState;
 use crate::error::ApiError;
 use crate::repository::Servable;
-use crate::serve::infer::{self, answer_headers, write_pairs, Answered, Wants};
+use crate::serve::infer::{self, answer_headers, write_pairs, Answered, ImageRequest};
 use crate::serve::pipeline::{self, PipelineRun};
 use crate::serve::{ImageInput, RequestContext, Target};
 use crate::tasks::{Finished, PredictParams};
@@ -90,11 +90,12 @@ async fn predict(State(state): State<AppState>, model: ModelPath, request: Reque
         }
         Servable::Model(entry) => entry,
     };
-    // Resolved before the body is read: an unknown or full model costs no upload.
+    // Resolved before the body is read: an unknown or full model costs no decoding (the unread
+    // upload is still read before the answer goes back: `api::unread_body`).
     let target = Target::resolve(&state, entry, &context).await?;
     let images = images_of(request, &state).await?;
     let params = PredictParams::torchserve();
-    let answered = infer::answer(&state, &target, ImageInput::Encoded(images), params, Wants::default(), &context).await?;
+    let answered = infer::answer(&state, &target, ImageRequest::new(ImageInput::Encoded(images), params), &context).await?;
     let post_started = Instant::now();
     let Answered { results, timings, cache, .. } = answered;
     let answers = state

@@ -4,6 +4,8 @@
 //! extension included), and an inference from request to [`TensorAnswer`]. REST writes the
 //! answer as JSON (and binary data), gRPC as `ModelInferResponse`; neither imports the other.
 
+pub mod config;
+pub mod statistics;
 pub mod tensors;
 
 use std::time::Instant;
@@ -11,7 +13,7 @@ use std::time::Instant;
 use axum::http::HeaderMap;
 use serde_json::{json, Map, Value};
 
-use super::infer::{self, answer_headers, write_pairs, Answered, Wants};
+use super::infer::{self, answer_headers, write_pairs, Answered, ImageRequest, Wants};
 use super::pipeline::{self, PipelineRun};
 use super::prepare::{ImageInput, PixelBatch, TensorBatch};
 use super::{Core, RequestContext, Target};
@@ -24,7 +26,7 @@ use crate::tasks::{classification, Finished, PredictParams};
 use tensors::{InferRequest, InputTensor, OutputData, OutputTensor, RequestedOutput};
 
 /// The protocol extensions served, on REST and gRPC alike.
-pub const EXTENSIONS: [&str; 3] = ["classification", "binary_tensor_data", "model_repository"];
+pub const EXTENSIONS: [&str; 5] = ["classification", "binary_tensor_data", "model_repository", "model_configuration", "statistics"];
 
 /// A tensor a model takes or gives, as metadata describes it.
 pub struct TensorSpec {
@@ -166,7 +168,7 @@ pub async fn infer(core: &Core, servable: Servable, request: InferRequest, conte
     let want_raw = requested.iter().flatten().any(|r| r.name.starts_with(RAW_PREFIX));
     let limits = core.limits.max_image_pixels;
     let images = core.run_cpu(move || image_input(&input, limits, true)).await??;
-    let answered = infer::answer(core, &target, images, params, Wants { raw: want_raw, original: false }, context).await?;
+    let answered = infer::answer(core, &target, ImageRequest { input: images, params, wants: Wants { raw: want_raw, original: false } }, context).await?;
 
     let post_started = Instant::now();
     let Answered { results, timings, raw, labels, cache, .. } = answered;

@@ -41,8 +41,9 @@ pub struct RequestedOutput {
     pub parameters: Map<String, Value>,
 }
 
+/// The fields we read, each checked strictly; any other (`model_name` and `model_version`,
+/// which KServe's SDK always sends, or anything else) is ignored, as Triton and KServe do.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct JsonRequest {
     id: Option<String>,
     #[serde(default)]
@@ -52,7 +53,6 @@ struct JsonRequest {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct JsonInput {
     name: String,
     shape: Vec<i64>,
@@ -329,6 +329,19 @@ mod tests {
         assert_eq!(request.inputs[0].f32_values().unwrap(), [1.5, -2.0]);
         assert_eq!(request.inputs[1].u8_values().unwrap(), [7, 8, 9]);
         assert!(request.inputs[1].f32_values().is_err(), "3 bytes are not FP32 [3]");
+    }
+
+    #[test]
+    fn fields_we_do_not_read_are_ignored_and_those_we_read_are_checked() {
+        // KServe's SDK always sends model_name (and may send model_version).
+        let sdk = json!({"model_name": "m", "model_version": "1", "future_field": {"x": 1},
+                         "inputs": [{"name": "a", "shape": [2], "datatype": "UINT8", "data": [1, 2], "extra": true}]});
+        let request = parse_request(Bytes::from(serde_json::to_vec(&sdk).unwrap()), None).unwrap();
+        assert_eq!(request.inputs[0].u8_values().unwrap(), [1, 2]);
+        let wrong_type = json!({"inputs": [{"name": "a", "shape": "two", "datatype": "UINT8", "data": [1, 2]}]});
+        assert!(parse_request(Bytes::from(serde_json::to_vec(&wrong_type).unwrap()), None).is_err());
+        let no_inputs = json!({"model_name": "m"});
+        assert!(parse_request(Bytes::from(serde_json::to_vec(&no_inputs).unwrap()), None).is_err());
     }
 
     #[test]
