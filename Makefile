@@ -29,14 +29,18 @@ PRETRAINED      := $(CACHE)/pretrained-$(PRETRAINED_KEY)
 # AOTInductor packages are machine code: models/aoti.py keys them inside this folder by torch
 # version, a digest of the CPU flags and the exported program's checksum.
 AOTI_CACHE      := $(CACHE)/aoti
+PERF_ANALYZER   := $(CACHE)/perf-analyzer-2.51.0
+# KServe's SDK in an environment of its own (it and tritonclient.grpc cannot share a process).
+KSERVE_ENV      := $(CACHE)/kserve-sdk-$(shell sha256sum tests/clients/kserve/requirements.lock | cut -c1-12)
 
-.PHONY: bench-cache bench-pipeline bench-protocols bench-shipped compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
+.PHONY: bench-perf-analyzer perf-analyzer kserve-sdk bench-cache bench-pipeline bench-protocols bench-shipped compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
 
 help:
 	@echo "make run    - prepare everything and serve the default models on http://127.0.0.1:8080"
 	@echo "make test   - prepare everything and run the whole test suite, which is:"
 	@echo "  make test-rust          - unit, router (in-process) and integration tests (tests/*.rs, real binary)"
-	@echo "  make test-python        - torchvision reference checks, default models, tritonclient (REST and gRPC), pipelines,"
+	@echo "  make test-python        - torchvision reference checks, default models, tritonclient (REST and gRPC), Triton's example"
+	@echo "                           clients and perf_analyzer, pipelines,"
 	@echo "                           the response cache, models on demand, tracing, TorchServe API, OpenAPI"
 	@echo "  make test-browser       - the web page in headless Chromium"
 	@echo "  make validate-manifests - Kubernetes and KServe manifests against their schemas, offline"
@@ -54,6 +58,7 @@ help:
 	@echo "make bench-protocols - REST against gRPC on mobilenet_v2 as shipped, median of three interleaved runs"
 	@echo "make bench-shipped - the server as shipped, a 640x480 and a 12 MP photo, concurrency 1, 16 and 160"
 	@echo "make bench-torchserve - the same load on TorchServe 0.12 and on visionserve"
+	@echo "make bench-perf-analyzer - Triton's perf_analyzer beside our load generator, HTTP and gRPC, mobilenet_v2 as shipped"
 	@echo "make fuzz   - every cargo-fuzz target for FUZZ_SECONDS (default 600) each; needs nightly"
 
 prereqs:
@@ -107,8 +112,9 @@ test: build models test-models audit test-rust test-python validate-manifests do
 test-rust: build test-models
 	VISIONSERVE_TEST_MODELS=$(TEST_MODELS) cargo test --release --locked
 
-test-python: build models test-models
-	VISIONSERVE_BIN=$(abspath $(BIN)) VISIONSERVE_TEST_MODELS=$(TEST_MODELS) \
+test-python: build models test-models perf-analyzer kserve-sdk
+	VISIONSERVE_BIN=$(abspath $(BIN)) VISIONSERVE_TEST_MODELS=$(TEST_MODELS) VISIONSERVE_PERF_ANALYZER=$(PERF_ANALYZER)/run \
+	  VISIONSERVE_KSERVE_PYTHON=$(KSERVE_ENV)/bin/python \
 	  VISIONSERVE_DEFAULT_MODELS=$(abspath models) VISIONSERVE_DOWNLOADS=$(CACHE)/downloads \
 	  $(PYTHON) -m pytest -q tests/python
 
@@ -153,6 +159,24 @@ bench-cache: build models
 # BENCHMARKS.md, draws docs/bench/shipped.png.
 bench-shipped: build models
 	cargo run --release --locked --example bench -- --server $(BIN) --seconds $(BENCH_SECONDS) --shipped models --python $(PYTHON)
+
+# Triton's perf_analyzer (from the tritonclient 2.51 wheel) beside our load generator on
+# mobilenet_v2 as shipped, HTTP and gRPC, concurrency 1, 4, 16. Appends to BENCHMARKS.md,
+# draws docs/bench/perf_analyzer.png.
+bench-perf-analyzer: build models perf-analyzer
+	cargo run --release --locked --example bench -- --server $(BIN) --seconds $(BENCH_SECONDS) \
+	  --perf-analyzer $(PERF_ANALYZER)/run --repository models
+
+perf-analyzer: $(PY_STAMP)
+	@scripts/ensure-perf-analyzer.sh $(PERF_ANALYZER) $(PYTHON)
+
+kserve-sdk: $(KSERVE_ENV)/.installed
+
+$(KSERVE_ENV)/.installed: tests/clients/kserve/requirements.lock | prereqs
+	@echo "[setup] KServe's SDK in $(KSERVE_ENV) (first time: about 450 MB, a minute or two)"
+	@test -x $(KSERVE_ENV)/bin/python || python3 -m venv $(KSERVE_ENV)
+	$(KSERVE_ENV)/bin/python -m pip install --progress-bar off -q -r tests/clients/kserve/requirements.lock
+	@touch $@
 
 bench-torchserve: build models
 	scripts/bench-torchserve.sh $(CACHE) models/mobilenet_v2/1 $(abspath $(BIN)) $(BENCH_SECONDS) models/mobilenet_v2/2

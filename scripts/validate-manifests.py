@@ -68,7 +68,7 @@ def check(condition, message):
 def validate_runtime(doc):
     spec = doc["spec"]
     check(set(spec) <= RUNTIME_SPEC_KEYS, f"unknown runtime spec keys {set(spec) - RUNTIME_SPEC_KEYS}")
-    check({"v2", "grpc-v2"} <= set(spec["protocolVersions"]), "the runtime must declare v2 and grpc-v2")
+    check({"v1", "v2", "grpc-v2"} <= set(spec["protocolVersions"]), "the runtime must declare v1, v2 and grpc-v2")
     for model_format in spec["supportedModelFormats"]:
         check(set(model_format) <= MODEL_FORMAT_KEYS, f"unknown model format keys {set(model_format) - MODEL_FORMAT_KEYS}")
         check(not (model_format["name"] == "pytorch" and model_format.get("autoSelect")),

@@ -59,8 +59,8 @@ async fn run() {
 /// spinning for a while, then sleeping. With more OpenMP threads than cores — which the shared
 /// pool has as soon as two executors have each run a multi-threaded forward — libgomp cuts the
 /// spin to almost nothing unless `OMP_WAIT_POLICY=ACTIVE`, so every region of a lone request's
-/// forward wakes a sleeping thread: mobilenet_v2 at concurrency 1 took 12.4–13.8 ms p50 here
-/// against 6.6–8.7 ms with these settings (2 cores; concurrency 16 unchanged or better). A
+/// forward wakes a sleeping thread, which nearly doubled a lone request's latency (BENCHMARKS.md,
+/// "Figures behind the code's choices"). A
 /// bounded `GOMP_SPINCOUNT` keeps ACTIVE from spinning an idle server's cores for seconds (idle
 /// CPU measured at 0). libgomp reads both when it is loaded, before `main`, so they are set by
 /// starting the binary again with them — once, same pid — unless the operator set either.

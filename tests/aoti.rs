@@ -98,7 +98,7 @@ fn the_package_reports_its_format_and_outputs() {
     // The package's output, as the warm-up saw it, in the V2 metadata.
     let metadata: Value = client().get(server().url(&format!("/v2/models/{CLASSIFIER}/versions/2"))).send().unwrap().json().unwrap();
     assert_eq!(metadata["platform"], "pytorch_aoti");
-    let raw = metadata["outputs"].as_array().unwrap().iter().find(|o| o["name"] == "raw_output").cloned();
+    let raw = metadata["parameters"]["raw_outputs"].as_array().unwrap().iter().find(|o| o["name"] == "raw_output").cloned();
     assert_eq!(raw.map(|o| o["shape"].clone()), Some(json!([-1, 1000])), "{metadata}");
 }
 

@@ -4,6 +4,7 @@ mod common;
 
 use std::time::Duration;
 
+use base64::Engine as _;
 use common::{client, jpeg, test_models, Server};
 
 const BOXES_SCORES: &str = "tiny_ssd";
@@ -35,6 +36,22 @@ fn api_keys_guard_inference_routes_and_cors_is_opt_in() {
     assert_eq!(post(&predict, Some("from-file")).status(), 200);
     assert_eq!(post(&format!("/predictions/{BOXES_SCORES}"), None).status(), 401);
     assert_eq!(post(&format!("/v2/models/{BOXES_SCORES}/infer"), None).status(), 401);
+    // KServe V1 inference is guarded; its metadata on the same path is not.
+    assert_eq!(post(&format!("/v1/models/{BOXES_SCORES}:predict"), None).status(), 401);
+    let b64 = base64::engine::general_purpose::STANDARD.encode(jpeg(64, 64, 1));
+    let kserve = client()
+        .post(guarded.url(&format!("/v1/models/{BOXES_SCORES}:predict")))
+        .bearer_auth("alpha")
+        .json(&serde_json::json!({"instances": [{"b64": b64}, {"data": b64}]}))
+        .send()
+        .unwrap();
+    assert_eq!(kserve.status(), 200);
+    let predictions: serde_json::Value = kserve.json().unwrap();
+    assert_eq!(predictions["predictions"].as_array().map(Vec::len), Some(2), "{predictions}");
+    let described: serde_json::Value = client().get(guarded.url(&format!("/v1/models/{BOXES_SCORES}"))).send().unwrap().json().unwrap();
+    assert_eq!(described["ready"], true);
+    let explain = client().post(guarded.url(&format!("/v1/models/{BOXES_SCORES}:explain"))).bearer_auth("alpha").body("{}").send().unwrap();
+    assert_eq!(explain.status(), 501);
     // Health, metadata and metrics stay open.
     assert_eq!(client().get(guarded.url("/health/ready")).send().unwrap().status(), 200);
     assert_eq!(client().get(guarded.url("/v1/models")).send().unwrap().status(), 200);

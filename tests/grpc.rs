@@ -77,7 +77,7 @@ async fn metadata_and_readiness_follow_the_repository() {
         .expect("ModelMetadata")
         .into_inner();
     assert_eq!(metadata.inputs[0].name, "image");
-    assert_eq!(metadata.inputs[0].datatype, "BYTES");
+    assert_eq!(metadata.inputs[0].datatype, "UINT8");
     assert!(metadata.outputs.iter().any(|o| o.name == "scores"), "{:?}", metadata.outputs);
     let ready = |name: &str| ModelReadyRequest { name: name.into(), version: String::new() };
     assert!(grpc.model_ready(ready("resnet18")).await.unwrap().into_inner().ready);

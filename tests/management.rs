@@ -86,19 +86,28 @@ fn load_reload_scale_and_unload_under_load_fail_no_request() {
     assert_eq!(admin(reqwest::Method::POST, &server, "/v2/repository/models/clf/load").0, 200);
     pause();
     // Scale the default version to three workers.
-    assert_eq!(admin(reqwest::Method::PUT, &server, "/models/clf?min_worker=3").0, 200);
+    // Asynchronous unless asked (TorchServe's 202), synchronous 200; done before either answer.
+    assert_eq!(admin(reqwest::Method::PUT, &server, "/models/clf?min_worker=3").0, 202);
     let (_, described) = admin(reqwest::Method::GET, &server, "/models/clf/2");
     assert_eq!(described[0]["minWorkers"], 3, "{described}");
-    assert_eq!(admin(reqwest::Method::PUT, &server, "/models/clf?min_worker=0").0, 422);
+    // Every parameter optional (min_worker defaults to 1, as in TorchServe); 0 keeps none.
+    assert_eq!(admin(reqwest::Method::PUT, &server, "/models/clf?synchronous=true").0, 200);
+    assert_eq!(admin(reqwest::Method::GET, &server, "/models/clf/2").1[0]["minWorkers"], 1);
+    assert_eq!(admin(reqwest::Method::PUT, &server, "/models/clf/?min_worker=0&synchronous=true").0, 200, "trailing slash");
+    assert_eq!(admin(reqwest::Method::GET, &server, "/models/clf/2").1[0]["minWorkers"], 0);
+    assert_eq!(admin(reqwest::Method::PUT, &server, "/models/clf?min_worker=many").0, 400, "TorchServe's status for a bad parameter");
+    // Every version at once, TorchServe's `all`.
+    let (status, all) = admin(reqwest::Method::GET, &server, "/models/clf/all");
+    assert_eq!((status, all.as_array().map(Vec::len)), (200, Some(2)), "{all}");
     // In pool terms: min_worker executors kept for the model whenever it has work, max_worker
     // the most it may use at once; both shown on /v1 too.
-    assert_eq!(admin(reqwest::Method::PUT, &server, "/models/clf?min_worker=1&max_worker=2").0, 200);
+    assert_eq!(admin(reqwest::Method::PUT, &server, "/models/clf?min_worker=1&max_worker=2").0, 202);
     let (_, described) = admin(reqwest::Method::GET, &server, "/models/clf/2");
     assert_eq!((described[0]["minWorkers"].as_u64(), described[0]["maxWorkers"].as_u64()), (Some(1), Some(2)), "{described}");
     let v1: serde_json::Value = reqwest::blocking::get(format!("{}/v1/models/clf/versions/2", server.base)).unwrap().json().unwrap();
     assert_eq!((v1["reserved_executors"].as_u64(), v1["workers"].as_u64()), (Some(1), Some(2)), "{v1}");
     let (status, refused) = admin(reqwest::Method::PUT, &server, "/models/clf?min_worker=3&max_worker=2");
-    assert_eq!(status, 422, "{refused}");
+    assert_eq!(status, 400, "{refused}");
     pause();
     // Make version 1 the default, then unload version 2 behind the clients' backs.
     assert_eq!(admin(reqwest::Method::PUT, &server, "/models/clf/1/set-default").0, 200);
@@ -107,6 +116,12 @@ fn load_reload_scale_and_unload_under_load_fail_no_request() {
     // Register a model that was left out, TorchServe style.
     let (status, registered) = admin(reqwest::Method::POST, &server, "/models?url=other");
     assert_eq!(status, 200, "{registered}");
+    // Two models now, a page at a time: TorchServe's limit and next_page_token.
+    let (_, first) = admin(reqwest::Method::GET, &server, "/models?limit=1");
+    assert_eq!((first["models"].as_array().map(Vec::len), first["nextPageToken"].as_str()), (Some(1), Some("1")), "{first}");
+    let (_, rest) = admin(reqwest::Method::GET, &server, "/models/?limit=5&next_page_token=1");
+    assert!(rest.get("nextPageToken").is_none(), "{rest}");
+    assert_ne!(first["models"][0], rest["models"][0]);
     pause();
     // A reload that cannot succeed swaps nothing: the model keeps serving.
     std::fs::remove_file(repo.path().join("clf/1/config.toml")).unwrap();

@@ -21,7 +21,10 @@ fn server() -> &'static (Server, tempfile::TempDir) {
 
 #[test]
 fn the_web_page_and_its_samples_are_served_from_the_binary() {
-    let page = client().get(server().0.url("/")).send().unwrap();
+    // A browser asks for HTML; an API client asking `/` gets KServe V1's liveness instead.
+    let alive: Value = client().get(server().0.url("/")).send().unwrap().json().unwrap();
+    assert_eq!(alive, serde_json::json!({"status": "alive"}));
+    let page = client().get(server().0.url("/")).header("accept", "text/html,application/xhtml+xml,*/*;q=0.8").send().unwrap();
     assert_eq!(page.status(), 200);
     assert!(page.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
     let html = page.text().unwrap();

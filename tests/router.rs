@@ -237,7 +237,7 @@ async fn model_configuration_and_statistics_in_tritons_shape() {
     assert_eq!(status, StatusCode::OK, "{config}");
     assert_eq!(config["name"], "broken");
     assert_eq!(config["max_batch_size"], 2, "the images a request may carry");
-    assert_eq!(config["input"][0], json!({"name": "image", "data_type": "TYPE_STRING", "dims": [], "format": "FORMAT_NONE"}));
+    assert_eq!(config["input"][0], json!({"name": "image", "data_type": "TYPE_UINT8", "dims": [8, 8, 3], "format": "FORMAT_NHWC"}));
     assert_eq!(config["output"][0]["data_type"], "TYPE_FP32");
     assert_eq!(config["instance_group"][0]["kind"], "KIND_CPU");
     assert_eq!(config["version_policy"], json!({"all": {}}));
@@ -259,4 +259,23 @@ async fn model_configuration_and_statistics_in_tritons_shape() {
     for extension in ["model_configuration", "statistics"] {
         assert!(server["extensions"].as_array().unwrap().contains(&json!(extension)), "{server}");
     }
+}
+
+#[tokio::test]
+async fn torchserves_api_description_and_trailing_slashes() {
+    for request in [
+        Request::builder().method("OPTIONS").uri("/").body(Body::empty()).unwrap(),
+        get("/api-description"),
+    ] {
+        let (app, _repo) = app();
+        let response = app.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let text = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(text.starts_with(b"openapi: 3.1"));
+    }
+    // GET / is still the web page (to a browser) or KServe V1's liveness.
+    assert_eq!(call(get("/")).await.2, json!({"status": "alive"}));
+    // A trailing slash is the route without it.
+    assert_eq!(call(get("/v2/models/broken/config/")).await.0, StatusCode::OK);
+    assert_eq!(call(get("/health/live/")).await.0, StatusCode::OK);
 }

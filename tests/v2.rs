@@ -34,7 +34,10 @@ fn open_inference_protocol_v2_answers_like_v1() {
     assert_eq!(client().get(s.url(&format!("/v2/models/{CLASSIFIER}/ready"))).send().unwrap().status(), 200);
     assert_eq!(client().get(s.url(&format!("/v2/models/{CLASSIFIER}/versions/1/ready"))).send().unwrap().status(), 200);
     let model: Value = client().get(s.url(&format!("/v2/models/{CLASSIFIER}"))).send().unwrap().json().unwrap();
-    assert_eq!(model["inputs"][0]["datatype"], "BYTES");
+    // Pixels at the model's size, as Triton's image clients make them; BYTES is accepted too.
+    assert_eq!(model["inputs"][0]["datatype"], "UINT8");
+    assert_eq!(model["inputs"][0]["shape"], json!([-1, 224, 224, 3]));
+    assert_eq!(model["parameters"]["also_accepts"][0]["datatype"], "BYTES");
     assert_eq!(model["outputs"][0]["shape"], json!([-1, 1000]));
 
     // BYTES: a base64 JPEG, the same answer as /v1.

@@ -17,6 +17,7 @@
 mod ceiling;
 mod load;
 mod pipeline;
+mod perf_analyzer;
 mod protocols;
 mod report;
 mod shipped;
@@ -40,7 +41,7 @@ struct Args {
     server: PathBuf,
     /// Model folders to measure (config.toml + model file); a numbered version folder
     /// (`models/mobilenet_v2/2`) is measured under its model's name, labelled with its format.
-    #[arg(long, value_delimiter = ',', required_unless_present_any = ["url", "shipped", "protocols", "pipeline", "cache"])]
+    #[arg(long, value_delimiter = ',', required_unless_present_any = ["url", "shipped", "protocols", "pipeline", "cache", "perf_analyzer"])]
     models: Vec<PathBuf>,
     /// Instead of everything else: drive this predict URL of a running server (for example
     /// from docker compose) at each concurrency and print the table.
@@ -85,6 +86,14 @@ struct Args {
     /// cache on, the same photo again and again (hits), against the server without it; c=1.
     #[arg(long)]
     cache: Option<PathBuf>,
+    /// Instead of everything else: Triton's perf_analyzer (this executable) beside our load
+    /// generator on `--repository`'s mobilenet_v2 as shipped, over HTTP and gRPC, concurrency
+    /// 1, 4 and 16. Appends the table to `--out`, draws `perf_analyzer.png`.
+    #[arg(long, requires = "repository")]
+    perf_analyzer: Option<PathBuf>,
+    /// The model repository `--perf-analyzer` serves.
+    #[arg(long)]
+    repository: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -140,6 +149,23 @@ fn main() {
         shipped::draw(&chart, &rows);
         let mut out = std::fs::OpenOptions::new().create(true).append(true).open(&args.out).unwrap();
         write!(out, "{report}\n![as shipped]({})\n", chart.display()).unwrap();
+        println!("[bench] appended to {}, chart {}", args.out.display(), chart.display());
+        return;
+    }
+    if let (Some(tool), Some(repository)) = (&args.perf_analyzer, &args.repository) {
+        let rows = perf_analyzer::measure(&args.server, repository, tool, args.seconds);
+        std::fs::create_dir_all(&args.chart_dir).unwrap();
+        let chart = args.chart_dir.join("perf_analyzer.png");
+        perf_analyzer::draw(&chart, &rows);
+        let report = format!(
+            "\n## perf_analyzer, {} — {cores} cores, {cpu}\n{}\n![perf_analyzer against our load generator]({})\n",
+            utc_now(),
+            perf_analyzer::render(&rows, args.seconds),
+            chart.display()
+        );
+        println!("{report}");
+        let mut out = std::fs::OpenOptions::new().create(true).append(true).open(&args.out).unwrap();
+        out.write_all(report.as_bytes()).unwrap();
         println!("[bench] appended to {}, chart {}", args.out.display(), chart.display());
         return;
     }

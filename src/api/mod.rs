@@ -27,9 +27,10 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use axum::http::{HeaderName, Request, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use tower::ServiceBuilder;
+use tower::{Layer, ServiceBuilder};
 use tower_http::compression::CompressionLayer;
 use tower_http::decompression::RequestDecompressionLayer;
+use tower_http::normalize_path::NormalizePathLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
@@ -38,6 +39,7 @@ use crate::repository::ModelRepository;
 use crate::serve::Core;
 
 pub use crate::serve::RequestLimits;
+pub(crate) use docs::OPENAPI_YAML;
 
 /// Everything a handler needs, cheap to clone: the serving core (which it derefs to) and what
 /// only the network surface uses.
@@ -124,7 +126,7 @@ pub fn router(state: AppState) -> Router {
         .merge(v2::management_routes())
         .merge(torchserve::management_routes())
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_admin_token));
-    Router::new()
+    let app = Router::new()
         .merge(health::router())
         .merge(metrics_route::router())
         .merge(models::router())
@@ -168,7 +170,10 @@ pub fn router(state: AppState) -> Router {
                 )
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID)),
         )
-        .with_state(state)
+        .with_state(state);
+    // `/models/` is `/models`, as TorchServe (and most servers) take it: the trailing slash is
+    // trimmed before routing, on every route.
+    Router::new().fallback_service(NormalizePathLayer::trim_trailing_slash().layer(app))
 }
 
 /// An error made outside any handler (an unknown route, a wrong method) in the shape of the
@@ -214,6 +219,8 @@ pub fn inference_route(path: &str) -> Option<(&'static str, &str)> {
         ["v1", "models", model, "predict"] => Some(("v1", model)),
         ["v2", "models", model, "infer"] | ["v2", "models", model, "versions", _, "infer"] => Some(("v2", model)),
         ["predictions", model] | ["predictions", model, _] => Some(("torchserve", model)),
+        // KServe V1, `/v1/models/{m}:predict`.
+        ["v1", "models", target] if target.contains(':') => target.rsplit_once(':').map(|(model, _)| ("kserve_v1", model)),
         _ => None,
     }
 }
@@ -232,6 +239,7 @@ mod tests {
         assert_eq!(inference_route("/v1/models/resnet18/predict"), Some(("v1", "resnet18")));
         assert_eq!(inference_route("/v2/models/resnet18/versions/1/infer"), Some(("v2", "resnet18")));
         assert_eq!(inference_route("/predictions/resnet18"), Some(("torchserve", "resnet18")));
+        assert_eq!(inference_route("/v1/models/resnet18:predict"), Some(("kserve_v1", "resnet18")));
         for other in ["/v1/models/resnet18", "/v2/models/resnet18/ready", "/health/ready", "/metrics", "/", "/predictions"] {
             assert_eq!(inference_model(other), None, "{other}");
         }

@@ -82,11 +82,17 @@ fn describe(state: &AppState, model: &ModelEntry) -> Value {
     value
 }
 
+/// One model (or version) in detail, with KServe V1's `ready` (what its SDK's
+/// `is_model_ready` reads), by the repository's one readiness rule.
 async fn detail(State(state): State<AppState>, model: ModelPath) -> Result<Json<Value>, ApiError> {
-    Ok(Json(match state.repository.lookup(&model.name, model.version())? {
-        Servable::Pipeline(pipeline) => pipeline_summary(&state, &pipeline),
-        Servable::Model(entry) => describe(&state, &entry),
-    }))
+    let servable = state.repository.lookup(&model.name, model.version())?;
+    let ready = state.repository.is_ready(&servable);
+    let mut value = match &servable {
+        Servable::Pipeline(pipeline) => pipeline_summary(&state, pipeline),
+        Servable::Model(entry) => describe(&state, entry),
+    };
+    value["ready"] = json!(ready);
+    Ok(Json(value))
 }
 
 /// A pipeline in `/v1/models`: its status (its steps'), and its steps as configured.

@@ -2,8 +2,8 @@
 //! the binary: the page works offline and needs no CDN.
 
 use axum::extract::Path;
-use axum::http::header;
-use axum::response::{Html, IntoResponse};
+use axum::http::{header, HeaderMap};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
@@ -28,8 +28,11 @@ pub fn router() -> Router<AppState> {
         .route("/samples/{name}", get(sample))
 }
 
-async fn index() -> Html<&'static str> {
-    Html(INDEX)
+/// The page to a browser; to an API client (no `text/html` in `Accept`), KServe V1's liveness,
+/// `{"status": "alive"}`, which KServe's SDK asks `/` for.
+async fn index(headers: HeaderMap) -> Response {
+    let wants_html = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("text/html"));
+    if wants_html { Html(INDEX).into_response() } else { Json(json!({"status": "alive"})).into_response() }
 }
 
 async fn list_samples() -> impl IntoResponse {

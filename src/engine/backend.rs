@@ -143,10 +143,9 @@ pub fn load_model(config: &ModelConfig, model_file: &Path) -> Result<LoadedModel
     let mut last_run = Default::default();
     let _no_grad = tch::no_grad_guard();
     // One thread here, whatever the workers get: a thread that has run a multi-threaded
-    // OpenMP region keeps its thread team, and a second team slowed the next one down (in
-    // Python, mobilenet_v2 at 2 threads took 21 ms a forward on a second thread instead of 11;
-    // probably libgomp spinning less with more threads than cores). The loading thread never
-    // needs a team.
+    // OpenMP region keeps its thread team, and a second team slows the next one down (probably
+    // libgomp spinning less with more threads than cores; measured: BENCHMARKS.md, "Figures
+    // behind the code's choices"). The loading thread never needs a team.
     tch::set_num_threads(1);
     let (w, h) = warmup_size(config);
     let variable_size = matches!(config.input.resize, ResizePolicy::Original | ResizePolicy::FitMultiple);

@@ -43,8 +43,8 @@ pub struct ModelQueue {
     /// Executors that picked this queue and have not yet taken their jobs. A queue is only
     /// picked while it holds more jobs than that, so a lone job wakes one executor, not two
     /// racing for it: two would take a lone request's forwards in turn, and a forward whose
-    /// threads' OpenMP team sat idle runs slower (mobilenet_v2 at concurrency 1: 13.5 ms p50
-    /// against 6.8 ms when one executor kept them, on 2 cores).
+    /// threads' OpenMP team sat idle runs slower (measured: BENCHMARKS.md, "Figures behind
+    /// the code's choices").
     claimed: AtomicUsize,
     /// An executor is waiting (`max_delay_ms`) for more jobs to fill a batch: new jobs join it
     /// instead of starting another forward.

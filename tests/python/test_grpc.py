@@ -116,7 +116,8 @@ def test_model_config_statistics_and_gzip(default_server):
     rest = requests.get(default_server.url("/v2/models/mobilenet_v2/config")).json()
     assert config.name == rest["name"] and config.max_batch_size == rest["max_batch_size"]
     assert [(i.name, list(i.dims)) for i in config.input] == [(i["name"], i["dims"]) for i in rest["input"]]
-    assert config.input[0].data_type == model_config_type("TYPE_STRING")
+    assert config.input[0].data_type == model_config_type("TYPE_UINT8")
+    assert config.input[0].format == model_config_pb2_format("FORMAT_NHWC")
     assert [o.name for o in config.output] == [o["name"] for o in rest["output"]]
     assert config.instance_group[0].count == rest["instance_group"][0]["count"]
     assert config.version_policy.WhichOneof("policy_choice") == "all"
@@ -144,6 +145,11 @@ def model_config_type(name):
     return model_config_pb2.DataType.Value(name)
 
 
+def model_config_pb2_format(name):
+    from tritonclient.grpc import model_config_pb2
+    return model_config_pb2.ModelInput.Format.Value(name)
+
+
 def test_health_service_and_reflection(default_server):
     channel = grpc.insecure_channel(default_server.grpc)
     health = health_pb2_grpc.HealthStub(channel)
@@ -168,7 +174,7 @@ def test_readiness_and_metadata(default_server):
     assert not client.is_model_ready("mobilenet_v2", model_version="9")
     assert not client.is_model_ready("no_such_model")
     meta = client.get_model_metadata("ssd_mobilenet_v2_coco")
-    assert meta.inputs[0].name == "image" and meta.inputs[0].datatype == "BYTES"
+    assert meta.inputs[0].name == "image" and meta.inputs[0].datatype == "UINT8"
     assert [o.name for o in meta.outputs][:4] == DETECTOR_OUTPUTS
     assert set(meta.versions) == {"1", "2"}
     assert "classification" in client.get_server_metadata().extensions

@@ -22,8 +22,11 @@ def test_readiness_and_metadata(default_server):
     assert client.is_model_ready("mobilenet_v2")
     assert not client.is_model_ready("mobilenet_v2", model_version="9")
     meta = client.get_model_metadata("mobilenet_v2")
-    assert meta["inputs"][0] == {"name": "image", "datatype": "BYTES", "shape": [-1]}
-    assert meta["outputs"][0]["name"] == "scores"
+    # Pixels at the model's input size (what Triton's image clients send); BYTES is the
+    # recommended input, listed with the others it accepts.
+    assert meta["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, 224, 224, 3]}]
+    assert [o["name"] for o in meta["outputs"]] == ["scores"]
+    assert meta["parameters"]["also_accepts"][0]["datatype"] == "BYTES"
     extensions = client.get_server_metadata()["extensions"]
     assert "classification" in extensions and "binary_tensor_data" in extensions
 
@@ -120,7 +123,7 @@ def test_binary_requests_that_do_not_add_up_are_400(default_server):
 def test_raw_model_outputs_on_request(default_server):
     client = client_for(default_server)
     meta = client.get_model_metadata("mobilenet_v2")
-    raw_specs = {o["name"]: o for o in meta["outputs"] if o["name"].startswith("raw_")}
+    raw_specs = {o["name"]: o for o in meta["parameters"]["raw_outputs"]}
     assert raw_specs["raw_output"] == {"name": "raw_output", "datatype": "FP32", "shape": [-1, 1000]}
     image = encode(photo("chelsea"), "JPEG")
     raw = httpclient.InferInput("image", [1], "BYTES")
@@ -133,7 +136,7 @@ def test_raw_model_outputs_on_request(default_server):
     np.testing.assert_allclose(softmax, scores, atol=1e-5)
     # A two-tensor model: the SSD's raw boxes and class scores, named by position.
     meta = client.get_model_metadata("ssd_mobilenet_v2_coco")
-    names = [o["name"] for o in meta["outputs"] if o["name"].startswith("raw_")]
+    names = [o["name"] for o in meta["parameters"]["raw_outputs"]]
     assert names == ["raw_output_0", "raw_output_1"]
     pixels = httpclient.InferInput("pixels", [1, 120, 160, 3], "UINT8")
     pixels.set_data_from_numpy(np.asarray(photo("coffee").resize((160, 120)), dtype=np.uint8)[None], binary_data=True)
@@ -151,7 +154,7 @@ def test_model_configuration_statistics_and_gzip_both_ways(default_server):
     client = client_for(default_server)
     config = client.get_model_config("mobilenet_v2")
     assert config["name"] == "mobilenet_v2" and config["max_batch_size"] >= 1
-    assert config["input"] == [{"name": "image", "data_type": "TYPE_STRING", "dims": [], "format": "FORMAT_NONE"}]
+    assert config["input"] == [{"name": "image", "data_type": "TYPE_UINT8", "dims": [224, 224, 3], "format": "FORMAT_NHWC"}]
     assert config["output"][0]["name"] == "scores" and config["output"][0]["dims"] == [1000]
     assert config["dynamic_batching"]["preferred_batch_size"][0] >= 1
     assert config["instance_group"][0]["kind"] == "KIND_CPU"

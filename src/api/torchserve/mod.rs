@@ -8,6 +8,7 @@
 //!
 //! One image gives its answer; several (multipart) give a list of answers, in order.
 
+mod kserve;
 mod management;
 
 use std::time::Instant;
@@ -15,9 +16,9 @@ use std::time::Instant;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request, State};
 use axum::http::header::CONTENT_TYPE;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, options, post};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
@@ -25,14 +26,23 @@ use crate::api::input::{decode_base64, ImageUploads};
 use crate::api::model_path::ModelPath;
 use crate::api::AppState;
 use crate::error::ApiError;
-use crate::repository::Servable;
+use crate::repository::{PipelineEntry, Servable};
 use crate::serve::infer::{self, answer_headers, write_pairs, Answered, ImageRequest};
 use crate::serve::pipeline::{self, PipelineRun};
 use crate::serve::{ImageInput, RequestContext, Target};
 use crate::tasks::{Finished, PredictParams};
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/ping", get(ping))
+    Router::new()
+        .route("/ping", get(ping))
+        // TorchServe's API description (`curl -X OPTIONS http://host:8080`): here the service's
+        // own OpenAPI document, the same as `/openapi.yaml`.
+        .route("/", options(api_description))
+        .route("/api-description", get(api_description).options(api_description))
+}
+
+async fn api_description() -> Response {
+    ([(CONTENT_TYPE, "application/yaml")], crate::api::OPENAPI_YAML).into_response()
 }
 
 pub fn management_routes() -> Router<AppState> {
@@ -44,6 +54,7 @@ pub fn inference_routes() -> Router<AppState> {
         // `curl -T image.jpg`, as TorchServe's documentation shows it, sends a PUT.
         .route("/predictions/{name}", post(predict).put(predict))
         .route("/predictions/{name}/{version}", post(predict).put(predict))
+        .merge(kserve::inference_routes())
 }
 
 /// The repository's one readiness rule, in TorchServe's words.
@@ -80,29 +91,47 @@ async fn images_of(request: Request, state: &AppState) -> Result<Vec<Bytes>, Api
 
 async fn predict(State(state): State<AppState>, model: ModelPath, request: Request) -> Result<Response, ApiError> {
     let context = RequestContext::from_headers(request.headers(), state.limits.request_timeout_ms)?;
-    let entry = match state.repository.lookup(&model.name, model.version())? {
+    let (answers, headers) = match state.repository.lookup(&model.name, model.version())? {
         Servable::Pipeline(pipeline) => {
             let images = images_of(request, &state).await?;
-            let run = pipeline::run(&state, &pipeline, ImageInput::Encoded(images), &context, false).await?;
-            let mut response = Json(one_or_list(pipeline_answers(&run))).into_response();
-            write_pairs(run.timing_pairs(), response.headers_mut());
-            return Ok(response);
+            pipeline_answers_for(&state, &pipeline, images, &context).await?
         }
-        Servable::Model(entry) => entry,
+        Servable::Model(entry) => {
+            // Resolved before the body is read: an unknown or full model costs no decoding (the
+            // unread upload is still read before the answer goes back: `api::unread_body`).
+            let target = Target::resolve(&state, entry, &context).await?;
+            let images = images_of(request, &state).await?;
+            model_answers(&state, &target, images, &context).await?
+        }
     };
-    // Resolved before the body is read: an unknown or full model costs no decoding (the unread
-    // upload is still read before the answer goes back: `api::unread_body`).
-    let target = Target::resolve(&state, entry, &context).await?;
-    let images = images_of(request, &state).await?;
+    Ok((headers, Json(one_or_list(answers))).into_response())
+}
+
+/// A model's answer for each image, in the shape of TorchServe's default handler for its task,
+/// with the timing and cache headers.
+async fn model_answers(state: &AppState, target: &Target, images: Vec<Bytes>, context: &RequestContext) -> Result<(Vec<Value>, HeaderMap), ApiError> {
     let params = PredictParams::torchserve();
-    let answered = infer::answer(&state, &target, ImageRequest::new(ImageInput::Encoded(images), params), &context).await?;
+    let answered = infer::answer(state, target, ImageRequest::new(ImageInput::Encoded(images), params), context).await?;
     let post_started = Instant::now();
     let Answered { results, timings, cache, .. } = answered;
     let answers = state
         .run_cpu(move || tracing::info_span!("encode").in_scope(|| results.into_iter().map(handler_answer).collect::<Vec<_>>()))
         .await?;
-    let body = one_or_list(answers);
-    Ok((answer_headers(timings, cache, target.name(), post_started), Json(body)).into_response())
+    Ok((answers, answer_headers(timings, cache, target.name(), post_started)))
+}
+
+/// A pipeline's answer for each image (TorchServe's detector shape, each detection with its
+/// classifier's top-k), with the steps' timing headers.
+async fn pipeline_answers_for(
+    state: &AppState,
+    pipeline: &PipelineEntry,
+    images: Vec<Bytes>,
+    context: &RequestContext,
+) -> Result<(Vec<Value>, HeaderMap), ApiError> {
+    let run = pipeline::run(state, pipeline, ImageInput::Encoded(images), context, false).await?;
+    let mut headers = HeaderMap::new();
+    write_pairs(run.timing_pairs(), &mut headers);
+    Ok((pipeline_answers(&run), headers))
 }
 
 /// One image gives its answer; several give a list of answers, in order.

@@ -3,7 +3,9 @@
 //! that Triton's own clients (`image_client.py`, `perf_analyzer`, `get_model_config`) can plan
 //! their requests. REST writes it as Triton's JSON, gRPC as `inference.ModelConfig`.
 //!
-//! The mapping: `max_batch_size` is the most images one request may carry
+//! The mapping: the input is the metadata's (RGB pixels, `FORMAT_NHWC`; a pipeline's encoded
+//! images, `FORMAT_NONE`); the outputs are the task's, as in the metadata;
+//! `max_batch_size` is the most images one request may carry
 //! (`--max-images-per-request`), so each tensor's `dims` are its metadata shape without the
 //! first (batch) dimension; dynamic batching is always on, its preferred size the batch bound
 //! loading chose and its delay `batching.max_delay_ms`; one instance group of the executors
@@ -80,15 +82,16 @@ pub fn triton_type(datatype: &str) -> &'static str {
     }
 }
 
-/// The tensors of metadata, their batch dimension dropped.
-fn config_tensors(specs: &[TensorSpec], format: Option<&'static str>) -> Vec<ConfigTensor> {
+/// The tensors of metadata, their batch dimension dropped; inputs with their format (NHWC for
+/// pixels, none for encoded images).
+fn config_tensors(specs: &[TensorSpec], is_input: bool) -> Vec<ConfigTensor> {
     specs
         .iter()
         .map(|spec| ConfigTensor {
             name: spec.name.clone(),
             data_type: triton_type(spec.datatype),
             dims: spec.shape.iter().skip(1).copied().collect(),
-            format,
+            format: is_input.then_some(if matches!(spec.shape.as_slice(), [_, _, _, 3]) { "FORMAT_NHWC" } else { "FORMAT_NONE" }),
             label_filename: None,
         })
         .collect()
@@ -103,8 +106,10 @@ pub fn model_configuration(core: &Core, servable: Servable) -> Result<ModelConfi
         platform: metadata.platform,
         backend: "",
         max_batch_size,
-        inputs: config_tensors(&metadata.inputs, Some("FORMAT_NONE")),
-        outputs: config_tensors(&metadata.outputs, None),
+        inputs: config_tensors(&metadata.inputs, true),
+        // The metadata's outputs exactly (perf_analyzer checks each against it): the model's
+        // own `raw_*` outputs are listed in REST's metadata parameters only.
+        outputs: config_tensors(&metadata.outputs, false),
         dynamic_batching: None,
         instance_group: None,
         default_model_filename: String::new(),

@@ -45,8 +45,13 @@ pub struct ModelMetadata {
     pub versions: Vec<String>,
     pub platform: &'static str,
     pub inputs: Vec<TensorSpec>,
+    /// The task's outputs. The model's own (`raw_*`), computed when a request names one, are
+    /// listed apart, under `parameters.raw_outputs`, so that a classifier's metadata has the
+    /// one output Triton's image clients expect (and the model configuration, which must match
+    /// it for perf_analyzer, lists the same).
     pub outputs: Vec<TensorSpec>,
-    /// What only REST reports (gRPC's message has no such field): task, version, other inputs.
+    /// What only REST reports (gRPC's message has no such field): task, version, the model's
+    /// own outputs, other inputs.
     pub parameters: Value,
 }
 
@@ -61,16 +66,18 @@ pub fn model_metadata(core: &Core, servable: Servable) -> Result<ModelMetadata, 
         reason: entry.status().reason.unwrap_or_default(),
     })?;
     let classes = entry.labels.len().max(1) as i64;
-    let mut outputs = match config.task {
+    let outputs = match config.task {
         Task::Classification => vec![tensor_spec("scores", "FP32", &[-1, classes])],
         Task::Segmentation => vec![tensor_spec("mask", "UINT8", &[-1, -1, -1])],
         Task::Detection => detection_specs(),
     };
     // The model's own outputs, as the warm-up saw them (stacked-batch models).
-    if let Ok(runtime) = entry.runtime() {
-        outputs.extend(runtime.raw_outputs().iter().map(|r| tensor_spec(&r.name, r.datatype, &r.shape)));
-    }
+    let raw_outputs: Vec<Value> = entry
+        .runtime()
+        .map(|runtime| runtime.raw_outputs().iter().map(|r| json!({"name": r.name, "datatype": r.datatype, "shape": r.shape})).collect())
+        .unwrap_or_default();
     let versions = core.repository.family(&entry.name).map(|f| f.version_names()).unwrap_or_default();
+    let (height, width) = (i64::from(config.input.height), i64::from(config.input.width));
     Ok(ModelMetadata {
         name: entry.name.clone(),
         versions,
@@ -78,14 +85,21 @@ pub fn model_metadata(core: &Core, servable: Servable) -> Result<ModelMetadata, 
             ModelFormat::Torchscript => "pytorch_torchscript",
             ModelFormat::Aoti => "pytorch_aoti",
         },
-        inputs: vec![tensor_spec("image", "BYTES", &[-1])],
+        // Listed as RGB pixels at the model's input size, NHWC: what Triton's image clients
+        // (`image_client.py`, `perf_analyzer`) can make and send unmodified — the server still
+        // applies the model's own resize and normalization, and takes pixels of any size.
+        // Encoded images (BYTES) are the recommended input: smaller on the wire, and decoded
+        // (scaled, for big JPEGs) on the server.
+        inputs: vec![tensor_spec("image", "UINT8", &[-1, height, width, 3])],
         outputs,
         parameters: json!({
             "task": config.task,
             "version": entry.version,
+            "raw_outputs": raw_outputs,
             "also_accepts": [
-                {"datatype": "UINT8", "shape": [-1, -1, -1, 3], "meaning": "raw RGB pixels"},
-                {"datatype": "FP32", "shape": [-1, 3, config.input.height, config.input.width], "meaning": "preprocessed input"}
+                {"datatype": "BYTES", "shape": [-1], "meaning": "encoded images (JPEG, PNG, WebP, …): the recommended input"},
+                {"datatype": "UINT8", "shape": [-1, -1, -1, 3], "meaning": "RGB pixels of any size"},
+                {"datatype": "FP32", "shape": [-1, 3, height, width], "meaning": "preprocessed input"}
             ]
         }),
     })
@@ -205,10 +219,7 @@ async fn pipeline_infer(core: &Core, pipeline: &PipelineEntry, request: InferReq
     let all_binary = bool_param(&request.parameters, "binary_data_output")?.unwrap_or(false);
     let InferRequest { id, inputs, outputs: requested, .. } = request;
     let input = inputs.into_iter().next().expect("one input, checked by the caller");
-    let batch = input.shape.first().copied().unwrap_or(0) as usize;
-    if batch == 0 || batch > core.limits.max_images_per_request {
-        return Err(ApiError::BadRequest(format!("batch of {batch} images; 1..={} are accepted", core.limits.max_images_per_request)));
-    }
+    check_batch(core, &input)?;
     if !matches!(input.datatype.as_str(), "BYTES" | "UINT8") {
         return Err(ApiError::BadRequest(format!("a pipeline takes BYTES images or UINT8 pixels, not {}", input.datatype)));
     }
