@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use base64::Engine as _;
-use common::{client, jpeg, test_models, Server};
+use common::{client, jpeg, metric_value, test_models, Server};
 
 const BOXES_SCORES: &str = "tiny_ssd";
 
@@ -52,6 +52,12 @@ fn api_keys_guard_inference_routes_and_cors_is_opt_in() {
     assert_eq!(described["ready"], true);
     let explain = client().post(guarded.url(&format!("/v1/models/{BOXES_SCORES}:explain"))).bearer_auth("alpha").body("{}").send().unwrap();
     assert_eq!(explain.status(), 501);
+    // Each protocol's requests are counted under its name, refused keys included.
+    let metrics = client().get(guarded.url("/metrics")).send().unwrap().text().unwrap();
+    for (protocol, status) in [("kserve_v1", "200"), ("kserve_v1", "401"), ("v2", "401"), ("torchserve", "401"), ("v1", "403")] {
+        let counted = metric_value(&metrics, "visionserve_requests_total", &[&format!("protocol=\"{protocol}\""), &format!("status=\"{status}\"")]);
+        assert!(counted >= 1.0, "{protocol} {status} not counted:\n{metrics}");
+    }
     // Health, metadata and metrics stay open.
     assert_eq!(client().get(guarded.url("/health/ready")).send().unwrap().status(), 200);
     assert_eq!(client().get(guarded.url("/v1/models")).send().unwrap().status(), 200);

@@ -3,14 +3,14 @@
 
 use std::time::Instant;
 
-use axum::extract::{Request, State};
+use axum::extract::{RawPathParams, Request, State};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
-use super::{inference_route, AppState};
+use super::AppState;
 use crate::metrics as m;
 
 pub fn router() -> Router<AppState> {
@@ -31,14 +31,19 @@ async fn render(State(state): State<AppState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
 }
 
-/// Counts every inference request (all three protocols) by model, protocol and status,
-/// extractor rejections included, times it whole, and keeps the in-flight gauge honest even
-/// when the client goes away mid-request. Other routes pass through untouched.
-pub async fn track_inference(request: Request, next: Next) -> Response {
-    let Some((protocol, model)) = inference_route(request.uri().path()) else {
-        return next.run(request).await;
-    };
-    let tracker = InferenceTracker::start(model, protocol);
+/// The layer of each protocol's inference routes (`api::router`; `protocol` is its name, the
+/// metrics' `protocol` label): counts every request by model, protocol and status, refused
+/// keys and extractor rejections included, times it whole, keeps the in-flight gauge honest
+/// even when the client goes away mid-request, and records protocol and model on the
+/// request's span. The model is the route's `{name}` (KServe V1's `{name}:predict` without
+/// its verb).
+pub async fn track_inference(State(protocol): State<&'static str>, params: RawPathParams, request: Request, next: Next) -> Response {
+    let name = params.iter().find(|(key, _)| *key == "name").map(|(_, value)| value).unwrap_or_default();
+    let model = name.rsplit_once(':').map_or(name, |(model, _)| model).to_string();
+    let span = tracing::Span::current();
+    span.record("protocol", protocol);
+    span.record("model", model.as_str());
+    let tracker = InferenceTracker::start(&model, protocol);
     // The upload, as a span that ends when the handler has read the whole body.
     let request = request.map(|body| axum::body::Body::new(TimedBody { inner: body, span: Some(tracing::info_span!("receive_body")) }));
     let response = next.run(request).await;

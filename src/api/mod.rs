@@ -116,12 +116,18 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub fn router(state: AppState) -> Router {
     let body_limit = state.limits.max_body_bytes;
     // Each credential guards its own sub-router, so a route is guarded by being put there,
-    // not by matching a list of paths.
+    // not by matching a list of paths; each protocol's inference routes are counted in the
+    // request metrics under its name, refusals of the key included.
+    let inference_of = |routes: Router<AppState>, protocol: &'static str| {
+        routes
+            .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key))
+            .route_layer(axum::middleware::from_fn_with_state(protocol, metrics_route::track_inference))
+    };
     let inference = Router::new()
-        .merge(predict::inference_routes())
-        .merge(v2::inference_routes())
-        .merge(torchserve::inference_routes())
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_api_key));
+        .merge(inference_of(predict::inference_routes(), "v1"))
+        .merge(inference_of(v2::inference_routes(), "v2"))
+        .merge(inference_of(torchserve::inference_routes(), "torchserve"))
+        .merge(inference_of(torchserve::kserve_routes(), "kserve_v1"));
     let management = Router::new()
         .merge(v2::management_routes())
         .merge(torchserve::management_routes())
@@ -140,7 +146,6 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(|uri: Uri| async move {
             in_route_shape(&uri, ApiError::MethodNotAllowed("method not allowed on this route".into()))
         })
-        .layer(axum::middleware::from_fn(metrics_route::track_inference))
         // `Content-Encoding: gzip` or `deflate` bodies are read decompressed, and the body
         // limit counts decompressed bytes, so a small bomb is a 413, never memory; answers are
         // compressed when the client's `Accept-Encoding` asks (tritonclient, browsers).
@@ -155,8 +160,9 @@ pub fn router(state: AppState) -> Router {
                     TraceLayer::new_for_http()
                         .make_span_with(|request: &Request<_>| {
                             let id = request.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
-                            let (protocol, model) = inference_route(request.uri().path()).unwrap_or(("", ""));
-                            let span = request_span(id, request.method().as_str(), &request.uri().to_string(), protocol, model);
+                            // Protocol and model are recorded once routing has found them
+                            // (`metrics_route::track_inference`).
+                            let span = request_span(id, request.method().as_str(), &request.uri().to_string(), "", "");
                             crate::telemetry::adopt(&span, request.headers());
                             span
                         })
@@ -202,46 +208,4 @@ pub fn request_span(id: &str, method: &str, uri: &str, protocol: &str, model: &s
         status = Empty,
         trace_id = Empty
     )
-}
-
-/// The model an inference route addresses — `/v1/models/{m}/predict`,
-/// `/v2/models/{m}[/versions/{v}]/infer`, `/predictions/{m}[/{v}]` — and `None` for every other
-/// route: the request metrics' and the request span's labels.
-pub fn inference_model(path: &str) -> Option<&str> {
-    inference_route(path).map(|(_, model)| model)
-}
-
-/// An inference route's protocol (the `protocol` label of the request metrics: `v1`, `v2`,
-/// `torchserve`; gRPC calls are `grpc`) and model.
-pub fn inference_route(path: &str) -> Option<(&'static str, &str)> {
-    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    match parts.as_slice() {
-        ["v1", "models", model, "predict"] => Some(("v1", model)),
-        ["v2", "models", model, "infer"] | ["v2", "models", model, "versions", _, "infer"] => Some(("v2", model)),
-        ["predictions", model] | ["predictions", model, _] => Some(("torchserve", model)),
-        // KServe V1, `/v1/models/{m}:predict`.
-        ["v1", "models", target] if target.contains(':') => target.rsplit_once(':').map(|(model, _)| ("kserve_v1", model)),
-        _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{inference_model, inference_route};
-
-    #[test]
-    fn inference_routes_name_their_model_and_others_none() {
-        assert_eq!(inference_model("/v1/models/resnet18/predict"), Some("resnet18"));
-        assert_eq!(inference_model("/v2/models/resnet18/infer"), Some("resnet18"));
-        assert_eq!(inference_model("/v2/models/resnet18/versions/1/infer"), Some("resnet18"));
-        assert_eq!(inference_model("/predictions/resnet18"), Some("resnet18"));
-        assert_eq!(inference_model("/predictions/resnet18/1.0"), Some("resnet18"));
-        assert_eq!(inference_route("/v1/models/resnet18/predict"), Some(("v1", "resnet18")));
-        assert_eq!(inference_route("/v2/models/resnet18/versions/1/infer"), Some(("v2", "resnet18")));
-        assert_eq!(inference_route("/predictions/resnet18"), Some(("torchserve", "resnet18")));
-        assert_eq!(inference_route("/v1/models/resnet18:predict"), Some(("kserve_v1", "resnet18")));
-        for other in ["/v1/models/resnet18", "/v2/models/resnet18/ready", "/health/ready", "/metrics", "/", "/predictions"] {
-            assert_eq!(inference_model(other), None, "{other}");
-        }
-    }
 }

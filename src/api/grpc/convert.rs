@@ -133,6 +133,87 @@ pub fn infer_response(answer: TensorAnswer) -> ModelInferResponse {
     }
 }
 
+/// The model configuration as Triton's `inference.ModelConfig`.
+pub fn model_config(c: &ModelConfiguration) -> ModelConfig {
+    use super::proto::model_version_policy::{All, PolicyChoice};
+    let data_type = |name: &str| DataType::from_str_name(name).unwrap_or(DataType::TypeInvalid) as i32;
+    ModelConfig {
+        name: c.name.clone(),
+        platform: c.platform.to_string(),
+        backend: c.backend.to_string(),
+        version_policy: Some(ModelVersionPolicy { policy_choice: Some(PolicyChoice::All(All {})) }),
+        max_batch_size: c.max_batch_size,
+        input: c
+            .inputs
+            .iter()
+            .map(|t| ModelInput {
+                name: t.name.clone(),
+                data_type: data_type(t.data_type),
+                format: t.format.and_then(model_input::Format::from_str_name).unwrap_or(model_input::Format::None) as i32,
+                dims: t.dims.clone(),
+            })
+            .collect(),
+        output: c
+            .outputs
+            .iter()
+            .map(|t| ModelOutput {
+                name: t.name.clone(),
+                data_type: data_type(t.data_type),
+                dims: t.dims.clone(),
+                label_filename: t.label_filename.clone().unwrap_or_default(),
+            })
+            .collect(),
+        dynamic_batching: c.dynamic_batching.map(|b| ModelDynamicBatching {
+            preferred_batch_size: vec![b.preferred_batch_size],
+            max_queue_delay_microseconds: b.max_queue_delay_microseconds,
+        }),
+        instance_group: c
+            .instance_group
+            .iter()
+            .map(|g| ModelInstanceGroup {
+                name: g.name.clone(),
+                kind: model_instance_group::Kind::from_str_name(g.kind).unwrap_or(model_instance_group::Kind::Auto) as i32,
+                count: g.count,
+                gpus: g.gpus.clone(),
+            })
+            .collect(),
+        default_model_filename: c.default_model_filename.clone(),
+        parameters: c.parameters.iter().map(|(k, v)| (k.clone(), ModelParameter { string_value: v.clone() })).collect(),
+    }
+}
+
+/// Each version's statistics as Triton's `inference.ModelStatistics`.
+pub fn model_statistics(rows: Vec<VersionStatistics>) -> ModelStatisticsResponse {
+    let model_stats = rows
+        .into_iter()
+        .map(|row| {
+            let [success, fail, queue, compute_input, compute_infer, compute_output, cache_hit, cache_miss] =
+                row.inference_stats.map(|(_, total)| Some(StatisticDuration { count: total.count, ns: total.ns }));
+            ModelStatistics {
+                name: row.name,
+                version: row.version,
+                last_inference: row.last_inference,
+                inference_count: row.inference_count,
+                execution_count: row.execution_count,
+                inference_stats: Some(InferStatistics {
+                    success,
+                    fail,
+                    queue,
+                    compute_input,
+                    compute_infer,
+                    compute_output,
+                    cache_hit,
+                    cache_miss,
+                }),
+                batch_stats: Vec::new(),
+                memory_usage: Vec::new(),
+                response_stats: HashMap::new(),
+            }
+        })
+        .collect();
+    ModelStatisticsResponse { model_stats }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,85 +298,4 @@ mod tests {
         assert_eq!(response.raw_output_contents[0].as_ref(), [0.25f32.to_le_bytes(), 0.75f32.to_le_bytes()].concat());
         assert_eq!(response.raw_output_contents[1].as_ref(), 3i32.to_le_bytes());
     }
-}
-
-/// The model configuration as Triton's `inference.ModelConfig`.
-pub fn model_config(c: &ModelConfiguration) -> ModelConfig {
-    use super::proto::model_version_policy::{All, PolicyChoice};
-    let data_type = |name: &str| DataType::from_str_name(name).unwrap_or(DataType::TypeInvalid) as i32;
-    ModelConfig {
-        name: c.name.clone(),
-        platform: c.platform.to_string(),
-        backend: c.backend.to_string(),
-        version_policy: Some(ModelVersionPolicy { policy_choice: Some(PolicyChoice::All(All {})) }),
-        max_batch_size: c.max_batch_size,
-        input: c
-            .inputs
-            .iter()
-            .map(|t| ModelInput {
-                name: t.name.clone(),
-                data_type: data_type(t.data_type),
-                format: t.format.and_then(model_input::Format::from_str_name).unwrap_or(model_input::Format::None) as i32,
-                dims: t.dims.clone(),
-            })
-            .collect(),
-        output: c
-            .outputs
-            .iter()
-            .map(|t| ModelOutput {
-                name: t.name.clone(),
-                data_type: data_type(t.data_type),
-                dims: t.dims.clone(),
-                label_filename: t.label_filename.clone().unwrap_or_default(),
-            })
-            .collect(),
-        dynamic_batching: c.dynamic_batching.map(|b| ModelDynamicBatching {
-            preferred_batch_size: vec![b.preferred_batch_size],
-            max_queue_delay_microseconds: b.max_queue_delay_microseconds,
-        }),
-        instance_group: c
-            .instance_group
-            .iter()
-            .map(|g| ModelInstanceGroup {
-                name: g.name.clone(),
-                kind: model_instance_group::Kind::from_str_name(g.kind).unwrap_or(model_instance_group::Kind::Auto) as i32,
-                count: g.count,
-                gpus: g.gpus.clone(),
-            })
-            .collect(),
-        default_model_filename: c.default_model_filename.clone(),
-        parameters: c.parameters.iter().map(|(k, v)| (k.clone(), ModelParameter { string_value: v.clone() })).collect(),
-    }
-}
-
-/// Each version's statistics as Triton's `inference.ModelStatistics`.
-pub fn model_statistics(rows: Vec<VersionStatistics>) -> ModelStatisticsResponse {
-    let model_stats = rows
-        .into_iter()
-        .map(|row| {
-            let [success, fail, queue, compute_input, compute_infer, compute_output, cache_hit, cache_miss] =
-                row.inference_stats.map(|(_, total)| Some(StatisticDuration { count: total.count, ns: total.ns }));
-            ModelStatistics {
-                name: row.name,
-                version: row.version,
-                last_inference: row.last_inference,
-                inference_count: row.inference_count,
-                execution_count: row.execution_count,
-                inference_stats: Some(InferStatistics {
-                    success,
-                    fail,
-                    queue,
-                    compute_input,
-                    compute_infer,
-                    compute_output,
-                    cache_hit,
-                    cache_miss,
-                }),
-                batch_stats: Vec::new(),
-                memory_usage: Vec::new(),
-                response_stats: HashMap::new(),
-            }
-        })
-        .collect();
-    ModelStatisticsResponse { model_stats }
 }

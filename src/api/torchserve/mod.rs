@@ -54,7 +54,11 @@ pub fn inference_routes() -> Router<AppState> {
         // `curl -T image.jpg`, as TorchServe's documentation shows it, sends a PUT.
         .route("/predictions/{name}", post(predict).put(predict))
         .route("/predictions/{name}/{version}", post(predict).put(predict))
-        .merge(kserve::inference_routes())
+}
+
+/// KServe V1's inference (`kserve`), counted apart in the request metrics.
+pub fn kserve_routes() -> Router<AppState> {
+    kserve::inference_routes()
 }
 
 /// The repository's one readiness rule, in TorchServe's words.
