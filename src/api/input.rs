@@ -71,7 +71,9 @@ fn single(body: Bytes) -> ImageUploads {
     ImageUploads { images: vec![body], body_parameters: HashMap::new() }
 }
 
-async fn body_bytes(req: Request, state: &AppState, limit: usize) -> Result<Bytes, ApiError> {
+/// The whole body: over `limit` is 413, a body that breaks off 400 (every REST shell reads its
+/// upload through this).
+pub(crate) async fn body_bytes(req: Request, state: &AppState, limit: usize) -> Result<Bytes, ApiError> {
     Bytes::from_request(req, state).await.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge(limit)

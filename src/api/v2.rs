@@ -10,6 +10,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
+use super::input::body_bytes;
 use super::model_path::ModelPath;
 use super::AppState;
 use crate::error::ApiError;
@@ -110,13 +111,7 @@ impl axum::extract::FromRequest<AppState> for V2Body {
     type Rejection = V2Error;
 
     async fn from_request(request: axum::extract::Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        match Bytes::from_request(request, state).await {
-            Ok(body) => Ok(V2Body(body)),
-            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                Err(V2Error(ApiError::PayloadTooLarge(state.limits.max_body_bytes)))
-            }
-            Err(rejection) => Err(V2Error::bad(rejection.body_text())),
-        }
+        Ok(V2Body(body_bytes(request, state, state.limits.max_body_bytes).await?))
     }
 }
 

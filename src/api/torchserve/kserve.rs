@@ -8,7 +8,7 @@
 //! has an explainer. `GET /v1/models/{name}` (the model's description, with `ready`) and
 //! `GET /` (`{"status": "alive"}` to API clients) are V1's metadata and liveness.
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::{model_answers, pipeline_answers_for};
-use crate::api::input::decode_base64;
+use crate::api::input::{body_bytes, decode_base64};
 use crate::api::AppState;
 use crate::error::ApiError;
 use crate::repository::Servable;
@@ -30,15 +30,9 @@ pub fn inference_routes() -> Router<AppState> {
 
 /// `{name}:predict` or `{name}:explain`: axum's router matches whole segments, so the verb is
 /// split off here.
-async fn verb(
-    State(state): State<AppState>,
-    Path(target): Path<String>,
-    headers: axum::http::HeaderMap,
-    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<Response, ApiError> {
-    let body = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE { ApiError::PayloadTooLarge(state.limits.max_body_bytes) } else { ApiError::BadRequest(r.body_text()) }
-    })?;
+async fn verb(State(state): State<AppState>, Path(target): Path<String>, request: Request) -> Result<Response, ApiError> {
+    let headers = request.headers().clone();
+    let body = body_bytes(request, &state, state.limits.max_body_bytes).await?;
     let (name, verb) = target
         .rsplit_once(':')
         .ok_or_else(|| ApiError::MethodNotAllowed(format!("POST /v1/models/{target}: KServe V1 is POST /v1/models/{{name}}:predict")))?;

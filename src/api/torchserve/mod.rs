@@ -22,7 +22,7 @@ use axum::routing::{get, options, post};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
-use crate::api::input::{decode_base64, ImageUploads};
+use crate::api::input::{body_bytes, decode_base64, ImageUploads};
 use crate::api::model_path::ModelPath;
 use crate::api::AppState;
 use crate::error::ApiError;
@@ -79,13 +79,7 @@ async fn images_of(request: Request, state: &AppState) -> Result<Vec<Bytes>, Api
         .and_then(|v| v.to_str().ok())
         .is_some_and(|t| t.starts_with("text/plain"));
     if is_text {
-        let body = Bytes::from_request(request, state).await.map_err(|r| {
-            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge(state.limits.max_body_bytes)
-            } else {
-                ApiError::BadRequest(r.body_text())
-            }
-        })?;
+        let body = body_bytes(request, state, state.limits.max_body_bytes).await?;
         let text = std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest("a text/plain body must be base64 text".into()))?;
         let image = decode_base64(text.trim()).map_err(|e| ApiError::BadRequest(format!("the body is not valid base64: {e}")))?;
         return Ok(vec![image]);
