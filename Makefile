@@ -21,10 +21,10 @@ export PATH                 := $(PY_ENV)/bin:$(PATH)
 BIN := target/release/visionserve
 
 # Converted models are keyed by the scripts that make them (and the torch version).
-TEST_MODELS_KEY := $(shell cat models/export.py models/aoti.py models/progress.py | sha256sum | cut -c1-12)
+TEST_MODELS_KEY := $(shell cat models/export.py models/program.py models/progress.py | sha256sum | cut -c1-12)
 TEST_MODELS     := $(CACHE)/test-models-$(TEST_MODELS_KEY)
 DEFAULT_MODELS  := mobilenet_v2 ssd_mobilenet_v2_coco text_detector_ppocr_v4
-PRETRAINED_KEY  := $(shell cat models/convert_pretrained.py models/aoti.py models/progress.py models/weights.sha256 | sha256sum | cut -c1-12)
+PRETRAINED_KEY  := $(shell cat models/convert_pretrained.py models/program.py models/progress.py models/weights.sha256 | sha256sum | cut -c1-12)
 PRETRAINED      := $(CACHE)/pretrained-$(PRETRAINED_KEY)
 # AOTInductor packages are machine code: models/aoti.py keys them inside this folder by torch
 # version, a digest of the CPU flags and the exported program's checksum.
@@ -32,8 +32,10 @@ AOTI_CACHE      := $(CACHE)/aoti
 PERF_ANALYZER   := $(CACHE)/perf-analyzer-2.51.0
 # KServe's SDK in an environment of its own (it and tritonclient.grpc cannot share a process).
 KSERVE_ENV      := $(CACHE)/kserve-sdk-$(shell sha256sum tests/clients/kserve/requirements.lock | cut -c1-12)
+# ONNX Runtime and OpenVINO for `make bench-cpu`, in an environment of their own.
+BENCH_CPU_ENV   := $(CACHE)/bench-cpu-$(shell sha256sum scripts/bench-cpu.lock | cut -c1-12)
 
-.PHONY: bench-perf-analyzer perf-analyzer kserve-sdk bench-cache bench-pipeline bench-protocols bench-shipped compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
+.PHONY: bench-cpu bench-perf-analyzer perf-analyzer kserve-sdk bench-cache bench-pipeline bench-protocols bench-shipped compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
 
 help:
 	@echo "make run    - prepare everything and serve the default models on http://127.0.0.1:8080"
@@ -57,6 +59,7 @@ help:
 	@echo "make bench-pipeline - the detect_then_classify pipeline against its two steps called alone"
 	@echo "make bench-protocols - REST against gRPC on mobilenet_v2 as shipped, median of three interleaved runs"
 	@echo "make bench-shipped - the server as shipped, a 640x480 and a 12 MP photo, concurrency 1, 16 and 160"
+	@echo "make bench-cpu - the forward pass alone: our TorchScript and AOTI versions beside ONNX Runtime and OpenVINO"
 	@echo "make bench-torchserve - the same load on TorchServe 0.12 and on visionserve"
 	@echo "make bench-perf-analyzer - Triton's perf_analyzer beside our load generator, HTTP and gRPC, mobilenet_v2 as shipped"
 	@echo "make fuzz   - every cargo-fuzz target for FUZZ_SECONDS (default 600) each; needs nightly"
@@ -176,6 +179,19 @@ $(KSERVE_ENV)/.installed: tests/clients/kserve/requirements.lock | prereqs
 	@echo "[setup] KServe's SDK in $(KSERVE_ENV) (first time: about 450 MB, a minute or two)"
 	@test -x $(KSERVE_ENV)/bin/python || python3 -m venv $(KSERVE_ENV)
 	$(KSERVE_ENV)/bin/python -m pip install --progress-bar off -q -r tests/clients/kserve/requirements.lock
+	@touch $@
+
+# The forward pass alone: every version of mobilenet_v2 and the SSD beside ONNX Runtime and
+# OpenVINO FP32 on the same exported program, 2 processes x 1 thread (batch 1 and 8) and one
+# image on 2 threads, medians of 3 interleaved rounds. Appends to BENCHMARKS.md, draws
+# docs/bench/cpu.png.
+bench-cpu: models $(BENCH_CPU_ENV)/.installed
+	$(BENCH_CPU_ENV)/bin/python scripts/bench-cpu.py --torch-python $(PYTHON) --repo models --seconds $(BENCH_SECONDS) --rounds 3
+
+$(BENCH_CPU_ENV)/.installed: scripts/bench-cpu.lock | prereqs
+	@echo "[setup] ONNX Runtime and OpenVINO for bench-cpu in $(BENCH_CPU_ENV) (first time: about 460 MB)"
+	@test -x $(BENCH_CPU_ENV)/bin/python || python3 -m venv $(BENCH_CPU_ENV)
+	$(BENCH_CPU_ENV)/bin/python -m pip install --progress-bar off -q -r scripts/bench-cpu.lock
 	@touch $@
 
 bench-torchserve: build models

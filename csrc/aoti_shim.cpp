@@ -63,12 +63,13 @@ char* vs_aoti_metadata(const char* path, char** error) {
   return out;
 }
 
-// Loads a package with `num_runners` model instances (concurrent run calls share them).
-void* vs_aoti_load(const char* path, int device_index, size_t num_runners, char** error) {
+// Loads one model of a package ("model", or another name the package holds) with
+// `num_runners` model instances (concurrent run calls share them).
+void* vs_aoti_load(const char* path, const char* model_name, int device_index, size_t num_runners, char** error) {
   torch::inductor::AOTIModelPackageLoader* loader = nullptr;
   guarded(error, [&] {
     loader = new torch::inductor::AOTIModelPackageLoader(
-        path, "model", /*run_single_threaded=*/false, num_runners,
+        path, model_name, /*run_single_threaded=*/false, num_runners,
         static_cast<c10::DeviceIndex>(device_index));
   });
   return loader;

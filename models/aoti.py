@@ -17,22 +17,33 @@ Two steps, because they have different keys:
 links it as the folder's `model.pt2`; a cached package is reused (seconds, not minutes).
 """
 import argparse
+import contextlib
 import hashlib
-import json
 import os
-import shutil
+import re
 import sys
 import time
 import tomllib
+import zipfile
 
 import torch
+from program import export_program, load_program, sha256
 from progress import reporter
 
 KEY_TORCH_VERSION = "visionserve.torch_version"
 KEY_CPU_FLAGS = "visionserve.cpu_flags_sha256"
 KEY_MAX_BATCH = "visionserve.max_batch"
 KEY_PROGRAM = "visionserve.program_sha256"
-EXTRA_SPEC = "visionserve_export"
+# The package's batch-1 models by thread count, "1:batch1_t1,2:batch1_t2" (compile_package).
+KEY_BATCH1 = "visionserve.batch1_models"
+BATCH1_MODEL = "batch1"
+# Off only to measure what freezing buys (VISIONSERVE_AOTI_FREEZE=0 with `compile`).
+FREEZE = os.environ.get("VISIONSERVE_AOTI_FREEZE", "1") != "0"
+# Calls in a package's generated wrapper, by kind (package_kernels).
+KERNEL_PATTERNS = {
+    "onednn_fp32": r"mkldnn__convolution_pointwise|mkldnn__linear_pointwise|mkl_linear|mkldnn_rnn",
+    "onednn_int8": r"qconv\w*pointwise|qlinear\w*pointwise",
+}
 
 
 progress = reporter("aoti")
@@ -51,48 +62,10 @@ def cpu_flags_digest(cpuinfo_path="/proc/cpuinfo"):
     return ""
 
 
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def export_program(model, example, max_batch, multiple=None, max_side=None):
-    """Exports `model` (in eval mode) with batch sizes 1..max_batch; with `multiple`, height
-    and width may be any multiple of it up to `max_side` (fully convolutional models)."""
-    batch = torch.export.Dim("batch", min=1, max=max_batch)
-    dims = {0: batch}
-    if multiple:
-        blocks = max_side // multiple
-        dims[2] = multiple * torch.export.Dim("height_blocks", min=1, max=blocks)
-        dims[3] = multiple * torch.export.Dim("width_blocks", min=1, max=blocks)
-    with torch.no_grad():
-        return torch.export.export(model, (example,), dynamic_shapes=(dims,))
-
-
-def save_program(program, path, example, max_batch, multiple=None, max_side=None):
-    """Saves the program with how it was exported (example shape, device, dynamic dimensions),
-    which the compile step needs to export it again with size hints."""
-    spec = {"example_shape": list(example.shape), "device": str(example.device), "max_batch": max_batch,
-            "multiple": multiple, "max_side": max_side}
-    tmp = path[:-len(".pt2")] + ".tmp.pt2" if path.endswith(".pt2") else path + ".tmp.pt2"
-    torch.export.save(program, tmp, extra_files={EXTRA_SPEC: json.dumps(spec)})
-    os.replace(tmp, path)
-
-
-def load_program(path):
-    extra = {EXTRA_SPEC: ""}
-    program = torch.export.load(path, extra_files=extra)
-    if not extra[EXTRA_SPEC]:
-        sys.exit(f"aoti: {path} was not saved by models/aoti.py (no '{EXTRA_SPEC}' record); export it with save_program")
-    return program, json.loads(extra[EXTRA_SPEC])
-
-
-def compile_package(program_path, package_path):
+def compile_package(program_path, package_path, pixels=None, batch1=True):
     """Compiles an exported program for this machine, with the metadata the server checks.
-    The device is the program's own: export on cuda:0 for a GPU package."""
+    The device is the program's own: export on cuda:0 for a GPU package. `pixels` (the
+    config's [input] table) says what values the model sees, for timing its batch-1 models."""
     program, spec = load_program(program_path)
     # A loaded program has lost the size hints of its dynamic dimensions, which some lowerings
     # (bilinear resizing) need: export its module again the way it was first exported.
@@ -104,16 +77,173 @@ def compile_package(program_path, package_path):
         KEY_MAX_BATCH: str(spec["max_batch"]),
         KEY_PROGRAM: sha256(program_path),
     }
+    files = {"model": compile_part(program, metadata)}
     tmp = package_path + ".tmp.pt2"
+    from torch._inductor.package import package_aoti
+    # More models in the same package for batch 1, with every size static, one per thread count
+    # the server runs a forward at (1: the pool under load; all cores: a lone request). One
+    # image at a time is what a lone request runs, and what the pool runs under load wherever
+    # batching does not pay on the CPU (the server measures that at load). Static shapes let
+    # Inductor and oneDNN specialise every kernel, but for the thread count they were compiled
+    # at: the SSD's static model compiled at 2 threads took 47 ms at 1 thread, against 26 ms
+    # compiled at 1 (the dynamic model: 32 ms). So each is compiled at its thread count, timed
+    # against the dynamic model at that count, and kept only where it is faster. Not for models
+    # whose height and width are dynamic too.
+    if batch1 and FREEZE and spec["max_batch"] > 1 and not spec["multiple"] and spec["device"] == "cpu":
+        with torch.no_grad():
+            static = torch.export.export(program.module(), (example[:1],))
+        counts = sorted({1, torch.get_num_threads()})
+        for threads in counts:
+            files[f"{BATCH1_MODEL}_t{threads}"] = compile_part(static, dict(metadata, **{KEY_MAX_BATCH: "1"}), threads)
+        package_aoti(tmp, files)
+        kept = []
+        for threads in counts:
+            name = f"{BATCH1_MODEL}_t{threads}"
+            static_ms, dynamic_ms = time_in_fresh_process(tmp, name, list(example[:1].shape), threads, pixels or {})
+            keep = static_ms < 0.9 * dynamic_ms
+            progress(f"batch-1 model for {threads} thread{'s' * (threads > 1)}: {static_ms:.1f} ms against "
+                     f"{dynamic_ms:.1f} ms dynamic: {'kept' if keep else 'left out'}")
+            if keep:
+                kept.append(f"{threads}:{name}")
+            else:
+                del files[name]
+        if kept:
+            record_metadata(files["model"], {KEY_BATCH1: ",".join(kept)})
+    package_aoti(tmp, files)
+    os.replace(tmp, package_path)
+    return spec["max_batch"]
+
+
+def time_in_fresh_process(package, name, shape, threads, pixels):
+    """time_one_image in a process of its own: timed in the compiling process, whose memory and
+    thread pools the compile has churned, the SSD's dynamic model measured 31 ms at 2 threads
+    against 22 ms in a clean one, which made a useless batch-1 model look 1.5 x faster."""
+    import json
+    import subprocess
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "time-batch1", "--package", package, "--model", name,
+                          "--shape", ",".join(map(str, shape)), "--threads", str(threads), "--pixels", json.dumps(pixels)],
+                         check=True, capture_output=True, text=True).stdout
+    times = json.loads(out.strip().splitlines()[-1])
+    return times["static_ms"], times["dynamic_ms"]
+
+
+def model_input(pixels, shape):
+    """Random pixels scaled and normalised as the server feeds this model (the config's
+    [input] scale, mean and std): timing on values in another range is timing another workload
+    (the SSD on 0..1 noise instead of 0..255 pixels ran its dynamic model 1.3 x slower)."""
+    image = torch.randint(0, 256, shape).float() * pixels.get("scale", 1.0 / 255.0)
+    if "mean" in pixels and "std" in pixels:
+        image = (image - torch.tensor(pixels["mean"]).view(1, -1, 1, 1)) / torch.tensor(pixels["std"]).view(1, -1, 1, 1)
+    return image
+
+
+def time_one_image(package, first, second, image, threads, rounds=7, seconds=0.3):
+    """Median time of one forward of `image` by two models of a package, at `threads`, in
+    interleaved rounds (a busy build machine slows both alike)."""
+    from torch._inductor.package import load_package
+    models = [load_package(package, name) for name in (first, second)]
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    samples = [[], []]
+    with torch.no_grad():
+        for _ in range(rounds):
+            for model, times in zip(models, samples):
+                model(image)
+                calls, started = 0, time.perf_counter()
+                while time.perf_counter() - started < seconds:
+                    model(image)
+                    calls += 1
+                times.append((time.perf_counter() - started) / calls)
+    torch.set_num_threads(threads_before)
+    return tuple(sorted(times)[len(times) // 2] * 1000 for times in samples)
+
+
+def record_metadata(files, entries):
+    """Adds entries to a compiled model's metadata (the JSON files the package loader reads)."""
+    import json
+    for path in files:
+        if isinstance(path, str) and path.endswith("_metadata.json"):
+            with open(path) as f:
+                metadata = json.load(f)
+            metadata.update(entries)
+            with open(path, "w") as f:
+                json.dump(metadata, f)
+
+
+def compile_part(program, metadata, threads=None):
+    """One model of a package: its compiled files, for package_aoti. With `threads`, compiled
+    for that many threads (Inductor's loops and oneDNN's packed weights are chosen for it)."""
     # The server turns on the package's input checks (shape, dtype, upper bounds). Their lower
     # bound is left out: export reasons about a dynamic size as at least 2 (0/1 specialisation),
     # so the check would refuse batch 1 and single-block heights, which run correctly (the
     # parity tests run both).
-    torch._inductor.aoti_compile_and_package(
-        program, package_path=tmp,
-        inductor_configs={"aot_inductor.metadata": metadata, "aot_inductor.check_lowerbound": False})
-    os.replace(tmp, package_path)
-    return spec["max_batch"]
+    # Freezing: the weights become constants of the graph, so Inductor folds them (batch norms
+    # into convolutions) and calls oneDNN's fused convolution and linear kernels on weights packed
+    # once at load, instead of generated C++ loops. Measured by `make bench-cpu` (BENCHMARKS.md);
+    # the packed layout is this CPU's, which the package's CPU-flags key already pins. Freezing
+    # needs no_grad: with autograd on, Inductor keeps the weights as parameters.
+    options = {"aot_inductor.metadata": metadata, "aot_inductor.check_lowerbound": False, "freezing": FREEZE,
+               "aot_inductor.package": True}
+    with threads_set(threads or torch.get_num_threads()):
+        return compile_with_fallback(program, options)
+
+
+@contextlib.contextmanager
+def threads_set(threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def compile_with_fallback(program, options):
+    # As aoti_compile_and_package does it, one model at a time (its documented way to put
+    # several models in one package).
+    module = program.module(check_guards=False)
+    args, kwargs = program.example_inputs
+    with torch.no_grad():
+        try:
+            return torch._inductor.aot_compile(module, args, kwargs, options=dict(options))
+        except Exception as error:
+            if not FREEZE:
+                raise
+            # Seen with torch 2.13 on the text detector: the freezing pass that folds an add into
+            # the convolution before it sizes the new bias from weight.shape[0], which for a
+            # transposed convolution is its input channels ("expected bias to be 1-dimensional
+            # with 1 elements, but got bias of size [24]"). Frozen without that one pass, the
+            # package still gets oneDNN's kernels; only that add stays a separate step.
+            progress(f"frozen compile failed ({str(error).splitlines()[0][:160]}); again without Inductor's "
+                     "binary folding pass")
+            with binary_folding_off():
+                return torch._inductor.aot_compile(module, args, kwargs, options=dict(options))
+
+
+@contextlib.contextmanager
+def binary_folding_off():
+    """Inductor's freezing without its conv/linear binary folding pass (a private pass object:
+    its apply() is what freezing_passes calls until the graph stops changing)."""
+    from torch._inductor.fx_passes import freezing_patterns
+    folding = freezing_patterns.binary_folding_pass
+    folding.apply = lambda graph: 0
+    try:
+        yield
+    finally:
+        del folding.apply
+
+
+def package_kernels(package_path):
+    """How many calls of each kind of library kernel the package's generated wrapper makes: the
+    proof of what really runs (a frozen CPU package calls oneDNN; an unfrozen one only loops)."""
+    counts = {}
+    with zipfile.ZipFile(package_path) as package:
+        for name in package.namelist():
+            if name.endswith(".cpp") and "wrapper" in os.path.basename(name):
+                source = package.read(name).decode("utf-8", "replace")
+                for kind, pattern in KERNEL_PATTERNS.items():
+                    counts[kind] = counts.get(kind, 0) + len(re.findall(pattern, source))
+    return counts
 
 
 def cache_folder(cache):
@@ -121,10 +251,10 @@ def cache_folder(cache):
     return os.path.join(cache, f"torch{torch.__version__.split('+')[0]}-cpu{cpu}")
 
 
-def compile_cached(program_path, cache, name):
+def compile_cached(program_path, cache, name, pixels=None, batch1=True):
     """The compiled package for this program on this machine, compiled on first use."""
     # This script's own checksum too: how it compiles is part of what the package is.
-    key = f"{sha256(program_path)[:16]}-{sha256(os.path.abspath(__file__))[:8]}"
+    key = f"{sha256(program_path)[:16]}-{sha256(os.path.abspath(__file__))[:8]}" + ("" if FREEZE else "-unfrozen") + ("" if batch1 else "-nobatch1")
     folder = os.path.join(cache_folder(cache), f"{name}-{key}")
     package = os.path.join(folder, "model.pt2")
     if os.path.exists(package):
@@ -133,8 +263,10 @@ def compile_cached(program_path, cache, name):
     os.makedirs(folder, exist_ok=True)
     started = time.time()
     progress(f"{name}: compiling {program_path} for this machine (a minute or more on 2 cores) ...")
-    max_batch = compile_package(program_path, package)
-    progress(f"{name}: {os.path.getsize(package) / 1e6:.1f} MB, batch 1..{max_batch}, {time.time() - started:.0f} s")
+    max_batch = compile_package(program_path, package, pixels, batch1)
+    kernels = ", ".join(f"{n} {kind}" for kind, n in package_kernels(package).items() if n) or "no library kernels"
+    progress(f"{name}: {os.path.getsize(package) / 1e6:.1f} MB, batch 1..{max_batch}, calls {kernels}, "
+             f"{time.time() - started:.0f} s")
     return package
 
 
@@ -163,7 +295,8 @@ def compile_repo(repo, cache):
         if not os.path.exists(program):
             sys.exit(f"aoti: {folder} is format = \"aoti\" but has no program.pt2 to compile")
         progress(f"({i}/{len(found)}) {name}")
-        package = compile_cached(os.path.realpath(program), cache, name)
+        batch1 = config.get("compile", {}).get("batch1_models", True)
+        package = compile_cached(os.path.realpath(program), cache, name, config.get("input", {}), batch1)
         target = os.path.join(folder, config.get("file", "model.pt2"))
         if os.path.islink(target) or os.path.exists(target):
             os.remove(target)
@@ -180,9 +313,20 @@ def main():
     many = commands.add_parser("compile-repo", help="compile every format = \"aoti\" model of a repository")
     many.add_argument("--repo", required=True)
     many.add_argument("--cache", required=True)
+    timing = commands.add_parser("time-batch1", help="(internal) one batch-1 model against the dynamic one")
+    timing.add_argument("--package", required=True)
+    timing.add_argument("--model", required=True)
+    timing.add_argument("--shape", required=True)
+    timing.add_argument("--threads", type=int, required=True)
+    timing.add_argument("--pixels", default="{}")
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    if args.command == "compile":
+    if args.command == "time-batch1":
+        import json
+        image = model_input(json.loads(args.pixels), [int(n) for n in args.shape.split(",")])
+        static_ms, dynamic_ms = time_one_image(args.package, args.model, "model", image, args.threads)
+        print(json.dumps({"static_ms": static_ms, "dynamic_ms": dynamic_ms}))
+    elif args.command == "compile":
         started = time.time()
         max_batch = compile_package(args.program, args.out)
         progress(f"wrote {args.out} (batch 1..{max_batch}) in {time.time() - started:.0f} s")

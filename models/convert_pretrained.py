@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from aoti import export_program, save_program, sha256
+from program import export_program, save_program, sha256
 from progress import reporter
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -342,7 +342,7 @@ def to_torchscript(model, spec):
 
 def export_aoti_twin(name, spec, model, out, top, sections, device):
     """Writes DIR/aoti/<name>/ with program.pt2 and a format = "aoti" config, or says why not."""
-    from aoti import export_program, save_program
+    from program import export_program, save_program
     if spec["output"]["convention"] == "torchvision_detection":
         # Checked with torch 2.13 on fasterrcnn_mobilenet_v3_large_320_fpn (wrapped to take a
         # stacked batch, static or dynamic): GuardOnDataDependentSymNode on Eq(4*u1, 0), the

@@ -45,6 +45,26 @@ pub struct ModelConfig {
     pub runtime: RuntimeSpec,
     #[serde(default)]
     pub batching: BatchingSpec,
+    /// How `models/aoti.py` compiles this folder's `program.pt2` (read there, not by the server).
+    #[serde(default)]
+    pub compile: CompileSpec,
+}
+
+/// `[compile]`: choices of the AOTInductor compile (`models/aoti.py`); the server only checks
+/// that the table is well-formed.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompileSpec {
+    /// Static batch-1 models beside the dynamic one, per thread count (models/README.md). On by
+    /// default; off where `make bench-cpu` shows they do not pay (each carries its own weights).
+    #[serde(default = "yes")]
+    pub batch1_models: bool,
+}
+
+impl Default for CompileSpec {
+    fn default() -> Self {
+        CompileSpec { batch1_models: true }
+    }
 }
 
 /// Where the weights came from, shown by the metadata endpoints.

@@ -20,6 +20,9 @@ use tch::{Device, Tensor};
 pub const KEY_TORCH_VERSION: &str = "visionserve.torch_version";
 pub const KEY_CPU_FLAGS: &str = "visionserve.cpu_flags_sha256";
 pub const KEY_MAX_BATCH: &str = "visionserve.max_batch";
+/// The package's models for batch 1 with static shapes, by the thread count each was
+/// compiled for: "1:batch1_t1,2:batch1_t2".
+pub const KEY_BATCH1: &str = "visionserve.batch1_models";
 /// Written by AOTInductor itself: "cpu" or "cuda".
 const KEY_DEVICE: &str = "AOTI_DEVICE_KEY";
 
@@ -31,7 +34,13 @@ mod ffi {
         pub fn vs_torch_version() -> *const c_char;
         pub fn vs_free(pointer: *mut c_void);
         pub fn vs_aoti_metadata(path: *const c_char, error: *mut *mut c_char) -> *mut c_char;
-        pub fn vs_aoti_load(path: *const c_char, device_index: c_int, num_runners: usize, error: *mut *mut c_char) -> *mut c_void;
+        pub fn vs_aoti_load(
+            path: *const c_char,
+            model_name: *const c_char,
+            device_index: c_int,
+            num_runners: usize,
+            error: *mut *mut c_char,
+        ) -> *mut c_void;
         pub fn vs_aoti_run(
             handle: *mut c_void,
             inputs: *const *mut C_tensor,
@@ -107,6 +116,9 @@ pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>, String> {
 pub struct PackageInfo {
     /// Largest batch the package accepts (its batch dimension is dynamic from 1 up to this).
     pub max_batch: usize,
+    /// The package's models for batch 1 alone (static shapes, faster), by the intra-op thread
+    /// count each was compiled for: a static model is slow at another count.
+    pub batch1_models: Vec<(usize, String)>,
 }
 
 /// Refuses a package compiled for another torch version, another CPU, or another device kind,
@@ -147,7 +159,22 @@ pub fn check_package(
         Some(n) => n.parse().map_err(|_| format!("bad '{KEY_MAX_BATCH}' metadata '{n}'"))?,
         None => 1,
     };
-    Ok(PackageInfo { max_batch })
+    let batch1_models = match metadata.get(KEY_BATCH1) {
+        Some(list) if max_batch > 1 => parse_batch1_models(list)?,
+        _ => Vec::new(),
+    };
+    Ok(PackageInfo { max_batch, batch1_models })
+}
+
+fn parse_batch1_models(list: &str) -> Result<Vec<(usize, String)>, String> {
+    list.split(',')
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            let (threads, name) = entry.split_once(':').ok_or_else(|| format!("bad '{KEY_BATCH1}' metadata '{list}'"))?;
+            let threads = threads.parse().map_err(|_| format!("bad '{KEY_BATCH1}' metadata '{list}'"))?;
+            Ok((threads, name.to_string()))
+        })
+        .collect()
 }
 
 /// A package's compiled code checks each input's shape, strides and dtype against what it was
@@ -174,49 +201,33 @@ fn ensure_libtorch_loaded() -> Result<(), String> {
         .clone()
 }
 
-/// A loaded AOTInductor package. Its runners are shared by every worker: concurrent `run`
-/// calls each take a free runner (and wait for one when all are busy).
-pub struct AotiModel {
-    handle: NonNull<c_void>,
-    pub info: PackageInfo,
-}
+/// One model of a loaded package (the shim's loader handle).
+struct Loader(NonNull<c_void>);
 
-// SAFETY: AOTIModelPackageLoader::run is safe to call from several threads at once (its
-// container hands each call its own runner, under a lock); the handle is freed only on drop.
-unsafe impl Send for AotiModel {}
-unsafe impl Sync for AotiModel {}
-
-impl AotiModel {
-    /// Checks the package's metadata, then loads it with `runners` model instances.
-    pub fn load(path: &Path, device: Device, runners: usize) -> Result<AotiModel, String> {
-        let metadata = read_metadata(path)?;
-        let info = check_package(&metadata, device, torch_version(), cpu_flags_digest())?;
-        ensure_libtorch_loaded()?;
+impl Loader {
+    fn load(path: &CString, model_name: &str, device: Device, runners: usize) -> Result<Loader, String> {
         let device_index = match device {
             Device::Cuda(i) => i as i32,
             _ => -1,
         };
-        let c_path = c_path(path)?;
+        let name = CString::new(model_name).map_err(|_| format!("model name '{model_name}' contains a NUL byte"))?;
         let mut error = std::ptr::null_mut();
-        // SAFETY: valid C string; the shim returns a loader or null with an error message.
-        let handle = unsafe { ffi::vs_aoti_load(c_path.as_ptr(), device_index, runners.max(1), &mut error) };
-        match NonNull::new(handle) {
-            Some(handle) => Ok(AotiModel { handle, info }),
-            None => Err(format!("AOTInductor load failed: {}", first_line(&take_error(error)))),
-        }
+        // SAFETY: valid C strings; the shim returns a loader or null with an error message.
+        let handle = unsafe { ffi::vs_aoti_load(path.as_ptr(), name.as_ptr(), device_index, runners.max(1), &mut error) };
+        NonNull::new(handle)
+            .map(Loader)
+            .ok_or_else(|| format!("AOTInductor load failed ({model_name}): {}", first_line(&take_error(error))))
     }
 
-    /// One forward pass. A C++ exception (wrong shape, wrong device) comes back as `Err`.
-    pub fn run(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>, String> {
+    fn run(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>, String> {
         let pointers: Vec<*mut torch_sys::C_tensor> = inputs.iter().map(|t| t.as_ptr() as *mut _).collect();
         let mut outputs: *mut *mut torch_sys::C_tensor = std::ptr::null_mut();
         let mut count = 0usize;
         let mut error = std::ptr::null_mut();
         // SAFETY: the input tensors outlive the call (the shim copies the handles); on success
         // the shim hands over `count` new tensors in a malloc'd array.
-        let ok = unsafe {
-            ffi::vs_aoti_run(self.handle.as_ptr(), pointers.as_ptr(), pointers.len(), &mut outputs, &mut count, &mut error)
-        };
+        let ok =
+            unsafe { ffi::vs_aoti_run(self.0.as_ptr(), pointers.as_ptr(), pointers.len(), &mut outputs, &mut count, &mut error) };
         if !ok {
             return Err(first_line(&take_error(error)).to_string());
         }
@@ -227,10 +238,55 @@ impl AotiModel {
     }
 }
 
-impl Drop for AotiModel {
+impl Drop for Loader {
     fn drop(&mut self) {
         // SAFETY: the handle came from vs_aoti_load and is freed once.
-        unsafe { ffi::vs_aoti_free(self.handle.as_ptr()) };
+        unsafe { ffi::vs_aoti_free(self.0.as_ptr()) };
+    }
+}
+
+/// A loaded AOTInductor package. Its runners are shared by every worker: concurrent `run`
+/// calls each take a free runner (and wait for one when all are busy).
+pub struct AotiModel {
+    dynamic: Loader,
+    /// The static batch-1 models by thread count: a one-image batch run at one of those counts
+    /// goes to its model.
+    batch1: Vec<(usize, Loader)>,
+    pub info: PackageInfo,
+}
+
+// SAFETY: AOTIModelPackageLoader::run is safe to call from several threads at once (its
+// container hands each call its own runner, under a lock); the handles are freed only on drop.
+unsafe impl Send for AotiModel {}
+unsafe impl Sync for AotiModel {}
+
+impl AotiModel {
+    /// Checks the package's metadata, then loads it (and its batch-1 model, if it has one) with
+    /// `runners` model instances each.
+    pub fn load(path: &Path, device: Device, runners: usize) -> Result<AotiModel, String> {
+        let metadata = read_metadata(path)?;
+        let info = check_package(&metadata, device, torch_version(), cpu_flags_digest())?;
+        ensure_libtorch_loaded()?;
+        let c_path = c_path(path)?;
+        let dynamic = Loader::load(&c_path, "model", device, runners)?;
+        let batch1 = info
+            .batch1_models
+            .iter()
+            .map(|(threads, name)| Ok((*threads, Loader::load(&c_path, name, device, runners)?)))
+            .collect::<Result<_, String>>()?;
+        Ok(AotiModel { dynamic, batch1, info })
+    }
+
+    /// One forward pass: a one-image batch on the batch-1 model compiled for the thread count
+    /// this forward runs at, where there is one. A C++ exception (wrong shape, wrong device)
+    /// comes back as `Err`.
+    pub fn run(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>, String> {
+        let one_image = inputs.first().is_some_and(|t| t.size().first() == Some(&1));
+        let threads = tch::get_num_threads().max(1) as usize;
+        match self.batch1.iter().find(|(compiled_for, _)| one_image && *compiled_for == threads) {
+            Some((_, batch1)) => batch1.run(inputs),
+            None => self.dynamic.run(inputs),
+        }
     }
 }
 
@@ -254,7 +310,7 @@ mod tests {
 
     #[test]
     fn accepts_a_package_from_this_torch_and_cpu() {
-        assert_eq!(check_package(&good(), Device::Cpu, "2.13.0", "abc"), Ok(PackageInfo { max_batch: 8 }));
+        assert_eq!(check_package(&good(), Device::Cpu, "2.13.0", "abc"), Ok(PackageInfo { max_batch: 8, batch1_models: vec![] }));
     }
 
     #[test]
@@ -279,6 +335,18 @@ mod tests {
     fn refuses_a_package_without_our_metadata() {
         let bare = metadata(&[("AOTI_DEVICE_KEY", "cpu")]);
         assert!(check_package(&bare, Device::Cpu, "2.13.0", "abc").unwrap_err().contains("no 'visionserve.torch_version'"));
+    }
+
+    #[test]
+    fn batch1_models_are_read_by_thread_count_and_only_beside_a_dynamic_batch() {
+        let mut m = good();
+        m.insert(KEY_BATCH1.into(), "1:batch1_t1,2:batch1_t2".into());
+        let models = check_package(&m, Device::Cpu, "2.13.0", "abc").unwrap().batch1_models;
+        assert_eq!(models, vec![(1, "batch1_t1".to_string()), (2, "batch1_t2".to_string())]);
+        m.insert(KEY_BATCH1.into(), "two:batch1_t2".into());
+        assert!(check_package(&m, Device::Cpu, "2.13.0", "abc").unwrap_err().contains("bad"));
+        m.insert(KEY_MAX_BATCH.into(), "1".into());
+        assert!(check_package(&m, Device::Cpu, "2.13.0", "abc").unwrap().batch1_models.is_empty());
     }
 
     #[test]
