@@ -35,7 +35,7 @@ KSERVE_ENV      := $(CACHE)/kserve-sdk-$(shell sha256sum tests/clients/kserve/re
 # ONNX Runtime and OpenVINO for `make bench-cpu`, in an environment of their own.
 BENCH_CPU_ENV   := $(CACHE)/bench-cpu-$(shell sha256sum scripts/bench-cpu.lock | cut -c1-12)
 
-.PHONY: bench-cpu bench-perf-analyzer perf-analyzer kserve-sdk bench-cache bench-pipeline bench-protocols bench-shipped compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
+.PHONY: openapi-json bench-cpu bench-perf-analyzer perf-analyzer kserve-sdk bench-cache bench-pipeline bench-protocols bench-shipped compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
 
 help:
 	@echo "make run    - prepare everything and serve the default models on http://127.0.0.1:8080"
@@ -225,6 +225,10 @@ compare-answers: build models test-models
 	python3 scripts/compare-answers.py compare test-output/answers-before.json test-output/answers-after.json $(if $(EXEMPT),--exempt $(EXEMPT))
 
 # docker/k8s/*.yaml against the Kubernetes schemas, offline.
+# openapi.json (served as TorchServe's API description) from openapi.yaml; a test keeps them equal.
+openapi-json: $(PY_STAMP)
+	$(PYTHON) -c 'import json, yaml; spec = yaml.safe_load(open("openapi.yaml")); open("openapi.json", "w").write(json.dumps(spec, indent=1, ensure_ascii=False) + "\n")'
+
 validate-manifests: $(PY_STAMP)
 	$(PYTHON) scripts/validate-manifests.py
 

@@ -87,8 +87,9 @@ def compile_package(program_path, package_path, pixels=None, batch1=True):
     # Inductor and oneDNN specialise every kernel, but for the thread count they were compiled
     # at: the SSD's static model compiled at 2 threads took 47 ms at 1 thread, against 26 ms
     # compiled at 1 (the dynamic model: 32 ms). So each is compiled at its thread count, timed
-    # against the dynamic model at that count, and kept only where it is faster. Not for models
-    # whose height and width are dynamic too.
+    # against the dynamic model at that count, and kept only where it is at least 10 % faster
+    # (make bench-cpu has the last word: models/README.md). Not for models whose height and
+    # width are dynamic too.
     if batch1 and FREEZE and spec["max_batch"] > 1 and not spec["multiple"] and spec["device"] == "cpu":
         with torch.no_grad():
             static = torch.export.export(program.module(), (example[:1],))
@@ -115,9 +116,9 @@ def compile_package(program_path, package_path, pixels=None, batch1=True):
 
 
 def time_in_fresh_process(package, name, shape, threads, pixels):
-    """time_one_image in a process of its own: timed in the compiling process, whose memory and
-    thread pools the compile has churned, the SSD's dynamic model measured 31 ms at 2 threads
-    against 22 ms in a clean one, which made a useless batch-1 model look 1.5 x faster."""
+    """time_one_image in a process of its own, as a server would run the package: timed in the
+    compiling process (its memory and thread pools churned by the compile) the SSD's dynamic
+    model measured 31 ms at 2 threads, against 22 ms in make bench-cpu's clean workers."""
     import json
     import subprocess
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "time-batch1", "--package", package, "--model", name,
@@ -129,8 +130,7 @@ def time_in_fresh_process(package, name, shape, threads, pixels):
 
 def model_input(pixels, shape):
     """Random pixels scaled and normalised as the server feeds this model (the config's
-    [input] scale, mean and std): timing on values in another range is timing another workload
-    (the SSD on 0..1 noise instead of 0..255 pixels ran its dynamic model 1.3 x slower)."""
+    [input] scale, mean and std), so the timing sees values in the model's own range."""
     image = torch.randint(0, 256, shape).float() * pixels.get("scale", 1.0 / 255.0)
     if "mean" in pixels and "std" in pixels:
         image = (image - torch.tensor(pixels["mean"]).view(1, -1, 1, 1)) / torch.tensor(pixels["std"]).view(1, -1, 1, 1)

@@ -270,8 +270,11 @@ async fn torchserves_api_description_and_trailing_slashes() {
         let (app, _repo) = app();
         let response = app.oneshot(request).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["content-type"], "application/json");
         let text = response.into_body().collect().await.unwrap().to_bytes();
-        assert!(text.starts_with(b"openapi: 3.1"));
+        let description: Value = serde_json::from_slice(&text).expect("the API description is JSON");
+        assert_eq!(description["openapi"], "3.1.0");
+        assert!(description["paths"]["/predictions/{model}"].is_object(), "{}", description["paths"]);
     }
     // GET / is still the web page (to a browser) or KServe V1's liveness.
     assert_eq!(call(get("/")).await.2, json!({"status": "alive"}));

@@ -12,6 +12,9 @@ use super::AppState;
 use crate::error::ApiError;
 
 pub const OPENAPI_YAML: &str = include_str!("../../openapi.yaml");
+/// The same document as JSON (`make openapi-json` writes it; a test keeps the two equal), for
+/// TorchServe's API description, which its clients read as JSON.
+pub const OPENAPI_JSON: &str = include_str!("../../openapi.json");
 const BUNDLE_JS: &str = include_str!("../../assets/swagger-ui/swagger-ui-bundle.js");
 const STYLE_CSS: &str = include_str!("../../assets/swagger-ui/swagger-ui.css");
 

@@ -39,7 +39,7 @@ use crate::repository::ModelRepository;
 use crate::serve::Core;
 
 pub use crate::serve::RequestLimits;
-pub(crate) use docs::OPENAPI_YAML;
+pub(crate) use docs::OPENAPI_JSON;
 
 /// Everything a handler needs, cheap to clone: the serving core (which it derefs to) and what
 /// only the network surface uses.

@@ -97,3 +97,11 @@ def test_schemathesis_inference_and_metadata_routes(managed_server):
 
 def test_schemathesis_management_routes(managed_server):
     print(schemathesis(managed_server, "--include-tag", "management"))
+
+
+def test_the_json_copy_is_the_yaml_document():
+    """openapi.json (TorchServe's API description, served as JSON) is openapi.yaml converted;
+    after editing the YAML, `make openapi-json` writes it again."""
+    import json
+    assert json.loads((ROOT / "openapi.json").read_text()) == yaml.safe_load(SPEC_PATH.read_text()), \
+        "openapi.json is out of date: run `make openapi-json`"

@@ -36,13 +36,13 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/ping", get(ping))
         // TorchServe's API description (`curl -X OPTIONS http://host:8080`): here the service's
-        // own OpenAPI document, the same as `/openapi.yaml`.
+        // own OpenAPI document, `/openapi.yaml` as JSON, the form TorchServe answers in.
         .route("/", options(api_description))
         .route("/api-description", get(api_description).options(api_description))
 }
 
 async fn api_description() -> Response {
-    ([(CONTENT_TYPE, "application/yaml")], crate::api::OPENAPI_YAML).into_response()
+    ([(CONTENT_TYPE, "application/json")], crate::api::OPENAPI_JSON).into_response()
 }
 
 pub fn management_routes() -> Router<AppState> {
