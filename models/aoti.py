@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import os
 import re
+import statistics
 import sys
 import time
 import tomllib
@@ -142,10 +143,8 @@ def time_one_image(package, first, second, image, threads, rounds=7, seconds=0.3
     interleaved rounds (a busy build machine slows both alike)."""
     from torch._inductor.package import load_package
     models = [load_package(package, name) for name in (first, second)]
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(threads)
     samples = [[], []]
-    with torch.no_grad():
+    with torch.no_grad(), threads_set(threads):
         for _ in range(rounds):
             for model, times in zip(models, samples):
                 model(image)
@@ -154,8 +153,7 @@ def time_one_image(package, first, second, image, threads, rounds=7, seconds=0.3
                     model(image)
                     calls += 1
                 times.append((time.perf_counter() - started) / calls)
-    torch.set_num_threads(threads_before)
-    return tuple(sorted(times)[len(times) // 2] * 1000 for times in samples)
+    return tuple(statistics.median(times) * 1000 for times in samples)
 
 
 def record_metadata(files, entries):

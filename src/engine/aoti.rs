@@ -261,8 +261,8 @@ unsafe impl Send for AotiModel {}
 unsafe impl Sync for AotiModel {}
 
 impl AotiModel {
-    /// Checks the package's metadata, then loads it (and its batch-1 model, if it has one) with
-    /// `runners` model instances each.
+    /// Checks the package's metadata, then loads its dynamic model and the batch-1 models it
+    /// lists, with `runners` model instances each.
     pub fn load(path: &Path, device: Device, runners: usize) -> Result<AotiModel, String> {
         let metadata = read_metadata(path)?;
         let info = check_package(&metadata, device, torch_version(), cpu_flags_digest())?;
