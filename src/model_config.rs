@@ -118,6 +118,30 @@ pub enum ChannelOrder {
     Bgr,
 }
 
+/// How the Open Inference Protocol's metadata and Triton's model configuration list a model's
+/// pixel input (`image [-1, H, W, 3]`, NHWC): what Triton's image clients make and send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum PixelDatatype {
+    /// Bytes: every value is a pixel, so perf_analyzer's random data is served. A client that
+    /// scales pixels in uint8 arithmetic (image_client.py's `-s VGG`) wraps around unseen.
+    #[default]
+    #[serde(rename = "UINT8")]
+    Uint8,
+    /// Pixel values 0..=255 as floats; a value outside (a client's own scaling, or random
+    /// bytes) is refused with a message naming the scaling to use.
+    #[serde(rename = "FP32")]
+    Fp32,
+}
+
+impl PixelDatatype {
+    pub fn name(self) -> &'static str {
+        match self {
+            PixelDatatype::Uint8 => "UINT8",
+            PixelDatatype::Fp32 => "FP32",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct InputSpec {
@@ -148,6 +172,9 @@ pub struct InputSpec {
     /// `original` models never scale.
     #[serde(default = "yes")]
     pub scaled_decode: bool,
+    /// The datatype the protocols advertise for pixels (see [`PixelDatatype`]).
+    #[serde(default)]
+    pub pixel_datatype: PixelDatatype,
 }
 
 fn default_pad() -> u8 {

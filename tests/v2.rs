@@ -115,6 +115,25 @@ fn kserves_sdk_fields_are_ignored_and_each_request_is_counted_in_the_statistics(
     assert!(inference["success"]["ns"].as_u64().unwrap() >= inference["compute_infer"]["ns"].as_u64().unwrap());
     assert!(stats["model_stats"][0]["last_inference"].as_u64().unwrap() > 1_700_000_000_000);
 
+    // Per batch size, the forwards that ran; the host memory loading took.
+    let row = &stats["model_stats"][0];
+    let batches = row["batch_stats"].as_array().unwrap();
+    assert!(!batches.is_empty(), "{row}");
+    for batch in batches {
+        assert!(batch["batch_size"].as_u64().unwrap() >= 1);
+        assert!(batch["compute_infer"]["ns"].as_u64().unwrap() > 0, "{batch}");
+        assert_eq!(batch["compute_input"]["count"], batch["compute_infer"]["count"]);
+    }
+    assert_eq!(row["memory_usage"][0]["type"], "CPU");
+    assert!(row["memory_usage"][0]["byte_size"].as_u64().unwrap() > 1_000_000, "{row}");
+
+    // A request refused after its version was found is one of its failures.
+    let fails = |stats: &Value| stats["model_stats"][0]["inference_stats"]["fail"]["count"].as_u64().unwrap();
+    let (status, _) = v2_infer(CLASSIFIER, json!({"inputs": [{"name": "image", "shape": [1, 2, 2, 4], "datatype": "UINT8", "data": vec![0u8; 16]}]}));
+    assert_eq!(status, 400);
+    let later: Value = client().get(server().url(&format!("/v2/models/{CLASSIFIER}/stats"))).send().unwrap().json().unwrap();
+    assert!(fails(&later) > fails(&stats), "{later}");
+
     let config: Value = client().get(server().url(&format!("/v2/models/{CLASSIFIER}/config"))).send().unwrap().json().unwrap();
     assert_eq!(config["output"][0], json!({"name": "scores", "data_type": "TYPE_FP32", "dims": [1000], "label_filename": "labels.txt"}));
     assert!(config["dynamic_batching"]["preferred_batch_size"][0].as_i64().unwrap() >= 1);

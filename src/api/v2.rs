@@ -15,6 +15,7 @@ use super::model_path::ModelPath;
 use super::AppState;
 use crate::error::ApiError;
 use crate::serve::oip::config::{model_configuration, ModelConfiguration};
+use crate::repository::DurationTotal;
 use crate::serve::oip::statistics::{statistics, VersionStatistics};
 use crate::serve::oip::{self, tensors, TensorSpec, EXTENSIONS};
 use crate::serve::{manage, RequestContext};
@@ -215,8 +216,17 @@ fn statistics_json(rows: Vec<VersionStatistics>) -> Value {
                 "inference_count": row.inference_count,
                 "execution_count": row.execution_count,
                 "inference_stats": stats,
-                "batch_stats": [],
-                "memory_usage": [],
+                "batch_stats": row.batch_stats.iter().map(|b| {
+                    let total = |t: DurationTotal| json!({"count": t.count, "ns": t.ns});
+                    json!({
+                        "batch_size": b.batch_size,
+                        "compute_input": total(b.compute_input),
+                        "compute_infer": total(b.compute_infer),
+                        "compute_output": total(b.compute_output),
+                    })
+                }).collect::<Vec<_>>(),
+                // Host memory (see `VersionStatistics::memory_bytes`), Triton's "CPU" kind.
+                "memory_usage": row.memory_bytes.map(|bytes| json!({"type": "CPU", "id": 0, "byte_size": bytes})).into_iter().collect::<Vec<_>>(),
             })
         })
         .collect();

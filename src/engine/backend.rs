@@ -14,6 +14,7 @@ use super::policy::{batch_sizes, cheapest_batch, stop_measuring};
 use super::aoti::AotiModel;
 use super::first_line;
 use super::outputs::{parse_batched, parse_torchvision_detection, raw_tensors, scale_normalised, RawData, RawTensor};
+use super::statistics::{BatchStatistics, ForwardTimes};
 use super::{EngineError, JobOptions};
 use crate::image::{Geometry, PreparedImage};
 use crate::model_config::{ModelConfig, ModelFormat, OutputConvention, ResizePolicy};
@@ -34,6 +35,8 @@ pub struct LoadedModel {
     pub batch_bound: usize,
     /// Forward passes run for requests since the load (Triton's `execution_count`).
     pub executions: std::sync::atomic::AtomicU64,
+    /// Their stage times per batch size (Triton's `batch_stats`).
+    pub batch_statistics: BatchStatistics,
 }
 
 /// The model format, hidden from everything above `run_images`: both take input tensors and
@@ -139,6 +142,7 @@ pub fn load_model(config: &ModelConfig, model_file: &Path) -> Result<LoadedModel
             service: Arc::new(ServiceTime::new(Default::default())),
             batch_bound: config.batching.max_batch_size.max(1),
             executions: Default::default(),
+            batch_statistics: BatchStatistics::new(config.batching.max_batch_size),
         };
     let mut last_run = Default::default();
     let _no_grad = tch::no_grad_guard();
@@ -155,7 +159,7 @@ pub fn load_model(config: &ModelConfig, model_file: &Path) -> Result<LoadedModel
         // The first run also reads the model's own outputs, to describe them in metadata.
         let want_raw = run == 0 && config.output.convention != OutputConvention::TorchvisionDetection;
         let started = Instant::now();
-        let outputs = run_images(&model, config, &[&blank], JobOptions { score_threshold: 1.0, want_confidence: false, want_raw })
+        let outputs = run_images(&model, config, &[&blank], JobOptions { score_threshold: 1.0, want_confidence: false, want_raw }, &mut ForwardTimes::default())
             .map_err(|e| format!("warm-up failed: {e}"))?;
         last_run = started.elapsed();
         if let Some((_, raw)) = outputs.first().filter(|_| want_raw) {
@@ -192,7 +196,7 @@ fn measure_batch_bound(model: &LoadedModel, config: &ModelConfig, blank: &Prepar
         (0..2)
             .map(|_| {
                 let started = Instant::now();
-                run_images(model, config, &images, options).map(|_| started.elapsed().as_secs_f64() / size as f64)
+                run_images(model, config, &images, options, &mut ForwardTimes::default()).map(|_| started.elapsed().as_secs_f64() / size as f64)
             })
             .try_fold(f64::INFINITY, |best, run| run.map(|t| best.min(t)))
     };
@@ -234,14 +238,15 @@ fn warmup_size(config: &ModelConfig) -> (u32, u32) {
 
 /// Runs one forward pass over `images` (grouped by size where the model takes a stacked
 /// batch) and parses the outputs. A panic inside libtorch or the parser becomes an error for
-/// these images only.
+/// these images only. `times` gains the forward's stage times.
 pub(super) fn run_images(
     model: &LoadedModel,
     config: &ModelConfig,
     images: &[&PreparedImage],
     options: JobOptions,
+    times: &mut ForwardTimes,
 ) -> Result<Vec<(ModelOutput, Vec<RawTensor>)>, EngineError> {
-    catch_unwind(AssertUnwindSafe(|| run_images_inner(model, config, images, options)))
+    catch_unwind(AssertUnwindSafe(|| run_images_inner(model, config, images, options, times)))
         .unwrap_or_else(|panic| {
             let message = panic
                 .downcast_ref::<String>()
@@ -280,13 +285,22 @@ fn run_images_inner(
     config: &ModelConfig,
     images: &[&PreparedImage],
     options: JobOptions,
+    times: &mut ForwardTimes,
 ) -> Result<Vec<(ModelOutput, Vec<RawTensor>)>, EngineError> {
-    let forward = |input: IValue| model.backend.forward(input);
+    let mut stage = Instant::now();
+    let mut lap = |into: &mut std::time::Duration| {
+        let now = Instant::now();
+        *into += now - stage;
+        stage = now;
+    };
     if config.output.convention == OutputConvention::TorchvisionDetection {
         let list: Vec<Tensor> = images.iter().map(|img| image_tensor(img, model.device)).collect();
-        let output = forward(IValue::TensorList(list))?;
+        lap(&mut times.input);
+        let output = model.backend.forward(IValue::TensorList(list))?;
+        lap(&mut times.infer);
         // Per-image dicts of boxes, labels and scores: no stacked raw outputs to offer.
         let parsed = parse_torchvision_detection(output, images.len(), options.score_threshold)?;
+        lap(&mut times.output);
         return Ok(parsed.into_iter().map(|o| (o, Vec::new())).collect());
     }
     // Stacked batches need one size: group by input size, keeping each image's slot.
@@ -307,13 +321,16 @@ fn run_images_inner(
             &joined
         };
         let batch = borrowed_tensor(data, &[group.len() as i64, 3, size.1 as i64, size.0 as i64], model.device);
-        let output = forward(IValue::Tensor(batch))?;
+        lap(&mut times.input);
+        let output = model.backend.forward(IValue::Tensor(batch))?;
+        lap(&mut times.infer);
         let mut raw = if options.want_raw { raw_tensors(&output, group.len())? } else { vec![Vec::new(); group.len()] };
         let mut parsed = parse_batched(output, &config.output, group.len(), options)?;
         scale_normalised(&mut parsed, &config.output, &vec![size; group.len()]);
         for ((slot, out), raw) in group.into_iter().zip(parsed).zip(raw.drain(..)) {
             outputs[slot] = Some((out, raw));
         }
+        lap(&mut times.output);
     }
     Ok(outputs.into_iter().map(|o| o.expect("every image has an output")).collect())
 }

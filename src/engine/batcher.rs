@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use super::backend::{run_images, LoadedModel};
 use super::outputs::RawTensor;
+use super::statistics::ForwardTimes;
 use super::{EngineError, Job, JobOptions, JobOutput};
 use crate::image::PreparedImage;
 use crate::metrics as m;
@@ -39,17 +40,22 @@ pub(super) fn run_jobs(name: &str, model: &LoadedModel, config: &ModelConfig, mu
     for chunk in all.chunks(model.batch_bound.max(1)) {
         metrics::histogram!(m::BATCH_SIZE, "model" => name.to_string()).record(chunk.len() as f64);
         model.executions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match run_images(model, config, chunk, options) {
-            Ok(outputs) => results.extend(outputs.into_iter().map(Ok)),
+        let mut times = ForwardTimes::default();
+        match run_images(model, config, chunk, options, &mut times) {
+            Ok(outputs) => {
+                model.batch_statistics.record(chunk.len(), times);
+                results.extend(outputs.into_iter().map(Ok));
+            }
             Err(e) if chunk.len() > 1 => {
                 // Run the images one by one so that only the one the model fails on fails.
                 tracing::warn!(error = %e, images = chunk.len(), "batched forward failed; retrying one by one");
                 for image in chunk {
-                    results.push(
-                        run_images(model, config, &[image], options)
-                            .map(|mut out| out.remove(0))
-                            .map_err(|e| e.to_string()),
-                    );
+                    let mut times = ForwardTimes::default();
+                    let one = run_images(model, config, &[image], options, &mut times);
+                    if one.is_ok() {
+                        model.batch_statistics.record(1, times);
+                    }
+                    results.push(one.map(|mut out| out.remove(0)).map_err(|e| e.to_string()));
                 }
             }
             Err(e) => {

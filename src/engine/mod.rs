@@ -10,6 +10,7 @@ mod outputs;
 pub mod ops;
 pub mod policy;
 mod pool;
+mod statistics;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +27,7 @@ use admission::QueuedImages;
 pub use backend::{load_model, Backend, LoadedModel, RawOutputSpec};
 pub use outputs::{RawData, RawTensor};
 pub use pool::set_inference_threads;
+pub use statistics::{BatchRow, DurationCounter, DurationTotal};
 
 use pool::{pool, ModelQueue, Registration};
 
@@ -147,6 +149,11 @@ impl ModelRuntime {
     /// Forward passes run for requests since this version loaded.
     pub fn executions(&self) -> u64 {
         self.model.executions.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// What the forwards that answered cost, per batch size that ran.
+    pub fn batch_statistics(&self) -> Vec<BatchRow> {
+        self.model.batch_statistics.rows()
     }
 
     /// Executors kept for this version whenever it has work (0 unless scaled).

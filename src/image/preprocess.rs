@@ -307,6 +307,7 @@ mod tests {
             std: [1.0; 3],
             channel_order: ChannelOrder::Rgb,
             scaled_decode: true,
+            pixel_datatype: Default::default(),
         }
     }
 

@@ -1,13 +1,13 @@
 //! Pipelines in the repository: folders with a `pipeline.toml`, read at start. A pipeline has
-//! no state of its own: its steps are models of this repository, looked up again for every
-//! request (so a step's reload or new default version takes effect for the next request), and
-//! its status is its steps' status.
+//! no state of its own but its request counters: its steps are models of this repository,
+//! looked up again for every request (so a step's reload or new default version takes effect
+//! for the next request), and its status is its steps' status.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{LookupError, ModelEntry, ModelRepository, ModelStatus, StatusReport};
+use super::{InferenceStatistics, LookupError, ModelEntry, ModelRepository, ModelStatus, StatusReport};
 use crate::model_config::Task;
 use crate::pipeline::{PipelineSpec, PIPELINE_FILE};
 
@@ -16,6 +16,9 @@ pub struct PipelineEntry {
     pub dir: PathBuf,
     /// The parsed `pipeline.toml`, or why it could not be read.
     pub spec: Result<Arc<PipelineSpec>, String>,
+    /// Its requests, whole (as Triton counts an ensemble's): each step is also counted, as one
+    /// request, in its own model's statistics.
+    pub statistics: InferenceStatistics,
 }
 
 /// The model versions a pipeline's request runs on.
@@ -45,7 +48,7 @@ pub(super) fn scan(root: &Path, only: &[String]) -> std::io::Result<BTreeMap<Str
         if let Err(reason) = &spec {
             tracing::error!(pipeline = %name, %reason, "pipeline is broken");
         }
-        pipelines.insert(name.clone(), Arc::new(PipelineEntry { name, dir, spec }));
+        pipelines.insert(name.clone(), Arc::new(PipelineEntry { name, dir, spec, statistics: InferenceStatistics::default() }));
     }
     Ok(pipelines)
 }

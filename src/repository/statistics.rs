@@ -9,30 +9,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// A count of events and their cumulative duration.
-#[derive(Debug, Default)]
-pub struct DurationCounter {
-    count: AtomicU64,
-    nanos: AtomicU64,
-}
-
-impl DurationCounter {
-    pub fn record(&self, duration: Duration) {
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.nanos.fetch_add(duration.as_nanos().min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
-    }
-
-    pub fn read(&self) -> DurationTotal {
-        DurationTotal { count: self.count.load(Ordering::Relaxed), ns: self.nanos.load(Ordering::Relaxed) }
-    }
-}
-
-/// [`DurationCounter`] read at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DurationTotal {
-    pub count: u64,
-    pub ns: u64,
-}
+pub use crate::engine::{DurationCounter, DurationTotal};
 
 #[derive(Debug, Default)]
 pub struct InferenceStatistics {

@@ -55,7 +55,18 @@ impl Target {
         Self::resolve_as(core, entry, context, Arrival::Continuing).await
     }
 
+    /// A request refused here (not ready, a failed load on demand, over capacity) is one of the
+    /// version's failures, as one that fails later is.
     async fn resolve_as(core: &Core, entry: Arc<ModelEntry>, context: &RequestContext, arrival: Arrival) -> Result<Target, ApiError> {
+        let started = Instant::now();
+        let resolved = Self::admit(core, Arc::clone(&entry), context, arrival).await;
+        if resolved.is_err() {
+            entry.statistics.failed(started.elapsed());
+        }
+        resolved
+    }
+
+    async fn admit(core: &Core, entry: Arc<ModelEntry>, context: &RequestContext, arrival: Arrival) -> Result<Target, ApiError> {
         entry.touch();
         tracing::Span::current().record("version", entry.version.as_str());
         let name = entry.name.clone();

@@ -78,8 +78,32 @@ fn step_error(pipeline: &PipelineEntry, error: StepError) -> ApiError {
     ApiError::ModelNotReady { name: pipeline.name.clone(), reason: error.to_string() }
 }
 
-/// Runs both steps on the request's images.
+/// Runs both steps on the request's images, counted in the pipeline's statistics as one
+/// request (its stage times the sums of its steps').
 pub async fn run(
+    core: &Core,
+    pipeline: &PipelineEntry,
+    input: ImageInput,
+    context: &RequestContext,
+    keep_original: bool,
+) -> Result<PipelineRun, ApiError> {
+    let started = Instant::now();
+    let run = run_steps(core, pipeline, input, context, keep_original).await;
+    match &run {
+        Ok(done) => pipeline.statistics.served(ServedRequest {
+            images: done.images.len(),
+            total: started.elapsed(),
+            queue: done.summed(|s| s.timings.queue_time),
+            compute_input: done.summed(|s| s.timings.preprocess_time),
+            compute_infer: done.summed(|s| s.timings.inference_time),
+            compute_output: done.summed(|s| s.postprocess_time),
+        }),
+        Err(_) => pipeline.statistics.failed(started.elapsed()),
+    }
+    run
+}
+
+async fn run_steps(
     core: &Core,
     pipeline: &PipelineEntry,
     input: ImageInput,
@@ -198,21 +222,39 @@ async fn run_step(
 ) -> Result<Inference, ApiError> {
     let started = Instant::now();
     let config = Arc::clone(&target.config);
-    let prepared = core.run_cpu(move || preprocess_images(&images, &config.input)).await??;
-    infer::run_prepared(core, target, prepared, None, started, params, false, context).await
+    let step = async {
+        let prepared = core.run_cpu(move || preprocess_images(&images, &config.input)).await??;
+        infer::run_prepared(core, target, prepared, None, started, params, false, context).await
+    };
+    // A step that fails is one of its model's failures (one that answers is counted by the
+    // caller, once its post-processing is done).
+    let ran = step.await;
+    if ran.is_err() {
+        target.entry.statistics.failed(started.elapsed());
+    }
+    ran
 }
 
 impl PipelineRun {
+    /// The steps that ran, in order.
+    fn steps(&self) -> Vec<&StepRun> {
+        std::iter::once(&self.detect).chain(self.classify.as_ref()).collect()
+    }
+
+    /// One stage's time over the steps that ran.
+    fn summed(&self, stage: fn(&StepRun) -> Duration) -> Duration {
+        self.steps().into_iter().map(stage).sum()
+    }
+
     /// Every step's times as `x-*` pairs: `x-step1-*` for the detector, `x-step2-*` for the
     /// classifier, and the usual `x-*-time-ms` as their sums.
     pub fn timing_pairs(&self) -> Vec<(String, String)> {
-        let steps: Vec<&StepRun> = std::iter::once(&self.detect).chain(self.classify.as_ref()).collect();
-        let sum = |f: fn(&StepRun) -> Duration| steps.iter().map(|s| f(s)).sum::<Duration>();
+        let steps = self.steps();
         let mut values = vec![
-            ("x-preprocess-time-ms".to_string(), millis(sum(|s| s.timings.preprocess_time))),
-            ("x-queue-time-ms".to_string(), millis(sum(|s| s.timings.queue_time))),
-            ("x-inference-time-ms".to_string(), millis(sum(|s| s.timings.inference_time))),
-            ("x-postprocess-time-ms".to_string(), millis(sum(|s| s.postprocess_time))),
+            ("x-preprocess-time-ms".to_string(), millis(self.summed(|s| s.timings.preprocess_time))),
+            ("x-queue-time-ms".to_string(), millis(self.summed(|s| s.timings.queue_time))),
+            ("x-inference-time-ms".to_string(), millis(self.summed(|s| s.timings.inference_time))),
+            ("x-postprocess-time-ms".to_string(), millis(self.summed(|s| s.postprocess_time))),
         ];
         for (n, step) in steps.iter().enumerate() {
             let prefix = format!("x-step{}", n + 1);

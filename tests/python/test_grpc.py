@@ -134,7 +134,17 @@ def test_model_config_statistics_and_gzip(default_server):
     np.testing.assert_allclose(plain, compressed, rtol=1e-4, atol=1e-6)
     assert successes() >= before + 2
     every = client.get_inference_statistics().model_stats
-    assert {"mobilenet_v2", "ssd_mobilenet_v2_coco"} <= {s.name for s in every}
+    assert {"mobilenet_v2", "ssd_mobilenet_v2_coco", "detect_then_classify"} <= {s.name for s in every}
+    # Per batch size and the host memory, the same figures as REST's (read after it, so at least).
+    served = [s for s in client.get_inference_statistics("mobilenet_v2").model_stats if s.execution_count > 0]
+    assert served, "a version of mobilenet_v2 ran the requests above"
+    rest_rows = {r["version"]: r for r in requests.get(default_server.url("/v2/models/mobilenet_v2/stats")).json()["model_stats"]}
+    for row in served:
+        assert sum(b.compute_infer.count for b in row.batch_stats) == row.execution_count
+        assert all(b.batch_size >= 1 and b.compute_infer.ns > 0 for b in row.batch_stats)
+        assert [(m.type, m.byte_size) for m in row.memory_usage] == [
+            (m["type"], m["byte_size"]) for m in rest_rows[row.version]["memory_usage"]]
+        assert row.memory_usage[0].byte_size > 1_000_000
     with pytest.raises(InferenceServerException) as error:
         client.get_model_config("no_such_model")
     assert code_of(error.value) == "StatusCode.NOT_FOUND"

@@ -209,3 +209,25 @@ def test_a_step_that_cannot_run_is_named(step_server):
     assert requests.get(step_server.url("/v2/models/chain/ready")).status_code == 503
     assert requests.post(step_server.url("/v2/repository/models/resnet18/load"), headers=token).status_code == 200
     assert requests.post(step_server.url("/v1/models/chain/predict"), data=blob).status_code == 200
+
+    # Statistics: each pipeline a row of its own, as Triton's ensembles; its steps in their
+    # models' rows (resnet18's since its reload: counters start again with a new load).
+    def row(name):
+        rows = requests.get(step_server.url(f"/v2/models/{name}/stats"), timeout=30).json()["model_stats"]
+        assert len(rows) == 1, rows
+        return rows[0]
+    chain = row("chain")
+    assert (chain["version"], chain["execution_count"], chain["batch_stats"]) == ("1", 0, [])
+    counts = lambda r: (r["inference_stats"]["success"]["count"], r["inference_stats"]["fail"]["count"])
+    assert counts(chain) == (2, 1) and chain["inference_count"] == 2, chain
+    assert chain["inference_stats"]["compute_infer"]["ns"] > 0
+    assert counts(row("broken")) == (0, 1)
+    # The detector answered all three chain requests: the unloaded classifier was found at
+    # step 2.
+    assert counts(row("tiny_ssd"))[0] == 3
+    classifier = row("resnet18")
+    assert counts(classifier) == (1, 0), classifier
+    assert sum(b["compute_infer"]["count"] for b in classifier["batch_stats"]) == classifier["execution_count"] >= 1
+    assert classifier["memory_usage"][0]["type"] == "CPU" and classifier["memory_usage"][0]["byte_size"] > 0
+    every = requests.get(step_server.url("/v2/models/stats"), timeout=30).json()["model_stats"]
+    assert {"chain", "broken", "tiny_ssd", "resnet18"} <= {r["name"] for r in every}

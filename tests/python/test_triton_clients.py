@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from conftest import Server
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CLIENTS = ROOT / "tests" / "clients" / "triton"
 SAMPLES = ROOT / "assets" / "samples"
@@ -51,10 +53,44 @@ def test_image_client_inception_scaling_is_refused_by_the_client(default_server)
     right scaling is the default, NONE. INCEPTION turns the pixels into floats, which
     tritonclient itself refuses to send for a UINT8 input: an error, not a wrong answer. (VGG
     subtracts the mean in uint8 arithmetic, which wraps around in the client before anything is
-    sent: the server cannot tell those pixels from a photo's. The README says to use NONE.)"""
+    sent: the server cannot tell those pixels from a photo's. The README says to use NONE, or
+    `pixel_datatype = "FP32"`: the next test.)"""
     code, output = run_client("image_client.py", "-m", "mobilenet_v2", "-s", "INCEPTION",
                               "-u", default_server.base.removeprefix("http://"), str(SAMPLES / "chelsea.jpg"))
     assert "expected UINT8" in output and "PASS" not in output, output
+
+
+@pytest.fixture(scope="module")
+def fp32_pixels_server(tmp_path_factory):
+    """The default mobilenet_v2 (its TorchScript version) with `[input] pixel_datatype = "FP32"`."""
+    shipped = pathlib.Path(os.environ["VISIONSERVE_DEFAULT_MODELS"]) / "mobilenet_v2" / "1"
+    version = tmp_path_factory.mktemp("fp32-pixels") / "mobilenet_v2" / "1"
+    version.mkdir(parents=True)
+    for item in shipped.iterdir():
+        if item.name != "config.toml":
+            os.symlink(item.resolve(), version / item.name)
+    config = (shipped / "config.toml").read_text()
+    assert "\n[input]\n" in config
+    (version / "config.toml").write_text(config.replace("\n[input]\n", '\n[input]\npixel_datatype = "FP32"\n'))
+    server = Server(str(version.parent.parent))
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_image_client_with_fp32_pixels_is_right_unscaled_and_told_the_scaling_otherwise(fp32_pixels_server, protocol):
+    """With FP32 pixels advertised, NONE gets the right top-1, and both scalings that would
+    give a wrong answer (INCEPTION's -1..1, VGG's mean subtracted) are refused by the server
+    with a message that names the scaling the model expects."""
+    server = fp32_pixels_server
+    url = server.grpc if protocol == "grpc" else server.base.removeprefix("http://")
+    code, output = run_client("image_client.py", "-m", "mobilenet_v2", "-i", protocol, "-u", url, "-b", "2", str(SAMPLES / "chelsea.jpg"))
+    assert code == 0 and "PASS" in output, output
+    assert [t in EXPECTED["chelsea.jpg"] for t in top_indices(output)] == [True, True], output
+    for scaling in ["INCEPTION", "VGG"]:
+        code, output = run_client("image_client.py", "-m", "mobilenet_v2", "-i", protocol, "-u", url, "-s", scaling, str(SAMPLES / "chelsea.jpg"))
+        assert code != 0 and "PASS" not in output, output
+        assert "-s NONE" in output and "within 0..255" in output, output
 
 
 def test_grpc_image_client(default_server):

@@ -16,10 +16,11 @@ use super::proto::infer_parameter::ParameterChoice;
 use super::proto::model_infer_request::InferInputTensor;
 use super::proto::model_infer_response::InferOutputTensor;
 use super::proto::{
-    model_input, model_instance_group, DataType, InferParameter, InferStatistics, InferTensorContents, ModelConfig,
-    ModelDynamicBatching, ModelInferRequest, ModelInferResponse, ModelInput, ModelInstanceGroup, ModelOutput, ModelParameter,
-    ModelStatistics, ModelStatisticsResponse, ModelVersionPolicy, StatisticDuration,
+    model_input, model_instance_group, DataType, InferBatchStatistics, InferParameter, InferStatistics, InferTensorContents,
+    MemoryUsage, ModelConfig, ModelDynamicBatching, ModelInferRequest, ModelInferResponse, ModelInput, ModelInstanceGroup,
+    ModelOutput, ModelParameter, ModelStatistics, ModelStatisticsResponse, ModelVersionPolicy, StatisticDuration,
 };
+use crate::repository::DurationTotal;
 use crate::serve::oip::config::ModelConfiguration;
 use crate::serve::oip::statistics::VersionStatistics;
 use crate::serve::oip::tensors::{InferRequest, InputTensor, RequestedOutput};
@@ -182,13 +183,17 @@ pub fn model_config(c: &ModelConfiguration) -> ModelConfig {
     }
 }
 
+fn duration(total: DurationTotal) -> StatisticDuration {
+    StatisticDuration { count: total.count, ns: total.ns }
+}
+
 /// Each version's statistics as Triton's `inference.ModelStatistics`.
 pub fn model_statistics(rows: Vec<VersionStatistics>) -> ModelStatisticsResponse {
     let model_stats = rows
         .into_iter()
         .map(|row| {
             let [success, fail, queue, compute_input, compute_infer, compute_output, cache_hit, cache_miss] =
-                row.inference_stats.map(|(_, total)| Some(StatisticDuration { count: total.count, ns: total.ns }));
+                row.inference_stats.map(|(_, total)| Some(duration(total)));
             ModelStatistics {
                 name: row.name,
                 version: row.version,
@@ -205,8 +210,18 @@ pub fn model_statistics(rows: Vec<VersionStatistics>) -> ModelStatisticsResponse
                     cache_hit,
                     cache_miss,
                 }),
-                batch_stats: Vec::new(),
-                memory_usage: Vec::new(),
+                batch_stats: row
+                    .batch_stats
+                    .iter()
+                    .map(|b| InferBatchStatistics {
+                        batch_size: b.batch_size,
+                        compute_input: Some(duration(b.compute_input)),
+                        compute_infer: Some(duration(b.compute_infer)),
+                        compute_output: Some(duration(b.compute_output)),
+                    })
+                    .collect(),
+                // Host memory (see `VersionStatistics::memory_bytes`), Triton's "CPU" kind.
+                memory_usage: row.memory_bytes.map(|byte_size| MemoryUsage { r#type: "CPU".into(), id: 0, byte_size }).into_iter().collect(),
                 response_stats: HashMap::new(),
             }
         })

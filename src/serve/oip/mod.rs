@@ -19,7 +19,7 @@ use super::prepare::{ImageInput, PixelBatch, TensorBatch};
 use super::{Core, RequestContext, Target};
 use crate::engine::{RawData, RawTensor};
 use crate::error::ApiError;
-use crate::model_config::{ModelFormat, Task};
+use crate::model_config::{ModelFormat, PixelDatatype, Task};
 use crate::pipeline::PIPELINE_VERSION;
 use crate::repository::{PipelineEntry, Servable};
 use crate::tasks::{classification, Finished, PredictParams};
@@ -78,6 +78,7 @@ pub fn model_metadata(core: &Core, servable: Servable) -> Result<ModelMetadata, 
         .unwrap_or_default();
     let versions = core.repository.family(&entry.name).map(|f| f.version_names()).unwrap_or_default();
     let (height, width) = (i64::from(config.input.height), i64::from(config.input.width));
+    let pixels = config.input.pixel_datatype;
     Ok(ModelMetadata {
         name: entry.name.clone(),
         versions,
@@ -87,10 +88,11 @@ pub fn model_metadata(core: &Core, servable: Servable) -> Result<ModelMetadata, 
         },
         // Listed as RGB pixels at the model's input size, NHWC: what Triton's image clients
         // (`image_client.py`, `perf_analyzer`) can make and send unmodified — the server still
-        // applies the model's own resize and normalization, and takes pixels of any size.
-        // Encoded images (BYTES) are the recommended input: smaller on the wire, and decoded
-        // (scaled, for big JPEGs) on the server.
-        inputs: vec![tensor_spec("image", "UINT8", &[-1, height, width, 3])],
+        // applies the model's own resize and normalization, and takes pixels of any size. UINT8
+        // unless the config says FP32 (`[input] pixel_datatype`). Encoded images (BYTES) are
+        // the recommended input: smaller on the wire, and decoded (scaled, for big JPEGs) on
+        // the server.
+        inputs: vec![tensor_spec("image", pixels.name(), &[-1, height, width, 3])],
         outputs,
         parameters: json!({
             "task": config.task,
@@ -98,7 +100,7 @@ pub fn model_metadata(core: &Core, servable: Servable) -> Result<ModelMetadata, 
             "raw_outputs": raw_outputs,
             "also_accepts": [
                 {"datatype": "BYTES", "shape": [-1], "meaning": "encoded images (JPEG, PNG, WebP, …): the recommended input"},
-                {"datatype": "UINT8", "shape": [-1, -1, -1, 3], "meaning": "RGB pixels of any size"},
+                {"datatype": pixels.name(), "shape": [-1, -1, -1, 3], "meaning": "RGB pixels of any size"},
                 {"datatype": "FP32", "shape": [-1, 3, height, width], "meaning": "preprocessed input"}
             ]
         }),
@@ -180,8 +182,16 @@ pub async fn infer(core: &Core, servable: Servable, request: InferRequest, conte
     let InferRequest { id, inputs, outputs: requested, .. } = request;
     let input = inputs.into_iter().next().expect("one input, checked above");
     let want_raw = requested.iter().flatten().any(|r| r.name.starts_with(RAW_PREFIX));
-    let limits = core.limits.max_image_pixels;
-    let images = core.run_cpu(move || image_input(&input, limits, true)).await??;
+    let accepts = Accepts::Model { max_pixels: core.limits.max_image_pixels, pixels: target.config.input.pixel_datatype };
+    let parse_started = Instant::now();
+    let images = match core.run_cpu(move || image_input(&input, accepts)).await? {
+        Ok(images) => images,
+        Err(refused) => {
+            // Admitted, then refused: one of the version's failures.
+            target.entry.statistics.failed(parse_started.elapsed());
+            return Err(refused);
+        }
+    };
     let answered = infer::answer(core, &target, ImageRequest { input: images, params, wants: Wants { raw: want_raw, original: false } }, context).await?;
 
     let post_started = Instant::now();
@@ -223,7 +233,7 @@ async fn pipeline_infer(core: &Core, pipeline: &PipelineEntry, request: InferReq
     if !matches!(input.datatype.as_str(), "BYTES" | "UINT8") {
         return Err(ApiError::BadRequest(format!("a pipeline takes BYTES images or UINT8 pixels, not {}", input.datatype)));
     }
-    let images = image_input(&input, core.limits.max_image_pixels, false)?;
+    let images = image_input(&input, Accepts::Pipeline { max_pixels: core.limits.max_image_pixels })?;
     let run = pipeline::run(core, pipeline, images, context, false).await?;
     let tensors = pipeline_tensors(&run)?;
     let outputs = choose_outputs(tensors, requested.as_deref(), all_binary, &pipeline.name, &[])?;
@@ -303,12 +313,36 @@ fn choose_outputs(
     Ok(chosen)
 }
 
-/// The one input tensor as the core's images: `BYTES` encoded files, `UINT8 [N, H, W, 3]`
-/// pixels, or — for a model, `for_model` — `FP32 [N, 3, H, W]` inputs already preprocessed
-/// (a pipeline's two models take no one tensor), and `BYTES` held to `[N]` or `[N, 1]`.
-fn image_input(input: &InputTensor, max_pixels: u64, for_model: bool) -> Result<ImageInput, ApiError> {
+/// What [`image_input`] takes: a pipeline's encoded images or pixels (its two models take no
+/// one tensor), or a model's, with its preprocessed `FP32 [N, 3, H, W]` tensors and the pixel
+/// datatype its metadata lists.
+#[derive(Debug, Clone, Copy)]
+enum Accepts {
+    Pipeline { max_pixels: u64 },
+    Model { max_pixels: u64, pixels: PixelDatatype },
+}
+
+/// The one input tensor as the core's images: `BYTES` encoded files (held to `[N]` or
+/// `[N, 1]` for a model), `UINT8 [N, H, W, 3]` pixels, and for a model `FP32 [N, 3, H, W]`
+/// inputs already preprocessed — or, where its metadata lists FP32 pixels, `FP32 [N, H, W, 3]`
+/// pixel values within 0..=255.
+fn image_input(input: &InputTensor, accepts: Accepts) -> Result<ImageInput, ApiError> {
     let bad = |message: String| ApiError::BadRequest(message);
+    let (max_pixels, for_model, fp32_pixels) = match accepts {
+        Accepts::Pipeline { max_pixels } => (max_pixels, false, false),
+        Accepts::Model { max_pixels, pixels } => (max_pixels, true, pixels == PixelDatatype::Fp32),
+    };
     let shape = input.shape.as_slice();
+    let pixel_size = |what: &str| -> Result<(usize, u32, u32), ApiError> {
+        let [n, h, w, 3] = shape else {
+            return Err(bad(format!("{what} input must have shape [N, H, W, 3] (RGB pixels)")));
+        };
+        let (n, h, w) = (*n as usize, *h as usize, *w as usize);
+        if h == 0 || w == 0 || (h as u64).saturating_mul(w as u64) > max_pixels {
+            return Err(bad(format!("{w}×{h} images are outside the accepted size")));
+        }
+        Ok((n, w as u32, h as u32))
+    };
     match input.datatype.as_str() {
         "BYTES" => {
             if for_model && (shape.len() > 2 || shape.get(1).is_some_and(|&d| d != 1)) {
@@ -320,15 +354,14 @@ fn image_input(input: &InputTensor, max_pixels: u64, for_model: bool) -> Result<
             Ok(ImageInput::Encoded(images))
         }
         "UINT8" => {
-            let [n, h, w, 3] = shape else {
-                return Err(bad("UINT8 input must have shape [N, H, W, 3] (RGB pixels)".into()));
-            };
-            let (n, h, w) = (*n as usize, *h as usize, *w as usize);
-            if h == 0 || w == 0 || (h as u64).saturating_mul(w as u64) > max_pixels {
-                return Err(bad(format!("{w}×{h} images are outside the accepted size")));
-            }
+            let (count, width, height) = pixel_size("UINT8")?;
             let data = input.u8_values().map_err(bad)?.into();
-            Ok(ImageInput::Pixels(PixelBatch { data, count: n, width: w as u32, height: h as u32 }))
+            Ok(ImageInput::Pixels(PixelBatch { data, count, width, height }))
+        }
+        "FP32" if fp32_pixels && matches!(shape, [_, _, _, 3]) => {
+            let (count, width, height) = pixel_size("FP32")?;
+            let data = pixel_values(&input.f32_values().map_err(bad)?).map_err(bad)?.into();
+            Ok(ImageInput::Pixels(PixelBatch { data, count, width, height }))
         }
         "FP32" if for_model => {
             let [n, 3, h, w] = shape else {
@@ -343,6 +376,22 @@ fn image_input(input: &InputTensor, max_pixels: u64, for_model: bool) -> Result<
         }
         other => Err(bad(format!("input datatype {other} is not accepted: use BYTES, UINT8 or FP32"))),
     }
+}
+
+/// FP32 pixel values as bytes, rounded; a value outside 0..=255 means the client scaled the
+/// pixels itself (Triton's image_client.py `-s INCEPTION` gives -1..1, `-s VGG` subtracts the
+/// ImageNet mean), which this model must not get: it normalizes them as its config says.
+fn pixel_values(values: &[f32]) -> Result<Vec<u8>, String> {
+    let finite = values.iter().all(|v| v.is_finite());
+    let (low, high) = values.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    if !finite || low < 0.0 || high > 255.0 {
+        let range = if finite { format!("values from {low} to {high}") } else { "values that are not finite".to_string() };
+        return Err(format!(
+            "FP32 pixel input holds {range}: this model takes RGB pixel values within 0..255, unscaled, and applies its own \
+             normalization; send the pixels as they are (Triton's image_client.py: -s NONE, its default)"
+        ));
+    }
+    Ok(values.iter().map(|&v| v.round() as u8).collect())
 }
 
 /// Names of the model's own outputs start with this (`raw_output`, `raw_output_0`,
@@ -444,4 +493,20 @@ fn classification_strings(tensor: &OutputTensor, k: usize, labels: &[String]) ->
         }
     }
     Ok(OutputTensor { name: tensor.name.clone(), shape: vec![n, k as i64], data: OutputData::Bytes(strings) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fp32_pixels_are_taken_within_0_to_255_and_a_clients_scaling_is_refused_naming_none() {
+        assert_eq!(pixel_values(&[0.0, 254.6, 255.0, 17.2]).unwrap(), vec![0, 255, 255, 17]);
+        let inception = pixel_values(&[-1.0, 0.5, 1.0]).unwrap_err();
+        assert!(inception.contains("values from -1 to 1") && inception.contains("-s NONE"), "{inception}");
+        let vgg = pixel_values(&[-123.0, 40.0, 151.0]).unwrap_err();
+        assert!(vgg.contains("within 0..255"), "{vgg}");
+        assert!(pixel_values(&[f32::NAN, 3.0]).unwrap_err().contains("not finite"));
+        assert!(pixel_values(&[256.5]).is_err());
+    }
 }
