@@ -203,12 +203,15 @@ async fn model_statistics(State(state): State<AppState>, model: ModelPath) -> Re
     Ok(Json(statistics_json(statistics(&state, Some(&model.name), model.version())?)))
 }
 
+fn duration_json(total: DurationTotal) -> Value {
+    json!({"count": total.count, "ns": total.ns})
+}
+
 fn statistics_json(rows: Vec<VersionStatistics>) -> Value {
     let rows: Vec<Value> = rows
         .into_iter()
         .map(|row| {
-            let stats: Map<String, Value> =
-                row.inference_stats.iter().map(|(name, total)| (name.to_string(), json!({"count": total.count, "ns": total.ns}))).collect();
+            let stats: Map<String, Value> = row.inference_stats.iter().map(|(name, total)| (name.to_string(), duration_json(*total))).collect();
             json!({
                 "name": row.name,
                 "version": row.version,
@@ -216,15 +219,12 @@ fn statistics_json(rows: Vec<VersionStatistics>) -> Value {
                 "inference_count": row.inference_count,
                 "execution_count": row.execution_count,
                 "inference_stats": stats,
-                "batch_stats": row.batch_stats.iter().map(|b| {
-                    let total = |t: DurationTotal| json!({"count": t.count, "ns": t.ns});
-                    json!({
-                        "batch_size": b.batch_size,
-                        "compute_input": total(b.compute_input),
-                        "compute_infer": total(b.compute_infer),
-                        "compute_output": total(b.compute_output),
-                    })
-                }).collect::<Vec<_>>(),
+                "batch_stats": row.batch_stats.iter().map(|b| json!({
+                    "batch_size": b.batch_size,
+                    "compute_input": duration_json(b.compute_input),
+                    "compute_infer": duration_json(b.compute_infer),
+                    "compute_output": duration_json(b.compute_output),
+                })).collect::<Vec<_>>(),
                 // Host memory (see `VersionStatistics::memory_bytes`), Triton's "CPU" kind.
                 "memory_usage": row.memory_bytes.map(|bytes| json!({"type": "CPU", "id": 0, "byte_size": bytes})).into_iter().collect::<Vec<_>>(),
             })

@@ -14,6 +14,20 @@ use crate::metrics as m;
 use crate::model_config::ModelConfig;
 use crate::tasks::ModelOutput;
 
+/// One forward of `images`, counted under its batch size in the version's `batch_stats` when
+/// it answers.
+fn forward_counted(
+    model: &LoadedModel,
+    config: &ModelConfig,
+    images: &[&PreparedImage],
+    options: JobOptions,
+) -> Result<Vec<(ModelOutput, Vec<RawTensor>)>, EngineError> {
+    let mut times = ForwardTimes::default();
+    let outputs = run_images(model, config, images, options, &mut times)?;
+    model.batch_statistics.record(images.len(), times);
+    Ok(outputs)
+}
+
 pub(super) fn run_jobs(name: &str, model: &LoadedModel, config: &ModelConfig, mut jobs: Vec<Job>) {
     let started = Instant::now();
     // The wait is over for every job of the batch.
@@ -40,22 +54,17 @@ pub(super) fn run_jobs(name: &str, model: &LoadedModel, config: &ModelConfig, mu
     for chunk in all.chunks(model.batch_bound.max(1)) {
         metrics::histogram!(m::BATCH_SIZE, "model" => name.to_string()).record(chunk.len() as f64);
         model.executions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut times = ForwardTimes::default();
-        match run_images(model, config, chunk, options, &mut times) {
-            Ok(outputs) => {
-                model.batch_statistics.record(chunk.len(), times);
-                results.extend(outputs.into_iter().map(Ok));
-            }
+        match forward_counted(model, config, chunk, options) {
+            Ok(outputs) => results.extend(outputs.into_iter().map(Ok)),
             Err(e) if chunk.len() > 1 => {
                 // Run the images one by one so that only the one the model fails on fails.
                 tracing::warn!(error = %e, images = chunk.len(), "batched forward failed; retrying one by one");
                 for image in chunk {
-                    let mut times = ForwardTimes::default();
-                    let one = run_images(model, config, &[image], options, &mut times);
-                    if one.is_ok() {
-                        model.batch_statistics.record(1, times);
-                    }
-                    results.push(one.map(|mut out| out.remove(0)).map_err(|e| e.to_string()));
+                    results.push(
+                        forward_counted(model, config, &[image], options)
+                            .map(|mut out| out.remove(0))
+                            .map_err(|e| e.to_string()),
+                    );
                 }
             }
             Err(e) => {

@@ -4,8 +4,6 @@
 //! Triton lists an ensemble: its whole requests under its one version, with no forwards of its
 //! own (each step is counted in its model's statistics too).
 
-use std::sync::Arc;
-
 use crate::engine::BatchRow;
 use crate::error::ApiError;
 use crate::pipeline::PIPELINE_VERSION;
@@ -83,6 +81,5 @@ pub fn statistics(core: &Core, name: Option<&str>, version: Option<&str>) -> Res
         });
     }
     let family = core.repository.family(name).ok_or_else(|| ApiError::ModelNotFound(name.to_string()))?;
-    let entries: Vec<Arc<ModelEntry>> = family.versions.values().cloned().collect();
-    Ok(entries.iter().map(|e| of(e)).collect())
+    Ok(family.versions.values().map(|e| of(e)).collect())
 }
