@@ -35,7 +35,7 @@ KSERVE_ENV      := $(CACHE)/kserve-sdk-$(shell sha256sum tests/clients/kserve/re
 # ONNX Runtime and OpenVINO for `make bench-cpu`, in an environment of their own.
 BENCH_CPU_ENV   := $(CACHE)/bench-cpu-$(shell sha256sum scripts/bench-cpu.lock | cut -c1-12)
 
-.PHONY: openapi-json bench-cpu bench-perf-analyzer perf-analyzer kserve-sdk bench-cache bench-pipeline bench-protocols bench-shipped compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
+.PHONY: quantize openapi-json bench-cpu bench-perf-analyzer perf-analyzer kserve-sdk bench-cache bench-pipeline bench-protocols bench-shipped compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
 
 help:
 	@echo "make run    - prepare everything and serve the default models on http://127.0.0.1:8080"
@@ -51,7 +51,8 @@ help:
 	@echo "make test-gpu - on a machine with an NVIDIA GPU: integration and reference tests on cuda:0"
 	@echo "make compare-answers BEFORE=<old binary> - every route's answers, old binary vs this build, byte for byte"
 	@echo "make build  - release binary at $(BIN)"
-	@echo "make models - convert the default pretrained models into models/"
+	@echo "make models - convert the default pretrained models into models/ (and their INT8 versions, installed past their gates)"
+	@echo "make quantize MODEL=models/<name>/<version> [CALIBRATION=<photo folder>] - an INT8 version of your own model, with the same gates"
 	@echo "make zoo    - export the torchvision zoo (ZOO_FLAGS=--random-init offline, --aoti for .pt2 twins) into ZOO_OUT"
 	@echo "make bench  - load-test the server against the in-process ceiling (BENCHMARKS.md)"
 	@echo "make soak   - ten minutes at 70 % load, resident memory over time"
@@ -96,8 +97,14 @@ models: $(PRETRAINED)/.complete
 	@for d in models/*/[0-9]*/; do m=$$(basename $$(dirname $$d)); \
 	  if grep -q '^format = "aoti"' $$d/config.toml; then ln -sfn $(PRETRAINED)/$$m/program.pt2 $$d/program.pt2; \
 	  else ln -sfn $(PRETRAINED)/$$m/model.pt $$d/model.pt; fi; done
-	$(PYTHON) models/aoti.py compile-repo --repo models --cache $(AOTI_CACHE)
+	$(PYTHON) models/aoti.py compile-repo --repo models --cache $(AOTI_CACHE) --downloads $(CACHE)/downloads
 	@echo "[models] $(DEFAULT_MODELS) ready in models/"
+
+# One version folder with [compile] precision = "int8" (models/README.md); exits 1 when the
+# variant fails its gates (and is then listed as not installed).
+quantize: $(PY_STAMP)
+	@test -n "$(MODEL)" || { echo "usage: make quantize MODEL=models/<name>/<version> [CALIBRATION=<folder of photos>]"; exit 2; }
+	$(PYTHON) models/aoti.py quantize --folder $(MODEL) --cache $(AOTI_CACHE) --downloads $(CACHE)/downloads $(if $(CALIBRATION),--calibration $(CALIBRATION))
 
 $(TEST_MODELS)/.complete: | $(PY_STAMP)
 	$(PYTHON) models/export.py --out $(TEST_MODELS) --set test --random-init

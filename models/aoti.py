@@ -19,6 +19,7 @@ links it as the folder's `model.pt2`; a cached package is reused (seconds, not m
 import argparse
 import contextlib
 import hashlib
+import json
 import os
 import re
 import statistics
@@ -35,6 +36,8 @@ KEY_TORCH_VERSION = "visionserve.torch_version"
 KEY_CPU_FLAGS = "visionserve.cpu_flags_sha256"
 KEY_MAX_BATCH = "visionserve.max_batch"
 KEY_PROGRAM = "visionserve.program_sha256"
+# "fp32" or "int8": the server refuses a package whose precision is not its config's.
+KEY_PRECISION = "visionserve.precision"
 # The package's batch-1 models by thread count, "1:batch1_t1,2:batch1_t2" (compile_package).
 KEY_BATCH1 = "visionserve.batch1_models"
 BATCH1_MODEL = "batch1"
@@ -48,6 +51,10 @@ KERNEL_PATTERNS = {
 
 
 progress = reporter("aoti")
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Written into a version folder whose package was compiled but not installed (a failed gate):
+# the server reports the version failed with this file's reason.
+NOT_INSTALLED = "not-installed.txt"
 
 
 def cpu_flags_digest(cpuinfo_path="/proc/cpuinfo"):
@@ -63,20 +70,30 @@ def cpu_flags_digest(cpuinfo_path="/proc/cpuinfo"):
     return ""
 
 
-def compile_package(program_path, package_path, pixels=None, batch1=True):
+def reexported(program_path):
+    """The exported program and its export record. A loaded program has lost the size hints of
+    its dynamic dimensions, which some lowerings (bilinear resizing) need: its module is
+    exported again the way it was first exported."""
+    program, spec = load_program(program_path)
+    example = torch.zeros(spec["example_shape"], device=spec["device"])
+    return export_program(program.module(), example, spec["max_batch"], spec["multiple"], spec["max_side"]), spec
+
+
+def compile_package(program_path, package_path, pixels=None, batch1=True, quantized=None):
     """Compiles an exported program for this machine, with the metadata the server checks.
     The device is the program's own: export on cuda:0 for a GPU package. `pixels` (the
-    config's [input] table) says what values the model sees, for timing its batch-1 models."""
-    program, spec = load_program(program_path)
-    # A loaded program has lost the size hints of its dynamic dimensions, which some lowerings
-    # (bilinear resizing) need: export its module again the way it was first exported.
+    config's [input] table) says what values the model sees, for timing its batch-1 models.
+    `quantized`: the program's INT8 version (models/quantize.py), compiled in its place."""
+    program, spec = reexported(program_path)
     example = torch.zeros(spec["example_shape"], device=spec["device"])
-    program = export_program(program.module(), example, spec["max_batch"], spec["multiple"], spec["max_side"])
+    if quantized is not None:
+        program = quantized
     metadata = {
         KEY_TORCH_VERSION: torch.__version__,
         KEY_CPU_FLAGS: cpu_flags_digest(),
         KEY_MAX_BATCH: str(spec["max_batch"]),
         KEY_PROGRAM: sha256(program_path),
+        KEY_PRECISION: "fp32" if quantized is None else "int8",
     }
     files = {"model": compile_part(program, metadata)}
     tmp = package_path + ".tmp.pt2"
@@ -101,7 +118,8 @@ def compile_package(program_path, package_path, pixels=None, batch1=True):
         kept = []
         for threads in counts:
             name = f"{BATCH1_MODEL}_t{threads}"
-            static_ms, dynamic_ms = time_in_fresh_process(tmp, name, list(example[:1].shape), threads, pixels or {})
+            static_ms, dynamic_ms = time_in_fresh_process((tmp, name), (tmp, "model"), list(example[:1].shape), threads,
+                                                          pixels or {})
             keep = static_ms < 0.9 * dynamic_ms
             progress(f"batch-1 model for {threads} thread{'s' * (threads > 1)}: {static_ms:.1f} ms against "
                      f"{dynamic_ms:.1f} ms dynamic: {'kept' if keep else 'left out'}")
@@ -116,17 +134,30 @@ def compile_package(program_path, package_path, pixels=None, batch1=True):
     return spec["max_batch"]
 
 
-def time_in_fresh_process(package, name, shape, threads, pixels):
-    """time_one_image in a process of its own, as a server would run the package: timed in the
+def time_in_fresh_process(first, second, shape, threads, pixels):
+    """time_one_image in a process of its own, as a server would run the packages: timed in the
     compiling process (its memory and thread pools churned by the compile) the SSD's dynamic
-    model measured 31 ms at 2 threads, against 22 ms in make bench-cpu's clean workers."""
+    model measured 31 ms at 2 threads, against 22 ms in make bench-cpu's clean workers.
+    `first` and `second` are (package, model name); the name SERVING is the model the server
+    runs one image on at `threads` (the package's batch-1 model for it, else the dynamic one)."""
     import json
     import subprocess
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "time-batch1", "--package", package, "--model", name,
-                          "--shape", ",".join(map(str, shape)), "--threads", str(threads), "--pixels", json.dumps(pixels)],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "time-one-image", "--first", ":".join(first),
+                          "--second", ":".join(second), "--shape", ",".join(map(str, shape)), "--threads", str(threads),
+                          "--pixels", json.dumps(pixels)], check=True, capture_output=True, text=True).stdout
     times = json.loads(out.strip().splitlines()[-1])
-    return times["static_ms"], times["dynamic_ms"]
+    return times["first_ms"], times["second_ms"]
+
+
+SERVING = "serving"
+
+
+def serving_model(package, threads):
+    """The model of `package` the server runs one image on at `threads` (AotiModel::load)."""
+    from torch._inductor.package import load_package
+    listed = load_package(package, "model").get_metadata().get(KEY_BATCH1, "")
+    by_threads = dict(entry.split(":", 1) for entry in listed.split(",") if entry)
+    return by_threads.get(str(threads), "model")
 
 
 def model_input(pixels, shape):
@@ -138,11 +169,12 @@ def model_input(pixels, shape):
     return image
 
 
-def time_one_image(package, first, second, image, threads, rounds=7, seconds=0.3):
-    """Median time of one forward of `image` by two models of a package, at `threads`, in
-    interleaved rounds (a busy build machine slows both alike)."""
+def time_one_image(first, second, image, threads, rounds=7, seconds=0.3):
+    """Median time of one forward of `image` by two models, each (package, name), at `threads`,
+    in interleaved rounds (a busy build machine slows both alike)."""
     from torch._inductor.package import load_package
-    models = [load_package(package, name) for name in (first, second)]
+    models = [load_package(package, serving_model(package, threads) if name == SERVING else name)
+              for package, name in (first, second)]
     samples = [[], []]
     with torch.no_grad(), threads_set(threads):
         for _ in range(rounds):
@@ -286,20 +318,134 @@ def aoti_folders(repo):
                 yield (f"{entry}-v{version}" if version else entry), folder, config
 
 
-def compile_repo(repo, cache):
+def twin_package(folder, config, cache):
+    """The FP32 twin's package for an INT8 version (`[compile] twin` names its version folder),
+    compiled as its own folder would be (so it is the cached package that folder links)."""
+    twin = str(config.get("compile", {}).get("twin", ""))
+    twin_folder = os.path.join(os.path.dirname(folder), twin)
+    path = os.path.join(twin_folder, "program.pt2")
+    if not twin or not os.path.exists(path):
+        sys.exit(f"aoti: {folder} has precision = \"int8\" but no [compile] twin = \"<version>\" with a program.pt2 "
+                 f"(looked for {path})")
+    with open(os.path.join(twin_folder, "config.toml"), "rb") as f:
+        twin_config = tomllib.load(f)
+    name = f"{os.path.basename(os.path.dirname(folder))}-v{twin}"
+    return compile_cached(os.path.realpath(path), cache, name, twin_config.get("input", {}),
+                          twin_config.get("compile", {}).get("batch1_models", True))
+
+
+def compile_int8_cached(program_path, twin_package, cache, name, config, downloads, calibration_folder=None):
+    """The INT8 package for this program on this machine and its gate report, quantized,
+    compiled and judged on first use (models/quantize.py)."""
+    import quantize
+    crops_n = int(config.get("compile", {}).get("calibration_crops", 512))
+    # What the quantization depends on: the script, and the config's [compile] and [input].
+    recipe = json.dumps([config.get("compile", {}), config.get("input", {})], sort_keys=True)
+    calibration_key = sha256(os.path.join(HERE, "quantize.py"))[:8] + "-" + hashlib.sha256(recipe.encode()).hexdigest()[:8]
+    if calibration_folder:
+        listing = "\n".join(sorted(f"{n} {os.path.getsize(os.path.join(calibration_folder, n))}" for n in os.listdir(calibration_folder)))
+        calibration_key += "-" + hashlib.sha256(listing.encode()).hexdigest()[:8]
+    key = f"{sha256(program_path)[:16]}-{sha256(os.path.abspath(__file__))[:8]}-int8-{calibration_key}"
+    folder = os.path.join(cache_folder(cache), f"{name}-{key}")
+    package, report_path = os.path.join(folder, "model.pt2"), os.path.join(folder, "gate.json")
+    if os.path.exists(package) and os.path.exists(report_path):
+        progress(f"{name}: cached INT8 package {package}")
+        with open(report_path) as f:
+            return package, json.load(f)
+    os.makedirs(folder, exist_ok=True)
+    started = time.time()
+    pixels = config.get("input", {})
+    size = (pixels["width"], pixels["height"])
+    if config.get("task") != "classification":
+        sys.exit(f"aoti: {name}: INT8 has an accuracy gate for classification only so far (task = "
+                 f"\"{config.get('task')}\")")
+    program, spec = reexported(program_path)
+    calibration = quantize.crops(quantize.calibration_photos(calibration_folder), crops_n, quantize.CALIBRATION_SEED,
+                                 pixels, size)
+    options = config.get("compile", {})
+    quantized = quantize.quantize(program, spec, calibration, first=int(options.get("fp32_first_layers", quantize.FP32_FIRST_LAYERS)),
+                                  last=int(options.get("fp32_last_layers", quantize.FP32_LAST_LAYERS)))
+    progress(f"{name}: compiling the INT8 program for this machine ...")
+    compile_package(program_path, package, pixels, config.get("compile", {}).get("batch1_models", True), quantized)
+    progress(f"{name}: judging the INT8 package against its FP32 program on held-apart photos ...")
+    evaluation = quantize.crops(quantize.evaluation_photos(downloads), quantize.EVALUATION_CROPS,
+                                quantize.EVALUATION_SEED, pixels, size)
+    shape = [1, 3, size[1], size[0]]
+    threads = max(1, os.cpu_count() or 1)
+    speed = {"threads": threads}
+    for count, label in ((1, "1_thread"), (threads, "all_threads")):
+        int8_ms, fp32_ms = time_in_fresh_process((package, SERVING), (twin_package, SERVING), shape, count, pixels)
+        speed.update({f"int8_ms_{label}": int8_ms, f"fp32_ms_{label}": fp32_ms, f"speedup_{label}": fp32_ms / int8_ms})
+    report = {"accuracy": quantize.accuracy(program.module(), package, evaluation), "speed": speed,
+              "kernels": package_kernels(package), "cpu": quantize.cpu_int8_support(),
+              "compile_s": round(time.time() - started)}
+    report["failed"] = quantize.gate(report)
+    quantize.save_report(report_path, report)
+    return package, report
+
+
+def link(package, target):
+    if os.path.islink(target) or os.path.exists(target):
+        os.remove(target)
+    if package:
+        os.symlink(package, target)
+
+
+def install_int8(name, folder, config, cache, downloads, calibration_folder=None):
+    """Quantizes, compiles and judges an INT8 version folder; links its package in when it
+    passes its gates, else writes NOT_INSTALLED with the reason. True when installed."""
+    import quantize
+    program = os.path.realpath(os.path.join(folder, "program.pt2"))
+    target = os.path.join(folder, config.get("file", "model.pt2"))
+    refusal = os.path.join(folder, NOT_INSTALLED)
+    twin = twin_package(folder, config, cache)
+    package, report = compile_int8_cached(program, twin, cache, name, config, downloads, calibration_folder)
+    if report["failed"]:
+        progress(f"{name}: INT8 version NOT installed: {report['failed']} ({quantize.describe(report)})")
+        link(None, target)
+        with open(refusal, "w") as f:
+            f.write(f"INT8 variant failed its gate on this machine: {report['failed']}\n")
+        return False
+    progress(f"{name}: INT8 version installed: {quantize.describe(report)}")
+    if os.path.exists(refusal):
+        os.remove(refusal)
+    link(package, target)
+    return True
+
+
+def compile_repo(repo, cache, downloads):
     found = list(aoti_folders(repo))
     for i, (name, folder, config) in enumerate(found, 1):
         program = os.path.join(folder, "program.pt2")
         if not os.path.exists(program):
             sys.exit(f"aoti: {folder} is format = \"aoti\" but has no program.pt2 to compile")
         progress(f"({i}/{len(found)}) {name}")
-        batch1 = config.get("compile", {}).get("batch1_models", True)
-        package = compile_cached(os.path.realpath(program), cache, name, config.get("input", {}), batch1)
-        target = os.path.join(folder, config.get("file", "model.pt2"))
-        if os.path.islink(target) or os.path.exists(target):
-            os.remove(target)
-        os.symlink(package, target)
+        options = config.get("compile", {})
+        if options.get("precision", "fp32") == "int8":
+            install_int8(name, folder, config, cache, downloads)
+            continue
+        package = compile_cached(os.path.realpath(program), cache, name, config.get("input", {}),
+                                 options.get("batch1_models", True))
+        link(package, os.path.join(folder, config.get("file", "model.pt2")))
     progress(f"{len(found)} packages ready in {repo}")
+
+
+def quantize_folder(folder, cache, downloads, calibration_folder):
+    """`make quantize`: one version folder with `[compile] precision = "int8"` (its program.pt2
+    the twin's, or linked by you), calibrated on your photos when given."""
+    folder = os.path.abspath(folder.rstrip("/"))
+    with open(os.path.join(folder, "config.toml"), "rb") as f:
+        config = tomllib.load(f)
+    if config.get("compile", {}).get("precision") != "int8" or not config.get("compile", {}).get("twin"):
+        sys.exit(f"aoti: {folder}/config.toml needs [compile] precision = \"int8\" and twin = \"<FP32 version>\"")
+    program = os.path.join(folder, "program.pt2")
+    if not os.path.exists(program):
+        twin = os.path.join(os.path.dirname(folder), str(config["compile"]["twin"]), "program.pt2")
+        if not os.path.exists(twin):
+            sys.exit(f"aoti: neither {program} nor the twin's {twin} exists: export the FP32 program first")
+        os.symlink(os.path.realpath(twin), program)
+    name = f"{os.path.basename(os.path.dirname(folder))}-v{os.path.basename(folder)}"
+    sys.exit(0 if install_int8(name, folder, config, cache, downloads, calibration_folder) else 1)
 
 
 def main():
@@ -311,25 +457,35 @@ def main():
     many = commands.add_parser("compile-repo", help="compile every format = \"aoti\" model of a repository")
     many.add_argument("--repo", required=True)
     many.add_argument("--cache", required=True)
-    timing = commands.add_parser("time-batch1", help="(internal) one batch-1 model against the dynamic one")
-    timing.add_argument("--package", required=True)
-    timing.add_argument("--model", required=True)
+    many.add_argument("--downloads", default=os.path.expanduser("~/.cache/visionserve/downloads"),
+                      help="where the INT8 gate's evaluation photos are fetched to")
+    int8 = commands.add_parser("quantize", help="quantize one version folder to INT8 and install it past its gates")
+    int8.add_argument("--folder", required=True, help="a version folder whose config has [compile] precision = \"int8\"")
+    int8.add_argument("--cache", required=True)
+    int8.add_argument("--downloads", default=os.path.expanduser("~/.cache/visionserve/downloads"))
+    int8.add_argument("--calibration", help="a folder of your own photos (.jpg, .png) to calibrate on")
+    timing = commands.add_parser("time-one-image", help="(internal) two models' forward of one image, PACKAGE:MODEL each")
+    timing.add_argument("--first", required=True)
+    timing.add_argument("--second", required=True)
     timing.add_argument("--shape", required=True)
     timing.add_argument("--threads", type=int, required=True)
     timing.add_argument("--pixels", default="{}")
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    if args.command == "time-batch1":
+    if args.command == "time-one-image":
         import json
         image = model_input(json.loads(args.pixels), [int(n) for n in args.shape.split(",")])
-        static_ms, dynamic_ms = time_one_image(args.package, args.model, "model", image, args.threads)
-        print(json.dumps({"static_ms": static_ms, "dynamic_ms": dynamic_ms}))
+        first, second = (tuple(arg.rsplit(":", 1)) for arg in (args.first, args.second))
+        first_ms, second_ms = time_one_image(first, second, image, args.threads)
+        print(json.dumps({"first_ms": first_ms, "second_ms": second_ms}))
     elif args.command == "compile":
         started = time.time()
         max_batch = compile_package(args.program, args.out)
         progress(f"wrote {args.out} (batch 1..{max_batch}) in {time.time() - started:.0f} s")
+    elif args.command == "quantize":
+        quantize_folder(args.folder, args.cache, args.downloads, args.calibration)
     else:
-        compile_repo(args.repo, args.cache)
+        compile_repo(args.repo, args.cache, args.downloads)
 
 
 if __name__ == "__main__":

@@ -59,11 +59,53 @@ pub struct CompileSpec {
     /// default; off where `make bench-cpu` shows they do not pay (each carries its own weights).
     #[serde(default = "yes")]
     pub batch1_models: bool,
+    /// The numbers the package computes in. `int8`: the `twin` version's program quantized
+    /// (models/quantize.py), installed only past its accuracy and speed gates. Shown in the
+    /// metadata and the forward-time metric; the package's own record must agree.
+    #[serde(default)]
+    pub precision: Precision,
+    /// The FP32 version an INT8 version quantizes and is judged against.
+    #[serde(default)]
+    pub twin: Option<String>,
+    /// How many calibration crops the INT8 observers see (512 when absent).
+    #[serde(default)]
+    pub calibration_crops: Option<u32>,
+    /// How many convolution or linear layers at the input end and at the output end an INT8
+    /// version keeps FP32 (4 and 3 when absent; models/quantize.py).
+    #[serde(default)]
+    pub fp32_first_layers: Option<u32>,
+    #[serde(default)]
+    pub fp32_last_layers: Option<u32>,
 }
 
 impl Default for CompileSpec {
     fn default() -> Self {
-        CompileSpec { batch1_models: true }
+        CompileSpec {
+            batch1_models: true,
+            precision: Precision::Fp32,
+            twin: None,
+            calibration_crops: None,
+            fp32_first_layers: None,
+            fp32_last_layers: None,
+        }
+    }
+}
+
+/// What a model computes in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Int8,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Int8 => "int8",
+        }
     }
 }
 
@@ -419,6 +461,10 @@ impl ModelConfig {
         }
         if !(0.0..=1.0).contains(&self.output.threshold) {
             return Err("output.threshold must be within 0..1".into());
+        }
+        if self.compile.precision == Precision::Int8 && (self.format != ModelFormat::Aoti || self.compile.twin.is_none()) {
+            // The quantized program is made from an FP32 version's at compile time (models/quantize.py).
+            return Err("compile.precision = \"int8\" needs format = \"aoti\" and compile.twin naming the FP32 version".into());
         }
         Ok(())
     }

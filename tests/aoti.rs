@@ -265,3 +265,68 @@ fn broken_packages_fail_alone_with_the_reason() {
         .unwrap();
     assert_eq!(response.status(), 200);
 }
+
+/// An INT8 version that `make models` did not install (its gate failed: models/aoti.py writes
+/// `not-installed.txt` and no model.pt2) is listed with the reason, answers 404, holds neither
+/// readiness nor the default back; a package whose recorded precision is not its config's fails.
+#[test]
+fn an_int8_version_below_its_gate_is_listed_not_served() {
+    let repo = tempfile::tempdir().unwrap();
+    let package = twins().join(CLASSIFIER);
+    let config = std::fs::read_to_string(package.join("config.toml")).unwrap();
+    let int8 = format!("{config}\n[compile]\nprecision = \"int8\"\ntwin = \"1\"\n");
+    let add = |name: &str, version: &str, config: &str, model: bool| {
+        let dir = repo.path().join(name).join(version);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.toml"), config).unwrap();
+        link(&package.join("labels.txt"), &dir.join("labels.txt"));
+        if model {
+            link(&package.join("model.pt2"), &dir.join("model.pt2"));
+        }
+        dir
+    };
+    add(CLASSIFIER, "1", &config, true);
+    let refused = add(CLASSIFIER, "2", &int8, false);
+    std::fs::write(refused.join("not-installed.txt"), "INT8 variant failed its gate on this machine: top-1 agreement 93.9 %\n").unwrap();
+    // An FP32 package in a folder whose config says INT8.
+    add("mislabelled", "1", &int8.replace("twin = \"1\"", "twin = \"0\""), true);
+
+    let token = "admin-token-0123456789";
+    let server = Server::start(&["--model-repository", repo.path().to_str().unwrap(), "--admin-token", token]);
+    let ready = server.wait_until_settled(Duration::from_secs(120));
+    let ready: Value = ready.json().unwrap();
+    let not_ready: Vec<&str> = ready["not_ready"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert_eq!(not_ready, ["mislabelled"], "{ready}");
+    let get = |path: &str| -> Value { client().get(server.url(path)).send().unwrap().json().unwrap() };
+
+    let family = get(&format!("/v1/models/{CLASSIFIER}"));
+    assert_eq!(family["default_version"], "1", "{family}");
+    assert_eq!(family["precision"], "fp32");
+    let version = get(&format!("/v1/models/{CLASSIFIER}/versions/2"));
+    assert_eq!(version["status"], "not_installed", "{version}");
+    assert_eq!(version["precision"], "int8");
+    assert!(version["reason"].as_str().unwrap().contains("top-1 agreement 93.9 %"), "{version}");
+    let mislabelled = get("/v1/models/mislabelled");
+    assert_eq!(mislabelled["status"], "failed");
+    assert!(mislabelled["reason"].as_str().unwrap().contains("computes in fp32"), "{mislabelled}");
+
+    let post = |path: &str| {
+        let response = client().post(server.url(path)).header("content-type", "image/jpeg").body(jpeg(96, 96, 3)).send().unwrap();
+        (response.status().as_u16(), response.json::<Value>().unwrap())
+    };
+    let (status, body) = post(&format!("/v1/models/{CLASSIFIER}/versions/2/predict"));
+    assert_eq!(status, 404, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("not installed on this machine"), "{body}");
+    let (status, body) = post(&format!("/v1/models/{CLASSIFIER}/predict"));
+    assert_eq!((status, body["version"].as_str()), (200, Some("1")), "{body}");
+    let v2 = |path: &str| client().get(server.url(path)).send().unwrap().status().as_u16();
+    assert_eq!(v2(&format!("/v2/models/{CLASSIFIER}/versions/1/ready")), 200);
+    assert_ne!(v2(&format!("/v2/models/{CLASSIFIER}/versions/2/ready")), 200);
+    let metadata = get(&format!("/v2/models/{CLASSIFIER}/versions/1"));
+    assert_eq!(metadata["parameters"]["precision"], "fp32", "{metadata}");
+
+    // A reload through the management API keeps the version listed and the others serving.
+    let reload = client().post(server.url(&format!("/v2/repository/models/{CLASSIFIER}/load"))).bearer_auth(token).send().unwrap();
+    assert_eq!(reload.status(), 200, "{}", reload.text().unwrap());
+    assert_eq!(get(&format!("/v1/models/{CLASSIFIER}/versions/2"))["status"], "not_installed");
+}

@@ -38,6 +38,7 @@ fn summary(model: &ModelEntry) -> Value {
     if let Some(config) = &model.config {
         value["task"] = json!(config.task);
         value["format"] = json!(config.format);
+        value["precision"] = json!(config.compile.precision);
         value["input"] = json!(config.input);
         value["provenance"] = json!(config.provenance);
     }

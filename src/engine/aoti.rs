@@ -23,6 +23,8 @@ pub const KEY_MAX_BATCH: &str = "visionserve.max_batch";
 /// The package's models for batch 1 with static shapes, by the thread count each was
 /// compiled for: "1:batch1_t1,2:batch1_t2".
 pub const KEY_BATCH1: &str = "visionserve.batch1_models";
+/// "fp32" or "int8" (models/quantize.py); absent in packages compiled before INT8: FP32.
+pub const KEY_PRECISION: &str = "visionserve.precision";
 /// Written by AOTInductor itself: "cpu" or "cuda".
 const KEY_DEVICE: &str = "AOTI_DEVICE_KEY";
 
@@ -119,6 +121,8 @@ pub struct PackageInfo {
     /// The package's models for batch 1 alone (static shapes, faster), by the intra-op thread
     /// count each was compiled for: a static model is slow at another count.
     pub batch1_models: Vec<(usize, String)>,
+    /// What the compiled model computes in: "fp32" or "int8".
+    pub precision: String,
 }
 
 /// Refuses a package compiled for another torch version, another CPU, or another device kind,
@@ -163,7 +167,8 @@ pub fn check_package(
         Some(list) if max_batch > 1 => parse_batch1_models(list)?,
         _ => Vec::new(),
     };
-    Ok(PackageInfo { max_batch, batch1_models })
+    let precision = metadata.get(KEY_PRECISION).cloned().unwrap_or_else(|| "fp32".into());
+    Ok(PackageInfo { max_batch, batch1_models, precision })
 }
 
 fn parse_batch1_models(list: &str) -> Result<Vec<(usize, String)>, String> {
@@ -310,7 +315,7 @@ mod tests {
 
     #[test]
     fn accepts_a_package_from_this_torch_and_cpu() {
-        assert_eq!(check_package(&good(), Device::Cpu, "2.13.0", "abc"), Ok(PackageInfo { max_batch: 8, batch1_models: vec![] }));
+        assert_eq!(check_package(&good(), Device::Cpu, "2.13.0", "abc"), Ok(PackageInfo { max_batch: 8, batch1_models: vec![], precision: "fp32".into() }));
     }
 
     #[test]

@@ -74,6 +74,15 @@ impl Backend {
                         package.info.max_batch, config.batching.max_batch_size
                     ));
                 }
+                // The metadata and metrics say the config's precision: the package must agree.
+                let precision = config.compile.precision.name();
+                if package.info.precision != precision {
+                    return Err(format!(
+                        "the package computes in {}, the config says compile.precision = \"{precision}\"; compile it from \
+                         this folder's config (make models, or models/aoti.py compile-repo)",
+                        package.info.precision
+                    ));
+                }
                 Ok((Backend::Aoti(package), 0))
             }
         }

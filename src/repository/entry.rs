@@ -21,6 +21,10 @@ pub enum ModelStatus {
     Unloaded,
     /// Not loaded now, and loaded by its first request (models on demand).
     OnDemand,
+    /// Its package was built but not installed on this machine (an INT8 variant below its
+    /// accuracy or speed gate, `make models`): listed with the reason, never served, and not
+    /// holding readiness back.
+    NotInstalled,
 }
 
 /// Where a version stands, and why when it does not serve.
@@ -43,6 +47,7 @@ pub(super) enum ModelState {
     Failed(String),
     Unloaded,
     OnDemand,
+    NotInstalled(String),
 }
 
 fn next_generation() -> u64 {
@@ -131,6 +136,7 @@ impl ModelEntry {
             ModelState::Failed(reason) => (ModelStatus::Failed, Some(reason.clone())),
             ModelState::Unloaded => (ModelStatus::Unloaded, Some("not loaded".into())),
             ModelState::OnDemand => (ModelStatus::OnDemand, Some("not loaded now; its first request loads it".into())),
+            ModelState::NotInstalled(reason) => (ModelStatus::NotInstalled, Some(reason.clone())),
         };
         StatusReport { status, reason }
     }
@@ -140,7 +146,7 @@ impl ModelEntry {
         match &*self.state.read().unwrap() {
             ModelState::Ready(runtime) => Ok(runtime.clone()),
             ModelState::Loading => Err("still loading".into()),
-            ModelState::Failed(reason) => Err(reason.clone()),
+            ModelState::Failed(reason) | ModelState::NotInstalled(reason) => Err(reason.clone()),
             ModelState::Unloaded => Err("not loaded".into()),
             ModelState::OnDemand => Err("not loaded now; its first request loads it".into()),
         }
@@ -195,8 +201,9 @@ impl ModelEntry {
         let Some(config) = self.config.clone() else {
             return Err(self.status().reason.unwrap_or_default());
         };
-        if let StatusReport { status: ModelStatus::Failed, reason: Some(reason) } = self.status() {
-            // Broken at scan time (missing file, unreadable labels): loading cannot help.
+        if let StatusReport { status: ModelStatus::Failed | ModelStatus::NotInstalled, reason: Some(reason) } = self.status() {
+            // Broken at scan time (missing file, unreadable labels), or a package `make models`
+            // would not install: loading cannot help.
             return Err(reason);
         }
         let started = Instant::now();

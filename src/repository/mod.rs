@@ -217,7 +217,7 @@ impl ModelRepository {
     pub fn serving_entries(&self) -> Vec<Arc<ModelEntry>> {
         self.entries()
             .into_iter()
-            .filter(|e| !matches!(e.status().status, ModelStatus::Unloaded | ModelStatus::OnDemand))
+            .filter(|e| !matches!(e.status().status, ModelStatus::Unloaded | ModelStatus::OnDemand | ModelStatus::NotInstalled))
             .collect()
     }
 
@@ -244,7 +244,7 @@ impl ModelRepository {
             let report = self.pipeline_status(pipeline);
             match report.status {
                 ModelStatus::Ready => readiness.ready.push(pipeline.name.clone()),
-                ModelStatus::Unloaded | ModelStatus::OnDemand => {}
+                ModelStatus::Unloaded | ModelStatus::OnDemand | ModelStatus::NotInstalled => {}
                 status => readiness.not_ready.push(NotReady { name: pipeline.name.clone(), status, reason: report.reason }),
             }
         }
@@ -288,7 +288,8 @@ impl ModelRepository {
         if family.name != name {
             return Err(format!("the folder for '{name}' serves a model named '{}'", family.name));
         }
-        for entry in family.versions.values() {
+        // A version `make models` did not install stays listed as such; the others must load.
+        for entry in family.versions.values().filter(|e| e.status().status != ModelStatus::NotInstalled) {
             on_demand::load_measured(entry).map_err(|reason| format!("version {}: {reason}", entry.version))?;
         }
         // Keep a default version chosen through the API when it still exists.

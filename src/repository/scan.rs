@@ -6,9 +6,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::entry::{ModelEntry, ModelState};
+use super::entry::{ModelEntry, ModelState, ModelStatus};
 use super::{ModelFamily, VersionKey, FLAT_VERSION};
 use crate::model_config::ModelConfig;
+
+/// Written by models/aoti.py into a version folder whose package failed its gates.
+const NOT_INSTALLED: &str = "not-installed.txt";
 
 /// A model name can only name a folder directly under the repository.
 pub(super) fn is_safe_name(name: &str) -> bool {
@@ -46,7 +49,15 @@ fn version_folders(dir: &Path) -> Vec<(String, PathBuf)> {
 pub(super) fn family_of(name: String, entries: Vec<ModelEntry>) -> ModelFamily {
     let versions: BTreeMap<VersionKey, Arc<ModelEntry>> =
         entries.into_iter().map(|e| (VersionKey::new(&e.version), Arc::new(e))).collect();
-    let default_version = versions.values().next_back().map(|e| e.version.clone()).unwrap_or_else(|| FLAT_VERSION.into());
+    // The newest version; never one whose package `make models` compiled but did not install
+    // (an INT8 variant that failed its gate on this machine) while an older one can serve.
+    let default_version = versions
+        .values()
+        .rev()
+        .find(|e| e.status().status != ModelStatus::NotInstalled)
+        .or_else(|| versions.values().next_back())
+        .map(|e| e.version.clone())
+        .unwrap_or_else(|| FLAT_VERSION.into());
     ModelFamily { name, versions, default_version }
 }
 
@@ -84,7 +95,11 @@ fn read_entry(dir: &Path, folder_name: String, version: &str) -> ModelEntry {
     let model_file = dir.join(config.model_file());
     let file_size = std::fs::metadata(&model_file).ok().map(|m| m.len());
     if file_size.is_none() {
-        state = ModelState::Failed(format!("model file '{}' is missing", config.model_file().display()));
+        // models/aoti.py's record of a package it would not install, and why.
+        state = match std::fs::read_to_string(dir.join(NOT_INSTALLED)) {
+            Ok(why) => ModelState::NotInstalled(format!("not installed on this machine: {}", why.trim())),
+            Err(_) => ModelState::Failed(format!("model file '{}' is missing", config.model_file().display())),
+        };
     }
     let labels = match &config.labels {
         None => Vec::new(),

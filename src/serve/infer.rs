@@ -83,6 +83,15 @@ impl Target {
         } else {
             None
         };
+        let report = entry.status();
+        if report.status == ModelStatus::NotInstalled {
+            // Not a wait-and-retry: this machine will not serve it until `make models` installs it.
+            return Err(ApiError::NotFound(format!(
+                "model '{name}' version {} is {}",
+                entry.version,
+                report.reason.unwrap_or_default()
+            )));
+        }
         let not_ready = |reason: String| ApiError::ModelNotReady { name: name.clone(), reason };
         let config = entry.config.clone().ok_or_else(|| not_ready(entry.status().reason.unwrap_or_default()))?;
         let runtime = entry.runtime().map_err(not_ready)?;
@@ -323,13 +332,12 @@ pub async fn run_prepared(
     };
     tracing::Span::current().record("batch_size", output.batch_size as i64);
     let name = target.name().to_string();
-    for (metric, time) in [
-        (m::PREPROCESS_SECONDS, preprocess_time),
-        (m::QUEUE_SECONDS, output.queue_time),
-        (m::INFERENCE_SECONDS, output.inference_time),
-    ] {
+    for (metric, time) in [(m::PREPROCESS_SECONDS, preprocess_time), (m::QUEUE_SECONDS, output.queue_time)] {
         metrics::histogram!(metric, "model" => name.clone()).record(m::seconds(time));
     }
+    // The forward by precision too: an INT8 version beside its FP32 twin is the comparison.
+    metrics::histogram!(m::INFERENCE_SECONDS, "model" => name.clone(), "precision" => target.config.compile.precision.name())
+        .record(m::seconds(output.inference_time));
     Ok(Inference {
         outputs: Outputs { outputs: output.outputs, geometries, task: target.task(), labels: target.labels(), params },
         raw: output.raw,

@@ -9,7 +9,7 @@ fn state_name(status: ModelStatus) -> &'static str {
     match status {
         ModelStatus::Ready => "READY",
         ModelStatus::Loading => "LOADING",
-        ModelStatus::Failed | ModelStatus::Unloaded | ModelStatus::OnDemand => "UNAVAILABLE",
+        ModelStatus::Failed | ModelStatus::Unloaded | ModelStatus::OnDemand | ModelStatus::NotInstalled => "UNAVAILABLE",
     }
 }
 

@@ -157,6 +157,7 @@ pub fn model_configuration(core: &Core, servable: Servable) -> Result<ModelConfi
     configuration.parameters = vec![
         ("task".into(), serde_json::to_value(config.task).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()),
         ("version".into(), entry.version.clone()),
+        ("precision".into(), config.compile.precision.name().into()),
         ("input_width".into(), input.width.to_string()),
         ("input_height".into(), input.height.to_string()),
         ("resize".into(), resize.into()),

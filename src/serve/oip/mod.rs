@@ -97,6 +97,7 @@ pub fn model_metadata(core: &Core, servable: Servable) -> Result<ModelMetadata, 
         parameters: json!({
             "task": config.task,
             "version": entry.version,
+            "precision": config.compile.precision,
             "raw_outputs": raw_outputs,
             "also_accepts": [
                 {"datatype": "BYTES", "shape": [-1], "meaning": "encoded images (JPEG, PNG, WebP, …): the recommended input"},

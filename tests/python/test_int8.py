@@ -1,0 +1,116 @@
+"""INT8 versions (models/quantize.py): the gates' arithmetic, the layers kept FP32, and the
+default mobilenet_v2's version 3 as `make models` left it on this machine: installed past both
+gates and serving the FP32 twin's answers on every protocol, or listed with the gate's reason,
+refused with a 404 and never the default."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "models"))
+import quantize  # noqa: E402
+
+SAMPLES = [os.path.join(ROOT, "assets", "samples", f) for f in ("chelsea.jpg", "coffee.jpg", "astronaut.jpg")]
+MODEL, INT8, TWIN = "mobilenet_v2", "3", "2"
+
+
+def report(top1=0.995, confident=300, speedup=2.0, int8_calls=40):
+    return {"accuracy": {"crops": 512, "confident_crops": confident, "top1_confident": top1, "top1_overall": 0.9,
+                         "top5_overlap": 0.9},
+            "speed": {"threads": 2, "int8_ms_1_thread": 10.0 / speedup, "fp32_ms_1_thread": 10.0, "speedup_1_thread": speedup,
+                      "int8_ms_all_threads": 5.0, "fp32_ms_all_threads": 6.0, "speedup_all_threads": 1.2},
+            "kernels": {"onednn_int8": int8_calls}}
+
+
+def test_the_gates_pass_only_a_variant_accurate_and_fast_with_quantized_kernels():
+    assert quantize.gate(report()) is None
+    assert "top-1 agreement 98.9%" in quantize.gate(report(top1=0.989))
+    assert "only 49 evaluation crops" in quantize.gate(report(confident=49))
+    assert "1.49 x" in quantize.gate(report(speedup=1.49))
+    assert "would run in FP32" in quantize.gate(report(int8_calls=0))
+    assert quantize.gate(report(top1=0.5, speedup=1.0)).count(";") == 1, "every failed gate is named"
+    assert "93.0%" in quantize.describe(report(top1=0.93))
+    avx2 = dict(report(speedup=1.1), cpu={"capability": "AVX2", "vnni": False, "amx": False})
+    assert "no VNNI or AMX" in quantize.gate(avx2), "a failure on a CPU without 8-bit dot products says so"
+    assert quantize.gate(dict(report(), cpu=avx2["cpu"])) is None, "a variant that passes, passes"
+
+
+def test_the_first_and_last_layers_are_found_by_name_in_the_exported_graph():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+            self.body = torch.nn.Conv2d(8, 8, 1)
+            self.head = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(self.body(self.stem(x)).mean((2, 3)))
+
+    module = torch.export.export(Net(), (torch.zeros(1, 3, 16, 16),)).module()
+    assert quantize.end_layers(module, 1, 1) == ["stem.0", "head"]
+    assert quantize.end_layers(module, 2, 0) == ["stem.0", "body"]
+    assert quantize.end_layers(module) == ["stem.0", "body", "head"], "ends that overlap are named once"
+
+
+def test_crops_are_preprocessed_as_the_server_does_and_repeatable():
+    photos = [("grey", torch.full((3, 300, 400), 128, dtype=torch.uint8))]
+    pixels = {"resize": "shorter_side_center_crop", "resize_shorter": 256, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    a = quantize.crops(photos, 4, 0, pixels, (224, 224))
+    assert a.shape == (4, 3, 224, 224)
+    assert torch.allclose(a, torch.full_like(a, (128 / 255 - 0.5) / 0.25), atol=1e-5)
+    assert torch.equal(quantize.crops(photos, 4, 0, pixels, (224, 224)), a)
+
+
+def version(server, v):
+    return requests.get(server.url(f"/v1/models/{MODEL}/versions/{v}"), timeout=10).json()
+
+
+def top1(server, v, path):
+    response = requests.post(server.url(f"/v1/models/{MODEL}/versions/{v}/predict"), data=open(path, "rb").read(),
+                             headers={"content-type": "image/jpeg"}, timeout=60)
+    return response.status_code, response.json()
+
+
+def test_version_3_is_installed_only_past_its_gates(default_server):
+    folder = os.path.join(os.environ["VISIONSERVE_DEFAULT_MODELS"], MODEL, INT8)
+    package, refusal = os.path.join(folder, "model.pt2"), os.path.join(folder, "not-installed.txt")
+    listed = version(default_server, INT8)
+    assert listed["precision"] == "int8" and version(default_server, TWIN)["precision"] == "fp32"
+    if not os.path.exists(package):
+        # make models judged it and left it out: the server says why and serves version 2.
+        reason = open(refusal).read().strip()
+        assert "failed its gate" in reason
+        assert listed["status"] == "not_installed" and reason in listed["reason"], listed
+        status, body = top1(default_server, INT8, SAMPLES[0])
+        assert status == 404 and "not installed on this machine" in body["error"]["message"], body
+        family = requests.get(default_server.url(f"/v1/models/{MODEL}"), timeout=10).json()
+        assert family["default_version"] == TWIN, family
+        assert requests.get(default_server.url("/health/ready"), timeout=10).status_code == 200
+        pytest.skip(f"version 3 is not installed on this machine ({reason}); its refusal was checked")
+    assert not os.path.exists(refusal)
+    with open(os.path.join(os.path.dirname(os.path.realpath(package)), "gate.json")) as f:
+        gates = json.load(f)
+    assert gates["failed"] is None and quantize.gate(gates) is None, gates
+    assert listed["status"] == "ready", listed
+    for path in SAMPLES:
+        (a, fp32), (b, int8) = top1(default_server, TWIN, path), top1(default_server, INT8, path)
+        assert a == b == 200
+        assert fp32["results"][0]["predictions"][0]["index"] == int8["results"][0]["predictions"][0]["index"], path
+    metadata = requests.get(default_server.url(f"/v2/models/{MODEL}/versions/{INT8}"), timeout=10).json()
+    assert metadata["parameters"]["precision"] == "int8"
+    config = requests.get(default_server.url(f"/v2/models/{MODEL}/versions/{INT8}/config"), timeout=10).json()
+    assert config["parameters"]["precision"]["string_value"] == "int8", config["parameters"]
+    import tritonclient.grpc as grpcclient
+    client = grpcclient.InferenceServerClient(default_server.grpc)
+    answers = []
+    for v in (TWIN, INT8):
+        tensor = grpcclient.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([open(SAMPLES[0], "rb").read()], dtype=np.object_))
+        answers.append(int(np.argmax(client.infer(MODEL, [tensor], model_version=v).as_numpy("scores")[0])))
+    assert answers[0] == answers[1]
+    assert "precision=\"int8\"" in requests.get(default_server.url("/metrics"), timeout=10).text
