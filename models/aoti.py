@@ -376,7 +376,7 @@ def compile_int8_cached(program_path, twin_package, cache, name, config, downloa
     for count, label in ((1, "1_thread"), (threads, "all_threads")):
         int8_ms, fp32_ms = time_in_fresh_process((package, SERVING), (twin_package, SERVING), shape, count, pixels)
         speed.update({f"int8_ms_{label}": int8_ms, f"fp32_ms_{label}": fp32_ms, f"speedup_{label}": fp32_ms / int8_ms})
-    report = {"accuracy": quantize.accuracy(program.module(), package, evaluation), "speed": speed,
+    report = {"accuracy": quantize.accuracy(program.module(), package, evaluation, min(8, spec["max_batch"])), "speed": speed,
               "kernels": package_kernels(package), "cpu": quantize.cpu_int8_support(),
               "compile_s": round(time.time() - started)}
     report["failed"] = quantize.gate(report)

@@ -177,6 +177,31 @@ def end_layers(module, first=FP32_FIRST_LAYERS, last=FP32_LAST_LAYERS):
     return list(dict.fromkeys(names[:first] + (names[-last:] if last else [])))
 
 
+def separate_module_calls(module):
+    """A loaded program has lost its nodes' `source_fn_stack`, so the quantizer groups nodes into
+    partitions by the module they came from (nn_module_stack): a module called twice, as
+    torchvision's ResNet blocks call `self.relu`, becomes one partition with two outputs and
+    annotating fails ("Input partition has more than one output node"). Each call of such a
+    module gets a partition of its own."""
+    import importlib
+    calls = {}
+    for node in module.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op == "call_function" and stack and node.meta.get("source_fn_stack") is None:
+            calls.setdefault(list(stack.values())[-1], []).append(node)
+    for (path, kind), nodes in calls.items():
+        if len(nodes) < 2:
+            continue
+        if isinstance(kind, str):
+            owner, _, name = kind.rpartition(".")
+            try:
+                kind = getattr(importlib.import_module(owner), name)
+            except (ImportError, AttributeError, ValueError):
+                continue
+        for node in nodes:
+            node.meta["source_fn_stack"] = [(f"{path}:{node.name}", kind)]
+
+
 def quantize(program, spec, calibration, batch=8, first=FP32_FIRST_LAYERS, last=FP32_LAST_LAYERS):
     """The FP32 exported program quantized to INT8 (static, per-channel weights, histogram
     observers on activations), exported again with the program's dynamic batch."""
@@ -186,12 +211,14 @@ def quantize(program, spec, calibration, batch=8, first=FP32_FIRST_LAYERS, last=
     # A copy: prepare and convert rewrite the graph they are given, and the program stays the
     # FP32 reference the gate judges against.
     module = copy.deepcopy(program.module())
+    separate_module_calls(module)
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
     kept = end_layers(module, first, last)
     for name in kept:
         quantizer.set_module_name_qconfig(name, None)
     prepared = prepare_pt2e(module, quantizer)
     progress(f"calibrating on {len(calibration)} crops (layers kept FP32: {', '.join(kept) or 'none'}) ...")
+    batch = min(batch, spec["max_batch"])
     with torch.no_grad():
         for i, chunk in enumerate(calibration.split(batch), 1):
             prepared(chunk)
@@ -208,11 +235,12 @@ def top_k(module, images, k=5, batch=8):
     return logits.softmax(-1).topk(k, dim=-1)
 
 
-def accuracy(fp32_module, int8_package, images):
-    """How the INT8 package's answers agree with the FP32 program's on `images`."""
+def accuracy(fp32_module, int8_package, images, batch=8):
+    """How the INT8 package's answers agree with the FP32 program's on `images`, `batch` at a
+    time (at most the program's batch bound)."""
     from torch._inductor.package import load_package
-    reference = top_k(fp32_module, images)
-    ours = top_k(load_package(int8_package, "model"), images)
+    reference = top_k(fp32_module, images, batch=batch)
+    ours = top_k(load_package(int8_package, "model"), images, batch=batch)
     margin = reference.values[:, 0] - reference.values[:, 1]
     agree = ours.indices[:, 0] == reference.indices[:, 0]
     confident = margin > CONFIDENT_MARGIN

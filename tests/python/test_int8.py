@@ -114,3 +114,46 @@ def test_version_3_is_installed_only_past_its_gates(default_server):
         answers.append(int(np.argmax(client.infer(MODEL, [tensor], model_version=v).as_numpy("scores")[0])))
     assert answers[0] == answers[1]
     assert "precision=\"int8\"" in requests.get(default_server.url("/metrics"), timeout=10).text
+
+
+def test_the_gates_run_on_a_test_classifier_and_refuse_what_fails(tmp_path):
+    """models/aoti.py quantize on the test set's random-init resnet18: the INT8 package really
+    calls quantized kernels (its FP32 twin's would fail the kernel gate), and a variant below
+    its gates is not installed: no model.pt2, the reason written, exit status 1."""
+    import shutil
+    import subprocess
+    import tomllib
+    import aoti
+    source = os.path.join(os.environ["VISIONSERVE_TEST_MODELS"], "aoti", "resnet18")
+    config = open(os.path.join(source, "config.toml")).read()
+    # One dynamic model per package (no batch-1 models): the compile is most of this test's time.
+    fp32 = config + "\n[compile]\nbatch1_models = false\n"
+    int8 = config + "\n[compile]\nbatch1_models = false\nprecision = \"int8\"\ntwin = \"1\"\ncalibration_crops = 32\n"
+    for version, text in (("1", fp32), ("2", int8)):
+        folder = tmp_path / "resnet18" / version
+        folder.mkdir(parents=True)
+        (folder / "config.toml").write_text(text)
+        shutil.copy(os.path.join(source, "labels.txt"), folder / "labels.txt")
+        os.symlink(os.path.join(source, "program.pt2"), folder / "program.pt2")
+    cache = os.environ.get("VISIONSERVE_AOTI_CACHE") or str(tmp_path / "cache")
+    folder = tmp_path / "resnet18" / "2"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "models", "aoti.py"), "quantize", "--folder", str(folder),
+                          "--cache", cache, "--downloads", os.environ["VISIONSERVE_DOWNLOADS"]],
+                         capture_output=True, text=True, timeout=1500)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "INT8 version NOT installed" in run.stderr + run.stdout
+    assert not os.path.exists(folder / "model.pt2")
+    reason = (folder / "not-installed.txt").read_text()
+    # Random weights are confident nowhere: the accuracy gate cannot be met.
+    assert "failed its gate" in reason and "evaluation crops where FP32 is confident" in reason, reason
+    packages = [os.path.join(root, "model.pt2") for root, _, files in os.walk(cache) if "gate.json" in files
+                and os.path.basename(root).startswith("resnet18-v2-")]
+    assert packages, f"no INT8 package with its gate report under {cache}"
+    int8_package = max(packages, key=os.path.getmtime)
+    report = json.load(open(os.path.join(os.path.dirname(int8_package), "gate.json")))
+    assert report["kernels"].get("onednn_int8", 0) > 0, report["kernels"]
+    with open(folder / "config.toml", "rb") as f:
+        twin = aoti.twin_package(str(folder), tomllib.load(f), cache)
+    silent = dict(report, kernels=aoti.package_kernels(twin))
+    assert silent["kernels"].get("onednn_int8", 0) == 0
+    assert "would run in FP32" in quantize.gate(silent), "a package that stayed FP32 fails the kernel gate"
