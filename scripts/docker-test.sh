@@ -84,7 +84,7 @@ for _ in $(seq 600); do
   [ "$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$host_port/health/ready)" = 200 ] && break
   sleep 0.05
 done
-for case in mobilenet_v2:chelsea.jpg:image/jpeg ssd_mobilenet_v2_coco:coffee.jpg:image/jpeg text_detector_ppocr_v4:page.png:image/png; do
+for case in mobilenet_v2:chelsea.jpg:image/jpeg mobilenet_v2_embedding:chelsea.jpg:image/jpeg ssd_mobilenet_v2_coco:coffee.jpg:image/jpeg text_detector_ppocr_v4:page.png:image/png; do
   IFS=: read -r model sample type <<<"$case"
   # Version 1, the TorchScript file, on both sides: the image carries the TorchScript versions
   # (a flat folder is version 1), the host serves the AOTInductor package as the default.

@@ -70,6 +70,10 @@ fn cost(key: &CacheKey, value: &Cached) -> usize {
         Cached::Result(Finished::Classification { scores, top }) => scores.len() * 4 + top.iter().map(|p| 32 + p.label.len()).sum::<usize>(),
         Cached::Result(Finished::Detection { detections }) => detections.iter().map(|d| 48 + d.label.len()).sum(),
         Cached::Result(Finished::Segmentation { mask }) => mask.labels.len() + mask.confidence.len() * 4,
+        Cached::Result(Finished::Embedding { vector }) => vector.len() * 4,
+        Cached::Result(Finished::InstanceSegmentation { instances }) => {
+            instances.iter().map(|i| 48 + i.detection.label.len() + i.mask.bits.len()).sum()
+        }
     };
     ENTRY + key.model.len() + key.version.len() + value
 }

@@ -11,6 +11,10 @@ pub enum Task {
     Classification,
     Segmentation,
     Detection,
+    /// One vector per image (a backbone's pooled features), for retrieval and de-duplication.
+    Embedding,
+    /// Detections that each carry a binary mask (Mask R-CNN).
+    InstanceSegmentation,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -241,12 +245,15 @@ pub enum OutputConvention {
     ClassLogits,
     /// `Tensor [N, 1, H, W]` of foreground probability, cut at `threshold`.
     ProbabilityMap,
-    /// torchvision detectors: a list of CHW images in, `(losses, [{boxes, labels, scores}])` out.
+    /// torchvision detectors: a list of CHW images in, `(losses, [{boxes, labels, scores}])` out
+    /// (Mask R-CNN's dicts also hold `masks [K, 1, H, W]`, probabilities at the image's size).
     TorchvisionDetection,
     /// ultralytics YOLOv8: `Tensor [N, 4 + C, A]`, (cx, cy, w, h) in input pixels.
     Yolov8,
     /// `(boxes [N, A, 4], scores [N, A, C])`.
     BoxesScores,
+    /// `Tensor [N, D]` of features, or a feature map `[N, D, H, W]` averaged over H and W.
+    Features,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -272,7 +279,8 @@ pub struct OutputSpec {
     /// `logits`: apply softmax to get scores (false when the model already emits probabilities).
     #[serde(default = "yes")]
     pub softmax: bool,
-    /// `probability_map`: pixels at or above this are the foreground class.
+    /// `probability_map`: pixels at or above this are the foreground class; an instance mask's
+    /// pixels at or above it are the instance's.
     #[serde(default = "half")]
     pub threshold: f32,
     /// `boxes_scores`: the order of the four box numbers.
@@ -283,6 +291,9 @@ pub struct OutputSpec {
     pub box_coordinates: BoxCoordinates,
     /// A class index that is never reported (the background of SSD-style heads).
     pub background_class: Option<usize>,
+    /// `features`: scale each embedding to length 1, so a dot product is a cosine similarity.
+    #[serde(default = "yes")]
+    pub normalize: bool,
 }
 
 fn yes() -> bool {
@@ -409,6 +420,8 @@ impl ModelConfig {
             Task::Detection => {
                 matches!(self.output.convention, TorchvisionDetection | Yolov8 | BoxesScores)
             }
+            Task::Embedding => matches!(self.output.convention, Features),
+            Task::InstanceSegmentation => matches!(self.output.convention, TorchvisionDetection),
         };
         if !task_fits {
             return Err(format!(
@@ -434,10 +447,10 @@ impl ModelConfig {
             }
             _ => {}
         }
-        if self.task == Task::Classification
+        if matches!(self.task, Task::Classification | Task::Embedding)
             && !matches!(input.resize, ResizePolicy::ShorterSideCenterCrop | ResizePolicy::Stretch | ResizePolicy::Letterbox)
         {
-            return Err("classification needs a fixed input size (shorter_side_center_crop, stretch or letterbox)".into());
+            return Err(format!("{:?} needs a fixed input size (shorter_side_center_crop, stretch or letterbox)", self.task).to_lowercase());
         }
         if self.task == Task::Segmentation && input.resize == ResizePolicy::ShorterSideCenterCrop {
             return Err("segmentation masks must cover the whole image: use stretch, letterbox, fit_multiple or original".into());

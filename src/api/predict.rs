@@ -25,6 +25,7 @@ use crate::repository::{PipelineEntry, Servable};
 use crate::serve::infer::{self, answer_headers, write_cache, write_pairs, Answered, CacheOutcome, ImageRequest, Wants};
 use crate::serve::pipeline::{self, PipelineRun};
 use crate::serve::{ImageInput, RequestContext, Target};
+use crate::model_config::Task;
 use crate::tasks::{PredictParams, TaskResult};
 
 pub fn inference_routes() -> Router<AppState> {
@@ -57,6 +58,9 @@ async fn predict(
     let target = Target::resolve(&state, entry, &context).await?;
     let params = PredictParams::from_raw(&raw, target.task())?;
     let images = uploads.images;
+    if render && target.task() == Task::Embedding {
+        return Err(ApiError::InvalidParameter("an embedding has nothing to draw on the image: ask for JSON (render=json)".into()));
+    }
     if render {
         return predict_overlay(&state, &target, images, params, &context).await;
     }
@@ -67,13 +71,7 @@ async fn predict(
     let results = state
         .run_cpu(move || {
             let _encode = tracing::info_span!("encode").entered();
-            results
-                .into_iter()
-                .map(|finished| {
-                    TaskResult::from_finished(finished, &labels, params.mask_format)
-                        .map_err(|e| ApiError::Internal(format!("mask encoding failed: {e}")))
-                })
-                .collect::<Result<Vec<_>, ApiError>>()
+            TaskResult::from_request(results, &labels, &params).map_err(|e| ApiError::Internal(format!("mask encoding failed: {e}")))
         })
         .await??;
     let task = target.task();

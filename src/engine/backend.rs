@@ -17,7 +17,7 @@ use super::outputs::{parse_batched, parse_torchvision_detection, raw_tensors, sc
 use super::statistics::{BatchStatistics, ForwardTimes};
 use super::{EngineError, JobOptions};
 use crate::image::{Geometry, PreparedImage};
-use crate::model_config::{ModelConfig, ModelFormat, OutputConvention, ResizePolicy};
+use crate::model_config::{ModelConfig, ModelFormat, OutputConvention, ResizePolicy, Task};
 use crate::tasks::ModelOutput;
 
 /// A loaded, warmed-up model, ready to get workers.
@@ -308,7 +308,8 @@ fn run_images_inner(
         let output = model.backend.forward(IValue::TensorList(list))?;
         lap(&mut times.infer);
         // Per-image dicts of boxes, labels and scores: no stacked raw outputs to offer.
-        let parsed = parse_torchvision_detection(output, images.len(), options.score_threshold)?;
+        let masks = (config.task == Task::InstanceSegmentation).then_some(config.output.threshold);
+        let parsed = parse_torchvision_detection(output, images.len(), options.score_threshold, masks)?;
         lap(&mut times.output);
         return Ok(parsed.into_iter().map(|o| (o, Vec::new())).collect());
     }

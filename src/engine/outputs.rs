@@ -7,6 +7,8 @@ use super::EngineError;
 use crate::tasks::ModelOutput;
 use crate::model_config::{BoxCoordinates, BoxLayout, OutputConvention, OutputSpec};
 use crate::tasks::detection::Candidate;
+use crate::tasks::embedding;
+use crate::tasks::instances::{InstanceCandidate, RegionMask};
 use crate::tasks::segmentation::LabelMap;
 
 /// Upper bound on candidates kept per image before NMS, best first, so a low threshold on a
@@ -159,6 +161,25 @@ pub fn parse_batched(
                 })
                 .collect()
         }
+        OutputConvention::Features => {
+            let features = tensor_of(value, "features")?.to_device(tch::Device::Cpu).to_kind(Kind::Float);
+            let pooled = match features.dim() {
+                2 => features,
+                // A backbone's feature map: global average pooling, as classifiers' heads do.
+                4 => features.mean_dim(&[2i64, 3][..], false, Kind::Float),
+                _ => return Err(err(format!("expected features [N, D] or [N, D, H, W], got {:?}", features.size()))),
+            };
+            let size = expect_dims(&pooled, 2, batch, "features [N, D]")?;
+            if size[1] == 0 {
+                return Err(err("features have no components"));
+            }
+            to_f32_vec(&pooled)?
+                .chunks(size[1] as usize)
+                .map(|row| {
+                    embedding::prepare(row.to_vec(), spec.normalize).map(ModelOutput::Embedding).map_err(|e| err(e.to_string()))
+                })
+                .collect()
+        }
         OutputConvention::TorchvisionDetection => {
             Err(err("torchvision detection output is parsed per image list"))
         }
@@ -241,11 +262,13 @@ fn candidates(
         .collect())
 }
 
-/// Parses torchvision's `(losses, [{boxes, labels, scores}])` for `count` images.
+/// Parses torchvision's `(losses, [{boxes, labels, scores}])` for `count` images; with
+/// `mask_threshold`, Mask R-CNN's `masks` too, each cut at the threshold to the region it covers.
 pub fn parse_torchvision_detection(
     value: IValue,
     count: usize,
     score_threshold: f32,
+    mask_threshold: Option<f32>,
 ) -> Result<Vec<ModelOutput>, EngineError> {
     let detections = match value {
         IValue::Tuple(mut items) if items.len() == 2 => items.pop().unwrap(),
@@ -268,12 +291,14 @@ pub fn parse_torchvision_detection(
             let mut boxes = None;
             let mut labels = None;
             let mut scores = None;
+            let mut masks = None;
             for (k, v) in entries {
                 if let IValue::String(key) = k {
                     match key.as_str() {
                         "boxes" => boxes = Some(tensor_of(v, "boxes")?),
                         "labels" => labels = Some(tensor_of(v, "labels")?),
                         "scores" => scores = Some(tensor_of(v, "scores")?),
+                        "masks" => masks = Some(tensor_of(v, "masks")?),
                         _ => {}
                     }
                 }
@@ -284,22 +309,72 @@ pub fn parse_torchvision_detection(
             let coords = to_f32_vec(&boxes.to_device(tch::Device::Cpu))?;
             let labels = to_i64_vec(&labels.to_device(tch::Device::Cpu))?;
             let scores = to_f32_vec(&scores.to_device(tch::Device::Cpu))?;
-            Ok(ModelOutput::Candidates(
-                scores
-                    .iter()
-                    .zip(labels)
-                    .zip(coords.chunks(4))
-                    .filter(|((&s, _), _)| s >= score_threshold)
-                    .map(|((&score, class), b)| Candidate {
-                        x1: b[0],
-                        y1: b[1],
-                        x2: b[2],
-                        y2: b[3],
-                        score,
-                        class: class.max(0) as usize,
-                    })
-                    .collect(),
+            if coords.len() != scores.len() * 4 || labels.len() != scores.len() {
+                return Err(err(format!("{} boxes, {} labels and {} scores do not pair up", coords.len() / 4, labels.len(), scores.len())));
+            }
+            let candidates: Vec<(usize, Candidate)> = scores
+                .iter()
+                .zip(labels)
+                .zip(coords.chunks(4))
+                .enumerate()
+                .filter(|(_, ((&s, _), _))| s >= score_threshold)
+                .map(|(i, ((&score, class), b))| {
+                    (i, Candidate { x1: b[0], y1: b[1], x2: b[2], y2: b[3], score, class: class.max(0) as usize })
+                })
+                .collect();
+            let Some(threshold) = mask_threshold else {
+                return Ok(ModelOutput::Candidates(candidates.into_iter().map(|(_, c)| c).collect()));
+            };
+            let masks = masks.ok_or_else(|| err("an instance segmentation model's detections need \"masks\""))?;
+            let size = masks.size();
+            if size.len() != 4 || size[1] != 1 || size[0] != scores.len() as i64 {
+                return Err(err(format!("expected masks [{}, 1, H, W], got {size:?}", scores.len())));
+            }
+            let kept: Vec<i64> = candidates.iter().map(|(i, _)| *i as i64).collect();
+            let regions = mask_regions(&masks.to_device(tch::Device::Cpu), &kept, threshold)?;
+            Ok(ModelOutput::Instances(
+                candidates.into_iter().zip(regions).map(|((_, candidate), mask)| InstanceCandidate { candidate, mask }).collect(),
             ))
+        })
+        .collect()
+}
+
+/// Masks `[K, 1, H, W]` of probabilities, the rows `kept` of them cut at `threshold`, each to
+/// the rectangle of its set pixels (found on the tensor: the plane never leaves it whole).
+fn mask_regions(masks: &Tensor, kept: &[i64], threshold: f32) -> Result<Vec<RegionMask>, EngineError> {
+    let size = masks.size();
+    let (height, width) = (size[2], size[3]);
+    if kept.is_empty() {
+        return Ok(Vec::new());
+    }
+    let binary = masks.index_select(0, &Tensor::from_slice(kept)).squeeze_dim(1).ge(f64::from(threshold)); // [K, H, W]
+    let rows = Vec::<bool>::try_from(&binary.any_dim(2, false).contiguous().view(-1)).map_err(|e| err(e.to_string()))?;
+    let cols = Vec::<bool>::try_from(&binary.any_dim(1, false).contiguous().view(-1)).map_err(|e| err(e.to_string()))?;
+    (0..kept.len())
+        .map(|k| {
+            let rows = &rows[k * height as usize..(k + 1) * height as usize];
+            let cols = &cols[k * width as usize..(k + 1) * width as usize];
+            let (Some(y0), Some(y1), Some(x0), Some(x1)) =
+                (rows.iter().position(|&r| r), rows.iter().rposition(|&r| r), cols.iter().position(|&c| c), cols.iter().rposition(|&c| c))
+            else {
+                return Ok(RegionMask::empty(width as u32, height as u32));
+            };
+            let region = binary
+                .get(k as i64)
+                .narrow(0, y0 as i64, (y1 - y0 + 1) as i64)
+                .narrow(1, x0 as i64, (x1 - x0 + 1) as i64)
+                .to_kind(Kind::Uint8)
+                .contiguous();
+            let bits = Vec::<u8>::try_from(&region.view(-1)).map_err(|e| err(e.to_string()))?;
+            Ok(RegionMask {
+                canvas_width: width as u32,
+                canvas_height: height as u32,
+                left: x0 as u32,
+                top: y0 as u32,
+                width: (x1 - x0 + 1) as u32,
+                height: (y1 - y0 + 1) as u32,
+                bits,
+            })
         })
         .collect()
 }

@@ -9,6 +9,7 @@ use image::{Rgb, RgbImage};
 use imageproc::drawing::{draw_filled_rect_mut, draw_hollow_rect_mut, draw_text_mut, text_size};
 use imageproc::rect::Rect;
 
+use crate::tasks::instances::Instance;
 use crate::tasks::segmentation::{summarise, ClassSummary, LabelMap};
 use crate::tasks::{Detection, Finished, Prediction};
 
@@ -57,22 +58,53 @@ fn draw_tag(image: &mut RgbImage, x: i32, y: i32, text: &str, colour: Rgb<u8>, s
 }
 
 pub fn draw_detections(image: &mut RgbImage, detections: &[Detection]) {
-    let scale = text_scale(image);
-    let thickness = ((image.width().min(image.height()) as f32) / 200.0).clamp(2.0, 6.0) as i32;
     // Lowest score first, so the best box and its tag end up on top.
     for d in detections.iter().rev() {
-        let colour = class_colour(d.index);
-        let (x1, y1) = (d.bbox.x1.round() as i32, d.bbox.y1.round() as i32);
-        let (x2, y2) = (d.bbox.x2.round() as i32, d.bbox.y2.round() as i32);
-        for t in 0..thickness {
-            let w = (x2 - x1 - 2 * t).max(1) as u32;
-            let h = (y2 - y1 - 2 * t).max(1) as u32;
-            draw_hollow_rect_mut(image, Rect::at(x1 + t, y1 + t).of_size(w, h), colour);
+        draw_box_and_tag(image, d, class_colour(d.index));
+    }
+}
+
+fn line_thickness(image: &RgbImage) -> i32 {
+    ((image.width().min(image.height()) as f32) / 200.0).clamp(2.0, 6.0) as i32
+}
+
+fn draw_box_and_tag(image: &mut RgbImage, d: &Detection, colour: Rgb<u8>) {
+    let scale = text_scale(image);
+    let thickness = line_thickness(image);
+    let (x1, y1) = (d.bbox.x1.round() as i32, d.bbox.y1.round() as i32);
+    let (x2, y2) = (d.bbox.x2.round() as i32, d.bbox.y2.round() as i32);
+    for t in 0..thickness {
+        let w = (x2 - x1 - 2 * t).max(1) as u32;
+        let h = (y2 - y1 - 2 * t).max(1) as u32;
+        draw_hollow_rect_mut(image, Rect::at(x1 + t, y1 + t).of_size(w, h), colour);
+    }
+    let tag = format!("{} {:.2}", d.label, d.score);
+    let (_, tag_h) = text_size(scale, font(), &tag);
+    let above = y1 - tag_h as i32 - (scale.y / 3.0) as i32;
+    draw_tag(image, x1, if above >= 0 { above } else { y1 + thickness }, &tag, colour, scale);
+}
+
+/// Each instance in its own colour (by rank, so two instances of one class differ): its mask
+/// half transparent with a solid outline, then its box and tag; the best ends up on top.
+pub fn draw_instances(image: &mut RgbImage, instances: &[Instance]) {
+    for (rank, instance) in instances.iter().enumerate().rev() {
+        let colour = class_colour(rank);
+        let mask = &instance.mask;
+        for y in mask.top..(mask.top + mask.height).min(image.height()) {
+            for x in mask.left..(mask.left + mask.width).min(image.width()) {
+                if !mask.contains(x, y) {
+                    continue;
+                }
+                // An edge pixel: a 4-neighbour outside the mask (or outside the image).
+                let edge = x == 0 || y == 0 || !mask.contains(x - 1, y) || !mask.contains(x + 1, y)
+                    || !mask.contains(x, y - 1) || !mask.contains(x, y + 1);
+                let pixel = image.get_pixel_mut(x, y);
+                for k in 0..3 {
+                    pixel.0[k] = if edge { colour.0[k] } else { ((pixel.0[k] as u16 + colour.0[k] as u16) / 2) as u8 };
+                }
+            }
         }
-        let tag = format!("{} {:.2}", d.label, d.score);
-        let (_, tag_h) = text_size(scale, font(), &tag);
-        let above = y1 - tag_h as i32 - (scale.y / 3.0) as i32;
-        draw_tag(image, x1, if above >= 0 { above } else { y1 + thickness }, &tag, colour, scale);
+        draw_box_and_tag(image, &instance.detection, colour);
     }
 }
 
@@ -82,6 +114,9 @@ pub fn draw_result(image: &mut RgbImage, result: &Finished, labels: &[String]) {
         Finished::Classification { top, .. } => draw_classification(image, top),
         Finished::Detection { detections } => draw_detections(image, detections),
         Finished::Segmentation { mask } => draw_segmentation(image, mask, &summarise(mask, labels)),
+        // Nothing in the picture to draw: /v1 refuses `render=png` for embeddings up front.
+        Finished::Embedding { .. } => {}
+        Finished::InstanceSegmentation { instances } => draw_instances(image, instances),
     }
 }
 

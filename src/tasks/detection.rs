@@ -54,21 +54,30 @@ pub fn iou(a: &Candidate, b: &Candidate) -> f32 {
 /// when its IoU with a kept, higher-scoring box of its class is above `iou_threshold`
 /// (torchvision's `batched_nms` rule). Returns at most `max_detections`, best first.
 pub fn non_max_suppression(
-    mut candidates: Vec<Candidate>,
+    candidates: Vec<Candidate>,
     iou_threshold: f32,
     max_detections: usize,
 ) -> Vec<Candidate> {
-    candidates.sort_by(|a, b| b.score.total_cmp(&a.score));
-    let mut kept: Vec<Candidate> = Vec::new();
-    for candidate in candidates {
+    nms_indices(&candidates, iou_threshold, max_detections).into_iter().map(|i| candidates[i]).collect()
+}
+
+/// [`non_max_suppression`] as positions into `candidates`, best first, for callers whose
+/// boxes carry more than a box (instance masks).
+pub fn nms_indices(candidates: &[Candidate], iou_threshold: f32, max_detections: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..candidates.len()).collect();
+    // Stable: equal scores keep their order, as the sort of the candidates themselves did.
+    order.sort_by(|&a, &b| candidates[b].score.total_cmp(&candidates[a].score));
+    let mut kept: Vec<usize> = Vec::new();
+    for i in order {
         if kept.len() >= max_detections {
             break;
         }
+        let candidate = &candidates[i];
         let suppressed = kept
             .iter()
-            .any(|k| k.class == candidate.class && iou(k, &candidate) > iou_threshold);
+            .any(|&k| candidates[k].class == candidate.class && iou(&candidates[k], candidate) > iou_threshold);
         if !suppressed {
-            kept.push(candidate);
+            kept.push(i);
         }
     }
     kept

@@ -7,6 +7,8 @@
 
 pub mod classification;
 pub mod detection;
+pub mod embedding;
+pub mod instances;
 pub mod params;
 pub mod segmentation;
 
@@ -28,6 +30,10 @@ pub enum ModelOutput {
     LabelMap(segmentation::LabelMap),
     /// Boxes in model-input pixels at or above the request's score threshold, before NMS.
     Candidates(Vec<detection::Candidate>),
+    /// The image's embedding, finite, normalised when the config asks for it.
+    Embedding(Vec<f32>),
+    /// Boxes with their masks, in model-input pixels, before NMS.
+    Instances(Vec<instances::InstanceCandidate>),
 }
 
 /// One image's result, in the original image's pixels, before any protocol shapes it.
@@ -39,6 +45,10 @@ pub enum Finished {
     Detection { detections: Vec<Detection> },
     /// The class of every original pixel, with its probability when the job asked for it.
     Segmentation { mask: segmentation::LabelMap },
+    /// The image's embedding; no geometry applies to it.
+    Embedding { vector: Vec<f32> },
+    /// As detection, each box with its mask, both in original pixels.
+    InstanceSegmentation { instances: Vec<instances::Instance> },
 }
 
 /// A worker's output of another kind than the model's task: a server fault, never the
@@ -70,6 +80,17 @@ pub fn finish(
         (Task::Segmentation, ModelOutput::LabelMap(map)) => {
             Ok(Finished::Segmentation { mask: segmentation::resample_to_original(&map, geometry) })
         }
+        (Task::Embedding, ModelOutput::Embedding(vector)) => Ok(Finished::Embedding { vector }),
+        (Task::InstanceSegmentation, ModelOutput::Instances(candidates)) => Ok(Finished::InstanceSegmentation {
+            instances: instances::finish_instances(
+                candidates,
+                geometry,
+                labels,
+                params.score_threshold,
+                params.iou_threshold,
+                params.max_detections,
+            ),
+        }),
         (task, _) => Err(OutputMismatch(task)),
     }
 }
@@ -92,17 +113,52 @@ pub enum TaskResult {
     Classification { predictions: Vec<Prediction> },
     Segmentation(SegmentationResult),
     Detection { detections: Vec<Detection> },
+    InstanceSegmentation { detections: Vec<instances::InstanceResult> },
+    Embedding {
+        embedding: Vec<f32>,
+        /// With `neighbours = k`: the k most similar of the request's other images.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        neighbours: Option<Vec<embedding::Neighbour>>,
+    },
 }
 
 impl TaskResult {
-    /// The `/v1` shape of a result: the top-k, the detections, or the class summary with the
-    /// mask encoded as asked.
-    pub fn from_finished(finished: Finished, labels: &[String], mask_format: segmentation::MaskFormat) -> Result<Self, image::ImageError> {
+    /// The `/v1` shape of a result: the top-k, the detections, the class summary with the
+    /// mask encoded as asked, or the embedding.
+    pub fn from_finished(finished: Finished, labels: &[String], params: &PredictParams) -> Result<Self, image::ImageError> {
+        let mask_format = params.mask_format;
         Ok(match finished {
             Finished::Classification { top, .. } => TaskResult::Classification { predictions: top },
             Finished::Detection { detections } => TaskResult::Detection { detections },
             Finished::Segmentation { mask } => TaskResult::Segmentation(segmentation::encode_result(&mask, labels, mask_format)?),
+            Finished::Embedding { vector } => TaskResult::Embedding { embedding: vector, neighbours: None },
+            Finished::InstanceSegmentation { instances } => TaskResult::InstanceSegmentation {
+                detections: instances
+                    .iter()
+                    .map(|instance| instances::encode_instance(instance, params.instance_masks))
+                    .collect::<Result<_, _>>()?,
+            },
         })
+    }
+
+    /// Every image of a request in the `/v1` shape; with `neighbours` asked, each embedding
+    /// also lists its nearest among the request's other images (by cosine similarity).
+    pub fn from_request(results: Vec<Finished>, labels: &[String], params: &PredictParams) -> Result<Vec<Self>, image::ImageError> {
+        let vectors: Vec<Vec<f32>> = match params.neighbours {
+            0 => Vec::new(),
+            _ => results.iter().filter_map(|f| if let Finished::Embedding { vector } = f { Some(vector.clone()) } else { None }).collect(),
+        };
+        let mut nearest = embedding::nearest(&vectors, &vectors, params.neighbours, true).into_iter();
+        results
+            .into_iter()
+            .map(|finished| {
+                let mut result = Self::from_finished(finished, labels, params)?;
+                if let TaskResult::Embedding { neighbours, .. } = &mut result {
+                    *neighbours = nearest.next();
+                }
+                Ok(result)
+            })
+            .collect()
     }
 }
 
@@ -162,6 +218,23 @@ mod tests {
         let Finished::Segmentation { mask } = out else { panic!() };
         assert_eq!((mask.width, mask.height), (4, 2));
         assert_eq!(mask.labels, [0, 0, 2, 2, 0, 0, 2, 2]);
+    }
+
+    #[test]
+    fn embeddings_pass_through_and_neighbours_are_listed_only_when_asked() {
+        let finished: Vec<Finished> = [vec![1.0, 0.0], vec![0.0, 1.0], vec![0.8, 0.6]]
+            .into_iter()
+            .map(|v| finish(Task::Embedding, ModelOutput::Embedding(v), &Geometry::identity(8, 8), &[], &PredictParams::default()).unwrap())
+            .collect();
+        let plain = TaskResult::from_request(finished.clone(), &[], &PredictParams::default()).unwrap();
+        let json = serde_json::to_value(&plain).unwrap();
+        assert_eq!(json[0], serde_json::json!({"embedding": [1.0, 0.0]}));
+        let params = PredictParams { neighbours: 1, ..PredictParams::default() };
+        let near = serde_json::to_value(TaskResult::from_request(finished, &[], &params).unwrap()).unwrap();
+        assert_eq!(near[0]["neighbours"][0]["index"], 2);
+        assert_eq!(near[1]["neighbours"][0]["index"], 2);
+        assert_eq!(near[2]["neighbours"][0]["index"], 0);
+        assert_eq!(near[2]["neighbours"].as_array().unwrap().len(), 1);
     }
 
     #[test]

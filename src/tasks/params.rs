@@ -9,6 +9,7 @@ use std::str::FromStr;
 use serde_json::{Map, Value};
 
 use crate::model_config::Task;
+use crate::tasks::instances::InstanceMaskFormat;
 use crate::tasks::segmentation::MaskFormat;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -18,13 +19,19 @@ pub struct PredictParams {
     pub iou_threshold: f32,
     pub max_detections: usize,
     pub mask_format: MaskFormat,
+    /// Instance segmentation's `mask_format`: RLE unless asked otherwise.
+    pub instance_masks: InstanceMaskFormat,
     /// Segmentation: keep each pixel's class probability (TorchServe's segmenter answer).
     pub pixel_confidence: bool,
+    /// Embedding on /v1: list each image's `neighbours` most similar among the request's
+    /// other images (0: none). Computed after the per-image results, so not in the cache key.
+    pub neighbours: usize,
 }
 
 const TOP_K: (usize, usize) = (1, 1000);
 const THRESHOLD: (f32, f32) = (0.0, 1.0);
 const MAX_DETECTIONS: (usize, usize) = (1, 10_000);
+const NEIGHBOURS: (usize, usize) = (1, 1000);
 
 impl Default for PredictParams {
     fn default() -> Self {
@@ -34,7 +41,9 @@ impl Default for PredictParams {
             iou_threshold: 0.45,
             max_detections: 100,
             mask_format: MaskFormat::Png,
+            instance_masks: InstanceMaskFormat::Rle,
             pixel_confidence: false,
+            neighbours: 0,
         }
     }
 }
@@ -82,6 +91,8 @@ impl PredictParams {
             Task::Classification => &["top_k"],
             Task::Segmentation => &["mask_format"],
             Task::Detection => &["score_threshold", "iou_threshold", "max_detections"],
+            Task::Embedding => &["neighbours"],
+            Task::InstanceSegmentation => &["score_threshold", "iou_threshold", "max_detections", "mask_format"],
         };
         if let Some(key) = raw.keys().find(|k| !allowed.contains(&k.as_str())) {
             return Err(ParamError(format!(
@@ -102,7 +113,22 @@ impl PredictParams {
         if let Some(n) = parse::<usize>(raw, "max_detections")? {
             params.max_detections = in_range("max_detections", n, MAX_DETECTIONS)?;
         }
-        if let Some(format) = raw.get("mask_format") {
+        if let Some(k) = parse::<usize>(raw, "neighbours")? {
+            params.neighbours = in_range("neighbours", k, NEIGHBOURS)?;
+        }
+        if let (Some(format), Task::InstanceSegmentation) = (raw.get("mask_format"), task) {
+            params.instance_masks = match format.as_str() {
+                "rle" => InstanceMaskFormat::Rle,
+                "polygon" => InstanceMaskFormat::Polygon,
+                "png" => InstanceMaskFormat::Png,
+                "none" => InstanceMaskFormat::None,
+                other => {
+                    return Err(ParamError(format!(
+                        "parameter 'mask_format' must be rle, polygon, png or none, got '{other}'"
+                    )))
+                }
+            };
+        } else if let Some(format) = raw.get("mask_format") {
             params.mask_format = match format.as_str() {
                 "png" => MaskFormat::Png,
                 "rle" => MaskFormat::Rle,
@@ -164,6 +190,8 @@ mod tests {
             (raw(&[("score_threshold", "NaN")]), Task::Detection),
             (raw(&[("mask_format", "jpeg")]), Task::Segmentation),
             (raw(&[("top_k", "3")]), Task::Detection),
+            (raw(&[("neighbours", "0")]), Task::Embedding),
+            (raw(&[("top_k", "3")]), Task::Embedding),
         ] {
             let err = PredictParams::from_raw(&pairs, task).unwrap_err();
             assert!(err.0.contains("parameter"), "{pairs:?}: {err:?}");

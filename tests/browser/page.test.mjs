@@ -20,25 +20,26 @@ mkdirSync(outDir, { recursive: true });
 
 let server, base, browser;
 
-function startServer() {
-  const bin = process.env.VISIONSERVE_BIN, repo = process.env.VISIONSERVE_DEFAULT_MODELS;
-  assert.ok(bin && repo, "VISIONSERVE_BIN and VISIONSERVE_DEFAULT_MODELS must be set (run `make test`)");
-  server = spawn(bin, ["--addr", "127.0.0.1:0", "--model-repository", repo], { stdio: ["ignore", "ignore", "pipe"] });
+/// A server over `repo` on an ephemeral port: resolves to { process, base } once it listens.
+function startServer(repo, extra = []) {
+  const bin = process.env.VISIONSERVE_BIN;
+  assert.ok(bin && repo, "VISIONSERVE_BIN and VISIONSERVE_DEFAULT_MODELS (and VISIONSERVE_TEST_MODELS) must be set (run `make test`)");
+  const child = spawn(bin, ["--addr", "127.0.0.1:0", "--grpc-addr", "off", "--model-repository", repo, ...extra], { stdio: ["ignore", "ignore", "pipe"] });
   return new Promise((resolvePromise, reject) => {
     const timeout = setTimeout(() => reject(new Error("server did not start")), 60000);
-    let log = "";
-    server.stderr.on("data", chunk => {
+    let log = "", listening = false;
+    child.stderr.on("data", chunk => {
       log += chunk.toString();
       const m = log.match(/listening on (http:\/\/\S+)/);
-      if (m && !base) { base = m[1]; clearTimeout(timeout); resolvePromise(); }
+      if (m && !listening) { listening = true; clearTimeout(timeout); resolvePromise({ process: child, base: m[1] }); }
     });
-    server.on("exit", code => reject(new Error(`server exited with ${code}: ${log}`)));
+    child.on("exit", code => reject(new Error(`server exited with ${code}: ${log}`)));
   });
 }
 
-async function waitReady() {
+async function waitReady(at) {
   for (let i = 0; i < 600; i++) {
-    const r = await fetch(base + "/health/ready").catch(() => null);
+    const r = await fetch(at + "/health/ready").catch(() => null);
     if (r && r.status === 200) return;
     await new Promise(r => setTimeout(r, 200));
   }
@@ -46,8 +47,8 @@ async function waitReady() {
 }
 
 before(async () => {
-  await startServer();
-  await waitReady();
+  ({ process: server, base } = await startServer(process.env.VISIONSERVE_DEFAULT_MODELS));
+  await waitReady(base);
   browser = await chromium.launch({
     executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
     args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -65,6 +66,7 @@ const CASES = [
   { model: "mobilenet_v2", sample: "chelsea.jpg", expect: /Egyptian cat|tabby|tiger cat/, shot: "classification" },
   { model: "ssd_mobilenet_v2_coco", sample: "chelsea.jpg", expect: /^cat$/, shot: "detection", boxes: true },
   { model: "text_detector_ppocr_v4", sample: "page.png", expect: /^text$/, shot: "segmentation" },
+  { model: "mobilenet_v2_embedding", sample: "chelsea.jpg", expect: /^1280-d embedding$/, shot: "embedding" },
   // The pipeline: the detector's "cat", named by the classifier.
   { model: "detect_then_classify", sample: "chelsea.jpg", expect: /^(Egyptian cat|tabby|tiger cat) \(cat\)$/, shot: "pipeline", boxes: true },
 ];
@@ -118,4 +120,38 @@ test("thresholds re-run the model and the page fits a phone", async () => {
   assert.ok(overflow <= 1, `no horizontal scrolling on a phone (${overflow}px)`);
   await page.screenshot({ path: join(outDir, "phone.png"), fullPage: true });
   await page.close();
+});
+
+// Instance segmentation has no real weights in the default set (models/README.md): the test
+// set's random-init Mask R-CNN, on a server of its own, its masks filled on the canvas.
+test("mask_rcnn_small's instances are outlined on the page", async () => {
+  const { process: masks, base: at } = await startServer(process.env.VISIONSERVE_TEST_MODELS, ["--models", "mask_rcnn_small"]);
+  try {
+    await waitReady(at);
+    const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+    const errors = [];
+    page.on("pageerror", e => errors.push(String(e)));
+    await page.goto(at + "/");
+    await page.waitForSelector('#model option[value="mask_rcnn_small"]', { state: "attached" });
+    await page.selectOption("#model", "mask_rcnn_small");
+    // The random weights score about 0.13: a low threshold shows their masks.
+    await page.$eval("#score", el => { el.value = "0.1"; el.dispatchEvent(new Event("input")); });
+    await page.click('button[data-sample="coffee.jpg"]');
+    await page.waitForFunction(() => document.body.dataset.resultFor === "mask_rcnn_small"
+      && JSON.parse(document.getElementById("json").textContent).results?.[0]?.detections?.length > 0, null, { timeout: 120000 });
+    const json = JSON.parse(await page.textContent("#json"));
+    const first = json.results[0].detections[0];
+    assert.equal(json.task, "instance_segmentation");
+    assert.equal(first.mask.format, "polygon");
+    assert.ok(first.mask.polygons.length > 0 && first.area > 0, JSON.stringify(first).slice(0, 200));
+    const names = await page.$$eval("#result-labels .value", els => els.map(e => e.textContent));
+    assert.ok(names.some(v => / px$/.test(v)), `areas shown: ${JSON.stringify(names)}`);
+    assert.deepEqual(errors, []);
+    const file = join(outDir, "instance_segmentation.png");
+    await page.screenshot({ path: file, fullPage: true });
+    if (process.env.VISIONSERVE_UPDATE_SCREENSHOTS) copyFileSync(file, join(docsDir, "instance_segmentation.png"));
+    await page.close();
+  } finally {
+    masks.kill("SIGTERM");
+  }
 });

@@ -194,7 +194,7 @@ def test_default_packages_are_frozen_and_call_onednn_kernels():
     at load; without it the same package runs Inductor's generated loops, about 1.4 x slower
     (BENCHMARKS.md, make bench-cpu). A compile that silently lost freezing fails here."""
     from aoti import package_kernels
-    for name in ("mobilenet_v2", "ssd_mobilenet_v2_coco", "text_detector_ppocr_v4"):
+    for name in ("mobilenet_v2", "mobilenet_v2_embedding", "ssd_mobilenet_v2_coco", "text_detector_ppocr_v4"):
         kernels = package_kernels(os.path.realpath(os.path.join(repo(), name, "2", "model.pt2")))
         assert kernels.get("onednn_fp32", 0) >= 10, f"{name}: the package calls {kernels}, not oneDNN's convolutions"
 

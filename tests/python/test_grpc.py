@@ -206,6 +206,7 @@ def rest_answer(server, model, image, outputs):
     ("ssd_mobilenet_v2_coco", DETECTOR_OUTPUTS, "coffee"),
     ("ssd_mobilenet_v2_coco", DETECTOR_OUTPUTS, "astronaut"),
     ("text_detector_ppocr_v4", ["mask"], "page"),
+    ("mobilenet_v2_embedding", ["embedding"], "chelsea"),
 ])
 def test_grpc_answers_equal_rest_v2(default_server, model, outputs, picture):
     image = (ROOT / "assets/samples/page.png").read_bytes() if picture == "page" else encode(photo(picture), "JPEG")

@@ -171,6 +171,11 @@ fn handler_answer(result: Finished) -> Value {
             }
             Value::Object(object)
         }
+        // TorchServe's Mask R-CNN example runs its object_detector handler: boxes and scores,
+        // the masks left out (the /v1 and V2 answers carry them).
+        Finished::InstanceSegmentation { instances } => {
+            handler_answer(Finished::Detection { detections: instances.into_iter().map(|i| i.detection).collect() })
+        }
         Finished::Detection { detections } => Value::Array(
             detections
                 .into_iter()
@@ -182,6 +187,8 @@ fn handler_answer(result: Finished) -> Value {
                 })
                 .collect(),
         ),
+        // What an embedding handler of TorchServe's returns: the vector as a list.
+        Finished::Embedding { vector } => json!(vector),
         Finished::Segmentation { mask } => {
             let width = mask.width as usize;
             let rows = (0..mask.height as usize).map(|y| {

@@ -22,6 +22,8 @@ use crate::error::ApiError;
 use crate::model_config::{ModelFormat, PixelDatatype, Task};
 use crate::pipeline::PIPELINE_VERSION;
 use crate::repository::{PipelineEntry, Servable};
+use crate::tasks::instances::{self, Instance};
+use crate::tasks::segmentation::compress_counts;
 use crate::tasks::{classification, Finished, PredictParams};
 use tensors::{InferRequest, InputTensor, OutputData, OutputTensor, RequestedOutput};
 
@@ -66,16 +68,25 @@ pub fn model_metadata(core: &Core, servable: Servable) -> Result<ModelMetadata, 
         reason: entry.status().reason.unwrap_or_default(),
     })?;
     let classes = entry.labels.len().max(1) as i64;
+    // The model's own outputs, as the warm-up saw them (stacked-batch models).
+    let raw_specs = entry.runtime().map(|runtime| runtime.raw_outputs().to_vec()).unwrap_or_default();
     let outputs = match config.task {
         Task::Classification => vec![tensor_spec("scores", "FP32", &[-1, classes])],
         Task::Segmentation => vec![tensor_spec("mask", "UINT8", &[-1, -1, -1])],
         Task::Detection => detection_specs(),
+        Task::InstanceSegmentation => {
+            let mut specs = detection_specs();
+            specs.push(tensor_spec(MASKS, "BYTES", &[-1, -1]));
+            specs.push(tensor_spec(MASK_PIXELS, "UINT8", &[-1, -1, -1, -1]));
+            specs
+        }
+        Task::Embedding => {
+            // [N, D] or a feature map [N, D, H, W]: D is the embedding's length either way.
+            let dimension = raw_specs.first().and_then(|r| r.shape.get(1).copied()).unwrap_or(-1);
+            vec![tensor_spec("embedding", "FP32", &[-1, dimension])]
+        }
     };
-    // The model's own outputs, as the warm-up saw them (stacked-batch models).
-    let raw_outputs: Vec<Value> = entry
-        .runtime()
-        .map(|runtime| runtime.raw_outputs().iter().map(|r| json!({"name": r.name, "datatype": r.datatype, "shape": r.shape})).collect())
-        .unwrap_or_default();
+    let raw_outputs: Vec<Value> = raw_specs.iter().map(|r| json!({"name": r.name, "datatype": r.datatype, "shape": r.shape})).collect();
     let versions = core.repository.family(&entry.name).map(|f| f.version_names()).unwrap_or_default();
     let (height, width) = (i64::from(config.input.height), i64::from(config.input.width));
     let pixels = config.input.pixel_datatype;
@@ -183,6 +194,7 @@ pub async fn infer(core: &Core, servable: Servable, request: InferRequest, conte
     let InferRequest { id, inputs, outputs: requested, .. } = request;
     let input = inputs.into_iter().next().expect("one input, checked above");
     let want_raw = requested.iter().flatten().any(|r| r.name.starts_with(RAW_PREFIX));
+    let want_mask_pixels = requested.iter().flatten().any(|r| r.name == MASK_PIXELS);
     let accepts = Accepts::Model { max_pixels: core.limits.max_image_pixels, pixels: target.config.input.pixel_datatype };
     let parse_started = Instant::now();
     let images = match core.run_cpu(move || image_input(&input, accepts)).await? {
@@ -200,7 +212,7 @@ pub async fn infer(core: &Core, servable: Servable, request: InferRequest, conte
     let tensors = core
         .run_cpu(move || {
             let _encode = tracing::info_span!("encode").entered();
-            let mut tensors = task_tensors(results)?;
+            let mut tensors = task_tensors(results, want_mask_pixels)?;
             if want_raw {
                 tensors.extend(stack_raw(raw)?);
             }
@@ -250,7 +262,7 @@ async fn pipeline_infer(core: &Core, pipeline: &PipelineEntry, request: InferReq
 fn pipeline_tensors(run: &PipelineRun) -> Result<Vec<OutputTensor>, ApiError> {
     let finished: Vec<Finished> =
         run.images.iter().map(|found| Finished::Detection { detections: found.iter().map(|n| n.detection.clone()).collect() }).collect();
-    let mut tensors = task_tensors(finished)?;
+    let mut tensors = task_tensors(finished, false)?;
     let (n, k, t) = (run.images.len(), run.images.iter().map(Vec::len).max().unwrap_or(0), run.top_k);
     let (mut scores, mut classes, mut labels) = (Vec::new(), Vec::new(), Vec::new());
     for found in &run.images {
@@ -425,23 +437,40 @@ fn stack_raw(per_image: Vec<Vec<RawTensor>>) -> Result<Vec<OutputTensor>, ApiErr
     }
     Ok(stacked)
 }
-/// The task's outputs as `[N, ...]` tensors: `scores`; `mask`; or `boxes`, `scores`,
-/// `classes` and `num_detections`, padded to the image with the most detections.
-pub(crate) fn task_tensors(results: Vec<Finished>) -> Result<Vec<OutputTensor>, ApiError> {
+/// Instance segmentation's masks: one COCO compressed RLE string (pycocotools' `counts`, of
+/// an `[H, W]` mask the size of the image) per detection, `BYTES [N, K]`, padded with "".
+const MASKS: &str = "masks";
+/// The same masks as pixels, `UINT8 [N, K, H, W]` (1 inside), computed only when named.
+const MASK_PIXELS: &str = "mask_pixels";
+
+/// The task's outputs as `[N, ...]` tensors: `scores`; `mask`; `embedding`; or `boxes`,
+/// `scores`, `classes` and `num_detections`, padded to the image with the most detections
+/// (and instance segmentation's `masks`, and with `mask_pixels` its dense masks).
+pub(crate) fn task_tensors(results: Vec<Finished>, mask_pixels: bool) -> Result<Vec<OutputTensor>, ApiError> {
     let n = results.len() as i64;
     let tensor = |name: &str, shape: Vec<i64>, data: OutputData| OutputTensor { name: name.into(), shape, data };
-    let (mut scores, mut masks, mut detections) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut scores, mut masks, mut detections, mut embeddings) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut instances = Vec::new();
     for result in results {
         match result {
             Finished::Classification { scores: s, .. } => scores.push(s),
             Finished::Segmentation { mask } => masks.push(mask),
             Finished::Detection { detections: d } => detections.push(d),
+            Finished::Embedding { vector } => embeddings.push(vector),
+            Finished::InstanceSegmentation { instances: found } => {
+                detections.push(found.iter().map(|i| i.detection.clone()).collect());
+                instances.push(found);
+            }
         }
     }
-    // One task per model, so exactly one of the three is filled.
+    // One task per model, so exactly one of the four is filled.
     if let Some(first) = scores.first() {
         let classes = first.len() as i64;
         return Ok(vec![tensor("scores", vec![n, classes], OutputData::Fp32(scores.concat()))]);
+    }
+    if let Some(first) = embeddings.first() {
+        let dimension = first.len() as i64;
+        return Ok(vec![tensor("embedding", vec![n, dimension], OutputData::Fp32(embeddings.concat()))]);
     }
     if let Some(first) = masks.first() {
         let size = (first.height, first.width);
@@ -472,12 +501,48 @@ pub(crate) fn task_tensors(results: Vec<Finished>) -> Result<Vec<OutputTensor>, 
         }
     }
     let k = k as i64;
-    Ok(vec![
+    let mut tensors = vec![
         tensor("boxes", vec![n, k, 4], OutputData::Fp32(boxes)),
         tensor("scores", vec![n, k], OutputData::Fp32(scores)),
         tensor("classes", vec![n, k], OutputData::Int64(classes)),
         tensor("num_detections", vec![n], OutputData::Int32(counts)),
-    ])
+    ];
+    if !instances.is_empty() {
+        tensors.extend(instance_mask_tensors(&instances, k as usize, mask_pixels)?);
+    }
+    Ok(tensors)
+}
+
+/// `masks` (RLE strings) and, when asked, `mask_pixels`, both padded to `k` detections.
+fn instance_mask_tensors(per_image: &[Vec<Instance>], k: usize, mask_pixels: bool) -> Result<Vec<OutputTensor>, ApiError> {
+    let n = per_image.len() as i64;
+    let rle: Vec<String> = per_image
+        .iter()
+        .flat_map(|found| (0..k).map(move |i| found.get(i).map(|inst| compress_counts(&instances::run_lengths(&inst.mask))).unwrap_or_default()))
+        .collect();
+    let mut tensors = vec![OutputTensor { name: MASKS.into(), shape: vec![n, k as i64], data: OutputData::Bytes(rle) }];
+    if mask_pixels {
+        let size = per_image.iter().flatten().map(|i| (i.mask.canvas_width, i.mask.canvas_height)).next().unwrap_or((0, 0));
+        if per_image.iter().flatten().any(|i| (i.mask.canvas_width, i.mask.canvas_height) != size) {
+            return Err(ApiError::BadRequest("images of different sizes give masks of different shapes: send one per request".into()));
+        }
+        let (w, h) = size;
+        let plane = (w * h) as usize;
+        let mut data = vec![0u8; per_image.len() * k * plane];
+        for (image, found) in per_image.iter().enumerate() {
+            for (i, instance) in found.iter().enumerate() {
+                let start = (image * k + i) * plane;
+                let mask = &instance.mask;
+                for y in mask.top..mask.top + mask.height {
+                    let row = &mask.bits[((y - mask.top) * mask.width) as usize..((y - mask.top + 1) * mask.width) as usize];
+                    let at = start + (y * w + mask.left) as usize;
+                    data[at..at + row.len()].copy_from_slice(row);
+                }
+            }
+        }
+        tensors.push(OutputTensor { name: MASK_PIXELS.into(), shape: vec![n, k as i64, h as i64, w as i64], data: OutputData::Uint8(data) });
+    }
+    Ok(tensors)
 }
 
 /// Triton's classification extension: the top `k` of a `[N, C]` score tensor as
