@@ -19,6 +19,7 @@ const RCNN: &str = "fasterrcnn_mobilenet_v3_large_320_fpn";
 const YOLO: &str = "yolo_tiny";
 const PROBABILITY_MAP: &str = "tiny_text_map";
 const BOXES_SCORES: &str = "tiny_ssd";
+const MASK_RCNN: &str = "mask_rcnn_small";
 
 fn server() -> &'static Server {
     static SERVER: OnceLock<Server> = OnceLock::new();
@@ -35,7 +36,7 @@ fn health_and_model_metadata() {
 
     let list: Value = client().get(s.url("/v1/models")).send().unwrap().json().unwrap();
     let models = list["models"].as_array().unwrap();
-    assert_eq!(models.len(), 8, "{list}");
+    assert_eq!(models.len(), 9, "{list}");
     for m in models {
         assert_eq!(m["status"], "ready");
         assert!(m["provenance"]["weights"].as_str().unwrap().starts_with("random-init"), "{m}");
@@ -211,6 +212,49 @@ fn every_detection_convention_answers_boxes_in_original_pixels() {
 }
 
 #[test]
+fn instance_masks_cover_the_original_image_in_every_encoding() {
+    let (w, h) = (400u32, 260u32);
+    let mut areas = Vec::new();
+    for format in ["rle", "png", "polygon", "none"] {
+        let query = format!("?score_threshold=0.0&max_detections=5&mask_format={format}");
+        let (status, body) = predict_raw(server(), MASK_RCNN, &query, jpeg(w, h, 6), "image/jpeg");
+        assert_eq!(status, 200, "{format}: {body}");
+        assert_eq!(body["task"], "instance_segmentation");
+        assert_eq!(check_detections(&body, f64::from(w), f64::from(h), 0.0, 5), 5, "{format}");
+        let detections = body["results"][0]["detections"].as_array().unwrap();
+        for d in detections {
+            let mask = &d["mask"];
+            match format {
+                "rle" => {
+                    assert_eq!(mask["size"], json!([h, w]));
+                    assert!(!mask["counts"].as_str().unwrap().is_empty());
+                }
+                "png" => {
+                    let (left, width) = (mask["left"].as_u64().unwrap(), mask["width"].as_u64().unwrap());
+                    let (top, height) = (mask["top"].as_u64().unwrap(), mask["height"].as_u64().unwrap());
+                    assert!(left + width <= u64::from(w) && top + height <= u64::from(h), "{mask}");
+                    if width > 0 {
+                        let png = base64::engine::general_purpose::STANDARD.decode(mask["data"].as_str().unwrap()).unwrap();
+                        let region = image::load_from_memory(&png).unwrap().to_luma8();
+                        assert_eq!(u64::from(region.width()), width);
+                        // The region's set pixels are the instance's area.
+                        let set = region.pixels().filter(|p| p.0[0] == 255).count() as u64;
+                        assert_eq!(set, d["area"].as_u64().unwrap());
+                    }
+                }
+                "polygon" => assert!(mask["polygons"].as_array().unwrap().iter().all(|p| p.as_array().unwrap().len() >= 3)),
+                _ => assert!(mask.is_null()),
+            }
+        }
+        areas.push(detections.iter().map(|d| d["area"].as_u64().unwrap()).collect::<Vec<_>>());
+    }
+    // Every encoding describes the same masks.
+    assert!(areas.windows(2).all(|pair| pair[0] == pair[1]), "{areas:?}");
+    let (status, body) = predict_raw(server(), MASK_RCNN, "?mask_format=jpeg", jpeg(40, 40, 1), "image/jpeg");
+    assert_error(status, &body, 422, "invalid_parameter");
+}
+
+#[test]
 fn bad_requests_get_the_right_status_and_one_json_shape() {
     let (s, b) = predict_raw(server(), "no_such_model", "", jpeg(10, 10, 0), "image/jpeg");
     assert_error(s, &b, 404, "model_not_found");
@@ -298,6 +342,7 @@ fn rendered_overlays_are_pngs_of_the_input_size() {
         (SEGMENTER, "", "image/png"),
         (YOLO, "?render=png&score_threshold=0.3", "*/*"),
         (RCNN, "?render=png&score_threshold=0", "*/*"),
+        (MASK_RCNN, "?render=png&score_threshold=0&max_detections=5", "*/*"),
     ] {
         let response = client()
             .post(server().url(&format!("/v1/models/{model}/predict{query}")))
