@@ -197,7 +197,7 @@ pub fn rle_nms(data: &[u8]) {
     mapping.original_height = original.1;
     mapping.scale_x = cw as f32 / original.0 as f32;
     mapping.scale_y = ch as f32 / original.1 as f32;
-    let mapped = region.tightened().to_original(&mapping);
+    let mapped = region.tightened().into_original(&mapping);
     assert!(mapped.left + mapped.width <= original.0 && mapped.top + mapped.height <= original.1);
     assert_eq!(mapped.bits.len(), (mapped.width * mapped.height) as usize);
     // Embeddings from the same floats (NaN, infinities, huge and subnormal values): refused or

@@ -70,15 +70,16 @@ impl RegionMask {
     }
 
     /// Onto the original image: each original pixel centre is mapped into model-input pixels
-    /// and takes the bit found there (nearest neighbour, as label maps are resampled).
-    pub fn to_original(&self, geometry: &Geometry) -> Self {
+    /// and takes the bit found there (nearest neighbour, as label maps are resampled). Taken by
+    /// value: torchvision's masks are already in original pixels and pass through uncopied.
+    pub fn into_original(self, geometry: &Geometry) -> Self {
         let (ow, oh) = (geometry.original_width, geometry.original_height);
         if self.width == 0 {
             return RegionMask::empty(ow, oh);
         }
         let unchanged = (geometry.scale_x, geometry.scale_y, geometry.offset_x, geometry.offset_y) == (1.0, 1.0, 0.0, 0.0);
         if unchanged && (self.canvas_width, self.canvas_height) == (ow, oh) {
-            return RegionMask { canvas_width: ow, canvas_height: oh, ..self.clone() };
+            return self;
         }
         // The region's corners in original pixels, grown by a pixel for rounding.
         let (x0, y0) = geometry.to_original(self.left as f32, self.top as f32);
@@ -128,10 +129,15 @@ pub fn finish_instances(
     let boxes: Vec<Candidate> = candidates.iter().map(|c| c.candidate).collect();
     let kept = detection::nms_indices(&boxes, iou_threshold, max_detections);
     let kept_boxes: Vec<Candidate> = kept.iter().map(|&i| boxes[i]).collect();
+    // Each kept mask moved out once (nms_indices names every position at most once).
+    let mut masks: Vec<Option<RegionMask>> = candidates.into_iter().map(|c| Some(c.mask)).collect();
     detection::to_detections(&kept_boxes, geometry, labels)
         .into_iter()
         .zip(&kept)
-        .map(|(detection, &i)| Instance { detection, mask: candidates[i].mask.to_original(geometry) })
+        .map(|(detection, &i)| {
+            let mask = masks[i].take().expect("a kept position is kept once");
+            Instance { detection, mask: mask.into_original(geometry) }
+        })
         .collect()
 }
 
@@ -173,6 +179,11 @@ pub fn run_lengths(mask: &RegionMask) -> Vec<u32> {
     }
     runs.counts.push(runs.run as u32);
     runs.counts
+}
+
+/// The mask's COCO compressed RLE string (pycocotools' `counts`).
+pub fn rle_counts(mask: &RegionMask) -> String {
+    compress_counts(&run_lengths(mask))
 }
 
 /// Alternating runs being counted, zeros first.
@@ -296,7 +307,7 @@ pub fn encode_instance(instance: &Instance, format: InstanceMaskFormat) -> Resul
     let encoded = match format {
         InstanceMaskFormat::Rle => Some(EncodedInstanceMask::Rle {
             size: [mask.canvas_height, mask.canvas_width],
-            counts: compress_counts(&run_lengths(mask)),
+            counts: rle_counts(mask),
         }),
         InstanceMaskFormat::Polygon => Some(EncodedInstanceMask::Polygon { polygons: polygons(mask, MAX_POLYGON_POINTS) }),
         InstanceMaskFormat::Png => Some(EncodedInstanceMask::Png {
@@ -342,7 +353,7 @@ mod tests {
     fn masks_map_back_through_a_half_scale() {
         // The model saw the 8 × 6 image at 4 × 3.
         let geometry = Geometry { scale_x: 0.5, scale_y: 0.5, ..Geometry::identity(8, 6) };
-        let original = small().to_original(&geometry);
+        let original = small().into_original(&geometry);
         assert_eq!((original.canvas_width, original.canvas_height), (8, 6));
         assert_eq!((original.left, original.top, original.width, original.height), (2, 0, 4, 4));
         assert_eq!(original.area(), 12);

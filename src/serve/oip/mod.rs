@@ -23,7 +23,6 @@ use crate::model_config::{ModelFormat, PixelDatatype, Task};
 use crate::pipeline::PIPELINE_VERSION;
 use crate::repository::{PipelineEntry, Servable};
 use crate::tasks::instances::{self, Instance};
-use crate::tasks::segmentation::compress_counts;
 use crate::tasks::{classification, Finished, PredictParams};
 use tensors::{InferRequest, InputTensor, OutputData, OutputTensor, RequestedOutput};
 
@@ -518,7 +517,7 @@ fn instance_mask_tensors(per_image: &[Vec<Instance>], k: usize, mask_pixels: boo
     let n = per_image.len() as i64;
     let rle: Vec<String> = per_image
         .iter()
-        .flat_map(|found| (0..k).map(move |i| found.get(i).map(|inst| compress_counts(&instances::run_lengths(&inst.mask))).unwrap_or_default()))
+        .flat_map(|found| (0..k).map(move |i| found.get(i).map(|inst| instances::rle_counts(&inst.mask)).unwrap_or_default()))
         .collect();
     let mut tensors = vec![OutputTensor { name: MASKS.into(), shape: vec![n, k as i64], data: OutputData::Bytes(rle) }];
     if mask_pixels {
