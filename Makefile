@@ -32,10 +32,18 @@ AOTI_CACHE      := $(CACHE)/aoti
 PERF_ANALYZER   := $(CACHE)/perf-analyzer-2.51.0
 # KServe's SDK in an environment of its own (it and tritonclient.grpc cannot share a process).
 KSERVE_ENV      := $(CACHE)/kserve-sdk-$(shell sha256sum tests/clients/kserve/requirements.lock | cut -c1-12)
+# ultralytics, for exporting YOLO models as users do and for reference checks against its own
+# post-processing: an environment that sees the torch one (no second torch) plus the lock.
+ULTRALYTICS_ENV    := $(CACHE)/ultralytics-$(shell cat tests/clients/ultralytics/requirements.lock requirements.lock | sha256sum | cut -c1-12)
+ULTRALYTICS_PYTHON := $(ULTRALYTICS_ENV)/bin/python
+# The test models of the tasks past detection (keypoints): an ultralytics export and a small
+# torchvision Keypoint R-CNN, keyed by the scripts that make them.
+TASK_MODELS_KEY := $(shell cat models/export_tasks.py models/export.py models/progress.py tests/clients/ultralytics/requirements.lock | sha256sum | cut -c1-12)
+TASK_MODELS     := $(CACHE)/task-models-$(TASK_MODELS_KEY)
 # ONNX Runtime and OpenVINO for `make bench-cpu`, in an environment of their own.
 BENCH_CPU_ENV   := $(CACHE)/bench-cpu-$(shell sha256sum scripts/bench-cpu.lock | cut -c1-12)
 
-.PHONY: bench-masks quantize openapi-json bench-cpu bench-perf-analyzer perf-analyzer kserve-sdk bench-cache bench-pipeline bench-protocols bench-shipped compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
+.PHONY: ultralytics task-models bench-masks quantize openapi-json bench-cpu bench-perf-analyzer perf-analyzer kserve-sdk bench-cache bench-pipeline bench-protocols bench-shipped compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
 
 help:
 	@echo "make run    - prepare everything and serve the default models on http://127.0.0.1:8080"
@@ -111,6 +119,21 @@ $(TEST_MODELS)/.complete: | $(PY_STAMP)
 	$(PYTHON) models/export.py --out $(TEST_MODELS) --set test --random-init
 	@touch $@
 
+$(ULTRALYTICS_ENV)/.installed: tests/clients/ultralytics/requirements.lock $(PY_STAMP)
+	@echo "[setup] ultralytics in $(ULTRALYTICS_ENV) (first time: about 250 MB, under a minute)"
+	@test -x $(ULTRALYTICS_PYTHON) || $(PYTHON) -m venv $(ULTRALYTICS_ENV)
+	$(PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > $$($(ULTRALYTICS_PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/visionserve-torch-env.pth
+	$(ULTRALYTICS_PYTHON) -m pip install --progress-bar off -q -r tests/clients/ultralytics/requirements.lock
+	@touch $@
+
+ultralytics: $(ULTRALYTICS_ENV)/.installed
+
+$(TASK_MODELS)/.complete: | $(ULTRALYTICS_ENV)/.installed
+	$(ULTRALYTICS_PYTHON) models/export_tasks.py --out $(TASK_MODELS)
+	@touch $@
+
+task-models: $(TASK_MODELS)/.complete
+
 # The test set's AOTInductor twins, compiled for this machine (cached in AOTI_CACHE).
 test-models: $(TEST_MODELS)/.complete
 	$(PYTHON) models/aoti.py compile-repo --repo $(TEST_MODELS)/aoti --cache $(AOTI_CACHE)
@@ -123,19 +146,22 @@ test: build models test-models audit test-rust test-python validate-manifests do
 test-rust: build test-models
 	VISIONSERVE_TEST_MODELS=$(TEST_MODELS) cargo test --release --locked
 
-test-python: build models test-models perf-analyzer kserve-sdk
+# test_keypoints.py compares with ultralytics' own predictor, so it runs in that environment.
+test-python: build models test-models task-models perf-analyzer kserve-sdk
 	VISIONSERVE_BIN=$(abspath $(BIN)) VISIONSERVE_TEST_MODELS=$(TEST_MODELS) VISIONSERVE_PERF_ANALYZER=$(PERF_ANALYZER)/run \
 	  VISIONSERVE_KSERVE_PYTHON=$(KSERVE_ENV)/bin/python \
 	  VISIONSERVE_DEFAULT_MODELS=$(abspath models) VISIONSERVE_DOWNLOADS=$(CACHE)/downloads VISIONSERVE_AOTI_CACHE=$(AOTI_CACHE) \
-	  $(PYTHON) -m pytest -q tests/python
+	  $(PYTHON) -m pytest -q tests/python --ignore=tests/python/test_keypoints.py
+	VISIONSERVE_BIN=$(abspath $(BIN)) VISIONSERVE_TEST_MODELS=$(TEST_MODELS) VISIONSERVE_TASK_MODELS=$(TASK_MODELS) \
+	  $(ULTRALYTICS_PYTHON) -m pytest -q tests/python/test_keypoints.py
 
 # The web page in Debian's headless Chromium, driven by playwright-core; screenshots land in
 # test-output/browser/ (VISIONSERVE_UPDATE_SCREENSHOTS=1 refreshes docs/screenshots/).
-test-browser: build models test-models
+test-browser: build models test-models task-models
 	@scripts/ensure-chromium.sh
 	@command -v npm >/dev/null || { echo "visionserve setup: npm is not installed; install Node.js 18+ (Debian: apt-get install nodejs npm)." >&2; exit 1; }
 	cd tests/browser && npm ci --no-audit --no-fund --silent
-	cd tests/browser && VISIONSERVE_BIN=$(abspath $(BIN)) VISIONSERVE_DEFAULT_MODELS=$(abspath models) VISIONSERVE_TEST_MODELS=$(TEST_MODELS) node --test page.test.mjs
+	cd tests/browser && VISIONSERVE_BIN=$(abspath $(BIN)) VISIONSERVE_DEFAULT_MODELS=$(abspath models) VISIONSERVE_TEST_MODELS=$(TEST_MODELS) VISIONSERVE_TASK_MODELS=$(TASK_MODELS) node --test page.test.mjs
 
 # The load-test bench: in-process ceiling vs served throughput for each default model, in both
 # formats (version 1 TorchScript, version 2 AOTInductor). Appends to BENCHMARKS.md, draws

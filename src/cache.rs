@@ -74,6 +74,8 @@ fn cost(key: &CacheKey, value: &Cached) -> usize {
         Cached::Result(Finished::InstanceSegmentation { instances }) => {
             instances.iter().map(|i| 48 + i.detection.label.len() + i.mask.bits.len()).sum()
         }
+        // The schema is shared with the model (an Arc), not the entry's own.
+        Cached::Result(Finished::Keypoints { poses, .. }) => poses.iter().map(|p| 48 + p.detection.label.len() + p.points.len() * 12).sum(),
     };
     ENTRY + key.model.len() + key.version.len() + value
 }

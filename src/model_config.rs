@@ -15,6 +15,8 @@ pub enum Task {
     Embedding,
     /// Detections that each carry a binary mask (Mask R-CNN).
     InstanceSegmentation,
+    /// Detections that each carry a fixed list of named points (Keypoint R-CNN, YOLO `-pose`).
+    Keypoints,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,6 +166,19 @@ pub enum ChannelOrder {
     Bgr,
 }
 
+/// The resampling of the resize step. Models are most accurate with the one they were
+/// trained with: torchvision's reference transforms resize with Pillow, ultralytics' with OpenCV.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ResizeFilter {
+    /// Bilinear with antialiasing: Pillow's `BILINEAR` (the filter widens as the image shrinks).
+    #[default]
+    Bilinear,
+    /// Bilinear interpolation of the four nearest pixels whatever the scale: OpenCV's
+    /// `INTER_LINEAR`, which ultralytics' `LetterBox` uses.
+    OpencvLinear,
+}
+
 /// How the Open Inference Protocol's metadata and Triton's model configuration list a model's
 /// pixel input (`image [-1, H, W, 3]`, NHWC): what Triton's image clients make and send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -213,6 +228,9 @@ pub struct InputSpec {
     pub std: [f32; 3],
     #[serde(default)]
     pub channel_order: ChannelOrder,
+    /// How pixels are resampled when the image is resized (see [`ResizeFilter`]).
+    #[serde(default)]
+    pub resize_filter: ResizeFilter,
     /// Decode a JPEG larger than the resize step needs at 1/2, 1/4 or 1/8 of its size, in the
     /// DCT domain (results still come back in the uploaded image's pixels). On by default;
     /// `original` models never scale.
@@ -294,7 +312,81 @@ pub struct OutputSpec {
     /// `features`: scale each embedding to length 1, so a dot product is a cosine similarity.
     #[serde(default = "yes")]
     pub normalize: bool,
+    /// `keypoints`: the names of the model's points, in its order; COCO's 17 when absent.
+    #[serde(default)]
+    pub keypoint_names: Option<Vec<String>>,
+    /// `keypoints`: pairs of 0-based positions into the names that drawings join; COCO's
+    /// skeleton when the names are COCO's, none otherwise.
+    #[serde(default)]
+    pub skeleton: Option<Vec<[usize; 2]>>,
+    /// `keypoints`: points scoring below this are not drawn on overlays (results keep them).
+    #[serde(default = "half")]
+    pub keypoint_threshold: f32,
 }
+
+impl OutputSpec {
+    /// `keypoints`: the names of the model's points, COCO's unless the config names its own.
+    pub fn keypoint_names(&self) -> Vec<String> {
+        match &self.keypoint_names {
+            Some(names) => names.clone(),
+            None => COCO_KEYPOINTS.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// `keypoints`: the edges drawings join, COCO's skeleton for COCO's points.
+    pub fn skeleton(&self) -> Vec<[usize; 2]> {
+        match (&self.skeleton, &self.keypoint_names) {
+            (Some(edges), _) => edges.clone(),
+            (None, None) => COCO_SKELETON.to_vec(),
+            (None, Some(_)) => Vec::new(),
+        }
+    }
+}
+
+/// COCO's person keypoints, in the dataset's order (torchvision's Keypoint R-CNN and
+/// ultralytics' `-pose` models both use it): the default `keypoint_names`.
+pub const COCO_KEYPOINTS: [&str; 17] = [
+    "nose",
+    "left_eye",
+    "right_eye",
+    "left_ear",
+    "right_ear",
+    "left_shoulder",
+    "right_shoulder",
+    "left_elbow",
+    "right_elbow",
+    "left_wrist",
+    "right_wrist",
+    "left_hip",
+    "right_hip",
+    "left_knee",
+    "right_knee",
+    "left_ankle",
+    "right_ankle",
+];
+
+/// COCO's person skeleton (`person_keypoints_*.json` lists it 1-based; here 0-based).
+pub const COCO_SKELETON: [[usize; 2]; 19] = [
+    [15, 13],
+    [13, 11],
+    [16, 14],
+    [14, 12],
+    [11, 12],
+    [5, 11],
+    [6, 12],
+    [5, 6],
+    [5, 7],
+    [6, 8],
+    [7, 9],
+    [8, 10],
+    [1, 2],
+    [0, 1],
+    [0, 2],
+    [1, 3],
+    [2, 4],
+    [3, 5],
+    [4, 6],
+];
 
 fn yes() -> bool {
     true
@@ -422,6 +514,7 @@ impl ModelConfig {
             }
             Task::Embedding => matches!(self.output.convention, Features),
             Task::InstanceSegmentation => matches!(self.output.convention, TorchvisionDetection),
+            Task::Keypoints => matches!(self.output.convention, TorchvisionDetection | Yolov8),
         };
         if !task_fits {
             return Err(format!(
@@ -457,6 +550,15 @@ impl ModelConfig {
         }
         if self.output.convention == TorchvisionDetection && input.resize != ResizePolicy::Original {
             return Err("torchvision_detection models resize internally: use resize = \"original\"".into());
+        }
+        if self.task == Task::Keypoints {
+            let points = self.output.keypoint_names().len();
+            if points == 0 {
+                return Err("output.keypoint_names must name at least one point".into());
+            }
+            if let Some(edge) = self.output.skeleton().iter().find(|e| e.iter().any(|&i| i >= points)) {
+                return Err(format!("output.skeleton edge {edge:?} names a point past the {points} keypoints"));
+            }
         }
         if input.std.iter().any(|s| *s == 0.0) {
             return Err("input std must not be zero".into());
@@ -537,5 +639,44 @@ mod tests {
     fn rejects_centre_crop_without_shorter_side() {
         let text = CLASSIFIER.replace("resize_shorter = 256", "");
         assert!(ModelConfig::parse(&text).unwrap_err().contains("resize_shorter"));
+    }
+
+    const POSE: &str = r#"
+        task = "keypoints"
+        [input]
+        width = 320
+        height = 320
+        resize = "letterbox"
+        pad_value = 114
+        resize_filter = "opencv_linear"
+        [output]
+        convention = "yolov8"
+    "#;
+
+    #[test]
+    fn keypoints_default_to_coco_points_and_skeleton() {
+        let config = ModelConfig::parse(POSE).unwrap();
+        assert_eq!(config.task, Task::Keypoints);
+        assert_eq!(config.input.resize_filter, ResizeFilter::OpencvLinear);
+        assert_eq!(config.output.keypoint_names().len(), 17);
+        assert_eq!(config.output.skeleton().len(), 19);
+    }
+
+    #[test]
+    fn own_keypoints_have_no_skeleton_unless_named_and_edges_stay_in_range() {
+        let own = POSE.replace("convention = \"yolov8\"", "convention = \"yolov8\"\nkeypoint_names = [\"a\", \"b\", \"c\"]");
+        assert!(ModelConfig::parse(&own).unwrap().output.skeleton().is_empty());
+        let joined = own.replace("\"c\"]", "\"c\"]\nskeleton = [[0, 1], [1, 2]]");
+        assert_eq!(ModelConfig::parse(&joined).unwrap().output.skeleton(), vec![[0, 1], [1, 2]]);
+        let past = own.replace("\"c\"]", "\"c\"]\nskeleton = [[0, 3]]");
+        assert!(ModelConfig::parse(&past).unwrap_err().contains("past the 3 keypoints"));
+        let none = POSE.replace("convention = \"yolov8\"", "convention = \"yolov8\"\nkeypoint_names = []");
+        assert!(ModelConfig::parse(&none).unwrap_err().contains("at least one point"));
+    }
+
+    #[test]
+    fn keypoints_need_a_detector_convention() {
+        let text = POSE.replace("\"yolov8\"", "\"logits\"");
+        assert!(ModelConfig::parse(&text).unwrap_err().contains("does not fit"));
     }
 }

@@ -13,11 +13,12 @@ use super::admission::ServiceTime;
 use super::policy::{batch_sizes, cheapest_batch, stop_measuring};
 use super::aoti::AotiModel;
 use super::first_line;
-use super::outputs::{parse_batched, parse_torchvision_detection, raw_tensors, scale_normalised, RawData, RawTensor};
+use super::outputs::{parse_batched, parse_torchvision_detection, DetectionExtras, raw_tensors, scale_normalised, RawData, RawTensor};
 use super::statistics::{BatchStatistics, ForwardTimes};
 use super::{EngineError, JobOptions};
 use crate::image::{Geometry, PreparedImage};
 use crate::model_config::{ModelConfig, ModelFormat, OutputConvention, ResizePolicy, Task};
+use crate::tasks::keypoints::KeypointSchema;
 use crate::tasks::ModelOutput;
 
 /// A loaded, warmed-up model, ready to get workers.
@@ -308,11 +309,16 @@ fn run_images_inner(
         let output = model.backend.forward(IValue::TensorList(list))?;
         lap(&mut times.infer);
         // Per-image dicts of boxes, labels and scores: no stacked raw outputs to offer.
-        let masks = (config.task == Task::InstanceSegmentation).then_some(config.output.threshold);
-        let parsed = parse_torchvision_detection(output, images.len(), options.score_threshold, masks)?;
+        let extras = match config.task {
+            Task::InstanceSegmentation => DetectionExtras::Masks { threshold: config.output.threshold },
+            Task::Keypoints => DetectionExtras::Keypoints(Arc::new(KeypointSchema::of(&config.output))),
+            _ => DetectionExtras::None,
+        };
+        let parsed = parse_torchvision_detection(output, images.len(), options.score_threshold, &extras)?;
         lap(&mut times.output);
         return Ok(parsed.into_iter().map(|o| (o, Vec::new())).collect());
     }
+    let schema = (config.task == Task::Keypoints).then(|| Arc::new(KeypointSchema::of(&config.output)));
     // Stacked batches need one size: group by input size, keeping each image's slot.
     let mut outputs: Vec<Option<(ModelOutput, Vec<RawTensor>)>> = vec![None; images.len()];
     let mut pending: Vec<usize> = (0..images.len()).collect();
@@ -335,7 +341,7 @@ fn run_images_inner(
         let output = model.backend.forward(IValue::Tensor(batch))?;
         lap(&mut times.infer);
         let mut raw = if options.want_raw { raw_tensors(&output, group.len())? } else { vec![Vec::new(); group.len()] };
-        let mut parsed = parse_batched(output, &config.output, group.len(), options)?;
+        let mut parsed = parse_batched(output, &config.output, group.len(), options, schema.as_ref())?;
         scale_normalised(&mut parsed, &config.output, &vec![size; group.len()]);
         for ((slot, out), raw) in group.into_iter().zip(parsed).zip(raw.drain(..)) {
             outputs[slot] = Some((out, raw));

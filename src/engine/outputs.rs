@@ -1,6 +1,8 @@
 //! Reading a model's `IValue` output according to the configured convention, into plain Rust
 //! data. Runs on the worker thread, the only place tensors live.
 
+use std::sync::Arc;
+
 use tch::{IValue, Kind, Tensor};
 
 use super::EngineError;
@@ -9,6 +11,7 @@ use crate::model_config::{BoxCoordinates, BoxLayout, OutputConvention, OutputSpe
 use crate::tasks::detection::Candidate;
 use crate::tasks::embedding;
 use crate::tasks::instances::{InstanceCandidate, RegionMask};
+use crate::tasks::keypoints::{Keypoint, KeypointCandidate, KeypointSchema};
 use crate::tasks::segmentation::LabelMap;
 
 /// Upper bound on candidates kept per image before NMS, best first, so a low threshold on a
@@ -69,12 +72,14 @@ fn expect_dims(t: &Tensor, dims: usize, batch: usize, what: &str) -> Result<Vec<
     Ok(size)
 }
 
-/// Parses the output of a forward pass over `batch` stacked images.
+/// Parses the output of a forward pass over `batch` stacked images; a keypoints model's
+/// `schema` says how many points each detection carries.
 pub fn parse_batched(
     value: IValue,
     spec: &OutputSpec,
     batch: usize,
     options: super::JobOptions,
+    schema: Option<&Arc<KeypointSchema>>,
 ) -> Result<Vec<ModelOutput>, EngineError> {
     let score_threshold = options.score_threshold;
     match spec.convention {
@@ -119,18 +124,32 @@ pub fn parse_batched(
         }
         OutputConvention::Yolov8 => {
             let raw = tensor_of(value, "YOLOv8 head")?.to_device(tch::Device::Cpu).to_kind(Kind::Float);
-            let size = expect_dims(&raw, 3, batch, "YOLOv8 output [N, 4 + C, A]")?;
-            if size[1] <= 4 {
-                return Err(err(format!("YOLOv8 output needs 4 + C rows, got {size:?}")));
+            // A -pose head appends each anchor's points, (x, y, visibility) in input pixels.
+            let point_rows = schema.map_or(0, |s| 3 * s.names.len() as i64);
+            let size = expect_dims(&raw, 3, batch, "YOLOv8 output [N, 4 + C (+ 3 x keypoints), A]")?;
+            let classes = size[1] - 4 - point_rows;
+            if classes < 1 {
+                return Err(err(format!(
+                    "YOLOv8 output needs 4 box rows, at least one class row and {point_rows} keypoint rows, got {size:?}"
+                )));
             }
             (0..batch as i64)
                 .map(|i| {
-                    let per_anchor = raw.get(i).transpose(0, 1); // [A, 4 + C]
+                    let per_anchor = raw.get(i).transpose(0, 1); // [A, 4 + C (+ 3J)]
                     let cxcywh = per_anchor.narrow(1, 0, 4);
-                    let scores = per_anchor.narrow(1, 4, size[1] - 4);
+                    let scores = per_anchor.narrow(1, 4, classes);
                     let (cx, cy, w, h) = (cxcywh.select(1, 0), cxcywh.select(1, 1), cxcywh.select(1, 2), cxcywh.select(1, 3));
                     let boxes = Tensor::stack(&[&cx - &w / 2.0, &cy - &h / 2.0, &cx + &w / 2.0, &cy + &h / 2.0], 1);
-                    candidates(&boxes, scores, spec.background_class, score_threshold).map(ModelOutput::Candidates)
+                    let (found, anchors) = candidates_at(&boxes, scores, spec.background_class, score_threshold)?;
+                    let Some(schema) = schema else { return Ok(ModelOutput::Candidates(found)) };
+                    let points = per_anchor.narrow(1, 4 + classes, point_rows).index_select(0, &anchors);
+                    let points = to_f32_vec(&points)?;
+                    let candidates = found
+                        .into_iter()
+                        .zip(points.chunks(point_rows as usize))
+                        .map(|(candidate, row)| Ok(KeypointCandidate { candidate, points: keypoints(row)? }))
+                        .collect::<Result<_, EngineError>>()?;
+                    Ok(ModelOutput::Keypoints { candidates, schema: Arc::clone(schema) })
                 })
                 .collect()
         }
@@ -225,6 +244,20 @@ fn label_maps(
         .collect())
 }
 
+/// `(x, y, score)` triples, flat. A point of NaN or infinity is the model's fault: refused, as
+/// for embeddings, rather than passed on as JSON's `null`.
+fn keypoints(flat: &[f32]) -> Result<Vec<Keypoint>, EngineError> {
+    finite_points(flat)?;
+    Ok(flat.chunks_exact(3).map(|p| Keypoint { x: p[0], y: p[1], score: p[2] }).collect())
+}
+
+fn finite_points(values: &[f32]) -> Result<(), EngineError> {
+    match values.iter().find(|v| !v.is_finite()) {
+        Some(v) => Err(err(format!("the model's keypoints hold {v}: its output is unusable"))),
+        None => Ok(()),
+    }
+}
+
 /// Every (anchor, class) pair at or above the threshold, as a candidate box: the multi-label
 /// rule torchvision's SSD post-processing uses. `boxes` is `[A, 4]` xyxy, `scores` `[A, C]`.
 fn candidates(
@@ -233,6 +266,16 @@ fn candidates(
     background: Option<usize>,
     threshold: f32,
 ) -> Result<Vec<Candidate>, EngineError> {
+    candidates_at(boxes, scores, background, threshold).map(|(found, _)| found)
+}
+
+/// [`candidates`], with the anchor each came from (`Int64 [K]`, in the same order).
+fn candidates_at(
+    boxes: &Tensor,
+    scores: Tensor,
+    background: Option<usize>,
+    threshold: f32,
+) -> Result<(Vec<Candidate>, Tensor), EngineError> {
     let mut scores = scores;
     if let Some(bg) = background {
         if (bg as i64) < scores.size()[1] {
@@ -254,21 +297,30 @@ fn candidates(
     let coords = to_f32_vec(&chosen)?;
     let scores = to_f32_vec(&picked)?;
     let classes = to_i64_vec(&classes)?;
-    Ok(scores
+    let found = scores
         .iter()
         .zip(classes)
         .zip(coords.chunks(4))
         .map(|((&score, class), b)| Candidate { x1: b[0], y1: b[1], x2: b[2], y2: b[3], score, class: class as usize })
-        .collect())
+        .collect();
+    Ok((found, anchors))
 }
 
-/// Parses torchvision's `(losses, [{boxes, labels, scores}])` for `count` images; with
-/// `mask_threshold`, Mask R-CNN's `masks` too, each cut at the threshold to the region it covers.
+/// What a torchvision detector's dicts carry besides boxes, labels and scores.
+pub enum DetectionExtras {
+    None,
+    /// Mask R-CNN's `masks`, each cut at the threshold to the region it covers.
+    Masks { threshold: f32 },
+    /// Keypoint R-CNN's `keypoints [K, J, 3]` (x, y, visibility) and `keypoints_scores [K, J]`.
+    Keypoints(Arc<KeypointSchema>),
+}
+
+/// Parses torchvision's `(losses, [{boxes, labels, scores, ...}])` for `count` images.
 pub fn parse_torchvision_detection(
     value: IValue,
     count: usize,
     score_threshold: f32,
-    mask_threshold: Option<f32>,
+    extras: &DetectionExtras,
 ) -> Result<Vec<ModelOutput>, EngineError> {
     let detections = match value {
         IValue::Tuple(mut items) if items.len() == 2 => items.pop().unwrap(),
@@ -292,6 +344,8 @@ pub fn parse_torchvision_detection(
             let mut labels = None;
             let mut scores = None;
             let mut masks = None;
+            let mut points = None;
+            let mut point_scores = None;
             for (k, v) in entries {
                 if let IValue::String(key) = k {
                     match key.as_str() {
@@ -299,6 +353,8 @@ pub fn parse_torchvision_detection(
                         "labels" => labels = Some(tensor_of(v, "labels")?),
                         "scores" => scores = Some(tensor_of(v, "scores")?),
                         "masks" => masks = Some(tensor_of(v, "masks")?),
+                        "keypoints" => points = Some(tensor_of(v, "keypoints")?),
+                        "keypoints_scores" => point_scores = Some(tensor_of(v, "keypoints_scores")?),
                         _ => {}
                     }
                 }
@@ -322,8 +378,12 @@ pub fn parse_torchvision_detection(
                     (i, Candidate { x1: b[0], y1: b[1], x2: b[2], y2: b[3], score, class: class.max(0) as usize })
                 })
                 .collect();
-            let Some(threshold) = mask_threshold else {
-                return Ok(ModelOutput::Candidates(candidates.into_iter().map(|(_, c)| c).collect()));
+            let threshold = match extras {
+                DetectionExtras::None => return Ok(ModelOutput::Candidates(candidates.into_iter().map(|(_, c)| c).collect())),
+                DetectionExtras::Keypoints(schema) => {
+                    return torchvision_keypoints(candidates, points, point_scores, scores.len(), schema);
+                }
+                DetectionExtras::Masks { threshold } => *threshold,
             };
             let masks = masks.ok_or_else(|| err("an instance segmentation model's detections need \"masks\""))?;
             let size = masks.size();
@@ -337,6 +397,41 @@ pub fn parse_torchvision_detection(
             ))
         })
         .collect()
+}
+
+/// Keypoint R-CNN's points for the `candidates` kept (positions into its `total` detections):
+/// (x, y) from `keypoints [K, J, 3]`, each point's score from `keypoints_scores [K, J]`.
+fn torchvision_keypoints(
+    candidates: Vec<(usize, Candidate)>,
+    points: Option<Tensor>,
+    scores: Option<Tensor>,
+    total: usize,
+    schema: &Arc<KeypointSchema>,
+) -> Result<ModelOutput, EngineError> {
+    let (Some(points), Some(scores)) = (points, scores) else {
+        return Err(err("a keypoints model's detections need \"keypoints\" and \"keypoints_scores\""));
+    };
+    let j = schema.names.len() as i64;
+    let (psize, ssize) = (points.size(), scores.size());
+    if psize != [total as i64, j, 3] || ssize != [total as i64, j] {
+        return Err(err(format!("expected keypoints [{total}, {j}, 3] and keypoints_scores [{total}, {j}], got {psize:?} and {ssize:?}")));
+    }
+    let xy = to_f32_vec(&points.to_device(tch::Device::Cpu).narrow(2, 0, 2))?;
+    let s = to_f32_vec(&scores.to_device(tch::Device::Cpu))?;
+    let j = j as usize;
+    let kept: Vec<usize> = candidates.iter().map(|(i, _)| *i).collect();
+    for &i in &kept {
+        finite_points(&xy[i * j * 2..(i + 1) * j * 2])?;
+        finite_points(&s[i * j..(i + 1) * j])?;
+    }
+    let candidates = candidates
+        .into_iter()
+        .map(|(i, candidate)| KeypointCandidate {
+            candidate,
+            points: (0..j).map(|p| Keypoint { x: xy[(i * j + p) * 2], y: xy[(i * j + p) * 2 + 1], score: s[i * j + p] }).collect(),
+        })
+        .collect();
+    Ok(ModelOutput::Keypoints { candidates, schema: Arc::clone(schema) })
 }
 
 /// Masks `[K, 1, H, W]` of probabilities, the rows `kept` of them cut at `threshold`, each to
@@ -441,4 +536,62 @@ pub fn raw_tensors(output: &IValue, images: usize) -> Result<Vec<Vec<RawTensor>>
         }
     }
     Ok(per_image)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model_config::ModelConfig;
+
+    /// A -pose head of two points and one class over three anchors: rows cx, cy, w, h, the
+    /// class score, then (x, y, visibility) twice.
+    fn pose_head(anchor_rows: [[f32; 11]; 3]) -> IValue {
+        let flat: Vec<f32> = (0..11).flat_map(|r| anchor_rows.iter().map(move |a| a[r])).collect();
+        IValue::Tensor(Tensor::from_slice(&flat).view([1, 11, 3]))
+    }
+
+    fn parse(head: IValue, points: usize) -> Result<Vec<ModelOutput>, EngineError> {
+        let names: Vec<String> = (0..points).map(|i| format!("\"p{i}\"")).collect();
+        let text = format!(
+            "task = \"keypoints\"\n[input]\nwidth = 64\nheight = 64\nresize = \"letterbox\"\n[output]\nconvention = \"yolov8\"\nkeypoint_names = [{}]\n",
+            names.join(", ")
+        );
+        let config = ModelConfig::parse(&text).unwrap();
+        let schema = Arc::new(KeypointSchema::of(&config.output));
+        let options = super::super::JobOptions { score_threshold: 0.25, want_confidence: false, want_raw: false };
+        parse_batched(head, &config.output, 1, options, Some(&schema))
+    }
+
+    const CONFIDENT: [f32; 11] = [32.0, 32.0, 20.0, 10.0, 0.9, 30.0, 31.0, 0.8, 34.0, 35.0, 0.1];
+    const FAINT: [f32; 11] = [10.0, 10.0, 4.0, 4.0, 0.1, 1.0, 2.0, 0.5, 3.0, 4.0, 0.5];
+
+    #[test]
+    fn a_pose_head_gives_each_kept_anchor_its_own_points() {
+        let out = parse(pose_head([FAINT, CONFIDENT, FAINT]), 2).unwrap();
+        let ModelOutput::Keypoints { candidates, schema } = &out[0] else { panic!("not keypoints") };
+        assert_eq!(schema.names, ["p0", "p1"]);
+        assert_eq!(candidates.len(), 1);
+        let c = &candidates[0];
+        assert_eq!((c.candidate.x1, c.candidate.y1, c.candidate.x2, c.candidate.y2), (22.0, 27.0, 42.0, 37.0));
+        assert_eq!(c.points, [Keypoint { x: 30.0, y: 31.0, score: 0.8 }, Keypoint { x: 34.0, y: 35.0, score: 0.1 }]);
+    }
+
+    #[test]
+    fn a_head_without_room_for_the_points_is_refused() {
+        // 11 rows hold 4 + 1 + 3 x 2, not 3 x 3 points and a class.
+        let message = parse(pose_head([CONFIDENT; 3]), 3).unwrap_err().to_string();
+        assert!(message.contains("9 keypoint rows"), "{message}");
+    }
+
+    #[test]
+    fn nan_points_are_refused_not_passed_on() {
+        let mut broken = CONFIDENT;
+        broken[6] = f32::NAN;
+        let message = parse(pose_head([FAINT, broken, FAINT]), 2).unwrap_err().to_string();
+        assert!(message.contains("NaN"), "{message}");
+        // A NaN on an anchor below the threshold is never read.
+        let mut faint = FAINT;
+        faint[5] = f32::INFINITY;
+        assert!(parse(pose_head([faint, CONFIDENT, FAINT]), 2).is_ok());
+    }
 }

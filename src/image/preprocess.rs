@@ -7,7 +7,7 @@ use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer
 use image::RgbImage;
 
 use super::Decoded;
-use crate::model_config::{ChannelOrder, InputSpec, ResizePolicy};
+use crate::model_config::{ChannelOrder, InputSpec, ResizeFilter, ResizePolicy};
 
 /// Per axis: `input = original * scale + offset`, in pixel units (pixel edges, not centres).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -185,10 +185,10 @@ fn preprocess_as(image: &RgbImage, (width, height): (u32, u32), spec: &InputSpec
     let resized_pixels = u64::from(place.resized_width) * u64::from(place.resized_height);
     let data = if resized_pixels > FULL_RESIZE_MAX_PIXELS {
         let (visible, source_crop) = visible_part(&place, image.width(), image.height());
-        let resized = resize_rgb(image, visible.resized_width, visible.resized_height, Some(source_crop))?;
+        let resized = resize_rgb(image, visible.resized_width, visible.resized_height, Some(source_crop), spec.resize_filter)?;
         normalise_onto_canvas(resized.as_deref().unwrap_or(image.as_raw()), &visible, spec)
     } else {
-        let resized = resize_rgb(image, place.resized_width, place.resized_height, None)?;
+        let resized = resize_rgb(image, place.resized_width, place.resized_height, None, spec.resize_filter)?;
         normalise_onto_canvas(resized.as_deref().unwrap_or(image.as_raw()), &place, spec)
     };
     let geometry = Geometry {
@@ -226,17 +226,27 @@ fn visible_part(place: &Placement, width: u32, height: u32) -> (Placement, [f64;
     (visible, [x0 as f64 * sx, y0 as f64 * sy, vw as f64 * sx, vh as f64 * sy])
 }
 
-/// Bilinear resize with antialiasing (Pillow's convolution, which torchvision's PIL path uses),
-/// of the whole image or of `crop` (left, top, width, height in source pixels). `None` when
-/// nothing changes.
-fn resize_rgb(image: &RgbImage, width: u32, height: u32, crop: Option<[f64; 4]>) -> Result<Option<Vec<u8>>, PreprocessError> {
+/// Bilinear resize, with antialiasing (Pillow's convolution, which torchvision's PIL path uses)
+/// or without (OpenCV's `INTER_LINEAR`, as ultralytics resizes), of the whole image or of `crop`
+/// (left, top, width, height in source pixels). `None` when nothing changes.
+fn resize_rgb(
+    image: &RgbImage,
+    width: u32,
+    height: u32,
+    crop: Option<[f64; 4]>,
+    filter: ResizeFilter,
+) -> Result<Option<Vec<u8>>, PreprocessError> {
     if image.dimensions() == (width, height) && crop.is_none() {
         return Ok(None);
     }
     let src = ImageRef::new(image.width(), image.height(), image.as_raw(), PixelType::U8x3)
         .map_err(|e| PreprocessError(e.to_string()))?;
     let mut dst = Image::new(width, height, PixelType::U8x3);
-    let mut options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    let algorithm = match filter {
+        ResizeFilter::Bilinear => ResizeAlg::Convolution(FilterType::Bilinear),
+        ResizeFilter::OpencvLinear => ResizeAlg::Interpolation(FilterType::Bilinear),
+    };
+    let mut options = ResizeOptions::new().resize_alg(algorithm);
     if let Some([left, top, w, h]) = crop {
         options = options.crop(left, top, w, h);
     }
@@ -306,9 +316,22 @@ mod tests {
             mean: [0.0; 3],
             std: [1.0; 3],
             channel_order: ChannelOrder::Rgb,
+            resize_filter: ResizeFilter::Bilinear,
             scaled_decode: true,
             pixel_datatype: Default::default(),
         }
+    }
+
+    #[test]
+    fn opencv_linear_halves_by_averaging_pixel_pairs_as_cv2_does() {
+        // cv2.resize(INTER_LINEAR) to half size samples at 2x + 0.5: the mean of pixels 2x and
+        // 2x + 1. Pillow's antialiased bilinear spreads over four, so its answer differs.
+        let row = [0u8, 100, 200, 40];
+        let image = RgbImage::from_fn(4, 2, |x, _| Rgb([row[x as usize]; 3]));
+        let linear = resize_rgb(&image, 2, 1, None, ResizeFilter::OpencvLinear).unwrap().unwrap();
+        assert_eq!([linear[0], linear[3]], [50, 120]);
+        let antialiased = resize_rgb(&image, 2, 1, None, ResizeFilter::Bilinear).unwrap().unwrap();
+        assert_ne!([antialiased[0], antialiased[3]], [50, 120]);
     }
 
     #[test]

@@ -6,10 +6,13 @@ use std::sync::OnceLock;
 
 use ab_glyph::{FontRef, PxScale};
 use image::{Rgb, RgbImage};
-use imageproc::drawing::{draw_filled_rect_mut, draw_hollow_rect_mut, draw_text_mut, text_size};
+use imageproc::drawing::{
+    draw_filled_circle_mut, draw_filled_rect_mut, draw_hollow_rect_mut, draw_line_segment_mut, draw_text_mut, text_size,
+};
 use imageproc::rect::Rect;
 
 use crate::tasks::instances::Instance;
+use crate::tasks::keypoints::{KeypointSchema, Pose};
 use crate::tasks::segmentation::{summarise, ClassSummary, LabelMap};
 use crate::tasks::{Detection, Finished, Prediction};
 
@@ -108,6 +111,36 @@ pub fn draw_instances(image: &mut RgbImage, instances: &[Instance]) {
     }
 }
 
+/// Each pose in its own colour (by rank): box and tag, the skeleton's edges between points
+/// that reach the schema's drawing threshold, and those points as dots ringed in white.
+pub fn draw_poses(image: &mut RgbImage, poses: &[Pose], schema: &KeypointSchema) {
+    let thickness = line_thickness(image);
+    let radius = thickness + 1;
+    for (rank, pose) in poses.iter().enumerate().rev() {
+        let colour = class_colour(rank);
+        draw_box_and_tag(image, &pose.detection, colour);
+        let shown = |i: usize| pose.points.get(i).filter(|p| p.score >= schema.draw_threshold);
+        for &[a, b] in &schema.skeleton {
+            let (Some(a), Some(b)) = (shown(a), shown(b)) else { continue };
+            // A thick segment as parallel one-pixel ones, offset across its direction.
+            let (dx, dy) = (b.x - a.x, b.y - a.y);
+            let length = (dx * dx + dy * dy).sqrt().max(1e-3);
+            let (nx, ny) = (-dy / length, dx / length);
+            for t in 0..thickness {
+                let o = t as f32 - (thickness - 1) as f32 / 2.0;
+                draw_line_segment_mut(image, (a.x + nx * o, a.y + ny * o), (b.x + nx * o, b.y + ny * o), colour);
+            }
+        }
+        for i in 0..pose.points.len() {
+            if let Some(p) = shown(i) {
+                let centre = (p.x.round() as i32, p.y.round() as i32);
+                draw_filled_circle_mut(image, centre, radius + 1, Rgb([255, 255, 255]));
+                draw_filled_circle_mut(image, centre, radius, colour);
+            }
+        }
+    }
+}
+
 /// Draws one image's result on it: the top-k panel, the boxes, or the mask with its legend.
 pub fn draw_result(image: &mut RgbImage, result: &Finished, labels: &[String]) {
     match result {
@@ -117,6 +150,7 @@ pub fn draw_result(image: &mut RgbImage, result: &Finished, labels: &[String]) {
         // Nothing in the picture to draw: /v1 refuses `render=png` for embeddings up front.
         Finished::Embedding { .. } => {}
         Finished::InstanceSegmentation { instances } => draw_instances(image, instances),
+        Finished::Keypoints { poses, schema } => draw_poses(image, poses, schema),
     }
 }
 
@@ -235,6 +269,26 @@ mod tests {
             assert_eq!(after.0[k], ((before.0[k] as u16 + c[k] as u16) / 2) as u8, "half-transparent blend");
         }
         assert_matches_expected("overlay_segmentation.png", &image);
+    }
+
+    #[test]
+    fn pose_overlay_draws_the_skeleton_between_shown_points_only() {
+        use crate::tasks::keypoints::Keypoint;
+        let mut image = RgbImage::from_pixel(320, 240, Rgb([0, 0, 0]));
+        let point = |x: f32, y: f32, score: f32| Keypoint { x, y, score };
+        let schema = KeypointSchema { names: vec!["a".into(), "b".into(), "c".into()], skeleton: vec![[0, 1], [1, 2]], draw_threshold: 0.5 };
+        let pose = Pose {
+            detection: Detection { index: 0, label: "person".into(), score: 0.9, bbox: BoundingBox { x1: 40.0, y1: 40.0, x2: 280.0, y2: 220.0 } },
+            points: vec![point(100.0, 100.0, 0.9), point(200.0, 100.0, 0.8), point(200.0, 200.0, 0.1)],
+        };
+        draw_poses(&mut image, &[pose], &schema);
+        let colour = class_colour(0);
+        // On the edge a–b, halfway; the dots' centres; nothing towards c, which scores too low.
+        assert_eq!(*image.get_pixel(150, 100), colour);
+        assert_eq!(*image.get_pixel(100, 100), colour);
+        assert_eq!(*image.get_pixel(200, 150), Rgb([0, 0, 0]));
+        assert_eq!(*image.get_pixel(200, 200), Rgb([0, 0, 0]));
+        assert_matches_expected("overlay_keypoints.png", &image);
     }
 
     #[test]

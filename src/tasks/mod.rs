@@ -9,8 +9,11 @@ pub mod classification;
 pub mod detection;
 pub mod embedding;
 pub mod instances;
+pub mod keypoints;
 pub mod params;
 pub mod segmentation;
+
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -34,6 +37,8 @@ pub enum ModelOutput {
     Embedding(Vec<f32>),
     /// Boxes with their masks, in model-input pixels, before NMS.
     Instances(Vec<instances::InstanceCandidate>),
+    /// Boxes with their points, in model-input pixels, before NMS.
+    Keypoints { candidates: Vec<keypoints::KeypointCandidate>, schema: Arc<keypoints::KeypointSchema> },
 }
 
 /// One image's result, in the original image's pixels, before any protocol shapes it.
@@ -49,6 +54,8 @@ pub enum Finished {
     Embedding { vector: Vec<f32> },
     /// As detection, each box with its mask, both in original pixels.
     InstanceSegmentation { instances: Vec<instances::Instance> },
+    /// As detection, each box with its points (in the schema's order), both in original pixels.
+    Keypoints { poses: Vec<keypoints::Pose>, schema: Arc<keypoints::KeypointSchema> },
 }
 
 /// A worker's output of another kind than the model's task: a server fault, never the
@@ -91,6 +98,17 @@ pub fn finish(
                 params.max_detections,
             ),
         }),
+        (Task::Keypoints, ModelOutput::Keypoints { candidates, schema }) => Ok(Finished::Keypoints {
+            poses: keypoints::finish_poses(
+                candidates,
+                geometry,
+                labels,
+                params.score_threshold,
+                params.iou_threshold,
+                params.max_detections,
+            ),
+            schema,
+        }),
         (task, _) => Err(OutputMismatch(task)),
     }
 }
@@ -114,6 +132,8 @@ pub enum TaskResult {
     Segmentation(SegmentationResult),
     Detection { detections: Vec<Detection> },
     InstanceSegmentation { detections: Vec<instances::InstanceResult> },
+    /// The poses, with the names of their points and the skeleton joining them.
+    Keypoints { detections: Vec<keypoints::PoseResult>, keypoint_names: Vec<String>, skeleton: Vec<[usize; 2]> },
     Embedding {
         embedding: Vec<f32>,
         /// With `neighbours = k`: the k most similar of the request's other images.
@@ -137,6 +157,11 @@ impl TaskResult {
                     .iter()
                     .map(|instance| instances::encode_instance(instance, params.instance_masks))
                     .collect::<Result<_, _>>()?,
+            },
+            Finished::Keypoints { poses, schema } => TaskResult::Keypoints {
+                detections: poses.iter().map(keypoints::PoseResult::from).collect(),
+                keypoint_names: schema.names.clone(),
+                skeleton: schema.skeleton.clone(),
             },
         })
     }

@@ -155,3 +155,34 @@ test("mask_rcnn_small's instances are outlined on the page", async () => {
     masks.kill("SIGTERM");
   }
 });
+
+test("yolov8n_pose's skeletons are drawn on the page", async () => {
+  const repo = process.env.VISIONSERVE_TASK_MODELS;
+  assert.ok(repo, "VISIONSERVE_TASK_MODELS must be set (run `make test`)");
+  const { process: poses, base: at } = await startServer(repo, ["--models", "yolov8n_pose"]);
+  try {
+    await waitReady(at);
+    const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+    const errors = [];
+    page.on("pageerror", e => errors.push(String(e)));
+    await page.goto(at + "/");
+    await page.waitForSelector('#model option[value="yolov8n_pose"]', { state: "attached" });
+    await page.selectOption("#model", "yolov8n_pose");
+    // Random weights score about 0.5 on the samples: ultralytics' default threshold shows them.
+    await page.$eval("#score", el => { el.value = "0.25"; el.dispatchEvent(new Event("input")); });
+    await page.click('button[data-sample="coffee.jpg"]');
+    await page.waitForFunction(() => document.body.dataset.resultFor === "yolov8n_pose"
+      && JSON.parse(document.getElementById("json").textContent).results?.[0]?.detections?.length > 0, null, { timeout: 120000 });
+    const json = JSON.parse(await page.textContent("#json"));
+    assert.equal(json.task, "keypoints");
+    assert.equal(json.results[0].skeleton.length, 19);
+    assert.equal(json.results[0].detections[0].keypoints.length, 51);
+    assert.deepEqual(errors, []);
+    const file = join(outDir, "keypoints.png");
+    await page.screenshot({ path: file, fullPage: true });
+    if (process.env.VISIONSERVE_UPDATE_SCREENSHOTS) copyFileSync(file, join(docsDir, "keypoints.png"));
+    await page.close();
+  } finally {
+    poses.kill("SIGTERM");
+  }
+});

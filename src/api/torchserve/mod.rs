@@ -30,7 +30,7 @@ use crate::repository::{PipelineEntry, Servable};
 use crate::serve::infer::{self, answer_headers, write_pairs, Answered, ImageRequest};
 use crate::serve::pipeline::{self, PipelineRun};
 use crate::serve::{ImageInput, RequestContext, Target};
-use crate::tasks::{Finished, PredictParams};
+use crate::tasks::{keypoints, Finished, PredictParams};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -176,6 +176,20 @@ fn handler_answer(result: Finished) -> Value {
         Finished::InstanceSegmentation { instances } => {
             handler_answer(Finished::Detection { detections: instances.into_iter().map(|i| i.detection).collect() })
         }
+        // The object_detector shape, each object with its points as COCO lays them out.
+        Finished::Keypoints { poses, .. } => Value::Array(
+            poses
+                .into_iter()
+                .map(|p| {
+                    let d = p.detection;
+                    let mut object = Map::new();
+                    object.insert(d.label, json!([d.bbox.x1, d.bbox.y1, d.bbox.x2, d.bbox.y2]));
+                    object.insert("score".into(), json!(d.score));
+                    object.insert("keypoints".into(), json!(keypoints::flat_points(&p.points)));
+                    Value::Object(object)
+                })
+                .collect(),
+        ),
         Finished::Detection { detections } => Value::Array(
             detections
                 .into_iter()

@@ -23,6 +23,7 @@ use crate::model_config::{ModelFormat, PixelDatatype, Task};
 use crate::pipeline::PIPELINE_VERSION;
 use crate::repository::{PipelineEntry, Servable};
 use crate::tasks::instances::{self, Instance};
+use crate::tasks::keypoints;
 use crate::tasks::{classification, Finished, PredictParams};
 use tensors::{InferRequest, InputTensor, OutputData, OutputTensor, RequestedOutput};
 
@@ -77,6 +78,11 @@ pub fn model_metadata(core: &Core, servable: Servable) -> Result<ModelMetadata, 
             let mut specs = detection_specs();
             specs.push(tensor_spec(MASKS, "BYTES", &[-1, -1]));
             specs.push(tensor_spec(MASK_PIXELS, "UINT8", &[-1, -1, -1, -1]));
+            specs
+        }
+        Task::Keypoints => {
+            let mut specs = detection_specs();
+            specs.push(tensor_spec(KEYPOINTS, "FP32", &[-1, -1, config.output.keypoint_names().len() as i64, 3]));
             specs
         }
         Task::Embedding => {
@@ -441,6 +447,9 @@ fn stack_raw(per_image: Vec<Vec<RawTensor>>) -> Result<Vec<OutputTensor>, ApiErr
 const MASKS: &str = "masks";
 /// The same masks as pixels, `UINT8 [N, K, H, W]` (1 inside), computed only when named.
 const MASK_PIXELS: &str = "mask_pixels";
+/// Keypoints' points, `FP32 [N, K, J, 3]`: (x, y, score) in original pixels, zeros past an
+/// image's own detections.
+const KEYPOINTS: &str = "keypoints";
 
 /// The task's outputs as `[N, ...]` tensors: `scores`; `mask`; `embedding`; or `boxes`,
 /// `scores`, `classes` and `num_detections`, padded to the image with the most detections
@@ -450,6 +459,7 @@ pub(crate) fn task_tensors(results: Vec<Finished>, mask_pixels: bool) -> Result<
     let tensor = |name: &str, shape: Vec<i64>, data: OutputData| OutputTensor { name: name.into(), shape, data };
     let (mut scores, mut masks, mut detections, mut embeddings) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut instances = Vec::new();
+    let mut poses = Vec::new();
     for result in results {
         match result {
             Finished::Classification { scores: s, .. } => scores.push(s),
@@ -459,6 +469,10 @@ pub(crate) fn task_tensors(results: Vec<Finished>, mask_pixels: bool) -> Result<
             Finished::InstanceSegmentation { instances: found } => {
                 detections.push(found.iter().map(|i| i.detection.clone()).collect());
                 instances.push(found);
+            }
+            Finished::Keypoints { poses: found, schema } => {
+                detections.push(found.iter().map(|p| p.detection.clone()).collect());
+                poses.push((found, schema.names.len()));
             }
         }
     }
@@ -508,6 +522,18 @@ pub(crate) fn task_tensors(results: Vec<Finished>, mask_pixels: bool) -> Result<
     ];
     if !instances.is_empty() {
         tensors.extend(instance_mask_tensors(&instances, k as usize, mask_pixels)?);
+    }
+    if let Some(&(_, j)) = poses.first() {
+        let mut data = Vec::with_capacity(poses.len() * k as usize * j * 3);
+        for (found, _) in &poses {
+            for i in 0..k as usize {
+                match found.get(i) {
+                    Some(pose) => data.extend(keypoints::flat_points(&pose.points)),
+                    None => data.extend(std::iter::repeat(0.0).take(j * 3)),
+                }
+            }
+        }
+        tensors.push(tensor(KEYPOINTS, vec![n, k, j as i64, 3], OutputData::Fp32(data)));
     }
     Ok(tensors)
 }

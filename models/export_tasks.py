@@ -1,0 +1,159 @@
+"""Exports the test models of the tasks past detection, as users bring them:
+
+- `yolov8n_pose`: ultralytics' own YOLOv8n-pose (`yolov8n-pose.yaml`), exported by ultralytics'
+  `model.export(format="torchscript")` exactly as a user's `yolo export` writes it, and dropped
+  into a folder beside a config.toml. No pretrained checkpoint is reachable here, so its weights
+  are random (seeded); its batch-norm statistics are measured on photos that ship with
+  scikit-image and the class bias shifted so that about 1.5 % of anchors score above 0.5 — a
+  random head otherwise scores every box 0.0008 and nothing could be compared.
+- `keypoint_rcnn_small`: torchvision's KeypointRCNN heads on the MobileNetV3-Large FPN backbone
+  (torchvision builds no smaller Keypoint R-CNN), random init as the test set's Mask R-CNN.
+
+Runs in the ultralytics environment (`make task-models`), which also sees torch and torchvision.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from export import torchvision_op_libraries, write_config, write_labels  # noqa: E402
+from progress import reporter  # noqa: E402
+
+os.environ.setdefault("YOLO_OFFLINE", "1")  # no update checks, no downloads
+progress = reporter("task-models")
+
+# Photos for batch-norm statistics: scikit-image's, never the ones the tests send.
+CALIBRATION = ["rocket", "hubble_deep_field", "immunohistochemistry", "retina", "coins", "page", "horse", "camera"]
+POSE_SIZE = 320
+
+
+def calibration_batch(size):
+    from skimage import data as skdata
+    images = []
+    for name in CALIBRATION:
+        picture = Image.fromarray(getattr(skdata, name)()).convert("RGB").resize((size, size), Image.BILINEAR)
+        images.append(torch.from_numpy(np.array(picture)).permute(2, 0, 1).float() / 255)
+    return torch.stack(images)
+
+
+def export_yolov8_pose(out, seed):
+    from ultralytics import YOLO
+    import ultralytics
+    torch.manual_seed(seed)
+    model = YOLO("yolov8n-pose.yaml")
+    net = model.model
+    batch = calibration_batch(POSE_SIZE)
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # a cumulative average over the calibration batch
+    net.train()
+    with torch.no_grad():
+        net(batch)
+    net.eval()
+    head = net.model[-1]
+    with torch.no_grad():
+        scores = net(batch)
+        scores = (scores[0] if isinstance(scores, (tuple, list)) else scores)[:, 4]
+        shift = -torch.logit(scores.clamp(1e-6, 1 - 1e-6)).flatten().quantile(0.985).item()
+        for branch in head.cv3:
+            branch[-1].bias += shift
+    # ultralytics writes the export beside its source; the yaml-built model has none, so cwd.
+    work = os.path.join(out, ".ultralytics-work")
+    os.makedirs(work, exist_ok=True)
+    here = os.getcwd()
+    os.chdir(work)
+    try:
+        exported = os.path.abspath(model.export(format="torchscript", imgsz=POSE_SIZE, verbose=False))
+    finally:
+        os.chdir(here)
+    folder = os.path.join(out, "yolov8n_pose")
+    os.makedirs(folder, exist_ok=True)
+    shutil.copy(exported, os.path.join(folder, "model.torchscript"))
+    write_labels(folder, ["person"])
+    write_config(folder, {"task": "keypoints", "format": "torchscript", "file": "model.torchscript", "labels": "labels.txt"}, {
+        "provenance": {"weights": f"random-init:seed={seed}", "source": f"ultralytics {ultralytics.__version__} yolov8n-pose.yaml, yolo export format=torchscript",
+                       "license": "AGPL-3.0", "parameter_count": sum(p.numel() for p in net.parameters())},
+        "input": {"width": POSE_SIZE, "height": POSE_SIZE, "resize": "letterbox", "pad_value": 114,
+                  "resize_filter": "opencv_linear"},
+        "output": {"convention": "yolov8"},
+        "batching": {"max_batch_size": 4, "max_delay_ms": 2, "queue_capacity": 64},
+    })
+    shutil.rmtree(work, ignore_errors=True)
+    return folder
+
+
+def small_keypoint_rcnn():
+    """KeypointRCNN on the backbone and 320-pixel settings of fasterrcnn_mobilenet_v3_large_320_fpn,
+    its keypoint head narrowed (4 convolutions of 64 channels, not 8 of 512: the full head costs
+    about 5 GFLOP per detection) and at most 20 detections an image, so a test runs in seconds.
+    Heatmaps, their decoding and the post-processing are torchvision's own."""
+    from torchvision.models.detection import KeypointRCNN
+    from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import _mobilenet_extractor
+    from torchvision.ops import misc as misc_nn_ops
+    backbone = torchvision.models.mobilenet_v3_large(weights=None, norm_layer=misc_nn_ops.FrozenBatchNorm2d)
+    backbone = _mobilenet_extractor(backbone, True, 6)
+    anchor_sizes = ((32, 64, 128, 256, 512),) * 3
+    anchors = AnchorGenerator(anchor_sizes, ((0.5, 1.0, 2.0),) * len(anchor_sizes))
+    return KeypointRCNN(backbone, num_classes=2, rpn_anchor_generator=anchors, min_size=320, max_size=640,
+                        rpn_pre_nms_top_n_test=150, rpn_post_nms_top_n_test=150, rpn_score_thresh=0.05,
+                        box_score_thresh=0.0, box_detections_per_img=20,
+                        keypoint_head=KeypointRCNNHeads(backbone.out_channels, (64,) * 4),
+                        keypoint_predictor=KeypointRCNNPredictor(64, 17))
+
+
+def export_keypoint_rcnn(out, seed):
+    torch.manual_seed(seed)
+    model = small_keypoint_rcnn()
+    torch.manual_seed(seed + 1)
+    for module in model.backbone.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="leaky_relu", a=0.5)
+    model.eval()
+    folder = os.path.join(out, "keypoint_rcnn_small")
+    os.makedirs(folder, exist_ok=True)
+    scripted = torch.jit.script(model)
+    scripted.save(os.path.join(folder, "model.pt"))
+    labels = list(torchvision.models.detection.KeypointRCNN_ResNet50_FPN_Weights.DEFAULT.meta["categories"])
+    write_labels(folder, labels)
+    write_config(folder, {"task": "keypoints", "format": "torchscript", "file": "model.pt", "labels": "labels.txt"}, {
+        "provenance": {"weights": f"random-init:seed={seed}",
+                       "source": f"torchvision {torchvision.__version__} KeypointRCNN (MobileNetV3-Large FPN)",
+                       "license": "BSD-3-Clause", "parameter_count": sum(p.numel() for p in model.parameters())},
+        "input": {"width": 320, "height": 320, "resize": "original"},
+        # torchvision's keypoint scores are heatmap logits: a point at 0 or above is drawn.
+        "output": {"convention": "torchvision_detection", "keypoint_threshold": 0.0},
+        "runtime": {"op_libraries": torchvision_op_libraries()},
+        "batching": {"max_batch_size": 2, "max_delay_ms": 2, "queue_capacity": 64},
+    })
+    return folder
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    for i, (name, export) in enumerate([("yolov8n_pose", export_yolov8_pose), ("keypoint_rcnn_small", export_keypoint_rcnn)], 1):
+        started = time.time()
+        progress(f"({i}/2) exporting {name} ...")
+        folder = export(args.out, args.seed)
+        size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+        progress(f"{name}: {size / 1e6:.1f} MB in {time.time() - started:.1f} s")
+    progress(f"done: 2 models in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
