@@ -36,8 +36,8 @@ KSERVE_ENV      := $(CACHE)/kserve-sdk-$(shell sha256sum tests/clients/kserve/re
 # post-processing: an environment that sees the torch one (no second torch) plus the lock.
 ULTRALYTICS_ENV    := $(CACHE)/ultralytics-$(shell cat tests/clients/ultralytics/requirements.lock requirements.lock | sha256sum | cut -c1-12)
 ULTRALYTICS_PYTHON := $(ULTRALYTICS_ENV)/bin/python
-# The test models of the tasks past detection (keypoints): an ultralytics export and a small
-# torchvision Keypoint R-CNN, keyed by the scripts that make them.
+# The test models of the tasks past detection (keypoints, YOLO instance masks): ultralytics
+# exports and a small torchvision Keypoint R-CNN, keyed by the scripts that make them.
 TASK_MODELS_KEY := $(shell cat models/export_tasks.py models/export.py models/progress.py tests/clients/ultralytics/requirements.lock | sha256sum | cut -c1-12)
 TASK_MODELS     := $(CACHE)/task-models-$(TASK_MODELS_KEY)
 # ONNX Runtime and OpenVINO for `make bench-cpu`, in an environment of their own.
@@ -146,14 +146,15 @@ test: build models test-models audit test-rust test-python validate-manifests do
 test-rust: build test-models
 	VISIONSERVE_TEST_MODELS=$(TEST_MODELS) cargo test --release --locked
 
-# test_keypoints.py compares with ultralytics' own predictor, so it runs in that environment.
+# The tests against ultralytics' own predictor run in its environment.
+ULTRALYTICS_TESTS := tests/python/test_keypoints.py tests/python/test_yolo_seg.py
 test-python: build models test-models task-models perf-analyzer kserve-sdk
 	VISIONSERVE_BIN=$(abspath $(BIN)) VISIONSERVE_TEST_MODELS=$(TEST_MODELS) VISIONSERVE_PERF_ANALYZER=$(PERF_ANALYZER)/run \
 	  VISIONSERVE_KSERVE_PYTHON=$(KSERVE_ENV)/bin/python \
 	  VISIONSERVE_DEFAULT_MODELS=$(abspath models) VISIONSERVE_DOWNLOADS=$(CACHE)/downloads VISIONSERVE_AOTI_CACHE=$(AOTI_CACHE) \
-	  $(PYTHON) -m pytest -q tests/python --ignore=tests/python/test_keypoints.py
+	  $(PYTHON) -m pytest -q tests/python $(addprefix --ignore=,$(ULTRALYTICS_TESTS))
 	VISIONSERVE_BIN=$(abspath $(BIN)) VISIONSERVE_TEST_MODELS=$(TEST_MODELS) VISIONSERVE_TASK_MODELS=$(TASK_MODELS) \
-	  $(ULTRALYTICS_PYTHON) -m pytest -q tests/python/test_keypoints.py
+	  $(ULTRALYTICS_PYTHON) -m pytest -q $(ULTRALYTICS_TESTS)
 
 # The web page in Debian's headless Chromium, driven by playwright-core; screenshots land in
 # test-output/browser/ (VISIONSERVE_UPDATE_SCREENSHOTS=1 refreshes docs/screenshots/).

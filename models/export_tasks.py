@@ -6,6 +6,9 @@
   are random (seeded); its batch-norm statistics are measured on photos that ship with
   scikit-image and the class bias shifted so that about 1.5 % of anchors score above 0.5 — a
   random head otherwise scores every box 0.0008 and nothing could be compared.
+- `yolov8n_seg`: ultralytics' YOLOv8n-seg (`yolov8n-seg.yaml`, COCO's 80 classes), exported and
+  calibrated the same way: its answer is the head with 32 mask coefficients per anchor and the
+  prototypes, which ultralytics' own predictor turns into masks (`process_mask`).
 - `keypoint_rcnn_small`: torchvision's KeypointRCNN heads on the MobileNetV3-Large FPN backbone
   (torchvision builds no smaller Keypoint R-CNN), random init as the test set's Mask R-CNN.
 
@@ -33,7 +36,7 @@ progress = reporter("task-models")
 
 # Photos for batch-norm statistics: scikit-image's, never the ones the tests send.
 CALIBRATION = ["rocket", "hubble_deep_field", "immunohistochemistry", "retina", "coins", "page", "horse", "camera"]
-POSE_SIZE = 320
+YOLO_SIZE = 320
 
 
 def calibration_batch(size):
@@ -45,13 +48,15 @@ def calibration_batch(size):
     return torch.stack(images)
 
 
-def export_yolov8_pose(out, seed):
+def export_ultralytics(out, seed, yaml, name, task, labels, output):
+    """ultralytics' model built from `yaml`, its batch-norm statistics measured and its class bias
+    shifted (see above), exported by ultralytics as a user's `yolo export` does."""
     from ultralytics import YOLO
     import ultralytics
     torch.manual_seed(seed)
-    model = YOLO("yolov8n-pose.yaml")
+    model = YOLO(yaml)
     net = model.model
-    batch = calibration_batch(POSE_SIZE)
+    batch = calibration_batch(YOLO_SIZE)
     for module in net.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.reset_running_stats()
@@ -63,33 +68,48 @@ def export_yolov8_pose(out, seed):
     head = net.model[-1]
     with torch.no_grad():
         scores = net(batch)
-        scores = (scores[0] if isinstance(scores, (tuple, list)) else scores)[:, 4]
+        while isinstance(scores, (tuple, list)):  # (head, extras): -seg heads nest a tuple
+            scores = scores[0]
+        scores = scores[:, 4:4 + head.nc].amax(1)
         shift = -torch.logit(scores.clamp(1e-6, 1 - 1e-6)).flatten().quantile(0.985).item()
         for branch in head.cv3:
             branch[-1].bias += shift
     # ultralytics writes the export beside its source; the yaml-built model has none, so cwd.
-    work = os.path.join(out, ".ultralytics-work")
+    work = os.path.join(out, f".ultralytics-work-{name}")
     os.makedirs(work, exist_ok=True)
     here = os.getcwd()
     os.chdir(work)
     try:
-        exported = os.path.abspath(model.export(format="torchscript", imgsz=POSE_SIZE, verbose=False))
+        exported = os.path.abspath(model.export(format="torchscript", imgsz=YOLO_SIZE, verbose=False))
     finally:
         os.chdir(here)
-    folder = os.path.join(out, "yolov8n_pose")
+    folder = os.path.join(out, name)
     os.makedirs(folder, exist_ok=True)
     shutil.copy(exported, os.path.join(folder, "model.torchscript"))
-    write_labels(folder, ["person"])
-    write_config(folder, {"task": "keypoints", "format": "torchscript", "file": "model.torchscript", "labels": "labels.txt"}, {
-        "provenance": {"weights": f"random-init:seed={seed}", "source": f"ultralytics {ultralytics.__version__} yolov8n-pose.yaml, yolo export format=torchscript",
+    write_labels(folder, labels)
+    write_config(folder, {"task": task, "format": "torchscript", "file": "model.torchscript", "labels": "labels.txt"}, {
+        "provenance": {"weights": f"random-init:seed={seed}", "source": f"ultralytics {ultralytics.__version__} {yaml}, yolo export format=torchscript",
                        "license": "AGPL-3.0", "parameter_count": sum(p.numel() for p in net.parameters())},
-        "input": {"width": POSE_SIZE, "height": POSE_SIZE, "resize": "letterbox", "pad_value": 114,
+        "input": {"width": YOLO_SIZE, "height": YOLO_SIZE, "resize": "letterbox", "pad_value": 114,
                   "resize_filter": "opencv_linear"},
-        "output": {"convention": "yolov8"},
+        "output": output,
         "batching": {"max_batch_size": 4, "max_delay_ms": 2, "queue_capacity": 64},
     })
     shutil.rmtree(work, ignore_errors=True)
     return folder
+
+
+def export_yolov8_pose(out, seed):
+    return export_ultralytics(out, seed, "yolov8n-pose.yaml", "yolov8n_pose", "keypoints", ["person"], {"convention": "yolov8"})
+
+
+def export_yolov8_seg(out, seed):
+    import yaml as pyyaml
+    from ultralytics.utils import ROOT
+    with open(ROOT / "cfg" / "datasets" / "coco.yaml") as f:
+        names = pyyaml.safe_load(f)["names"]  # COCO's 80, as ultralytics' pretrained -seg names them
+    labels = [names[i] for i in range(len(names))]
+    return export_ultralytics(out, seed, "yolov8n-seg.yaml", "yolov8n_seg", "instance_segmentation", labels, {"convention": "yolov8"})
 
 
 def small_keypoint_rcnn():
@@ -146,13 +166,14 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    for i, (name, export) in enumerate([("yolov8n_pose", export_yolov8_pose), ("keypoint_rcnn_small", export_keypoint_rcnn)], 1):
+    exports = [("yolov8n_pose", export_yolov8_pose), ("yolov8n_seg", export_yolov8_seg), ("keypoint_rcnn_small", export_keypoint_rcnn)]
+    for i, (name, export) in enumerate(exports, 1):
         started = time.time()
-        progress(f"({i}/2) exporting {name} ...")
+        progress(f"({i}/{len(exports)}) exporting {name} ...")
         folder = export(args.out, args.seed)
         size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
         progress(f"{name}: {size / 1e6:.1f} MB in {time.time() - started:.1f} s")
-    progress(f"done: 2 models in {args.out}")
+    progress(f"done: {len(exports)} models in {args.out}")
 
 
 if __name__ == "__main__":

@@ -266,7 +266,9 @@ pub enum OutputConvention {
     /// torchvision detectors: a list of CHW images in, `(losses, [{boxes, labels, scores}])` out
     /// (Mask R-CNN's dicts also hold `masks [K, 1, H, W]`, probabilities at the image's size).
     TorchvisionDetection,
-    /// ultralytics YOLOv8: `Tensor [N, 4 + C, A]`, (cx, cy, w, h) in input pixels.
+    /// ultralytics YOLOv8 (and YOLO11): `Tensor [N, 4 + C, A]`, (cx, cy, w, h) in input pixels;
+    /// `-pose` heads add `3 x J` rows of points, `-seg` heads `M` rows of mask coefficients and
+    /// answer `(head, prototypes [N, M, H/4, W/4])`.
     Yolov8,
     /// `(boxes [N, A, 4], scores [N, A, C])`.
     BoxesScores,
@@ -513,7 +515,7 @@ impl ModelConfig {
                 matches!(self.output.convention, TorchvisionDetection | Yolov8 | BoxesScores)
             }
             Task::Embedding => matches!(self.output.convention, Features),
-            Task::InstanceSegmentation => matches!(self.output.convention, TorchvisionDetection),
+            Task::InstanceSegmentation => matches!(self.output.convention, TorchvisionDetection | Yolov8),
             Task::Keypoints => matches!(self.output.convention, TorchvisionDetection | Yolov8),
         };
         if !task_fits {

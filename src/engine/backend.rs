@@ -303,22 +303,21 @@ fn run_images_inner(
         *into += now - stage;
         stage = now;
     };
+    let extras = match config.task {
+        Task::InstanceSegmentation => DetectionExtras::Masks { threshold: config.output.threshold },
+        Task::Keypoints => DetectionExtras::Keypoints(Arc::new(KeypointSchema::of(&config.output))),
+        _ => DetectionExtras::None,
+    };
     if config.output.convention == OutputConvention::TorchvisionDetection {
         let list: Vec<Tensor> = images.iter().map(|img| image_tensor(img, model.device)).collect();
         lap(&mut times.input);
         let output = model.backend.forward(IValue::TensorList(list))?;
         lap(&mut times.infer);
         // Per-image dicts of boxes, labels and scores: no stacked raw outputs to offer.
-        let extras = match config.task {
-            Task::InstanceSegmentation => DetectionExtras::Masks { threshold: config.output.threshold },
-            Task::Keypoints => DetectionExtras::Keypoints(Arc::new(KeypointSchema::of(&config.output))),
-            _ => DetectionExtras::None,
-        };
         let parsed = parse_torchvision_detection(output, images.len(), options.score_threshold, &extras)?;
         lap(&mut times.output);
         return Ok(parsed.into_iter().map(|o| (o, Vec::new())).collect());
     }
-    let schema = (config.task == Task::Keypoints).then(|| Arc::new(KeypointSchema::of(&config.output)));
     // Stacked batches need one size: group by input size, keeping each image's slot.
     let mut outputs: Vec<Option<(ModelOutput, Vec<RawTensor>)>> = vec![None; images.len()];
     let mut pending: Vec<usize> = (0..images.len()).collect();
@@ -341,7 +340,7 @@ fn run_images_inner(
         let output = model.backend.forward(IValue::Tensor(batch))?;
         lap(&mut times.infer);
         let mut raw = if options.want_raw { raw_tensors(&output, group.len())? } else { vec![Vec::new(); group.len()] };
-        let mut parsed = parse_batched(output, &config.output, group.len(), options, schema.as_ref())?;
+        let mut parsed = parse_batched(output, &config.output, group.len(), options, &extras)?;
         scale_normalised(&mut parsed, &config.output, &vec![size; group.len()]);
         for ((slot, out), raw) in group.into_iter().zip(parsed).zip(raw.drain(..)) {
             outputs[slot] = Some((out, raw));

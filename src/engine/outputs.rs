@@ -12,6 +12,7 @@ use crate::tasks::detection::Candidate;
 use crate::tasks::embedding;
 use crate::tasks::instances::{InstanceCandidate, RegionMask};
 use crate::tasks::keypoints::{Keypoint, KeypointCandidate, KeypointSchema};
+use crate::tasks::prototypes::{logit, CoefficientCandidate, Prototypes};
 use crate::tasks::segmentation::LabelMap;
 
 /// Upper bound on candidates kept per image before NMS, best first, so a low threshold on a
@@ -72,14 +73,14 @@ fn expect_dims(t: &Tensor, dims: usize, batch: usize, what: &str) -> Result<Vec<
     Ok(size)
 }
 
-/// Parses the output of a forward pass over `batch` stacked images; a keypoints model's
-/// `schema` says how many points each detection carries.
+/// Parses the output of a forward pass over `batch` stacked images; `extras` says what a
+/// YOLOv8 head carries besides boxes (keypoints, or mask coefficients beside prototypes).
 pub fn parse_batched(
     value: IValue,
     spec: &OutputSpec,
     batch: usize,
     options: super::JobOptions,
-    schema: Option<&Arc<KeypointSchema>>,
+    extras: &DetectionExtras,
 ) -> Result<Vec<ModelOutput>, EngineError> {
     let score_threshold = options.score_threshold;
     match spec.convention {
@@ -123,33 +124,73 @@ pub fn parse_batched(
             label_maps(&labels, confidence.as_ref(), batch, size[2], size[3])
         }
         OutputConvention::Yolov8 => {
-            let raw = tensor_of(value, "YOLOv8 head")?.to_device(tch::Device::Cpu).to_kind(Kind::Float);
-            // A -pose head appends each anchor's points, (x, y, visibility) in input pixels.
-            let point_rows = schema.map_or(0, |s| 3 * s.names.len() as i64);
-            let size = expect_dims(&raw, 3, batch, "YOLOv8 output [N, 4 + C (+ 3 x keypoints), A]")?;
-            let classes = size[1] - 4 - point_rows;
+            // A -seg export answers (head, prototypes [N, M, H/4, W/4]); the others the head
+            // alone. Served as a detector, a -seg export's boxes are read and its masks left.
+            let (raw, prototypes) = match value {
+                IValue::Tuple(mut items) | IValue::GenericList(mut items)
+                    if items.len() == 2 && !matches!(extras, DetectionExtras::Keypoints(_)) =>
+                {
+                    let prototypes = tensor_of(items.pop().unwrap(), "prototypes")?.to_device(tch::Device::Cpu).to_kind(Kind::Float);
+                    expect_dims(&prototypes, 4, batch, "YOLOv8 -seg prototypes [N, M, H, W]")?;
+                    (tensor_of(items.pop().unwrap(), "YOLOv8 head")?, Some(prototypes))
+                }
+                other if matches!(extras, DetectionExtras::Masks { .. }) => {
+                    return Err(err(format!("a YOLOv8 -seg model answers (detections, prototypes), got {}", describe(&other))));
+                }
+                other => (tensor_of(other, "YOLOv8 head")?, None),
+            };
+            let raw = raw.to_device(tch::Device::Cpu).to_kind(Kind::Float);
+            // A -pose head appends each anchor's points, (x, y, visibility) in input pixels; a
+            // -seg head each anchor's coefficients over the prototypes.
+            let (extra_rows, what) = match (extras, &prototypes) {
+                (DetectionExtras::Keypoints(schema), _) => (3 * schema.names.len() as i64, "keypoint"),
+                (_, Some(p)) => (p.size()[1], "mask coefficient"),
+                _ => (0, "extra"),
+            };
+            let size = expect_dims(&raw, 3, batch, "YOLOv8 output [N, 4 + C (+ 3 x keypoints or mask coefficients), A]")?;
+            let classes = size[1] - 4 - extra_rows;
             if classes < 1 {
                 return Err(err(format!(
-                    "YOLOv8 output needs 4 box rows, at least one class row and {point_rows} keypoint rows, got {size:?}"
+                    "YOLOv8 output needs 4 box rows, at least one class row and {extra_rows} {what} rows, got {size:?}"
                 )));
             }
             (0..batch as i64)
                 .map(|i| {
-                    let per_anchor = raw.get(i).transpose(0, 1); // [A, 4 + C (+ 3J)]
+                    let per_anchor = raw.get(i).transpose(0, 1); // [A, 4 + C (+ extra rows)]
                     let cxcywh = per_anchor.narrow(1, 0, 4);
                     let scores = per_anchor.narrow(1, 4, classes);
                     let (cx, cy, w, h) = (cxcywh.select(1, 0), cxcywh.select(1, 1), cxcywh.select(1, 2), cxcywh.select(1, 3));
                     let boxes = Tensor::stack(&[&cx - &w / 2.0, &cy - &h / 2.0, &cx + &w / 2.0, &cy + &h / 2.0], 1);
-                    let (found, anchors) = candidates_at(&boxes, scores, spec.background_class, score_threshold)?;
-                    let Some(schema) = schema else { return Ok(ModelOutput::Candidates(found)) };
-                    let points = per_anchor.narrow(1, 4 + classes, point_rows).index_select(0, &anchors);
-                    let points = to_f32_vec(&points)?;
-                    let candidates = found
-                        .into_iter()
-                        .zip(points.chunks(point_rows as usize))
-                        .map(|(candidate, row)| Ok(KeypointCandidate { candidate, points: keypoints(row)? }))
-                        .collect::<Result<_, EngineError>>()?;
-                    Ok(ModelOutput::Keypoints { candidates, schema: Arc::clone(schema) })
+                    let (found, anchors) = candidates_at(&boxes, scores, spec.background_class, score_threshold, ClassRule::BestClass)?;
+                    if extra_rows == 0 || matches!(extras, DetectionExtras::None) {
+                        return Ok(ModelOutput::Candidates(found));
+                    }
+                    let rows = to_f32_vec(&per_anchor.narrow(1, 4 + classes, extra_rows).index_select(0, &anchors))?;
+                    let per_candidate = found.into_iter().zip(rows.chunks(extra_rows as usize));
+                    match (extras, &prototypes) {
+                        (DetectionExtras::Keypoints(schema), _) => Ok(ModelOutput::Keypoints {
+                            candidates: per_candidate
+                                .map(|(candidate, row)| Ok(KeypointCandidate { candidate, points: keypoints(row)? }))
+                                .collect::<Result<_, EngineError>>()?,
+                            schema: Arc::clone(schema),
+                        }),
+                        (DetectionExtras::Masks { threshold }, Some(planes)) => {
+                            let shape = planes.size();
+                            Ok(ModelOutput::PrototypeInstances {
+                                candidates: per_candidate
+                                    .map(|(candidate, row)| CoefficientCandidate { candidate, coefficients: row.to_vec() })
+                                    .collect(),
+                                prototypes: Prototypes {
+                                    channels: shape[1] as usize,
+                                    height: shape[2] as usize,
+                                    width: shape[3] as usize,
+                                    values: to_f32_vec(&planes.get(i))?,
+                                    cut: logit(*threshold),
+                                },
+                            })
+                        }
+                        _ => unreachable!("extra rows come from keypoints or prototypes"),
+                    }
                 })
                 .collect()
         }
@@ -266,15 +307,25 @@ fn candidates(
     background: Option<usize>,
     threshold: f32,
 ) -> Result<Vec<Candidate>, EngineError> {
-    candidates_at(boxes, scores, background, threshold).map(|(found, _)| found)
+    candidates_at(boxes, scores, background, threshold, ClassRule::EveryClass).map(|(found, _)| found)
 }
 
-/// [`candidates`], with the anchor each came from (`Int64 [K]`, in the same order).
+/// Which (anchor, class) pairs may become candidates.
+#[derive(Clone, Copy, PartialEq)]
+enum ClassRule {
+    /// Every class at or above the threshold (torchvision's SSD post-processing).
+    EveryClass,
+    /// Each anchor's best class only (ultralytics' predictor, `multi_label=False`).
+    BestClass,
+}
+
+/// [`candidates`] under `rule`, with the anchor each came from (`Int64 [K]`, in the same order).
 fn candidates_at(
     boxes: &Tensor,
     scores: Tensor,
     background: Option<usize>,
     threshold: f32,
+    rule: ClassRule,
 ) -> Result<(Vec<Candidate>, Tensor), EngineError> {
     let mut scores = scores;
     if let Some(bg) = background {
@@ -283,10 +334,19 @@ fn candidates_at(
             let _ = scores.select(1, bg as i64).fill_(-1.0);
         }
     }
-    let selected = scores.ge(f64::from(threshold)).nonzero(); // [K, 2]: anchor, class
-    let mut anchors = selected.select(1, 0);
-    let mut classes = selected.select(1, 1);
-    let mut picked = scores.index(&[Some(&anchors), Some(&classes)]);
+    let (mut anchors, mut classes, mut picked) = match rule {
+        ClassRule::EveryClass => {
+            let selected = scores.ge(f64::from(threshold)).nonzero(); // [K, 2]: anchor, class
+            let (anchors, classes) = (selected.select(1, 0), selected.select(1, 1));
+            let picked = scores.index(&[Some(&anchors), Some(&classes)]);
+            (anchors, classes, picked)
+        }
+        ClassRule::BestClass => {
+            let (best, class) = scores.max_dim(1, false);
+            let anchors = best.ge(f64::from(threshold)).nonzero().squeeze_dim(1);
+            (anchors.shallow_clone(), class.index_select(0, &anchors), best.index_select(0, &anchors))
+        }
+    };
     if picked.size()[0] > MAX_CANDIDATES {
         let (top, order) = picked.topk(MAX_CANDIDATES, 0, true, true);
         picked = top;
@@ -306,12 +366,14 @@ fn candidates_at(
     Ok((found, anchors))
 }
 
-/// What a torchvision detector's dicts carry besides boxes, labels and scores.
+/// What a detector's output carries besides boxes, labels and scores.
 pub enum DetectionExtras {
     None,
-    /// Mask R-CNN's `masks`, each cut at the threshold to the region it covers.
+    /// Mask R-CNN's `masks`, each cut at the threshold to the region it covers; a YOLOv8 -seg
+    /// head's mask coefficients and prototypes, cut at the threshold's logit.
     Masks { threshold: f32 },
-    /// Keypoint R-CNN's `keypoints [K, J, 3]` (x, y, visibility) and `keypoints_scores [K, J]`.
+    /// Keypoint R-CNN's `keypoints [K, J, 3]` (x, y, visibility) and `keypoints_scores [K, J]`;
+    /// a YOLOv8 -pose head's `3 x J` rows per anchor.
     Keypoints(Arc<KeypointSchema>),
 }
 
@@ -557,9 +619,9 @@ mod tests {
             names.join(", ")
         );
         let config = ModelConfig::parse(&text).unwrap();
-        let schema = Arc::new(KeypointSchema::of(&config.output));
+        let extras = DetectionExtras::Keypoints(Arc::new(KeypointSchema::of(&config.output)));
         let options = super::super::JobOptions { score_threshold: 0.25, want_confidence: false, want_raw: false };
-        parse_batched(head, &config.output, 1, options, Some(&schema))
+        parse_batched(head, &config.output, 1, options, &extras)
     }
 
     const CONFIDENT: [f32; 11] = [32.0, 32.0, 20.0, 10.0, 0.9, 30.0, 31.0, 0.8, 34.0, 35.0, 0.1];
@@ -593,5 +655,61 @@ mod tests {
         let mut faint = FAINT;
         faint[5] = f32::INFINITY;
         assert!(parse(pose_head([faint, CONFIDENT, FAINT]), 2).is_ok());
+    }
+
+    /// A -seg answer: one class and two mask coefficients over three anchors, and 2 prototype
+    /// planes of 4 x 4.
+    fn seg_answer(anchor_rows: [[f32; 7]; 3]) -> IValue {
+        let flat: Vec<f32> = (0..7).flat_map(|r| anchor_rows.iter().map(move |a| a[r])).collect();
+        let planes: Vec<f32> = (0..32).map(|v| v as f32).collect();
+        IValue::Tuple(vec![
+            IValue::Tensor(Tensor::from_slice(&flat).view([1, 7, 3])),
+            IValue::Tensor(Tensor::from_slice(&planes).view([1, 2, 4, 4])),
+        ])
+    }
+
+    fn parse_as(task: &str, answer: IValue, extras: &DetectionExtras) -> Result<Vec<ModelOutput>, EngineError> {
+        let text = format!("task = \"{task}\"\n[input]\nwidth = 16\nheight = 16\nresize = \"letterbox\"\n[output]\nconvention = \"yolov8\"\n");
+        let config = ModelConfig::parse(&text).unwrap();
+        let options = super::super::JobOptions { score_threshold: 0.25, want_confidence: false, want_raw: false };
+        parse_batched(answer, &config.output, 1, options, extras)
+    }
+
+    const SEG: [f32; 7] = [8.0, 8.0, 4.0, 4.0, 0.9, 0.5, -1.5];
+    const SEG_FAINT: [f32; 7] = [2.0, 2.0, 2.0, 2.0, 0.1, 1.0, 1.0];
+
+    #[test]
+    fn a_seg_answer_gives_kept_anchors_their_coefficients_and_the_prototypes() {
+        let out = parse_as("instance_segmentation", seg_answer([SEG_FAINT, SEG, SEG_FAINT]), &DetectionExtras::Masks { threshold: 0.5 }).unwrap();
+        let ModelOutput::PrototypeInstances { candidates, prototypes } = &out[0] else { panic!("not prototype instances") };
+        assert_eq!(candidates.len(), 1);
+        assert_eq!(candidates[0].coefficients, [0.5, -1.5]);
+        assert_eq!((candidates[0].candidate.x1, candidates[0].candidate.class), (6.0, 0));
+        assert_eq!((prototypes.channels, prototypes.height, prototypes.width, prototypes.cut), (2, 4, 4, 0.0));
+        assert_eq!(prototypes.values[17], 17.0);
+    }
+
+    #[test]
+    fn a_seg_export_served_as_a_detector_answers_its_boxes() {
+        let out = parse_as("detection", seg_answer([SEG_FAINT, SEG, SEG_FAINT]), &DetectionExtras::None).unwrap();
+        let ModelOutput::Candidates(found) = &out[0] else { panic!("not candidates") };
+        // One class, not three: the coefficient rows are not read as classes.
+        assert_eq!(found.iter().map(|c| c.class).collect::<Vec<_>>(), [0]);
+    }
+
+    #[test]
+    fn an_instance_model_without_prototypes_is_refused() {
+        let head = IValue::Tensor(Tensor::zeros([1, 7, 3], (Kind::Float, tch::Device::Cpu)));
+        let message = parse_as("instance_segmentation", head, &DetectionExtras::Masks { threshold: 0.5 }).unwrap_err().to_string();
+        assert!(message.contains("prototypes"), "{message}");
+    }
+
+    #[test]
+    fn a_yolo_anchor_is_a_candidate_of_its_best_class_only() {
+        // One anchor, two classes both above the threshold: ultralytics keeps the better one.
+        let head = IValue::Tensor(Tensor::from_slice(&[8.0f32, 8.0, 4.0, 4.0, 0.6, 0.8]).view([1, 6, 1]));
+        let out = parse_as("detection", head, &DetectionExtras::None).unwrap();
+        let ModelOutput::Candidates(found) = &out[0] else { panic!("not candidates") };
+        assert_eq!(found.iter().map(|c| (c.class, c.score)).collect::<Vec<_>>(), [(1, 0.8)]);
     }
 }

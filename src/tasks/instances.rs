@@ -13,6 +13,7 @@ use imageproc::point::Point;
 use serde::Serialize;
 
 use super::detection::{self, Candidate, Detection};
+use super::prototypes::{CoefficientCandidate, Prototypes};
 use super::segmentation::compress_counts;
 use crate::image::Geometry;
 
@@ -118,26 +119,56 @@ pub struct Instance {
 
 /// Threshold, class-aware NMS and the cap as for boxes, then boxes and masks in original pixels.
 pub fn finish_instances(
-    mut candidates: Vec<InstanceCandidate>,
+    candidates: Vec<InstanceCandidate>,
     geometry: &Geometry,
     labels: &[String],
     score_threshold: f32,
     iou_threshold: f32,
     max_detections: usize,
 ) -> Vec<Instance> {
-    candidates.retain(|c| c.candidate.score >= score_threshold);
-    let boxes: Vec<Candidate> = candidates.iter().map(|c| c.candidate).collect();
-    let kept = detection::nms_indices(&boxes, iou_threshold, max_detections);
-    let kept_boxes: Vec<Candidate> = kept.iter().map(|&i| boxes[i]).collect();
+    let (boxes, masks): (Vec<Candidate>, Vec<RegionMask>) =
+        candidates.into_iter().filter(|c| c.candidate.score >= score_threshold).map(|c| (c.candidate, c.mask)).unzip();
     // Each kept mask moved out once (nms_indices names every position at most once).
-    let mut masks: Vec<Option<RegionMask>> = candidates.into_iter().map(|c| Some(c.mask)).collect();
+    let mut masks: Vec<Option<RegionMask>> = masks.into_iter().map(Some).collect();
+    finish_with(&boxes, geometry, labels, iou_threshold, max_detections, |i| masks[i].take())
+}
+
+/// [`finish_instances`] for a `-seg` head's candidates: masks are made from the prototypes
+/// for the kept boxes only, and a kept box whose mask sets no pixel is dropped, as
+/// ultralytics' predictor drops it.
+pub fn finish_prototype_instances(
+    candidates: Vec<CoefficientCandidate>,
+    prototypes: &Prototypes,
+    geometry: &Geometry,
+    labels: &[String],
+    score_threshold: f32,
+    iou_threshold: f32,
+    max_detections: usize,
+) -> Vec<Instance> {
+    let candidates: Vec<CoefficientCandidate> = candidates.into_iter().filter(|c| c.candidate.score >= score_threshold).collect();
+    let boxes: Vec<Candidate> = candidates.iter().map(|c| c.candidate).collect();
+    finish_with(&boxes, geometry, labels, iou_threshold, max_detections, |i| {
+        Some(prototypes.mask(&candidates[i].coefficients, &boxes[i], geometry.input_width, geometry.input_height))
+            .filter(|mask| mask.width > 0)
+    })
+}
+
+/// NMS over `boxes` (already thresholded), then each kept box with `mask_of(its position)`,
+/// both in original pixels; a box `mask_of` has no mask for is dropped.
+fn finish_with(
+    boxes: &[Candidate],
+    geometry: &Geometry,
+    labels: &[String],
+    iou_threshold: f32,
+    max_detections: usize,
+    mut mask_of: impl FnMut(usize) -> Option<RegionMask>,
+) -> Vec<Instance> {
+    let kept = detection::nms_indices(boxes, iou_threshold, max_detections);
+    let kept_boxes: Vec<Candidate> = kept.iter().map(|&i| boxes[i]).collect();
     detection::to_detections(&kept_boxes, geometry, labels)
         .into_iter()
         .zip(&kept)
-        .map(|(detection, &i)| {
-            let mask = masks[i].take().expect("a kept position is kept once");
-            Instance { detection, mask: mask.into_original(geometry) }
-        })
+        .filter_map(|(detection, &i)| Some(Instance { detection, mask: mask_of(i)?.into_original(geometry) }))
         .collect()
 }
 
@@ -398,5 +429,22 @@ mod tests {
         ];
         let kept = finish_instances(candidates, &Geometry::identity(10, 3), &[], 0.5, 0.5, 10);
         assert_eq!(kept.iter().map(|i| (i.detection.score, i.mask.left)).collect::<Vec<_>>(), [(0.9, 1), (0.7, 6)]);
+    }
+
+    #[test]
+    fn prototype_instances_get_masks_after_suppression_and_empty_ones_are_dropped() {
+        let planes = Prototypes { channels: 1, width: 4, height: 4, values: vec![1.0; 16], cut: 0.0 };
+        let c = |x: f32, score: f32, weight: f32| CoefficientCandidate {
+            candidate: Candidate { x1: x, y1: 0.0, x2: x + 4.0, y2: 4.0, score, class: 0 },
+            coefficients: vec![weight],
+        };
+        let candidates = vec![
+            c(0.0, 0.9, 1.0),
+            c(0.5, 0.8, 1.0),  // suppressed by the first
+            c(8.0, 0.7, -1.0), // kept by NMS, but its mask sets nothing: dropped
+            c(12.0, 0.6, 1.0),
+        ];
+        let kept = finish_prototype_instances(candidates, &planes, &Geometry::identity(16, 16), &[], 0.5, 0.5, 10);
+        assert_eq!(kept.iter().map(|i| (i.detection.score, i.mask.left, i.mask.area())).collect::<Vec<_>>(), [(0.9, 0, 16), (0.6, 12, 16)]);
     }
 }

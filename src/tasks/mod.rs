@@ -11,6 +11,7 @@ pub mod embedding;
 pub mod instances;
 pub mod keypoints;
 pub mod params;
+pub mod prototypes;
 pub mod segmentation;
 
 use std::sync::Arc;
@@ -37,6 +38,9 @@ pub enum ModelOutput {
     Embedding(Vec<f32>),
     /// Boxes with their masks, in model-input pixels, before NMS.
     Instances(Vec<instances::InstanceCandidate>),
+    /// Boxes with their mask coefficients and the image's prototypes (ultralytics `-seg`), in
+    /// model-input pixels, before NMS: masks are made for the boxes NMS keeps.
+    PrototypeInstances { candidates: Vec<prototypes::CoefficientCandidate>, prototypes: prototypes::Prototypes },
     /// Boxes with their points, in model-input pixels, before NMS.
     Keypoints { candidates: Vec<keypoints::KeypointCandidate>, schema: Arc<keypoints::KeypointSchema> },
 }
@@ -98,6 +102,19 @@ pub fn finish(
                 params.max_detections,
             ),
         }),
+        (Task::InstanceSegmentation, ModelOutput::PrototypeInstances { candidates, prototypes }) => {
+            Ok(Finished::InstanceSegmentation {
+                instances: instances::finish_prototype_instances(
+                    candidates,
+                    &prototypes,
+                    geometry,
+                    labels,
+                    params.score_threshold,
+                    params.iou_threshold,
+                    params.max_detections,
+                ),
+            })
+        }
         (Task::Keypoints, ModelOutput::Keypoints { candidates, schema }) => Ok(Finished::Keypoints {
             poses: keypoints::finish_poses(
                 candidates,

@@ -84,6 +84,18 @@ def default_server():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def task_server():
+    """The models of the tasks past detection (`make task-models`), for the tests run in the
+    ultralytics environment."""
+    repo = os.environ.get("VISIONSERVE_TASK_MODELS")
+    if not repo:
+        raise RuntimeError("VISIONSERVE_TASK_MODELS is not set: run the suite with `make test`")
+    server = Server(repo)
+    yield server
+    server.stop()
+
+
 def encode(image, fmt, **kwargs):
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **kwargs)

@@ -32,16 +32,14 @@ from skimage import data as skdata
 os.environ.setdefault("YOLO_OFFLINE", "1")
 from ultralytics import YOLO  # noqa: E402
 
-from conftest import Server  # noqa: E402
+import conftest  # noqa: E402
 
 POSE = "yolov8n_pose"
 RCNN = "keypoint_rcnn_small"
 
 
 def encode(image, fmt="PNG"):
-    out = io.BytesIO()
-    image.save(out, fmt)
-    return out.getvalue()
+    return conftest.encode(image, fmt)
 
 
 ASTRONAUT = Image.fromarray(skdata.astronaut())
@@ -58,13 +56,8 @@ PARAMS = {"score_threshold": "0.25", "iou_threshold": "0.7", "max_detections": "
 
 
 @pytest.fixture(scope="module")
-def server():
-    repo = os.environ.get("VISIONSERVE_TASK_MODELS")
-    if not repo:
-        raise RuntimeError("VISIONSERVE_TASK_MODELS is not set: run the suite with `make test`")
-    s = Server(repo)
-    yield s
-    s.stop()
+def server(task_server):
+    return task_server
 
 
 @pytest.fixture(scope="module")
