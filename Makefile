@@ -147,7 +147,7 @@ test-rust: build test-models
 	VISIONSERVE_TEST_MODELS=$(TEST_MODELS) cargo test --release --locked
 
 # The tests against ultralytics' own predictor run in its environment.
-ULTRALYTICS_TESTS := tests/python/test_keypoints.py tests/python/test_yolo_seg.py
+ULTRALYTICS_TESTS := tests/python/test_keypoints.py tests/python/test_yolo_seg.py tests/python/test_yolo_exports.py
 test-python: build models test-models task-models perf-analyzer kserve-sdk
 	VISIONSERVE_BIN=$(abspath $(BIN)) VISIONSERVE_TEST_MODELS=$(TEST_MODELS) VISIONSERVE_PERF_ANALYZER=$(PERF_ANALYZER)/run \
 	  VISIONSERVE_KSERVE_PYTHON=$(KSERVE_ENV)/bin/python \

@@ -9,6 +9,12 @@
 - `yolov8n_seg`: ultralytics' YOLOv8n-seg (`yolov8n-seg.yaml`, COCO's 80 classes), exported and
   calibrated the same way: its answer is the head with 32 mask coefficients per anchor and the
   prototypes, which ultralytics' own predictor turns into masks (`process_mask`).
+- `yolo26n_end2end`: ultralytics' YOLO26n (`yolo26n.yaml`), exported with `nms=False`, which keeps
+  its NMS-free one-to-one head: `[N, 300, 6]`, the head's own picks, answered without NMS; and
+  `yolo26n_seg_end2end`, `yolo26n_pose_end2end`, its -seg and -pose heads exported alike
+  (`[N, 300, 6 + 32]` beside the prototypes, `[N, 300, 6 + 51]`).
+- `yolov8n_cls`: ultralytics' YOLOv8n-cls (`yolov8n-cls.yaml`, ImageNet's 1000 classes), whose
+  export answers softmax probabilities, served as a classifier.
 - `keypoint_rcnn_small`: torchvision's KeypointRCNN heads on the MobileNetV3-Large FPN backbone
   (torchvision builds no smaller Keypoint R-CNN), random init as the test set's Mask R-CNN.
 
@@ -48,9 +54,10 @@ def calibration_batch(size):
     return torch.stack(images)
 
 
-def export_ultralytics(out, seed, yaml, name, task, labels, output):
+def export_ultralytics(out, seed, yaml, name, task, labels, output, input=None, **export_args):
     """ultralytics' model built from `yaml`, its batch-norm statistics measured and its class bias
-    shifted (see above), exported by ultralytics as a user's `yolo export` does."""
+    shifted (see above), exported by ultralytics as a user's `yolo export` does (`export_args`:
+    `nms=False` keeps an NMS-free head's end-to-end branch)."""
     from ultralytics import YOLO
     import ultralytics
     torch.manual_seed(seed)
@@ -66,21 +73,31 @@ def export_ultralytics(out, seed, yaml, name, task, labels, output):
         net(batch)
     net.eval()
     head = net.model[-1]
-    with torch.no_grad():
-        scores = net(batch)
+    if task == "classification":
+        # A random classifier's softmax is flat (every class near 1/1000, the top five within
+        # 1e-6 of each other); logits spread twenty-fold give it a clear top that a comparison
+        # can hold to.
+        with torch.no_grad():
+            head.linear.weight *= 20
+            head.linear.bias *= 20
+    else:
+        with torch.no_grad():
+            scores = net(batch)
         while isinstance(scores, (tuple, list)):  # (head, extras): -seg heads nest a tuple
             scores = scores[0]
         scores = scores[:, 4:4 + head.nc].amax(1)
         shift = -torch.logit(scores.clamp(1e-6, 1 - 1e-6)).flatten().quantile(0.985).item()
-        for branch in head.cv3:
-            branch[-1].bias += shift
+        # NMS-free heads (YOLOv10, YOLO26) also have a one-to-one branch, the end-to-end one.
+        with torch.no_grad():
+            for branch in list(head.cv3) + list(getattr(head, "one2one_cv3", None) or []):
+                branch[-1].bias += shift
     # ultralytics writes the export beside its source; the yaml-built model has none, so cwd.
     work = os.path.join(out, f".ultralytics-work-{name}")
     os.makedirs(work, exist_ok=True)
     here = os.getcwd()
     os.chdir(work)
     try:
-        exported = os.path.abspath(model.export(format="torchscript", imgsz=YOLO_SIZE, verbose=False))
+        exported = os.path.abspath(model.export(format="torchscript", imgsz=YOLO_SIZE, verbose=False, **export_args))
     finally:
         os.chdir(here)
     folder = os.path.join(out, name)
@@ -90,8 +107,8 @@ def export_ultralytics(out, seed, yaml, name, task, labels, output):
     write_config(folder, {"task": task, "format": "torchscript", "file": "model.torchscript", "labels": "labels.txt"}, {
         "provenance": {"weights": f"random-init:seed={seed}", "source": f"ultralytics {ultralytics.__version__} {yaml}, yolo export format=torchscript",
                        "license": "AGPL-3.0", "parameter_count": sum(p.numel() for p in net.parameters())},
-        "input": {"width": YOLO_SIZE, "height": YOLO_SIZE, "resize": "letterbox", "pad_value": 114,
-                  "resize_filter": "opencv_linear"},
+        "input": input or {"width": YOLO_SIZE, "height": YOLO_SIZE, "resize": "letterbox", "pad_value": 114,
+                           "resize_filter": "opencv_linear"},
         "output": output,
         "batching": {"max_batch_size": 4, "max_delay_ms": 2, "queue_capacity": 64},
     })
@@ -103,13 +120,45 @@ def export_yolov8_pose(out, seed):
     return export_ultralytics(out, seed, "yolov8n-pose.yaml", "yolov8n_pose", "keypoints", ["person"], {"convention": "yolov8"})
 
 
-def export_yolov8_seg(out, seed):
+def coco_names():
     import yaml as pyyaml
     from ultralytics.utils import ROOT
     with open(ROOT / "cfg" / "datasets" / "coco.yaml") as f:
-        names = pyyaml.safe_load(f)["names"]  # COCO's 80, as ultralytics' pretrained -seg names them
-    labels = [names[i] for i in range(len(names))]
-    return export_ultralytics(out, seed, "yolov8n-seg.yaml", "yolov8n_seg", "instance_segmentation", labels, {"convention": "yolov8"})
+        names = pyyaml.safe_load(f)["names"]  # COCO's 80, as ultralytics' pretrained models name them
+    return [names[i] for i in range(len(names))]
+
+
+def export_yolo26_end2end(out, seed):
+    return export_ultralytics(out, seed, "yolo26n.yaml", "yolo26n_end2end", "detection", coco_names(),
+                              {"convention": "yolo_end2end"}, nms=False)
+
+
+def export_yolo26_seg_end2end(out, seed):
+    return export_ultralytics(out, seed, "yolo26n-seg.yaml", "yolo26n_seg_end2end", "instance_segmentation", coco_names(),
+                              {"convention": "yolo_end2end"}, nms=False)
+
+
+def export_yolo26_pose_end2end(out, seed):
+    return export_ultralytics(out, seed, "yolo26n-pose.yaml", "yolo26n_pose_end2end", "keypoints", ["person"],
+                              {"convention": "yolo_end2end"}, nms=False)
+
+
+def export_yolov8_cls(out, seed):
+    """ultralytics' classifier: its predictor resizes the shorter side to imgsz (torchvision's
+    bilinear on a PIL image), crops the centre and scales to 0..1, no mean or std; the export
+    answers softmax probabilities."""
+    import yaml as pyyaml
+    from ultralytics.utils import ROOT
+    with open(ROOT / "cfg" / "datasets" / "ImageNet.yaml") as f:
+        names = pyyaml.safe_load(f)["names"]
+    return export_ultralytics(out, seed, "yolov8n-cls.yaml", "yolov8n_cls", "classification", [names[i] for i in range(len(names))],
+                              {"convention": "logits", "softmax": False},
+                              input={"width": YOLO_SIZE, "height": YOLO_SIZE, "resize": "shorter_side_center_crop",
+                                     "resize_shorter": YOLO_SIZE, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]})
+
+
+def export_yolov8_seg(out, seed):
+    return export_ultralytics(out, seed, "yolov8n-seg.yaml", "yolov8n_seg", "instance_segmentation", coco_names(), {"convention": "yolov8"})
 
 
 def small_keypoint_rcnn():
@@ -166,7 +215,10 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    exports = [("yolov8n_pose", export_yolov8_pose), ("yolov8n_seg", export_yolov8_seg), ("keypoint_rcnn_small", export_keypoint_rcnn)]
+    exports = [("yolov8n_pose", export_yolov8_pose), ("yolov8n_seg", export_yolov8_seg),
+               ("yolo26n_end2end", export_yolo26_end2end), ("yolo26n_seg_end2end", export_yolo26_seg_end2end),
+               ("yolo26n_pose_end2end", export_yolo26_pose_end2end), ("yolov8n_cls", export_yolov8_cls),
+               ("keypoint_rcnn_small", export_keypoint_rcnn)]
     for i, (name, export) in enumerate(exports, 1):
         started = time.time()
         progress(f"({i}/{len(exports)}) exporting {name} ...")

@@ -270,6 +270,11 @@ pub enum OutputConvention {
     /// `-pose` heads add `3 x J` rows of points, `-seg` heads `M` rows of mask coefficients and
     /// answer `(head, prototypes [N, M, H/4, W/4])`.
     Yolov8,
+    /// ultralytics' NMS-free end-to-end heads (YOLOv10, YOLO26 exported with `nms=False`):
+    /// `Tensor [N, K, 6]` of the head's picks, (x1, y1, x2, y2, score, class) in input pixels,
+    /// best first; `-pose` rows add `3 x J` points, `-seg` rows `M` mask coefficients beside
+    /// the prototypes. Answered without NMS.
+    YoloEnd2end,
     /// `(boxes [N, A, 4], scores [N, A, C])`.
     BoxesScores,
     /// `Tensor [N, D]` of features, or a feature map `[N, D, H, W]` averaged over H and W.
@@ -512,11 +517,11 @@ impl ModelConfig {
             Task::Classification => matches!(self.output.convention, Logits),
             Task::Segmentation => matches!(self.output.convention, ClassLogits | ProbabilityMap),
             Task::Detection => {
-                matches!(self.output.convention, TorchvisionDetection | Yolov8 | BoxesScores)
+                matches!(self.output.convention, TorchvisionDetection | Yolov8 | YoloEnd2end | BoxesScores)
             }
             Task::Embedding => matches!(self.output.convention, Features),
-            Task::InstanceSegmentation => matches!(self.output.convention, TorchvisionDetection | Yolov8),
-            Task::Keypoints => matches!(self.output.convention, TorchvisionDetection | Yolov8),
+            Task::InstanceSegmentation => matches!(self.output.convention, TorchvisionDetection | Yolov8 | YoloEnd2end),
+            Task::Keypoints => matches!(self.output.convention, TorchvisionDetection | Yolov8 | YoloEnd2end),
         };
         if !task_fits {
             return Err(format!(

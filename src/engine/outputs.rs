@@ -123,7 +123,8 @@ pub fn parse_batched(
             });
             label_maps(&labels, confidence.as_ref(), batch, size[2], size[3])
         }
-        OutputConvention::Yolov8 => {
+        OutputConvention::Yolov8 | OutputConvention::YoloEnd2end => {
+            let end_to_end = spec.convention == OutputConvention::YoloEnd2end;
             // A -seg export answers (head, prototypes [N, M, H/4, W/4]); the others the head
             // alone. Served as a detector, a -seg export's boxes are read and its masks left.
             let (raw, prototypes) = match value {
@@ -131,13 +132,13 @@ pub fn parse_batched(
                     if items.len() == 2 && !matches!(extras, DetectionExtras::Keypoints(_)) =>
                 {
                     let prototypes = tensor_of(items.pop().unwrap(), "prototypes")?.to_device(tch::Device::Cpu).to_kind(Kind::Float);
-                    expect_dims(&prototypes, 4, batch, "YOLOv8 -seg prototypes [N, M, H, W]")?;
-                    (tensor_of(items.pop().unwrap(), "YOLOv8 head")?, Some(prototypes))
+                    expect_dims(&prototypes, 4, batch, "YOLO -seg prototypes [N, M, H, W]")?;
+                    (tensor_of(items.pop().unwrap(), "YOLO head")?, Some(prototypes))
                 }
                 other if matches!(extras, DetectionExtras::Masks { .. }) => {
-                    return Err(err(format!("a YOLOv8 -seg model answers (detections, prototypes), got {}", describe(&other))));
+                    return Err(err(format!("a YOLO -seg model answers (detections, prototypes), got {}", describe(&other))));
                 }
-                other => (tensor_of(other, "YOLOv8 head")?, None),
+                other => (tensor_of(other, "YOLO head")?, None),
             };
             let raw = raw.to_device(tch::Device::Cpu).to_kind(Kind::Float);
             // A -pose head appends each anchor's points, (x, y, visibility) in input pixels; a
@@ -147,50 +148,41 @@ pub fn parse_batched(
                 (_, Some(p)) => (p.size()[1], "mask coefficient"),
                 _ => (0, "extra"),
             };
-            let size = expect_dims(&raw, 3, batch, "YOLOv8 output [N, 4 + C (+ 3 x keypoints or mask coefficients), A]")?;
-            let classes = size[1] - 4 - extra_rows;
-            if classes < 1 {
-                return Err(err(format!(
-                    "YOLOv8 output needs 4 box rows, at least one class row and {extra_rows} {what} rows, got {size:?}"
-                )));
-            }
+            let size = if end_to_end {
+                let size = expect_dims(&raw, 3, batch, "YOLO end-to-end output [N, K, 6 (+ 3 x keypoints or mask coefficients)]")?;
+                if size[2] != 6 + extra_rows {
+                    return Err(err(format!("YOLO end-to-end rows need 6 numbers and {extra_rows} {what} numbers, got {size:?}")));
+                }
+                size
+            } else {
+                let size = expect_dims(&raw, 3, batch, "YOLOv8 output [N, 4 + C (+ 3 x keypoints or mask coefficients), A]")?;
+                if size[1] - 4 - extra_rows < 1 {
+                    return Err(err(format!(
+                        "YOLOv8 output needs 4 box rows, at least one class row and {extra_rows} {what} rows, got {size:?}"
+                    )));
+                }
+                size
+            };
             (0..batch as i64)
                 .map(|i| {
-                    let per_anchor = raw.get(i).transpose(0, 1); // [A, 4 + C (+ extra rows)]
-                    let cxcywh = per_anchor.narrow(1, 0, 4);
-                    let scores = per_anchor.narrow(1, 4, classes);
-                    let (cx, cy, w, h) = (cxcywh.select(1, 0), cxcywh.select(1, 1), cxcywh.select(1, 2), cxcywh.select(1, 3));
-                    let boxes = Tensor::stack(&[&cx - &w / 2.0, &cy - &h / 2.0, &cx + &w / 2.0, &cy + &h / 2.0], 1);
-                    let (found, anchors) = candidates_at(&boxes, scores, spec.background_class, score_threshold, ClassRule::BestClass)?;
-                    if extra_rows == 0 || matches!(extras, DetectionExtras::None) {
-                        return Ok(ModelOutput::Candidates(found));
-                    }
-                    let rows = to_f32_vec(&per_anchor.narrow(1, 4 + classes, extra_rows).index_select(0, &anchors))?;
-                    let per_candidate = found.into_iter().zip(rows.chunks(extra_rows as usize));
-                    match (extras, &prototypes) {
-                        (DetectionExtras::Keypoints(schema), _) => Ok(ModelOutput::Keypoints {
-                            candidates: per_candidate
-                                .map(|(candidate, row)| Ok(KeypointCandidate { candidate, points: keypoints(row)? }))
-                                .collect::<Result<_, EngineError>>()?,
-                            schema: Arc::clone(schema),
-                        }),
-                        (DetectionExtras::Masks { threshold }, Some(planes)) => {
-                            let shape = planes.size();
-                            Ok(ModelOutput::PrototypeInstances {
-                                candidates: per_candidate
-                                    .map(|(candidate, row)| CoefficientCandidate { candidate, coefficients: row.to_vec() })
-                                    .collect(),
-                                prototypes: Prototypes {
-                                    channels: shape[1] as usize,
-                                    height: shape[2] as usize,
-                                    width: shape[3] as usize,
-                                    values: to_f32_vec(&planes.get(i))?,
-                                    cut: logit(*threshold),
-                                },
-                            })
-                        }
-                        _ => unreachable!("extra rows come from keypoints or prototypes"),
-                    }
+                    let (found, rows) = if end_to_end {
+                        end_to_end_picks(&raw.get(i), extra_rows, score_threshold)?
+                    } else {
+                        let classes = size[1] - 4 - extra_rows;
+                        let per_anchor = raw.get(i).transpose(0, 1); // [A, 4 + C (+ extra rows)]
+                        let cxcywh = per_anchor.narrow(1, 0, 4);
+                        let scores = per_anchor.narrow(1, 4, classes);
+                        let (cx, cy, w, h) = (cxcywh.select(1, 0), cxcywh.select(1, 1), cxcywh.select(1, 2), cxcywh.select(1, 3));
+                        let boxes = Tensor::stack(&[&cx - &w / 2.0, &cy - &h / 2.0, &cx + &w / 2.0, &cy + &h / 2.0], 1);
+                        let (found, anchors) = candidates_at(&boxes, scores, spec.background_class, score_threshold, ClassRule::BestClass)?;
+                        let rows = match extra_rows {
+                            0 => Vec::new(),
+                            _ => to_f32_vec(&per_anchor.narrow(1, 4 + classes, extra_rows).index_select(0, &anchors))?,
+                        };
+                        (found, rows)
+                    };
+                    let output = with_extras(found, &rows, extra_rows as usize, extras, prototypes.as_ref().map(|p| p.get(i)))?;
+                    Ok(if end_to_end { ModelOutput::Chosen(Box::new(output)) } else { output })
                 })
                 .collect()
         }
@@ -243,6 +235,57 @@ pub fn parse_batched(
         OutputConvention::TorchvisionDetection => {
             Err(err("torchvision detection output is parsed per image list"))
         }
+    }
+}
+
+/// An end-to-end head's picks for one image, `[K, 6 + extra]`, at or above the threshold: the
+/// candidates and their extra numbers, flat.
+fn end_to_end_picks(picks: &Tensor, extra: i64, threshold: f32) -> Result<(Vec<Candidate>, Vec<f32>), EngineError> {
+    let kept = picks.select(1, 4).ge(f64::from(threshold)).nonzero().squeeze_dim(1);
+    let rows = to_f32_vec(&picks.index_select(0, &kept))?;
+    let width = 6 + extra as usize;
+    let found = rows
+        .chunks(width)
+        .map(|r| Candidate { x1: r[0], y1: r[1], x2: r[2], y2: r[3], score: r[4], class: r[5].max(0.0) as usize })
+        .collect();
+    let extras = rows.chunks(width).flat_map(|r| r[6..].iter().copied()).collect();
+    Ok((found, extras))
+}
+
+/// A YOLO head's candidates with what each carries beside its box: `rows` holds `per` numbers
+/// a candidate (points, or mask coefficients over `prototypes [M, H, W]`).
+fn with_extras(
+    found: Vec<Candidate>,
+    rows: &[f32],
+    per: usize,
+    extras: &DetectionExtras,
+    prototypes: Option<Tensor>,
+) -> Result<ModelOutput, EngineError> {
+    if per == 0 || matches!(extras, DetectionExtras::None) {
+        return Ok(ModelOutput::Candidates(found));
+    }
+    let per_candidate = found.into_iter().zip(rows.chunks(per));
+    match (extras, prototypes) {
+        (DetectionExtras::Keypoints(schema), _) => Ok(ModelOutput::Keypoints {
+            candidates: per_candidate
+                .map(|(candidate, row)| Ok(KeypointCandidate { candidate, points: keypoints(row)? }))
+                .collect::<Result<_, EngineError>>()?,
+            schema: Arc::clone(schema),
+        }),
+        (DetectionExtras::Masks { threshold }, Some(planes)) => {
+            let shape = planes.size();
+            Ok(ModelOutput::PrototypeInstances {
+                candidates: per_candidate.map(|(candidate, row)| CoefficientCandidate { candidate, coefficients: row.to_vec() }).collect(),
+                prototypes: Prototypes {
+                    channels: shape[0] as usize,
+                    height: shape[1] as usize,
+                    width: shape[2] as usize,
+                    values: to_f32_vec(&planes)?,
+                    cut: logit(*threshold),
+                },
+            })
+        }
+        _ => Err(err("a YOLO head's extra numbers are neither keypoints nor mask coefficients")),
     }
 }
 
@@ -711,5 +754,22 @@ mod tests {
         let out = parse_as("detection", head, &DetectionExtras::None).unwrap();
         let ModelOutput::Candidates(found) = &out[0] else { panic!("not candidates") };
         assert_eq!(found.iter().map(|c| (c.class, c.score)).collect::<Vec<_>>(), [(1, 0.8)]);
+    }
+
+    #[test]
+    fn an_end_to_end_head_answers_its_picks_unsuppressed() {
+        // Two overlapping picks and one below the threshold, (x1, y1, x2, y2, score, class).
+        let rows = [0.0f32, 0.0, 10.0, 10.0, 0.9, 3.0, 1.0, 1.0, 10.0, 10.0, 0.8, 3.0, 5.0, 5.0, 6.0, 6.0, 0.1, 0.0];
+        let head = IValue::Tensor(Tensor::from_slice(&rows).view([1, 3, 6]));
+        let text = "task = \"detection\"\n[input]\nwidth = 16\nheight = 16\nresize = \"letterbox\"\n[output]\nconvention = \"yolo_end2end\"\n";
+        let config = ModelConfig::parse(text).unwrap();
+        let options = super::super::JobOptions { score_threshold: 0.25, want_confidence: false, want_raw: false };
+        let out = parse_batched(head, &config.output, 1, options, &DetectionExtras::None).unwrap();
+        let ModelOutput::Chosen(inner) = &out[0] else { panic!("not chosen") };
+        let ModelOutput::Candidates(found) = inner.as_ref() else { panic!("not candidates") };
+        assert_eq!(found.iter().map(|c| (c.class, c.score, c.x1)).collect::<Vec<_>>(), [(3, 0.9, 0.0), (3, 0.8, 1.0)]);
+        // A row of the wrong width is refused.
+        let narrow = IValue::Tensor(Tensor::zeros([1, 3, 5], (Kind::Float, tch::Device::Cpu)));
+        assert!(parse_batched(narrow, &config.output, 1, options, &DetectionExtras::None).is_err());
     }
 }

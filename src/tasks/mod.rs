@@ -43,6 +43,9 @@ pub enum ModelOutput {
     PrototypeInstances { candidates: Vec<prototypes::CoefficientCandidate>, prototypes: prototypes::Prototypes },
     /// Boxes with their points, in model-input pixels, before NMS.
     Keypoints { candidates: Vec<keypoints::KeypointCandidate>, schema: Arc<keypoints::KeypointSchema> },
+    /// What an NMS-free head picked (YOLOv10, YOLO26 end-to-end exports): finished as the
+    /// output inside, with the score threshold and the cap but no suppression.
+    Chosen(Box<ModelOutput>),
 }
 
 /// One image's result, in the original image's pixels, before any protocol shapes it.
@@ -126,6 +129,10 @@ pub fn finish(
             ),
             schema,
         }),
+        (task, ModelOutput::Chosen(inner)) => {
+            // No IoU exceeds infinity: nothing is suppressed.
+            finish(task, *inner, geometry, labels, &PredictParams { iou_threshold: f32::INFINITY, ..*params })
+        }
         (task, _) => Err(OutputMismatch(task)),
     }
 }
@@ -283,5 +290,20 @@ mod tests {
     fn an_output_of_another_task_is_a_mismatch() {
         let out = finish(Task::Detection, ModelOutput::Probabilities(vec![1.0]), &Geometry::identity(1, 1), &[], &PredictParams::default());
         assert!(matches!(out, Err(OutputMismatch(Task::Detection))));
+    }
+
+    #[test]
+    fn chosen_boxes_are_not_suppressed() {
+        let candidates = vec![
+            Candidate { x1: 0.0, y1: 0.0, x2: 10.0, y2: 10.0, score: 0.9, class: 0 },
+            Candidate { x1: 0.0, y1: 0.0, x2: 10.0, y2: 10.0, score: 0.8, class: 0 },
+        ];
+        let geometry = Geometry::identity(10, 10);
+        let chosen = finish(Task::Detection, ModelOutput::Chosen(Box::new(ModelOutput::Candidates(candidates.clone()))), &geometry, &labels(), &PredictParams::default()).unwrap();
+        let Finished::Detection { detections } = chosen else { panic!("not detections") };
+        assert_eq!(detections.len(), 2);
+        let suppressed = finish(Task::Detection, ModelOutput::Candidates(candidates), &geometry, &labels(), &PredictParams::default()).unwrap();
+        let Finished::Detection { detections } = suppressed else { panic!("not detections") };
+        assert_eq!(detections.len(), 1);
     }
 }
