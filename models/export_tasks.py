@@ -15,6 +15,8 @@
   (`[N, 300, 6 + 32]` beside the prototypes, `[N, 300, 6 + 51]`).
 - `yolov8n_cls`: ultralytics' YOLOv8n-cls (`yolov8n-cls.yaml`, ImageNet's 1000 classes), whose
   export answers softmax probabilities, served as a classifier.
+- `yolov8n_obb`: ultralytics' YOLOv8n-obb (`yolov8n-obb.yaml`, DOTA's 15 classes): rotated boxes,
+  `[N, 4 + C + 1, A]`, the angle last.
 - `keypoint_rcnn_small`: torchvision's KeypointRCNN heads on the MobileNetV3-Large FPN backbone
   (torchvision builds no smaller Keypoint R-CNN), random init as the test set's Mask R-CNN.
 
@@ -157,6 +159,15 @@ def export_yolov8_cls(out, seed):
                                      "resize_shorter": YOLO_SIZE, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]})
 
 
+def export_yolov8_obb(out, seed):
+    import yaml as pyyaml
+    from ultralytics.utils import ROOT
+    with open(ROOT / "cfg" / "datasets" / "DOTAv1.yaml") as f:
+        names = pyyaml.safe_load(f)["names"]  # DOTA's 15, as ultralytics' pretrained -obb names them
+    return export_ultralytics(out, seed, "yolov8n-obb.yaml", "yolov8n_obb", "oriented_detection", [names[i] for i in range(len(names))],
+                              {"convention": "yolov8"})
+
+
 def export_yolov8_seg(out, seed):
     return export_ultralytics(out, seed, "yolov8n-seg.yaml", "yolov8n_seg", "instance_segmentation", coco_names(), {"convention": "yolov8"})
 
@@ -218,6 +229,7 @@ def main():
     exports = [("yolov8n_pose", export_yolov8_pose), ("yolov8n_seg", export_yolov8_seg),
                ("yolo26n_end2end", export_yolo26_end2end), ("yolo26n_seg_end2end", export_yolo26_seg_end2end),
                ("yolo26n_pose_end2end", export_yolo26_pose_end2end), ("yolov8n_cls", export_yolov8_cls),
+               ("yolov8n_obb", export_yolov8_obb),
                ("keypoint_rcnn_small", export_keypoint_rcnn)]
     for i, (name, export) in enumerate(exports, 1):
         started = time.time()

@@ -76,6 +76,7 @@ fn cost(key: &CacheKey, value: &Cached) -> usize {
         }
         // The schema is shared with the model (an Arc), not the entry's own.
         Cached::Result(Finished::Keypoints { poses, .. }) => poses.iter().map(|p| 48 + p.detection.label.len() + p.points.len() * 12).sum(),
+        Cached::Result(Finished::OrientedDetection { detections }) => detections.iter().map(|d| 68 + d.detection.label.len()).sum(),
     };
     ENTRY + key.model.len() + key.version.len() + value
 }

@@ -17,6 +17,8 @@ pub enum Task {
     InstanceSegmentation,
     /// Detections that each carry a fixed list of named points (Keypoint R-CNN, YOLO `-pose`).
     Keypoints,
+    /// Rotated boxes (YOLO `-obb`): centre, size and angle, and the four corners.
+    OrientedDetection,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -268,7 +270,7 @@ pub enum OutputConvention {
     TorchvisionDetection,
     /// ultralytics YOLOv8 (and YOLO11): `Tensor [N, 4 + C, A]`, (cx, cy, w, h) in input pixels;
     /// `-pose` heads add `3 x J` rows of points, `-seg` heads `M` rows of mask coefficients and
-    /// answer `(head, prototypes [N, M, H/4, W/4])`.
+    /// answer `(head, prototypes [N, M, H/4, W/4])`, `-obb` heads one row of angles (radians).
     Yolov8,
     /// ultralytics' NMS-free end-to-end heads (YOLOv10, YOLO26 exported with `nms=False`):
     /// `Tensor [N, K, 6]` of the head's picks, (x1, y1, x2, y2, score, class) in input pixels,
@@ -522,6 +524,7 @@ impl ModelConfig {
             Task::Embedding => matches!(self.output.convention, Features),
             Task::InstanceSegmentation => matches!(self.output.convention, TorchvisionDetection | Yolov8 | YoloEnd2end),
             Task::Keypoints => matches!(self.output.convention, TorchvisionDetection | Yolov8 | YoloEnd2end),
+            Task::OrientedDetection => matches!(self.output.convention, Yolov8),
         };
         if !task_fits {
             return Err(format!(

@@ -306,6 +306,7 @@ fn run_images_inner(
     let extras = match config.task {
         Task::InstanceSegmentation => DetectionExtras::Masks { threshold: config.output.threshold },
         Task::Keypoints => DetectionExtras::Keypoints(Arc::new(KeypointSchema::of(&config.output))),
+        Task::OrientedDetection => DetectionExtras::Angle,
         _ => DetectionExtras::None,
     };
     if config.output.convention == OutputConvention::TorchvisionDetection {

@@ -12,6 +12,7 @@ use crate::tasks::detection::Candidate;
 use crate::tasks::embedding;
 use crate::tasks::instances::{InstanceCandidate, RegionMask};
 use crate::tasks::keypoints::{Keypoint, KeypointCandidate, KeypointSchema};
+use crate::tasks::oriented::{OrientedCandidate, RotatedBox};
 use crate::tasks::prototypes::{logit, CoefficientCandidate, Prototypes};
 use crate::tasks::segmentation::LabelMap;
 
@@ -129,7 +130,7 @@ pub fn parse_batched(
             // alone. Served as a detector, a -seg export's boxes are read and its masks left.
             let (raw, prototypes) = match value {
                 IValue::Tuple(mut items) | IValue::GenericList(mut items)
-                    if items.len() == 2 && !matches!(extras, DetectionExtras::Keypoints(_)) =>
+                    if items.len() == 2 && !matches!(extras, DetectionExtras::Keypoints(_) | DetectionExtras::Angle) =>
                 {
                     let prototypes = tensor_of(items.pop().unwrap(), "prototypes")?.to_device(tch::Device::Cpu).to_kind(Kind::Float);
                     expect_dims(&prototypes, 4, batch, "YOLO -seg prototypes [N, M, H, W]")?;
@@ -145,6 +146,7 @@ pub fn parse_batched(
             // -seg head each anchor's coefficients over the prototypes.
             let (extra_rows, what) = match (extras, &prototypes) {
                 (DetectionExtras::Keypoints(schema), _) => (3 * schema.names.len() as i64, "keypoint"),
+                (DetectionExtras::Angle, _) => (1, "angle"),
                 (_, Some(p)) => (p.size()[1], "mask coefficient"),
                 _ => (0, "extra"),
             };
@@ -272,6 +274,16 @@ fn with_extras(
                 .collect::<Result<_, EngineError>>()?,
             schema: Arc::clone(schema),
         }),
+        // Back from corners to centre and size: a rounding's difference, far below a pixel.
+        (DetectionExtras::Angle, _) => Ok(ModelOutput::Oriented(
+            per_candidate
+                .map(|(c, row)| OrientedCandidate {
+                    rotated: RotatedBox { cx: (c.x1 + c.x2) / 2.0, cy: (c.y1 + c.y2) / 2.0, w: c.x2 - c.x1, h: c.y2 - c.y1, angle: row[0] },
+                    score: c.score,
+                    class: c.class,
+                })
+                .collect(),
+        )),
         (DetectionExtras::Masks { threshold }, Some(planes)) => {
             let shape = planes.size();
             Ok(ModelOutput::PrototypeInstances {
@@ -418,6 +430,8 @@ pub enum DetectionExtras {
     /// Keypoint R-CNN's `keypoints [K, J, 3]` (x, y, visibility) and `keypoints_scores [K, J]`;
     /// a YOLOv8 -pose head's `3 x J` rows per anchor.
     Keypoints(Arc<KeypointSchema>),
+    /// A YOLOv8 -obb head's last row: each anchor's angle, in radians.
+    Angle,
 }
 
 /// Parses torchvision's `(losses, [{boxes, labels, scores, ...}])` for `count` images.
@@ -489,6 +503,7 @@ pub fn parse_torchvision_detection(
                     return torchvision_keypoints(candidates, points, point_scores, scores.len(), schema);
                 }
                 DetectionExtras::Masks { threshold } => *threshold,
+                DetectionExtras::Angle => return Err(err("torchvision detectors answer no rotated boxes")),
             };
             let masks = masks.ok_or_else(|| err("an instance segmentation model's detections need \"masks\""))?;
             let size = masks.size();
@@ -771,5 +786,16 @@ mod tests {
         // A row of the wrong width is refused.
         let narrow = IValue::Tensor(Tensor::zeros([1, 3, 5], (Kind::Float, tch::Device::Cpu)));
         assert!(parse_batched(narrow, &config.output, 1, options, &DetectionExtras::None).is_err());
+    }
+
+    #[test]
+    fn an_obb_head_gives_each_kept_anchor_its_angle() {
+        // Two anchors, rows cx, cy, w, h, one class, the angle.
+        let head = IValue::Tensor(Tensor::from_slice(&[8.0f32, 2.0, 8.0, 2.0, 6.0, 2.0, 4.0, 2.0, 0.9, 0.1, 0.5, 0.2]).view([1, 6, 2]));
+        let out = parse_as("oriented_detection", head, &DetectionExtras::Angle).unwrap();
+        let ModelOutput::Oriented(found) = &out[0] else { panic!("not oriented") };
+        assert_eq!(found.len(), 1);
+        let r = found[0].rotated;
+        assert_eq!((r.cx, r.cy, r.w, r.h, r.angle, found[0].score), (8.0, 8.0, 6.0, 4.0, 0.5, 0.9));
     }
 }

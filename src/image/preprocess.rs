@@ -40,9 +40,14 @@ impl Geometry {
 
     /// Maps a point in model-input pixels back to the original image, clamped to its bounds.
     pub fn to_original(&self, x: f32, y: f32) -> (f32, f32) {
-        let ox = ((x - self.offset_x) / self.scale_x).clamp(0.0, self.original_width as f32);
-        let oy = ((y - self.offset_y) / self.scale_y).clamp(0.0, self.original_height as f32);
-        (ox, oy)
+        let (ox, oy) = self.to_original_unclamped(x, y);
+        (ox.clamp(0.0, self.original_width as f32), oy.clamp(0.0, self.original_height as f32))
+    }
+
+    /// [`Self::to_original`] without keeping the point inside the image: a rotated box's
+    /// centre and corners may lie past its edges.
+    pub fn to_original_unclamped(&self, x: f32, y: f32) -> (f32, f32) {
+        ((x - self.offset_x) / self.scale_x, (y - self.offset_y) / self.scale_y)
     }
 }
 

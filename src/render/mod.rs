@@ -13,6 +13,7 @@ use imageproc::rect::Rect;
 
 use crate::tasks::instances::Instance;
 use crate::tasks::keypoints::{KeypointSchema, Pose};
+use crate::tasks::oriented::OrientedDetection;
 use crate::tasks::segmentation::{summarise, ClassSummary, LabelMap};
 use crate::tasks::{Detection, Finished, Prediction};
 
@@ -111,6 +112,35 @@ pub fn draw_instances(image: &mut RgbImage, instances: &[Instance]) {
     }
 }
 
+/// A thick segment as parallel one-pixel ones, offset across its direction.
+fn draw_thick_segment(image: &mut RgbImage, a: (f32, f32), b: (f32, f32), thickness: i32, colour: Rgb<u8>) {
+    let (dx, dy) = (b.0 - a.0, b.1 - a.1);
+    let length = (dx * dx + dy * dy).sqrt().max(1e-3);
+    let (nx, ny) = (-dy / length, dx / length);
+    for t in 0..thickness {
+        let o = t as f32 - (thickness - 1) as f32 / 2.0;
+        draw_line_segment_mut(image, (a.0 + nx * o, a.1 + ny * o), (b.0 + nx * o, b.1 + ny * o), colour);
+    }
+}
+
+/// Each rotated box as its outline in its class's colour, tagged at its top corner; the best
+/// ends up on top.
+pub fn draw_oriented(image: &mut RgbImage, detections: &[OrientedDetection]) {
+    let (scale, thickness) = (text_scale(image), line_thickness(image));
+    for found in detections.iter().rev() {
+        let colour = class_colour(found.detection.index);
+        let corners = found.rotated.corners();
+        for i in 0..4 {
+            let (a, b) = (corners[i], corners[(i + 1) % 4]);
+            draw_thick_segment(image, (a[0], a[1]), (b[0], b[1]), thickness, colour);
+        }
+        let top = corners.iter().min_by(|a, b| a[1].total_cmp(&b[1])).expect("four corners");
+        let tag = format!("{} {:.2}", found.detection.label, found.detection.score);
+        let (_, tag_h) = text_size(scale, font(), &tag);
+        draw_tag(image, top[0].round() as i32, top[1].round() as i32 - tag_h as i32 - thickness, &tag, colour, scale);
+    }
+}
+
 /// Each pose in its own colour (by rank): box and tag, the skeleton's edges between points
 /// that reach the schema's drawing threshold, and those points as dots ringed in white.
 pub fn draw_poses(image: &mut RgbImage, poses: &[Pose], schema: &KeypointSchema) {
@@ -122,14 +152,7 @@ pub fn draw_poses(image: &mut RgbImage, poses: &[Pose], schema: &KeypointSchema)
         let shown = |i: usize| pose.points.get(i).filter(|p| p.score >= schema.draw_threshold);
         for &[a, b] in &schema.skeleton {
             let (Some(a), Some(b)) = (shown(a), shown(b)) else { continue };
-            // A thick segment as parallel one-pixel ones, offset across its direction.
-            let (dx, dy) = (b.x - a.x, b.y - a.y);
-            let length = (dx * dx + dy * dy).sqrt().max(1e-3);
-            let (nx, ny) = (-dy / length, dx / length);
-            for t in 0..thickness {
-                let o = t as f32 - (thickness - 1) as f32 / 2.0;
-                draw_line_segment_mut(image, (a.x + nx * o, a.y + ny * o), (b.x + nx * o, b.y + ny * o), colour);
-            }
+            draw_thick_segment(image, (a.x, a.y), (b.x, b.y), thickness, colour);
         }
         for i in 0..pose.points.len() {
             if let Some(p) = shown(i) {
@@ -151,6 +174,7 @@ pub fn draw_result(image: &mut RgbImage, result: &Finished, labels: &[String]) {
         Finished::Embedding { .. } => {}
         Finished::InstanceSegmentation { instances } => draw_instances(image, instances),
         Finished::Keypoints { poses, schema } => draw_poses(image, poses, schema),
+        Finished::OrientedDetection { detections } => draw_oriented(image, detections),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod detection;
 pub mod embedding;
 pub mod instances;
 pub mod keypoints;
+pub mod oriented;
 pub mod params;
 pub mod prototypes;
 pub mod segmentation;
@@ -43,6 +44,8 @@ pub enum ModelOutput {
     PrototypeInstances { candidates: Vec<prototypes::CoefficientCandidate>, prototypes: prototypes::Prototypes },
     /// Boxes with their points, in model-input pixels, before NMS.
     Keypoints { candidates: Vec<keypoints::KeypointCandidate>, schema: Arc<keypoints::KeypointSchema> },
+    /// Rotated boxes in model-input pixels, before NMS.
+    Oriented(Vec<oriented::OrientedCandidate>),
     /// What an NMS-free head picked (YOLOv10, YOLO26 end-to-end exports): finished as the
     /// output inside, with the score threshold and the cap but no suppression.
     Chosen(Box<ModelOutput>),
@@ -63,6 +66,8 @@ pub enum Finished {
     InstanceSegmentation { instances: Vec<instances::Instance> },
     /// As detection, each box with its points (in the schema's order), both in original pixels.
     Keypoints { poses: Vec<keypoints::Pose>, schema: Arc<keypoints::KeypointSchema> },
+    /// After rotated NMS, at most `max_detections`, best first, in original pixels.
+    OrientedDetection { detections: Vec<oriented::OrientedDetection> },
 }
 
 /// A worker's output of another kind than the model's task: a server fault, never the
@@ -129,6 +134,16 @@ pub fn finish(
             ),
             schema,
         }),
+        (Task::OrientedDetection, ModelOutput::Oriented(candidates)) => Ok(Finished::OrientedDetection {
+            detections: oriented::finish_oriented(
+                candidates,
+                geometry,
+                labels,
+                params.score_threshold,
+                params.iou_threshold,
+                params.max_detections,
+            ),
+        }),
         (task, ModelOutput::Chosen(inner)) => {
             // No IoU exceeds infinity: nothing is suppressed.
             finish(task, *inner, geometry, labels, &PredictParams { iou_threshold: f32::INFINITY, ..*params })
@@ -158,6 +173,7 @@ pub enum TaskResult {
     InstanceSegmentation { detections: Vec<instances::InstanceResult> },
     /// The poses, with the names of their points and the skeleton joining them.
     Keypoints { detections: Vec<keypoints::PoseResult>, keypoint_names: Vec<String>, skeleton: Vec<[usize; 2]> },
+    OrientedDetection { detections: Vec<oriented::OrientedResult> },
     Embedding {
         embedding: Vec<f32>,
         /// With `neighbours = k`: the k most similar of the request's other images.
@@ -187,6 +203,9 @@ impl TaskResult {
                 keypoint_names: schema.names.clone(),
                 skeleton: schema.skeleton.clone(),
             },
+            Finished::OrientedDetection { detections } => {
+                TaskResult::OrientedDetection { detections: detections.iter().map(oriented::OrientedResult::from).collect() }
+            }
         })
     }
 

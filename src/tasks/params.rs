@@ -93,7 +93,7 @@ impl PredictParams {
             Task::Detection => &["score_threshold", "iou_threshold", "max_detections"],
             Task::Embedding => &["neighbours"],
             Task::InstanceSegmentation => &["score_threshold", "iou_threshold", "max_detections", "mask_format"],
-            Task::Keypoints => &["score_threshold", "iou_threshold", "max_detections"],
+            Task::Keypoints | Task::OrientedDetection => &["score_threshold", "iou_threshold", "max_detections"],
         };
         if let Some(key) = raw.keys().find(|k| !allowed.contains(&k.as_str())) {
             return Err(ParamError(format!(

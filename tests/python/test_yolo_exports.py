@@ -162,3 +162,54 @@ def test_a_classifier_export_matches_ultralytics(server, photo):
         assert predictions[0]["index"] == top5[0]
         assert len({p["index"] for p in predictions} & set(top5.tolist())) >= 4
         np.testing.assert_allclose(predictions[0]["score"], reference[top5[0]], rtol=0.1)
+
+
+@pytest.mark.parametrize("photo", list(PHOTOS))
+def test_rotated_boxes_match_ultralytics(server, photo):
+    """yolov8n_obb (random weights): the same rotated boxes after ultralytics' ProbIoU fast NMS,
+    in the photo's pixels, with the same corners (not clipped: a rotated box may reach past the
+    photo); `box` is their axis-aligned bound."""
+    bgr = np.asarray(PHOTOS[photo].convert("RGB"))[:, :, ::-1].copy()
+    r = YOLO(model_file("yolov8n_obb"), task="obb").predict(bgr, imgsz=SIZE, conf=0.25, iou=0.7, max_det=300, verbose=False)[0]
+    ref_rotated, ref_scores, ref_classes = r.obb.xywhr.numpy(), r.obb.conf.numpy(), r.obb.cls.numpy().astype(int)
+    ref_corners = r.obb.xyxyxyxy.numpy()
+    assert len(ref_scores) >= 3, "the test model should find rotated boxes"
+    detections = ours(server, photo, "yolov8n_obb", iou_threshold="0.7")
+    assert len(detections) == len(ref_scores)
+    np.testing.assert_allclose([d["score"] for d in detections], ref_scores, atol=5e-4)
+    assert [d["index"] for d in detections] == ref_classes.tolist()
+    rotated = np.array([[d["rotated_box"][k] for k in ("cx", "cy", "w", "h", "angle")] for d in detections])
+    np.testing.assert_allclose(rotated[:, :4], ref_rotated[:, :4], atol=0.05)
+    np.testing.assert_allclose(rotated[:, 4], ref_rotated[:, 4], atol=1e-4)
+    corners = np.array([d["corners"] for d in detections])
+    np.testing.assert_allclose(corners, ref_corners, atol=0.05)
+    # The bound of the corners, clipped to the photo as every answer's boxes are.
+    width, height = PHOTOS[photo].size
+    bounds = np.array([[d["box"][k] for k in ("x1", "y1", "x2", "y2")] for d in detections])
+    low, high = corners.min(axis=1), corners.max(axis=1)
+    np.testing.assert_allclose(bounds, np.stack([low[:, 0].clip(0, width), low[:, 1].clip(0, height),
+                                                 high[:, 0].clip(0, width), high[:, 1].clip(0, height)], 1), atol=1e-3)
+
+
+def test_rotated_boxes_over_v2_torchserve_and_an_overlay(server):
+    import tritonclient.http as httpclient
+    blob = conftest.encode(PHOTOS["astronaut-320.png"], "PNG")
+    v1 = ours(server, "astronaut-320.png", "yolov8n_obb", max_detections="10")
+    http = httpclient.InferenceServerClient(url=server.base.removeprefix("http://"))
+    meta = {o["name"]: o for o in http.get_model_metadata("yolov8n_obb")["outputs"]}
+    assert meta["rotated_boxes"]["shape"] == [-1, -1, 5] and meta["corners"]["shape"] == [-1, -1, 4, 2]
+    image = httpclient.InferInput("image", [1], "BYTES")
+    image.set_data_from_numpy(np.array([blob], dtype=object), binary_data=True)
+    names = ("num_detections", "rotated_boxes", "corners")
+    result = http.infer("yolov8n_obb", [image], outputs=[httpclient.InferRequestedOutput(n, binary_data=True) for n in names],
+                        parameters={"score_threshold": 0.25, "max_detections": 10})
+    count = int(result.as_numpy("num_detections")[0])
+    assert count == len(v1) > 0
+    np.testing.assert_allclose(result.as_numpy("corners")[0][:count], [d["corners"] for d in v1], atol=1e-4)
+    np.testing.assert_allclose(result.as_numpy("rotated_boxes")[0][:count, 4], [d["rotated_box"]["angle"] for d in v1], atol=1e-6)
+    answer = requests.post(server.url("/predictions/yolov8n_obb"), data=blob, timeout=60).json()
+    assert answer and all(len(o["corners"]) == 4 and "score" in o for o in answer)
+    png = requests.post(server.url("/v1/models/yolov8n_obb/predict"), params={"render": "png", "score_threshold": "0.25"}, data=blob, timeout=60)
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    drawn = np.asarray(Image.open(io.BytesIO(png.content)).convert("RGB")).astype(int)
+    assert (np.abs(drawn - np.asarray(PHOTOS["astronaut-320.png"]).astype(int)).sum(2) > 30).mean() > 0.005

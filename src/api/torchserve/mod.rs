@@ -190,6 +190,20 @@ fn handler_answer(result: Finished) -> Value {
                 })
                 .collect(),
         ),
+        // The object_detector shape, each object also with its rotated box's four corners.
+        Finished::OrientedDetection { detections } => Value::Array(
+            detections
+                .into_iter()
+                .map(|o| {
+                    let d = &o.detection;
+                    let mut object = Map::new();
+                    object.insert(d.label.clone(), json!([d.bbox.x1, d.bbox.y1, d.bbox.x2, d.bbox.y2]));
+                    object.insert("score".into(), json!(d.score));
+                    object.insert("corners".into(), json!(o.rotated.corners()));
+                    Value::Object(object)
+                })
+                .collect(),
+        ),
         Finished::Detection { detections } => Value::Array(
             detections
                 .into_iter()

@@ -85,6 +85,12 @@ pub fn model_metadata(core: &Core, servable: Servable) -> Result<ModelMetadata, 
             specs.push(tensor_spec(KEYPOINTS, "FP32", &[-1, -1, config.output.keypoint_names().len() as i64, 3]));
             specs
         }
+        Task::OrientedDetection => {
+            let mut specs = detection_specs();
+            specs.push(tensor_spec(ROTATED_BOXES, "FP32", &[-1, -1, 5]));
+            specs.push(tensor_spec(CORNERS, "FP32", &[-1, -1, 4, 2]));
+            specs
+        }
         Task::Embedding => {
             // [N, D] or a feature map [N, D, H, W]: D is the embedding's length either way.
             let dimension = raw_specs.first().and_then(|r| r.shape.get(1).copied()).unwrap_or(-1);
@@ -450,6 +456,11 @@ const MASK_PIXELS: &str = "mask_pixels";
 /// Keypoints' points, `FP32 [N, K, J, 3]`: (x, y, score) in original pixels, zeros past an
 /// image's own detections.
 const KEYPOINTS: &str = "keypoints";
+/// Rotated boxes, `FP32 [N, K, 5]`: (cx, cy, w, h, angle in radians) in original pixels; their
+/// axis-aligned bounds are `boxes`.
+const ROTATED_BOXES: &str = "rotated_boxes";
+/// The rotated boxes' corners, `FP32 [N, K, 4, 2]`.
+const CORNERS: &str = "corners";
 
 /// The task's outputs as `[N, ...]` tensors: `scores`; `mask`; `embedding`; or `boxes`,
 /// `scores`, `classes` and `num_detections`, padded to the image with the most detections
@@ -460,6 +471,7 @@ pub(crate) fn task_tensors(results: Vec<Finished>, mask_pixels: bool) -> Result<
     let (mut scores, mut masks, mut detections, mut embeddings) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut instances = Vec::new();
     let mut poses = Vec::new();
+    let mut rotated = Vec::new();
     for result in results {
         match result {
             Finished::Classification { scores: s, .. } => scores.push(s),
@@ -473,6 +485,10 @@ pub(crate) fn task_tensors(results: Vec<Finished>, mask_pixels: bool) -> Result<
             Finished::Keypoints { poses: found, schema } => {
                 detections.push(found.iter().map(|p| p.detection.clone()).collect());
                 poses.push((found, schema.names.len()));
+            }
+            Finished::OrientedDetection { detections: found } => {
+                detections.push(found.iter().map(|o| o.detection.clone()).collect());
+                rotated.push(found.into_iter().map(|o| o.rotated).collect::<Vec<_>>());
             }
         }
     }
@@ -534,6 +550,25 @@ pub(crate) fn task_tensors(results: Vec<Finished>, mask_pixels: bool) -> Result<
             }
         }
         tensors.push(tensor(KEYPOINTS, vec![n, k, j as i64, 3], OutputData::Fp32(data)));
+    }
+    if !rotated.is_empty() {
+        let (mut boxes, mut corners) = (Vec::new(), Vec::new());
+        for found in &rotated {
+            for i in 0..k as usize {
+                match found.get(i) {
+                    Some(r) => {
+                        boxes.extend([r.cx, r.cy, r.w, r.h, r.angle]);
+                        corners.extend(r.corners().into_iter().flatten());
+                    }
+                    None => {
+                        boxes.extend([0.0; 5]);
+                        corners.extend([0.0; 8]);
+                    }
+                }
+            }
+        }
+        tensors.push(tensor(ROTATED_BOXES, vec![n, k, 5], OutputData::Fp32(boxes)));
+        tensors.push(tensor(CORNERS, vec![n, k, 4, 2], OutputData::Fp32(corners)));
     }
     Ok(tensors)
 }
