@@ -263,6 +263,9 @@ ZOO = {
     "fasterrcnn_mobilenet_v3_large_320_fpn": detection("fasterrcnn_mobilenet_v3_large_320_fpn"),
     "maskrcnn_resnet50_fpn": detection("maskrcnn_resnet50_fpn", 800, task="instance_segmentation"),
     "maskrcnn_resnet50_fpn_v2": detection("maskrcnn_resnet50_fpn_v2", 800, task="instance_segmentation"),
+    # torchvision's keypoint scores are heatmap logits: a point at 0 or above is drawn.
+    "keypointrcnn_resnet50_fpn": {**detection("keypointrcnn_resnet50_fpn", 800, task="keypoints"),
+                                  "output": {"convention": "torchvision_detection", "keypoint_threshold": 0.0}},
     "yolo_tiny": {"kind": "yolo", "task": "detection",
                   "input": {"width": 320, "height": 320, "resize": "letterbox", "pad_value": 114},
                   "output": {"convention": "yolov8"}},

@@ -57,13 +57,24 @@ def calibration_batch(size):
 
 
 def export_ultralytics(out, seed, yaml, name, task, labels, output, input=None, **export_args):
-    """ultralytics' model built from `yaml`, its batch-norm statistics measured and its class bias
-    shifted (see above), exported by ultralytics as a user's `yolo export` does (`export_args`:
-    `nms=False` keeps an NMS-free head's end-to-end branch)."""
+    """ultralytics' model built from `yaml` with as many classes as `labels`, its batch-norm
+    statistics measured and its class bias shifted (see above), exported by ultralytics as a
+    user's `yolo export` does (`export_args`: `nms=False` keeps an NMS-free head's end-to-end
+    branch)."""
     from ultralytics import YOLO
     import ultralytics
+    import yaml as pyyaml
+    from ultralytics.nn.tasks import yaml_model_load
+    # ultralytics' yamls say nc: 80 (1000 for -cls); the same yaml with the labels' count, under
+    # the same file name (ultralytics reads the model scale, n, from it).
+    spec = {k: v for k, v in yaml_model_load(yaml).items() if k not in ("yaml_file", "scale")}
+    spec["nc"] = len(labels)
+    work = os.path.join(out, f".ultralytics-work-{name}")
+    os.makedirs(work, exist_ok=True)
+    with open(os.path.join(work, yaml), "w") as f:
+        pyyaml.safe_dump(spec, f, sort_keys=False)
     torch.manual_seed(seed)
-    model = YOLO(yaml)
+    model = YOLO(os.path.join(work, yaml))
     net = model.model
     batch = calibration_batch(YOLO_SIZE)
     for module in net.modules():
@@ -94,8 +105,6 @@ def export_ultralytics(out, seed, yaml, name, task, labels, output, input=None, 
             for branch in list(head.cv3) + list(getattr(head, "one2one_cv3", None) or []):
                 branch[-1].bias += shift
     # ultralytics writes the export beside its source; the yaml-built model has none, so cwd.
-    work = os.path.join(out, f".ultralytics-work-{name}")
-    os.makedirs(work, exist_ok=True)
     here = os.getcwd()
     os.chdir(work)
     try:
@@ -107,7 +116,7 @@ def export_ultralytics(out, seed, yaml, name, task, labels, output, input=None, 
     shutil.copy(exported, os.path.join(folder, "model.torchscript"))
     write_labels(folder, labels)
     write_config(folder, {"task": task, "format": "torchscript", "file": "model.torchscript", "labels": "labels.txt"}, {
-        "provenance": {"weights": f"random-init:seed={seed}", "source": f"ultralytics {ultralytics.__version__} {yaml}, yolo export format=torchscript",
+        "provenance": {"weights": f"random-init:seed={seed}", "source": f"ultralytics {ultralytics.__version__} {yaml} (nc={len(labels)}), yolo export format=torchscript",
                        "license": "AGPL-3.0", "parameter_count": sum(p.numel() for p in net.parameters())},
         "input": input or {"width": YOLO_SIZE, "height": YOLO_SIZE, "resize": "letterbox", "pad_value": 114,
                            "resize_filter": "opencv_linear"},

@@ -19,6 +19,8 @@ use crate::repository::ModelRepository;
 use crate::tasks::detection::{non_max_suppression, Candidate};
 use crate::tasks::segmentation::{encode_result, LabelMap, MaskFormat};
 use crate::tasks::instances::{self, RegionMask};
+use crate::tasks::oriented::{self, OrientedCandidate, RotatedBox};
+use crate::tasks::prototypes::{CoefficientCandidate, Prototypes};
 use crate::tasks::{embedding, finish, Finished, ModelOutput, PredictParams};
 
 fn input_specs() -> &'static [InputSpec] {
@@ -145,7 +147,8 @@ pub fn v2_binary(data: &[u8]) {
 }
 
 /// Mask encodings (PNG, COCO RLE, resampling to the original size) and non-maximum
-/// suppression on arbitrary label maps and boxes.
+/// suppression on arbitrary label maps and boxes; masks from prototypes and rotated boxes from
+/// arbitrary floats (NaN, infinities, huge values), as a hostile head would answer them.
 pub fn rle_nms(data: &[u8]) {
     if data.len() < 6 {
         return;
@@ -200,6 +203,7 @@ pub fn rle_nms(data: &[u8]) {
     let mapped = region.tightened().into_original(&mapping);
     assert!(mapped.left + mapped.width <= original.0 && mapped.top + mapped.height <= original.1);
     assert_eq!(mapped.bits.len(), (mapped.width * mapped.height) as usize);
+    prototype_masks_and_rotated_boxes(data, &floats, &mapping);
     // Embeddings from the same floats (NaN, infinities, huge and subnormal values): refused or
     // finite, and every cosine within -1..=1.
     let dimension = usize::from(data[0] % 8) + 1;
@@ -208,6 +212,71 @@ pub fn rle_nms(data: &[u8]) {
     for found in embedding::nearest(&vectors, &vectors, usize::from(data[1]), true) {
         assert!(found.len() < vectors.len().max(1));
         assert!(found.iter().all(|n| (-1.0001..=1.0001).contains(&n.similarity)), "{found:?}");
+    }
+}
+
+/// Masks from prototypes of any shape and values, for boxes anywhere (NaN and infinite edges
+/// included): each on the input canvas, within its box's pixels, through NMS and the mapping;
+/// rotated boxes through ProbIoU fast NMS: at most the cap, ProbIoU within 0..=1 for sane boxes.
+fn prototype_masks_and_rotated_boxes(data: &[u8], floats: &[f32], geometry: &Geometry) {
+    if floats.is_empty() {
+        return;
+    }
+    let at = |i: usize| floats[i % floats.len()];
+    let (channels, width, height) = (usize::from(data[0] % 4) + 1, usize::from(data[1] % 9) + 1, usize::from(data[2] % 9) + 1);
+    let prototypes = Prototypes {
+        channels,
+        width,
+        height,
+        values: (0..channels * width * height).map(at).collect(),
+        cut: if data[3] % 2 == 0 { 0.0 } else { at(7) },
+    };
+    let (canvas_width, canvas_height) = (geometry.input_width, geometry.input_height);
+    let candidates: Vec<CoefficientCandidate> = floats
+        .chunks_exact(5)
+        .take(40)
+        .enumerate()
+        .map(|(i, c)| CoefficientCandidate {
+            candidate: Candidate { x1: c[0], y1: c[1], x2: c[2], y2: c[3], score: c[4], class: i % 3 },
+            // Now and then the wrong number of coefficients: no mask rather than a panic.
+            coefficients: (0..channels + usize::from(i % 7 == 6)).map(|k| at(i * 5 + k)).collect(),
+        })
+        .collect();
+    for c in &candidates {
+        let mask = prototypes.mask(&c.coefficients, &c.candidate, canvas_width, canvas_height);
+        assert_eq!((mask.canvas_width, mask.canvas_height), (canvas_width, canvas_height));
+        assert!(mask.left + mask.width <= canvas_width && mask.top + mask.height <= canvas_height);
+        assert_eq!(mask.bits.len(), (mask.width * mask.height) as usize);
+        if mask.width > 0 {
+            let b = &c.candidate;
+            assert!(mask.left as f32 >= b.x1.floor() && (mask.left + mask.width) as f32 <= b.x2.ceil() + 1.0, "{mask:?} outside {b:?}");
+        }
+    }
+    let names: Vec<String> = (0..3).map(|i| format!("class{i}")).collect();
+    let cap = usize::from(data[4] % 16);
+    let found = instances::finish_prototype_instances(candidates, &prototypes, geometry, &names, 0.0, 0.5, cap);
+    assert!(found.len() <= cap);
+    assert!(found.iter().all(|i| i.mask.width > 0 && i.mask.left + i.mask.width <= geometry.original_width));
+    let rotated: Vec<OrientedCandidate> = floats
+        .chunks_exact(6)
+        .take(60)
+        .enumerate()
+        .map(|(i, c)| OrientedCandidate { rotated: RotatedBox { cx: c[0], cy: c[1], w: c[2], h: c[3], angle: c[4] }, score: c[5], class: i % 2 })
+        .collect();
+    let count = rotated.len();
+    let sane = |r: &RotatedBox| [r.cx, r.cy, r.w, r.h, r.angle].iter().all(|v| v.is_finite() && v.abs() < 1e4) && r.w > 0.1 && r.h > 0.1;
+    for pair in rotated.windows(2) {
+        if sane(&pair[0].rotated) && sane(&pair[1].rotated) {
+            let overlap = oriented::probiou(&pair[0].rotated, &pair[1].rotated);
+            assert!((0.0..=1.0).contains(&overlap), "{overlap} for {pair:?}");
+        }
+    }
+    let kept = oriented::finish_oriented(rotated, geometry, &names, f32::from(data[5]) / 255.0, 0.5, cap);
+    assert!(kept.len() <= count.min(cap));
+    for k in &kept {
+        let b = k.detection.bbox;
+        let inside = |v: f32, size: u32| v.is_nan() || (0.0..=size as f32).contains(&v);
+        assert!(inside(b.x1, geometry.original_width) && inside(b.x2, geometry.original_width), "{b:?}");
     }
 }
 

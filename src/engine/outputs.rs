@@ -274,15 +274,18 @@ fn with_extras(
                 .collect::<Result<_, EngineError>>()?,
             schema: Arc::clone(schema),
         }),
-        // Back from corners to centre and size: a rounding's difference, far below a pixel.
+        // Back from corners to centre and size: a rounding's difference, far below a pixel. A
+        // NaN or infinite box or angle is refused, as keypoints are.
         (DetectionExtras::Angle, _) => Ok(ModelOutput::Oriented(
             per_candidate
-                .map(|(c, row)| OrientedCandidate {
-                    rotated: RotatedBox { cx: (c.x1 + c.x2) / 2.0, cy: (c.y1 + c.y2) / 2.0, w: c.x2 - c.x1, h: c.y2 - c.y1, angle: row[0] },
-                    score: c.score,
-                    class: c.class,
+                .map(|(c, row)| {
+                    let rotated = RotatedBox { cx: (c.x1 + c.x2) / 2.0, cy: (c.y1 + c.y2) / 2.0, w: c.x2 - c.x1, h: c.y2 - c.y1, angle: row[0] };
+                    match [rotated.cx, rotated.cy, rotated.w, rotated.h, rotated.angle].iter().find(|v| !v.is_finite()) {
+                        Some(v) => Err(err(format!("the model's rotated boxes hold {v}: its output is unusable"))),
+                        None => Ok(OrientedCandidate { rotated, score: c.score, class: c.class }),
+                    }
                 })
-                .collect(),
+                .collect::<Result<_, EngineError>>()?,
         )),
         (DetectionExtras::Masks { threshold }, Some(planes)) => {
             let shape = planes.size();
@@ -797,5 +800,12 @@ mod tests {
         assert_eq!(found.len(), 1);
         let r = found[0].rotated;
         assert_eq!((r.cx, r.cy, r.w, r.h, r.angle, found[0].score), (8.0, 8.0, 6.0, 4.0, 0.5, 0.9));
+    }
+
+    #[test]
+    fn nan_angles_are_refused_not_passed_on() {
+        let head = IValue::Tensor(Tensor::from_slice(&[8.0f32, 8.0, 6.0, 4.0, 0.9, f32::NAN]).view([1, 6, 1]));
+        let message = parse_as("oriented_detection", head, &DetectionExtras::Angle).unwrap_err().to_string();
+        assert!(message.contains("NaN"), "{message}");
     }
 }

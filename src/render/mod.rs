@@ -316,6 +316,28 @@ mod tests {
     }
 
     #[test]
+    fn oriented_overlay_outlines_the_rotated_box_not_its_bound() {
+        use crate::tasks::oriented::RotatedBox;
+        let mut image = RgbImage::from_pixel(320, 240, Rgb([0, 0, 0]));
+        // A 160 x 60 box turned 45 degrees about (160, 120).
+        let rotated = RotatedBox { cx: 160.0, cy: 120.0, w: 160.0, h: 60.0, angle: std::f32::consts::FRAC_PI_4 };
+        let found = OrientedDetection {
+            detection: Detection { index: 3, label: "plane".into(), score: 0.8, bbox: BoundingBox { x1: 82.2, y1: 42.2, x2: 237.8, y2: 197.8 } },
+            rotated,
+        };
+        draw_oriented(&mut image, &[found]);
+        let colour = class_colour(3);
+        // Midway along the first edge (corner 0 to corner 1); the centre and the bound's
+        // corners stay dark: the bound is not drawn.
+        let [a, b] = [rotated.corners()[0], rotated.corners()[1]];
+        let (mx, my) = (((a[0] + b[0]) / 2.0) as u32, ((a[1] + b[1]) / 2.0) as u32);
+        assert!((mx - 1..=mx + 1).any(|x| (my - 1..=my + 1).any(|y| *image.get_pixel(x, y) == colour)), "the edge is drawn");
+        assert_eq!(*image.get_pixel(160, 120), Rgb([0, 0, 0]));
+        assert_eq!(*image.get_pixel(84, 196), Rgb([0, 0, 0]));
+        assert_matches_expected("overlay_oriented.png", &image);
+    }
+
+    #[test]
     fn classification_overlay_matches_the_expected_image() {
         let mut image = canvas();
         let predictions = vec![

@@ -156,24 +156,29 @@ test("mask_rcnn_small's instances are outlined on the page", async () => {
   }
 });
 
+// A task model's page on a sample, once it shows detections: random weights score about 0.5
+// on the samples, so ultralytics' default threshold (0.25) shows them.
+async function detectionsOnSample(at, model, sample) {
+  await waitReady(at);
+  const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  const errors = [];
+  page.on("pageerror", e => errors.push(String(e)));
+  await page.goto(at + "/");
+  await page.waitForSelector(`#model option[value="${model}"]`, { state: "attached" });
+  await page.selectOption("#model", model);
+  await page.$eval("#score", el => { el.value = "0.25"; el.dispatchEvent(new Event("input")); });
+  await page.click(`button[data-sample="${sample}"]`);
+  await page.waitForFunction(name => document.body.dataset.resultFor === name
+    && JSON.parse(document.getElementById("json").textContent).results?.[0]?.detections?.length > 0, model, { timeout: 120000 });
+  return { page, errors, json: JSON.parse(await page.textContent("#json")) };
+}
+
 test("yolov8n_pose's skeletons are drawn on the page", async () => {
   const repo = process.env.VISIONSERVE_TASK_MODELS;
   assert.ok(repo, "VISIONSERVE_TASK_MODELS must be set (run `make test`)");
   const { process: poses, base: at } = await startServer(repo, ["--models", "yolov8n_pose"]);
   try {
-    await waitReady(at);
-    const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
-    const errors = [];
-    page.on("pageerror", e => errors.push(String(e)));
-    await page.goto(at + "/");
-    await page.waitForSelector('#model option[value="yolov8n_pose"]', { state: "attached" });
-    await page.selectOption("#model", "yolov8n_pose");
-    // Random weights score about 0.5 on the samples: ultralytics' default threshold shows them.
-    await page.$eval("#score", el => { el.value = "0.25"; el.dispatchEvent(new Event("input")); });
-    await page.click('button[data-sample="coffee.jpg"]');
-    await page.waitForFunction(() => document.body.dataset.resultFor === "yolov8n_pose"
-      && JSON.parse(document.getElementById("json").textContent).results?.[0]?.detections?.length > 0, null, { timeout: 120000 });
-    const json = JSON.parse(await page.textContent("#json"));
+    const { page, errors, json } = await detectionsOnSample(at, "yolov8n_pose", "coffee.jpg");
     assert.equal(json.task, "keypoints");
     assert.equal(json.results[0].skeleton.length, 19);
     assert.equal(json.results[0].detections[0].keypoints.length, 51);
@@ -184,5 +189,40 @@ test("yolov8n_pose's skeletons are drawn on the page", async () => {
     await page.close();
   } finally {
     poses.kill("SIGTERM");
+  }
+});
+
+test("yolov8n_obb's rotated boxes are outlined on the page", async () => {
+  const repo = process.env.VISIONSERVE_TASK_MODELS;
+  assert.ok(repo, "VISIONSERVE_TASK_MODELS must be set (run `make test`)");
+  const { process: server, base: at } = await startServer(repo, ["--models", "yolov8n_obb"]);
+  try {
+    const { page, errors, json } = await detectionsOnSample(at, "yolov8n_obb", "coffee.jpg");
+    assert.equal(json.task, "oriented_detection");
+    const d = json.results[0].detections[0];
+    assert.equal(d.corners.length, 4);
+    // The outline runs through the midpoint of each edge that lies inside the photo, in the
+    // box's class colour (the page's palette).
+    const drawn = await page.evaluate(({ corners, index }) => {
+      const ctx = document.getElementById("canvas").getContext("2d");
+      const want = colour(index);
+      const hits = [];
+      for (let k = 0; k < 4; k++) {
+        const [a, b] = [corners[k], corners[(k + 1) % 4]];
+        const [x, y] = [Math.round((a[0] + b[0]) / 2), Math.round((a[1] + b[1]) / 2)];
+        if (x < 2 || y < 2 || x >= ctx.canvas.width - 2 || y >= ctx.canvas.height - 2) continue;
+        const px = ctx.getImageData(x - 2, y - 2, 5, 5).data;
+        let hit = false;
+        for (let i = 0; i < px.length; i += 4) hit ||= Math.abs(px[i] - want[0]) + Math.abs(px[i + 1] - want[1]) + Math.abs(px[i + 2] - want[2]) < 30;
+        hits.push(hit);
+      }
+      return hits;
+    }, { corners: d.corners, index: d.index });
+    assert.ok(drawn.length > 0 && drawn.every(Boolean), `edge midpoints drawn: ${JSON.stringify(drawn)}`);
+    assert.deepEqual(errors, []);
+    await page.screenshot({ path: join(outDir, "oriented_detection.png"), fullPage: true });
+    await page.close();
+  } finally {
+    server.kill("SIGTERM");
   }
 });
