@@ -119,14 +119,23 @@ def test_polygon_png_and_none_encode_the_same_masks(test_server):
     pngs = predict(test_server, blob, max_detections=10, mask_format="png")
     bare = predict(test_server, blob, max_detections=10, mask_format="none")
     height, width = rle[0]["mask"]["size"]
+    assert len(rle) == len(polygons) == len(pngs) == len(bare)
     for r, p, g, n in zip(rle, polygons, pngs, bare):
-        assert r["box"] == p["box"] == g["box"] == n["box"] and "mask" not in n
+        # Four requests, four forwards: on a busy machine the pool may run them on different
+        # thread counts, and the float sums then differ in the last digits (boxes 1e-4 px apart
+        # were seen on a clean-clone run), which can move a mask pixel at the threshold.
+        assert "mask" not in n
+        for other in (p, g, n):
+            assert all(abs(r["box"][k] - other["box"][k]) <= 1e-2 for k in r["box"]), (r["box"], other["box"])
         full = coco_mask.decode({"size": [height, width], "counts": r["mask"]["counts"].encode()})
         region = np.array(Image.open(io.BytesIO(base64.b64decode(g["mask"]["data"]))))
         m = g["mask"]
         placed = np.zeros_like(full)
         placed[m["top"]:m["top"] + m["height"], m["left"]:m["left"] + m["width"]] = region // 255
-        assert np.array_equal(placed, full), "the PNG region is the RLE mask"
+        if r["box"] == g["box"]:
+            assert np.array_equal(placed, full), "the PNG region is the RLE mask"
+        else:
+            assert (placed != full).sum() <= max(5, 0.002 * full.sum()), "the PNG region is the RLE mask, to a forward's rounding"
         outline = Image.new("L", (width, height))
         for polygon in p["mask"]["polygons"]:
             assert sum(len(q) for q in p["mask"]["polygons"]) <= 200
