@@ -43,7 +43,7 @@ TASK_MODELS     := $(CACHE)/task-models-$(TASK_MODELS_KEY)
 # ONNX Runtime and OpenVINO for `make bench-cpu`, in an environment of their own.
 BENCH_CPU_ENV   := $(CACHE)/bench-cpu-$(shell sha256sum scripts/bench-cpu.lock | cut -c1-12)
 
-.PHONY: ultralytics task-models bench-masks quantize openapi-json bench-cpu bench-perf-analyzer perf-analyzer kserve-sdk bench-cache bench-pipeline bench-protocols bench-shipped compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
+.PHONY: ultralytics task-models bench-sliced bench-masks quantize openapi-json bench-cpu bench-perf-analyzer perf-analyzer kserve-sdk bench-cache bench-pipeline bench-protocols bench-shipped compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
 
 help:
 	@echo "make run    - prepare everything and serve the default models on http://127.0.0.1:8080"
@@ -64,6 +64,7 @@ help:
 	@echo "make zoo    - export the torchvision zoo (ZOO_FLAGS=--random-init offline, --aoti for .pt2 twins) into ZOO_OUT"
 	@echo "make bench  - load-test the server against the in-process ceiling (BENCHMARKS.md)"
 	@echo "make soak   - ten minutes at 70 % load, resident memory over time"
+	@echo "make bench-sliced - sliced detection: 1920x1080 in 15 tiles against one 15-image forward plus a decode; the merge's time"
 	@echo "make bench-masks - instance masks: response size and server time per mask format, 1, 20 and 100 instances"
 	@echo "make bench-cache - mobilenet_v2 answered from the response cache against computed, one client"
 	@echo "make bench-pipeline - the detect_then_classify pipeline against its two steps called alone"
@@ -146,15 +147,16 @@ test: build models test-models audit test-rust test-python validate-manifests do
 test-rust: build test-models
 	VISIONSERVE_TEST_MODELS=$(TEST_MODELS) cargo test --release --locked
 
-# The tests against ultralytics' own predictor run in its environment.
-ULTRALYTICS_TESTS := tests/python/test_keypoints.py tests/python/test_yolo_seg.py tests/python/test_yolo_exports.py
+# The tests against ultralytics' own predictor, and against sahi's tiling and merge, run in its
+# environment (which holds sahi too).
+ULTRALYTICS_TESTS := tests/python/test_keypoints.py tests/python/test_yolo_seg.py tests/python/test_yolo_exports.py tests/python/test_sliced.py
 test-python: build models test-models task-models perf-analyzer kserve-sdk
 	VISIONSERVE_BIN=$(abspath $(BIN)) VISIONSERVE_TEST_MODELS=$(TEST_MODELS) VISIONSERVE_PERF_ANALYZER=$(PERF_ANALYZER)/run \
 	  VISIONSERVE_KSERVE_PYTHON=$(KSERVE_ENV)/bin/python \
 	  VISIONSERVE_DEFAULT_MODELS=$(abspath models) VISIONSERVE_DOWNLOADS=$(CACHE)/downloads VISIONSERVE_AOTI_CACHE=$(AOTI_CACHE) \
 	  $(PYTHON) -m pytest -q tests/python $(addprefix --ignore=,$(ULTRALYTICS_TESTS))
 	VISIONSERVE_BIN=$(abspath $(BIN)) VISIONSERVE_TEST_MODELS=$(TEST_MODELS) VISIONSERVE_TASK_MODELS=$(TASK_MODELS) \
-	  $(ULTRALYTICS_PYTHON) -m pytest -q $(ULTRALYTICS_TESTS)
+	  VISIONSERVE_DEFAULT_MODELS=$(abspath models) $(ULTRALYTICS_PYTHON) -m pytest -q $(ULTRALYTICS_TESTS)
 
 # The web page in Debian's headless Chromium, driven by playwright-core; screenshots land in
 # test-output/browser/ (VISIONSERVE_UPDATE_SCREENSHOTS=1 refreshes docs/screenshots/).
@@ -188,6 +190,9 @@ bench-pipeline: build models
 # The response cache (also the end of `make bench`): mobilenet_v2 answered from the cache
 # against computed, one client, the 640×480 photo uploaded each time.
 # Instance masks on the wire: response size and server time per mask format, 1/20/100 instances.
+bench-sliced: build models ultralytics
+	$(ULTRALYTICS_PYTHON) scripts/bench-sliced.py --bin $(abspath $(BIN)) --repo models
+
 bench-masks: build test-models
 	$(PYTHON) scripts/bench-masks.py --bin $(abspath $(BIN)) --repo $(TEST_MODELS)
 

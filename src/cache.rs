@@ -32,7 +32,7 @@ pub struct CacheKey {
     generation: u64,
     image: [u8; 32],
     /// The parameters that change the finished result (not those that only format it).
-    params: [u64; 5],
+    params: [u64; 6],
     overlay: bool,
 }
 
@@ -56,10 +56,21 @@ impl CacheKey {
                 u64::from(params.iou_threshold.to_bits()),
                 params.max_detections as u64,
                 u64::from(params.pixel_confidence),
+                slicing_fingerprint(params),
             ],
             overlay,
         }
     }
+}
+
+/// Slicing, as one number of the key: 0 when the request does not slice. Any two slicings that
+/// differ in a field differ here (a hash of every field, within this process's cache).
+fn slicing_fingerprint(params: &PredictParams) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let Some(slicing) = params.slicing else { return 0 };
+    let mut hasher = std::hash::DefaultHasher::new();
+    format!("{slicing:?}").hash(&mut hasher);
+    hasher.finish() | 1
 }
 
 /// The bytes an entry holds, roughly: what decides the budget.

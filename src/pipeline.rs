@@ -11,6 +11,8 @@
 //! min_score = 0.5                  # detections kept: at least this score …
 //! classes = ["cat", "dog"]         # … of these classes (all when empty)
 //! max_crops = 10                   # at most this many per image, best first
+//! slice = "auto"                   # optional: sliced detection, with the request parameters'
+//! overlap = 0.2                    # companions (merge, match, match_threshold, full_image)
 //! [classify]
 //! model = "mobilenet_v2"           # a classifier of this repository
 //! margin = 0.1                     # each crop is the box grown by this share of its size per side
@@ -22,6 +24,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::tasks::params::slicing_from;
+use crate::tasks::slicing::Slicing;
 use crate::tasks::Detection;
 
 /// The file that makes a model folder a pipeline.
@@ -52,6 +56,22 @@ pub struct DetectStep {
     pub classes: Vec<String>,
     #[serde(default = "default_max_crops")]
     pub max_crops: usize,
+    /// Sliced detection, as a request's `slice` and its companions say it (a side, `WxH` or
+    /// `"auto"`); read into [`DetectStep::slicing`] when the file is parsed.
+    #[serde(default)]
+    pub slice: Option<toml::Value>,
+    #[serde(default)]
+    pub overlap: Option<f64>,
+    #[serde(default)]
+    pub merge: Option<String>,
+    #[serde(default, rename = "match")]
+    pub match_metric: Option<String>,
+    #[serde(default)]
+    pub match_threshold: Option<f64>,
+    #[serde(default)]
+    pub full_image: Option<bool>,
+    #[serde(skip)]
+    pub slicing: Option<Slicing>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -84,7 +104,20 @@ fn default_top_k() -> usize {
 
 impl PipelineSpec {
     pub fn parse(text: &str) -> Result<PipelineSpec, String> {
-        let spec: PipelineSpec = toml::from_str(text).map_err(|e| format!("bad {PIPELINE_FILE}: {e}"))?;
+        let mut spec: PipelineSpec = toml::from_str(text).map_err(|e| format!("bad {PIPELINE_FILE}: {e}"))?;
+        let detect = &spec.detect;
+        let setting = |key: &str| -> Option<String> {
+            match key {
+                "slice" => detect.slice.as_ref().map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string)),
+                "overlap" => detect.overlap.map(|v| v.to_string()),
+                "merge" => detect.merge.clone(),
+                "match" => detect.match_metric.clone(),
+                "match_threshold" => detect.match_threshold.map(|v| v.to_string()),
+                "full_image" => detect.full_image.map(|v| v.to_string()),
+                _ => None,
+            }
+        };
+        spec.detect.slicing = slicing_from(setting).map_err(|e| format!("detect: {e}"))?;
         if !(0.0..=1.0).contains(&spec.detect.min_score) {
             return Err(format!("detect.min_score must be within 0..=1, got {}", spec.detect.min_score));
         }
@@ -158,12 +191,21 @@ mod tests {
         assert_eq!((spec.detect.min_score, spec.detect.max_crops, spec.classify.top_k), (0.5, 10, 5));
         let all = PipelineSpec::parse("[detect]\nmodel = \"ssd\"\n[classify]\nmodel = \"m\"\n").unwrap();
         assert!(all.keeps("anything"));
+        assert_eq!(all.detect.slicing, None);
+        let sliced = PipelineSpec::parse("[detect]\nmodel = \"ssd\"\nslice = 512\nmatch = \"iou\"\n[classify]\nmodel = \"m\"\n").unwrap();
+        let slicing = sliced.detect.slicing.unwrap();
+        assert_eq!(slicing.tile, crate::tasks::slicing::TileSize::Fixed { width: 512, height: 512 });
+        assert_eq!(slicing.metric, crate::tasks::slicing::MatchMetric::Iou);
+        let auto = PipelineSpec::parse("[detect]\nmodel = \"ssd\"\nslice = \"auto\"\n[classify]\nmodel = \"m\"\n").unwrap();
+        assert_eq!(auto.detect.slicing, Some(Slicing::default()));
         for bad in [
             "[detect]\nmodel = \"ssd\"\nmin_score = 2.0\n[classify]\nmodel = \"m\"\n",
             "[detect]\nmodel = \"ssd\"\nmax_crops = 0\n[classify]\nmodel = \"m\"\n",
             "[detect]\nmodel = \"ssd\"\n[classify]\nmodel = \"m\"\nmargin = -1.0\n",
             "[detect]\nmodel = \"ssd\"\n[classify]\nmodel = \"m\"\nunknown = 1\n",
             "[detect]\nmodel = \"ssd\"\n",
+            "[detect]\nmodel = \"ssd\"\nslice = 8\n[classify]\nmodel = \"m\"\n",
+            "[detect]\nmodel = \"ssd\"\noverlap = 0.3\n[classify]\nmodel = \"m\"\n",
         ] {
             assert!(PipelineSpec::parse(bad).is_err(), "{bad}");
         }

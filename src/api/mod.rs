@@ -205,6 +205,7 @@ pub fn request_span(id: &str, method: &str, uri: &str, protocol: &str, model: &s
         model,
         version = Empty,
         batch_size = Empty,
+        tiles = Empty,
         status = Empty,
         trace_id = Empty
     )

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use image::RgbImage;
 
-use super::prepare::{prepare, ImageInput};
+use super::prepare::{prepare, prepare_sliced, ImageInput};
 use super::{millis, Core, Deadline, RequestContext};
 use crate::cache::{CacheKey, Cached};
 use crate::engine::{Admission, Arrival, EngineError, JobOptions, ModelRuntime, RawTensor};
@@ -18,7 +18,8 @@ use crate::image::{Geometry, PreparedImage};
 use crate::metrics as m;
 use crate::model_config::{ModelConfig, Task};
 use crate::repository::{LookupError, ModelEntry, ModelStatus, ServedRequest};
-use crate::tasks::{finish_all, Finished, ModelOutput, PredictParams};
+use crate::tasks::slicing::Tile;
+use crate::tasks::{finish_all, finish_sliced, Finished, ModelOutput, PredictParams};
 
 impl From<LookupError> for ApiError {
     fn from(e: LookupError) -> Self {
@@ -142,6 +143,14 @@ pub struct Inference {
     pub timings: StageTimings,
 }
 
+impl Inference {
+    /// The outputs of a sliced request's tiles, to be merged per image (`tiles`, in order).
+    pub fn tiled(mut self, tiles: Vec<Vec<Tile>>) -> Self {
+        self.outputs.tiles = Some(tiles);
+        self
+    }
+}
+
 /// The executor's outputs for a request's images, with what finishing them needs.
 pub struct Outputs {
     outputs: Vec<ModelOutput>,
@@ -149,13 +158,18 @@ pub struct Outputs {
     task: Task,
     labels: Arc<Vec<String>>,
     params: PredictParams,
+    /// A sliced request's tiles, per image: its outputs are one per tile, merged per image.
+    tiles: Option<Vec<Vec<Tile>>>,
 }
 
 impl Outputs {
     /// Every image's result in original pixels, in order: the one post-processing path
-    /// (`tasks::finish`). CPU work: call it on the CPU pool.
+    /// (`tasks::finish`), then a sliced image's tiles merged. CPU work: call it on the CPU pool.
     pub fn finish(self) -> Result<Vec<Finished>, ApiError> {
-        Ok(finish_all(self.task, self.outputs, &self.geometries, &self.labels, &self.params)?)
+        Ok(match &self.tiles {
+            Some(tiles) => finish_sliced(self.task, self.outputs, &self.geometries, &self.labels, &self.params, tiles)?,
+            None => finish_all(self.task, self.outputs, &self.geometries, &self.labels, &self.params)?,
+        })
     }
 }
 
@@ -253,7 +267,7 @@ async fn answer_counted(
         }
         statistics.cache_miss.record(started.elapsed());
     }
-    let Inference { outputs, raw, original, timings } = run(core, target, request, context).await?;
+    let Inference { outputs, raw, original, mut timings } = run(core, target, request, context).await?;
     let post_started = Instant::now();
     let store = cache.zip(keys.clone());
     let results = core
@@ -276,6 +290,7 @@ async fn answer_counted(
         compute_infer: timings.inference_time,
         compute_output: post_started.elapsed(),
     });
+    timings.finish_time = post_started.elapsed();
     let cache = keys.map(|_| CacheOutcome::Miss);
     Ok(Answered { results, timings: Some(timings), original, raw, labels, cache })
 }
@@ -289,6 +304,9 @@ pub struct StageTimings {
     pub batch_size: usize,
     /// The wait for the model to load on demand, when this request found it unloaded.
     pub model_load_time: Option<Duration>,
+    /// The task's post-processing (`tasks::finish`: thresholds, NMS, masks, a sliced image's
+    /// merge), when [`answer`] ran it; the protocol's shaping of the answer comes on top.
+    pub finish_time: Duration,
 }
 
 /// Prepares the images on the CPU pool and runs them through the model with the request's
@@ -298,6 +316,17 @@ pub async fn run(core: &Core, target: &Target, request: ImageRequest, context: &
     let config = Arc::clone(&target.config);
     let limits = core.decode_limits();
     let ImageRequest { input, params, wants } = request;
+    if let Some(slicing) = params.slicing {
+        if target.task() != Task::Detection {
+            return Err(ApiError::BadRequest(format!("'slice' applies to detection models; '{}' is a {:?} model", target.name(), target.task())));
+        }
+        if wants.raw {
+            return Err(ApiError::BadRequest("raw outputs are one per model input and a sliced image has one per tile: ask for raw outputs or for 'slice', not both".into()));
+        }
+        let (prepared, tiles, original) = core.run_cpu(move || prepare_sliced(input, &config, limits, wants.original, &slicing)).await??;
+        tracing::Span::current().record("tiles", prepared.len() as i64);
+        return Ok(run_prepared(core, target, prepared, original, started, params, false, context).await?.tiled(tiles));
+    }
     let (prepared, original) = core.run_cpu(move || prepare(input, &config, limits, wants.original)).await??;
     run_prepared(core, target, prepared, original, started, params, wants.raw, context).await
 }
@@ -339,7 +368,7 @@ pub async fn run_prepared(
     metrics::histogram!(m::INFERENCE_SECONDS, "model" => name.clone(), "precision" => target.config.compile.precision.name())
         .record(m::seconds(output.inference_time));
     Ok(Inference {
-        outputs: Outputs { outputs: output.outputs, geometries, task: target.task(), labels: target.labels(), params },
+        outputs: Outputs { outputs: output.outputs, geometries, task: target.task(), labels: target.labels(), params, tiles: None },
         raw: output.raw,
         original,
         timings: StageTimings {
@@ -348,13 +377,16 @@ pub async fn run_prepared(
             inference_time: output.inference_time,
             batch_size: output.batch_size,
             model_load_time: target.load_time,
+            finish_time: Duration::ZERO,
         },
     })
 }
 
 impl StageTimings {
-    /// Records the post-processing time; the stages' times as `x-*` pairs.
-    pub fn finish(&self, model: &str, postprocess_time: Duration) -> Vec<(String, String)> {
+    /// Records the post-processing time (the task's, then the protocol's shaping of the answer,
+    /// `shaping_time`); the stages' times as `x-*` pairs.
+    pub fn finish(&self, model: &str, shaping_time: Duration) -> Vec<(String, String)> {
+        let postprocess_time = self.finish_time + shaping_time;
         metrics::histogram!(m::POSTPROCESS_SECONDS, "model" => model.to_string()).record(m::seconds(postprocess_time));
         let mut pairs = Vec::with_capacity(6);
         if let Some(load) = self.model_load_time {

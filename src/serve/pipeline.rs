@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use image::RgbImage;
 
 use super::infer::{self, Inference, Outputs};
-use super::prepare::{decode_whole, preprocess_images, ImageInput};
+use super::prepare::{decode_whole, preprocess_images, slice_decoded, ImageInput};
 use super::{millis, Core, RequestContext, StageTimings, Target};
 use crate::error::ApiError;
 use crate::pipeline::{crop_of, PipelineSpec};
@@ -121,7 +121,13 @@ async fn run_steps(
     let decode_time = decode_started.elapsed();
 
     // Step 1: the detector, with the pipeline's score floor.
-    let detector_params = PredictParams { score_threshold: spec.detect.min_score, max_detections: usize::MAX, ..PredictParams::default() };
+    // Sliced (`[detect] slice = ...`): the tiles of every image as the detector's one job.
+    let detector_params = PredictParams {
+        score_threshold: spec.detect.min_score,
+        max_detections: usize::MAX,
+        slicing: spec.detect.slicing,
+        ..PredictParams::default()
+    };
     let Inference { outputs, mut timings, .. } = run_step(core, &detector, Arc::clone(&decoded), detector_params, context).await?;
     timings.preprocess_time += decode_time;
     let post_started = Instant::now();
@@ -223,8 +229,16 @@ async fn run_step(
     let started = Instant::now();
     let config = Arc::clone(&target.config);
     let step = async {
-        let prepared = core.run_cpu(move || preprocess_images(&images, &config.input)).await??;
-        infer::run_prepared(core, target, prepared, None, started, params, false, context).await
+        match params.slicing {
+            Some(slicing) => {
+                let (prepared, tiles) = core.run_cpu(move || slice_decoded(&images, &config, &slicing)).await??;
+                Ok(infer::run_prepared(core, target, prepared, None, started, params, false, context).await?.tiled(tiles))
+            }
+            None => {
+                let prepared = core.run_cpu(move || preprocess_images(&images, &config.input)).await??;
+                infer::run_prepared(core, target, prepared, None, started, params, false, context).await
+            }
+        }
     };
     // A step that fails is one of its model's failures (one that answers is counted by the
     // caller, once its post-processing is done).

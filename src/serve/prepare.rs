@@ -10,6 +10,7 @@ use crate::error::ApiError;
 use crate::image::{decode_image, decode_scaled, decode_size_needed, preprocess_decoded, DecodeLimits, Geometry, PreparedImage};
 use crate::metrics as m;
 use crate::model_config::{InputSpec, ModelConfig, ResizePolicy};
+use crate::tasks::slicing::{self, Slicing, Tile};
 
 /// A request's images, in order, in the form its protocol carried them.
 pub enum ImageInput {
@@ -133,6 +134,62 @@ fn prepare_encoded(
         }
     }
     Ok((prepared, original))
+}
+
+/// Every image cut into the tiles `slicing` asks for, each tile prepared as an image of its own
+/// (the whole photo last, as one more tile, with `full_image`), from one full-resolution decode
+/// of each photo; with the tiles of each image, in order, and the first decoded image when
+/// `keep_original`. A photo that would make more than [`slicing::MAX_TILES`] tiles is refused.
+pub fn prepare_sliced(
+    input: ImageInput,
+    config: &ModelConfig,
+    limits: DecodeLimits,
+    keep_original: bool,
+    slicing: &Slicing,
+) -> Result<(Vec<PreparedImage>, Vec<Vec<Tile>>, Option<RgbImage>), ApiError> {
+    if matches!(input, ImageInput::Preprocessed(_)) {
+        return Err(ApiError::BadRequest("'slice' cuts tiles from the photo: send an encoded image or RGB pixels, not preprocessed FP32 tensors".into()));
+    }
+    let images = decode_whole(input, limits)?;
+    let (prepared, layout) = slice_decoded(&images, config, slicing)?;
+    let original = if keep_original { images.into_iter().next() } else { None };
+    Ok((prepared, layout, original))
+}
+
+/// Decoded images (a request's, a pipeline's) cut into their tiles and each tile prepared for
+/// the model, with the tiles of each image in order: [`prepare_sliced`] past the decode.
+pub fn slice_decoded(images: &[RgbImage], config: &ModelConfig, slicing: &Slicing) -> Result<(Vec<PreparedImage>, Vec<Vec<Tile>>), ApiError> {
+    let fixed_input = !matches!(config.input.resize, ResizePolicy::Original | ResizePolicy::FitMultiple);
+    let (tile_width, tile_height) = slicing.tile.resolve(config.input.width, config.input.height, fixed_input);
+    let mut prepared = Vec::new();
+    let mut layout = Vec::with_capacity(images.len());
+    for (i, image) in images.iter().enumerate() {
+        let (width, height) = image.dimensions();
+        let count = slicing::tile_count(width, height, tile_width, tile_height, slicing.overlap);
+        if count > slicing::MAX_TILES {
+            return Err(ApiError::BadRequest(format!(
+                "image {i}: {width}×{height} in tiles of {tile_width}×{tile_height} is {count} tiles, over the {} a request may cut; use larger tiles",
+                slicing::MAX_TILES
+            )));
+        }
+        let whole = Tile { x: 0, y: 0, width, height };
+        let mut cut = slicing::tiles(width, height, tile_width, tile_height, slicing.overlap);
+        if slicing.full_image && cut != [whole] {
+            cut.push(whole);
+        }
+        let _span = tracing::info_span!("preprocess", tiles = cut.len()).entered();
+        for tile in &cut {
+            let one = if *tile == whole {
+                crate::image::preprocess(image, &config.input)
+            } else {
+                let crop = image::imageops::crop_imm(image, tile.x, tile.y, tile.width, tile.height).to_image();
+                crate::image::preprocess(&crop, &config.input)
+            };
+            prepared.push(one.map_err(|e| ApiError::Internal(format!("image {i}: {e}")))?);
+        }
+        layout.push(cut);
+    }
+    Ok((prepared, layout))
 }
 
 /// Already-decoded RGB images (pixels, a pipeline's images and crops) through a model's

@@ -14,6 +14,7 @@ pub mod oriented;
 pub mod params;
 pub mod prototypes;
 pub mod segmentation;
+pub mod slicing;
 
 use std::sync::Arc;
 
@@ -161,6 +162,35 @@ pub fn finish_all(
     params: &PredictParams,
 ) -> Result<Vec<Finished>, OutputMismatch> {
     outputs.into_iter().zip(geometries).map(|(output, geometry)| finish(task, output, geometry, labels, params)).collect()
+}
+
+/// A sliced request's results: each tile finished as an image of its own (threshold, NMS,
+/// geometry), its boxes moved into its photo's pixels, and each photo's tiles merged.
+/// `tiles` holds each photo's tiles in the order of `outputs`.
+pub fn finish_sliced(
+    task: Task,
+    outputs: Vec<ModelOutput>,
+    geometries: &[Geometry],
+    labels: &[String],
+    params: &PredictParams,
+    tiles: &[Vec<slicing::Tile>],
+) -> Result<Vec<Finished>, OutputMismatch> {
+    let slicing = params.slicing.unwrap_or_default();
+    let mut outputs = outputs.into_iter().zip(geometries);
+    tiles
+        .iter()
+        .map(|photo| {
+            let mut all = Vec::new();
+            for (tile, (output, geometry)) in photo.iter().zip(outputs.by_ref()) {
+                let Finished::Detection { mut detections } = finish(task, output, geometry, labels, params)? else {
+                    return Err(OutputMismatch(task));
+                };
+                slicing::shift(&mut detections, *tile);
+                all.extend(detections);
+            }
+            Ok(Finished::Detection { detections: slicing::merge(all, &slicing, params.max_detections) })
+        })
+        .collect()
 }
 
 /// One image's answer, in the `/v1` result shape.

@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 use crate::model_config::Task;
 use crate::tasks::instances::InstanceMaskFormat;
 use crate::tasks::segmentation::MaskFormat;
+use crate::tasks::slicing::{self, MatchMetric, Merge, Slicing, TileSize};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PredictParams {
@@ -26,7 +27,12 @@ pub struct PredictParams {
     /// Embedding on /v1: list each image's `neighbours` most similar among the request's
     /// other images (0: none). Computed after the per-image results, so not in the cache key.
     pub neighbours: usize,
+    /// Detection: cut the photo into tiles, detect on each, merge (`slice` and its companions).
+    pub slicing: Option<Slicing>,
 }
+
+/// The parameters that shape slicing; every one but `slice` needs `slice`.
+pub const SLICING_KEYS: [&str; 6] = ["slice", "overlap", "merge", "match", "match_threshold", "full_image"];
 
 const TOP_K: (usize, usize) = (1, 1000);
 const THRESHOLD: (f32, f32) = (0.0, 1.0);
@@ -44,6 +50,7 @@ impl Default for PredictParams {
             instance_masks: InstanceMaskFormat::Rle,
             pixel_confidence: false,
             neighbours: 0,
+            slicing: None,
         }
     }
 }
@@ -90,7 +97,7 @@ impl PredictParams {
         let allowed: &[&str] = match task {
             Task::Classification => &["top_k"],
             Task::Segmentation => &["mask_format"],
-            Task::Detection => &["score_threshold", "iou_threshold", "max_detections"],
+            Task::Detection => &["score_threshold", "iou_threshold", "max_detections", "slice", "overlap", "merge", "match", "match_threshold", "full_image"],
             Task::Embedding => &["neighbours"],
             Task::InstanceSegmentation => &["score_threshold", "iou_threshold", "max_detections", "mask_format"],
             Task::Keypoints | Task::OrientedDetection => &["score_threshold", "iou_threshold", "max_detections"],
@@ -114,6 +121,7 @@ impl PredictParams {
         if let Some(n) = parse::<usize>(raw, "max_detections")? {
             params.max_detections = in_range("max_detections", n, MAX_DETECTIONS)?;
         }
+        params.slicing = slicing_from(|key| raw.get(key).cloned())?;
         if let Some(k) = parse::<usize>(raw, "neighbours")? {
             params.neighbours = in_range("neighbours", k, NEIGHBOURS)?;
         }
@@ -154,6 +162,12 @@ impl PredictParams {
             score_threshold: v2_number(parameters, "score_threshold", f64::from(defaults.score_threshold), threshold)? as f32,
             iou_threshold: v2_number(parameters, "iou_threshold", f64::from(defaults.iou_threshold), threshold)? as f32,
             max_detections: v2_number(parameters, "max_detections", defaults.max_detections as f64, max_detections)? as usize,
+            slicing: slicing_from(|key| {
+                parameters.get(key).map(|value| match value {
+                    Value::String(text) => text.clone(),
+                    other => other.to_string(),
+                })
+            })?,
             ..defaults
         })
     }
@@ -163,6 +177,45 @@ impl PredictParams {
     pub fn torchserve() -> Self {
         Self { max_detections: usize::MAX, pixel_confidence: true, ..Self::default() }
     }
+}
+
+/// Slicing from `slice` and its companions, read as text however the protocol carried them
+/// (`get` answers a parameter's value). `None` without `slice`; a companion alone is an error,
+/// so `overlap=0.3` sent to a request that does not slice does not pass silently.
+pub fn slicing_from(get: impl Fn(&str) -> Option<String>) -> Result<Option<Slicing>, ParamError> {
+    let Some(tile) = get("slice") else {
+        return match SLICING_KEYS[1..].iter().find(|key| get(key).is_some()) {
+            Some(key) => Err(ParamError(format!("parameter '{key}' applies only with 'slice' (a tile size such as 512, 640x480, or auto)"))),
+            None => Ok(None),
+        };
+    };
+    let invalid = |key: &str, text: &str, expected: &str| ParamError(format!("parameter '{key}' must be {expected}, got '{text}'"));
+    let (low, high) = slicing::TILE_SIDE;
+    let mut slicing = Slicing {
+        tile: TileSize::parse(&tile).ok_or_else(|| invalid("slice", &tile, &format!("auto, a side or WIDTHxHEIGHT within {low}..={high} pixels")))?,
+        ..Slicing::default()
+    };
+    if let Some(text) = get("overlap") {
+        let (low, high) = slicing::OVERLAP;
+        slicing.overlap = text.trim().parse::<f64>().ok().filter(|v| (low..=high).contains(v)).ok_or_else(|| invalid("overlap", &text, &format!("a fraction within {low}..={high}")))?;
+    }
+    if let Some(text) = get("merge") {
+        slicing.merge = Merge::parse(&text).ok_or_else(|| invalid("merge", &text, "nms or nmm"))?;
+    }
+    if let Some(text) = get("match") {
+        slicing.metric = MatchMetric::parse(&text).ok_or_else(|| invalid("match", &text, "iou or ios"))?;
+    }
+    if let Some(text) = get("match_threshold") {
+        slicing.match_threshold = text.trim().parse::<f32>().ok().filter(|v| (THRESHOLD.0..=THRESHOLD.1).contains(v)).ok_or_else(|| invalid("match_threshold", &text, "a number within 0..=1"))?;
+    }
+    if let Some(text) = get("full_image") {
+        slicing.full_image = match text.trim() {
+            "true" | "1" => true,
+            "false" | "0" => false,
+            _ => return Err(invalid("full_image", &text, "true or false")),
+        };
+    }
+    Ok(Some(slicing))
 }
 
 #[cfg(test)]
@@ -209,5 +262,38 @@ mod tests {
         assert_eq!(err.0, "parameter 'iou_threshold' must be a number within 0..=1");
         let err = PredictParams::from_v2(&parameters(serde_json::json!({"max_detections": "5"}))).unwrap_err();
         assert_eq!(err.0, "parameter 'max_detections' must be a number within 1..=10000");
+    }
+
+    #[test]
+    fn slicing_is_read_alike_from_v1_text_and_v2_json() {
+        let v1 = PredictParams::from_raw(&raw(&[("slice", "512"), ("overlap", "0.25"), ("merge", "nms"), ("match", "iou"), ("full_image", "true")]), Task::Detection).unwrap();
+        let json = serde_json::json!({"slice": 512, "overlap": 0.25, "merge": "nms", "match": "iou", "full_image": true});
+        let v2 = PredictParams::from_v2(json.as_object().unwrap()).unwrap();
+        assert_eq!(v1.slicing, v2.slicing);
+        let slicing = v1.slicing.unwrap();
+        assert_eq!(slicing.tile, TileSize::Fixed { width: 512, height: 512 });
+        assert_eq!((slicing.overlap, slicing.merge, slicing.metric, slicing.full_image), (0.25, Merge::Nms, MatchMetric::Iou, true));
+        let auto = PredictParams::from_raw(&raw(&[("slice", "auto")]), Task::Detection).unwrap().slicing.unwrap();
+        assert_eq!(auto, Slicing::default());
+        assert_eq!(PredictParams::from_raw(&raw(&[]), Task::Detection).unwrap().slicing, None);
+    }
+
+    #[test]
+    fn slicing_refuses_bad_values_and_companions_without_slice() {
+        for pairs in [
+            raw(&[("slice", "8")]),
+            raw(&[("slice", "huge")]),
+            raw(&[("slice", "512"), ("overlap", "0.95")]),
+            raw(&[("slice", "512"), ("merge", "wbf")]),
+            raw(&[("slice", "512"), ("match", "giou")]),
+            raw(&[("slice", "512"), ("match_threshold", "2")]),
+            raw(&[("slice", "512"), ("full_image", "maybe")]),
+            raw(&[("overlap", "0.2")]),
+        ] {
+            let err = PredictParams::from_raw(&pairs, Task::Detection).unwrap_err();
+            assert!(err.0.starts_with("parameter '"), "{pairs:?}: {err:?}");
+        }
+        let err = PredictParams::from_raw(&raw(&[("slice", "512")]), Task::Classification).unwrap_err();
+        assert!(err.0.contains("does not apply"), "{err:?}");
     }
 }
