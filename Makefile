@@ -43,7 +43,7 @@ TASK_MODELS     := $(CACHE)/task-models-$(TASK_MODELS_KEY)
 # ONNX Runtime and OpenVINO for `make bench-cpu`, in an environment of their own.
 BENCH_CPU_ENV   := $(CACHE)/bench-cpu-$(shell sha256sum scripts/bench-cpu.lock | cut -c1-12)
 
-.PHONY: ultralytics task-models bench-sliced bench-masks quantize openapi-json bench-cpu bench-perf-analyzer perf-analyzer kserve-sdk bench-cache bench-pipeline bench-protocols bench-shipped compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
+.PHONY: ultralytics task-models bench-sliced bench-masks quantize openapi-json bench-cpu bench-perf-analyzer perf-analyzer kserve-sdk bench-cache bench-tls bench-pipeline bench-protocols bench-shipped compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
 
 help:
 	@echo "make run    - prepare everything and serve the default models on http://127.0.0.1:8080"
@@ -70,6 +70,7 @@ help:
 	@echo "make bench-pipeline - the detect_then_classify pipeline against its two steps called alone"
 	@echo "make bench-protocols - REST against gRPC on mobilenet_v2 as shipped, median of three interleaved runs"
 	@echo "make bench-shipped - the server as shipped, a 640x480 and a 12 MP photo, concurrency 1, 16 and 160"
+	@echo "make bench-tls - TLS against plain HTTP: keep-alive throughput at c=16, a new connection's cost"
 	@echo "make bench-cpu - the forward pass alone: our TorchScript and AOTI versions beside ONNX Runtime and OpenVINO"
 	@echo "make bench-torchserve - the same load on TorchServe 0.12 and on visionserve"
 	@echo "make bench-perf-analyzer - Triton's perf_analyzer beside our load generator, HTTP and gRPC, mobilenet_v2 as shipped"
@@ -151,6 +152,7 @@ test-rust: build test-models
 # environment (which holds sahi too).
 ULTRALYTICS_TESTS := tests/python/test_keypoints.py tests/python/test_yolo_seg.py tests/python/test_yolo_exports.py tests/python/test_sliced.py
 test-python: build models test-models task-models perf-analyzer kserve-sdk
+	@scripts/ensure-test-tools.sh openssl curl
 	VISIONSERVE_BIN=$(abspath $(BIN)) VISIONSERVE_TEST_MODELS=$(TEST_MODELS) VISIONSERVE_PERF_ANALYZER=$(PERF_ANALYZER)/run \
 	  VISIONSERVE_KSERVE_PYTHON=$(KSERVE_ENV)/bin/python \
 	  VISIONSERVE_DEFAULT_MODELS=$(abspath models) VISIONSERVE_DOWNLOADS=$(CACHE)/downloads VISIONSERVE_AOTI_CACHE=$(AOTI_CACHE) \
@@ -198,6 +200,12 @@ bench-masks: build test-models
 
 bench-cache: build models
 	cargo run --release --locked --example bench -- --server $(BIN) --seconds $(BENCH_SECONDS) --cache models
+
+# TLS against plain HTTP on mobilenet_v2 as shipped: keep-alive throughput at c=16 and the cost
+# of a new connection (certificates made with openssl). Appends to BENCHMARKS.md, draws tls.png.
+bench-tls: build models
+	@scripts/ensure-test-tools.sh openssl
+	cargo run --release --locked --example bench -- --server $(BIN) --seconds $(BENCH_SECONDS) --tls models
 
 # TorchServe 0.12 (Java 17, PyPI) on mobilenet_v2's TorchScript file; visionserve on the same
 # file and on its AOTInductor package; same load, same run.

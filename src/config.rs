@@ -150,8 +150,24 @@ pub struct ServerConfig {
     #[arg(long, env = "VISIONSERVE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
 
+    /// TLS: the certificate chain (PEM, the server's certificate first) both listeners serve;
+    /// with --tls-key. Re-read when the file changes or on SIGHUP, so a renewal needs no
+    /// restart. Without it both listeners speak plain HTTP and plain gRPC.
+    #[arg(long, env = "VISIONSERVE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS: the certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "VISIONSERVE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Mutual TLS: CA certificates (PEM) that clients' certificates must chain to. A client
+    /// with another certificate fails the handshake; one with none may call only the health
+    /// probes (401 / UNAUTHENTICATED otherwise). Needs --tls-cert.
+    #[arg(long, env = "VISIONSERVE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// Do not serve: ask the server at --addr whether it is ready and exit 0 (ready) or 1.
-    /// For container health checks in images without curl.
+    /// For container health checks in images without curl; over TLS when --tls-cert is set.
     #[arg(long)]
     pub check_ready: bool,
 }
@@ -216,6 +232,11 @@ impl ServerConfig {
             return Err("the admin token must be at least 16 characters".into());
         }
         Ok(token)
+    }
+
+    /// The TLS files, when TLS is on.
+    pub fn tls_files(&self) -> Option<crate::tls::TlsFiles> {
+        Some(crate::tls::TlsFiles { cert: self.tls_cert.clone()?, key: self.tls_key.clone()?, client_ca: self.tls_client_ca.clone() })
     }
 
     pub fn grpc_message_limit(&self) -> usize {

@@ -9,6 +9,10 @@
 //! first (new connections are refused), then every open connection finishes the requests it
 //! has — queued ones included — and closes; whatever is still running when the grace period
 //! ends is cut.
+//!
+//! With TLS on (`crate::tls`), each accepted connection completes its handshake within the
+//! header deadline before HTTP starts, with the configuration in force at that moment, so a
+//! renewed certificate reaches new connections while open ones keep theirs.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -23,6 +27,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use crate::tls::Tls;
+
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
     pub protocol: Protocol,
@@ -36,7 +42,7 @@ pub struct ConnectionLimits {
 pub enum Protocol {
     /// REST: HTTP/1.1 with keep-alive.
     Http1,
-    /// gRPC: HTTP/2 only (prior knowledge, as gRPC clients connect without TLS).
+    /// gRPC: HTTP/2 only (prior knowledge without TLS, `h2` by ALPN with it).
     Http2,
 }
 
@@ -57,17 +63,70 @@ fn spawn_connection<C>(connection: C, peer: std::net::SocketAddr, permit: tokio:
 where
     C: Future<Output = Result<(), hyper::Error>> + Send + 'static,
 {
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(%peer, error = %e, "connection ended with an error");
-        }
-        drop(permit);
-    });
+    tokio::spawn(run_connection(connection, peer, permit));
+}
+
+async fn run_connection<C>(connection: C, peer: std::net::SocketAddr, permit: tokio::sync::OwnedSemaphorePermit)
+where
+    C: Future<Output = Result<(), hyper::Error>>,
+{
+    if let Err(e) = connection.await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+    drop(permit);
+}
+
+/// Whether the client opened with a letter (`GET`, `POST`: a plain HTTP request line) where a
+/// TLS client opens with a handshake record (0x16). Anything else is left to the handshake.
+async fn looks_like_plain_http(stream: &tokio::net::TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(stream.peek(&mut first).await, Ok(1) if first[0].is_ascii_alphabetic())
+}
+
+const PLAIN_HTTP_BODY: &str = r#"{"error":{"code":"tls_required","message":"this port speaks HTTPS; call it with https://"}}"#;
+
+/// A `http://` call to the TLS port gets a readable answer rather than a closed connection.
+async fn answer_plain_http_on_tls_port(mut stream: tokio::net::TcpStream) {
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{PLAIN_HTTP_BODY}",
+        PLAIN_HTTP_BODY.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(answer.as_bytes())).await;
+    let _ = stream.shutdown().await;
+}
+
+fn handshake_failed(protocol: Protocol, peer: std::net::SocketAddr, why: &str) {
+    let listener = match protocol {
+        Protocol::Http1 => "rest",
+        Protocol::Http2 => "grpc",
+    };
+    metrics::counter!(crate::metrics::TLS_HANDSHAKE_FAILURES, "listener" => listener).increment(1);
+    tracing::debug!(%peer, listener, error = why, "TLS handshake failed");
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then drains within the grace period.
 /// Returns whether every connection finished within it.
-pub async fn serve(listener: TcpListener, app: Router, limits: ConnectionLimits, shutdown: impl Future<Output = ()>) -> bool {
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ConnectionLimits,
+    tls: Option<Arc<Tls>>,
+    shutdown: impl Future<Output = ()>,
+) -> bool {
+    // Under mutual TLS, what a connection without a client certificate is served: the probes only.
+    let anonymous_app = tls.as_ref().filter(|t| t.requires_client_certificate()).map(|_| {
+        let protocol = limits.protocol;
+        app.clone().layer(axum::middleware::from_fn(move |request: axum::extract::Request, next: axum::middleware::Next| async move {
+            if crate::tls::anonymous_may_call(protocol, request.uri().path()) {
+                return next.run(request).await;
+            }
+            // Read (a bounded part of) what the client is sending before answering: an answer
+            // given mid-upload closes the connection under the client, which then reports a
+            // broken connection instead of this 401.
+            let _ = axum::body::to_bytes(request.into_body(), crate::tls::REFUSED_BODY_READ_BYTES).await;
+            crate::tls::client_certificate_required(protocol)
+        }))
+    });
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let mut http1 = http1::Builder::new();
@@ -93,7 +152,8 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnectionLimits,
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
             metrics::counter!(crate::metrics::CONNECTIONS_REFUSED).increment(1);
             tracing::warn!(%peer, limit = limits.max_connections, "connection limit reached; refusing");
-            if limits.protocol == Protocol::Http2 {
+            // A plain-text 503 means nothing to a client expecting a TLS handshake.
+            if limits.protocol == Protocol::Http2 || tls.is_some() {
                 drop(stream);
                 continue;
             }
@@ -105,12 +165,44 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnectionLimits,
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
-        let io = TokioIo::new(stream);
-        match limits.protocol {
-            Protocol::Http1 => spawn_connection(graceful.watch(http1.serve_connection(io, service)), peer, permit),
-            Protocol::Http2 => spawn_connection(graceful.watch(http2.serve_connection(io, service)), peer, permit),
-        }
+        let Some(tls) = &tls else {
+            let service = TowerToHyperService::new(app.clone());
+            let io = TokioIo::new(stream);
+            match limits.protocol {
+                Protocol::Http1 => spawn_connection(graceful.watch(http1.serve_connection(io, service)), peer, permit),
+                Protocol::Http2 => spawn_connection(graceful.watch(http2.serve_connection(io, service)), peer, permit),
+            }
+            continue;
+        };
+        // The handshake runs on the connection's own task, so a slow one holds up nobody.
+        let acceptor = tls.acceptor(limits.protocol);
+        let watcher = graceful.watcher();
+        let (app, anonymous_app, http1, http2) = (app.clone(), anonymous_app.clone(), http1.clone(), http2.clone());
+        tokio::spawn(async move {
+            let handshake = async {
+                if limits.protocol == Protocol::Http1 && looks_like_plain_http(&stream).await {
+                    answer_plain_http_on_tls_port(stream).await;
+                    return Err(std::io::Error::other("a plain-HTTP request on the TLS port (answered 400)"));
+                }
+                acceptor.accept(stream).await
+            };
+            let stream = match tokio::time::timeout(limits.header_read_timeout, handshake).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return handshake_failed(limits.protocol, peer, &e.to_string()),
+                Err(_) => return handshake_failed(limits.protocol, peer, "timed out"),
+            };
+            let has_client_certificate = stream.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
+            let app = match anonymous_app {
+                Some(anonymous) if !has_client_certificate => anonymous,
+                _ => app,
+            };
+            let service = TowerToHyperService::new(app);
+            let io = TokioIo::new(stream);
+            match limits.protocol {
+                Protocol::Http1 => run_connection(watcher.watch(http1.serve_connection(io, service)), peer, permit).await,
+                Protocol::Http2 => run_connection(watcher.watch(http2.serve_connection(io, service)), peer, permit).await,
+            }
+        });
     }
     drop(listener);
     let open = limits.max_connections - permits.available_permits();

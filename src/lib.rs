@@ -27,6 +27,7 @@ pub mod repository;
 pub mod serve;
 pub mod tasks;
 pub mod telemetry;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -79,9 +80,24 @@ pub async fn serve(config: ServerConfig) -> Result<(), Box<dyn std::error::Error
     if state.cache.is_some() {
         tracing::info!(bytes = config.response_cache_bytes, "response cache on");
     }
+    let tls = match config.tls_files() {
+        None => None,
+        Some(files) => {
+            let tls = tls::Tls::load(files)?;
+            tls.spawn_renewal_watch();
+            Some(tls)
+        }
+    };
     let listener = TcpListener::bind(config.addr).await?;
     let local = listener.local_addr()?;
-    tracing::info!("listening on http://{local}");
+    match &tls {
+        None => tracing::info!("listening on http://{local}"),
+        Some(tls) => tracing::info!(
+            mutual = tls.requires_client_certificate(),
+            valid_until = %tls::format_time(tls.not_after()),
+            "listening on https://{local}"
+        ),
+    }
     if !state.api_keys.is_empty() {
         tracing::info!(keys = state.api_keys.len(), "inference routes require an API key");
     }
@@ -104,14 +120,15 @@ pub async fn serve(config: ServerConfig) -> Result<(), Box<dyn std::error::Error
         None => None,
         Some(addr) => {
             let grpc_listener = TcpListener::bind(addr).await?;
-            tracing::info!("listening on grpc://{}", grpc_listener.local_addr()?);
+            let scheme = if tls.is_some() { "grpcs" } else { "grpc" };
+            tracing::info!("listening on {scheme}://{}", grpc_listener.local_addr()?);
             let options = api::grpc::GrpcOptions {
                 max_message_bytes: config.grpc_message_limit(),
                 stream_max_in_flight: config.grpc_stream_max_in_flight,
             };
             let routes = api::grpc::routes(state.clone(), options, shutdown.clone());
             let limits = connections::ConnectionLimits { protocol: connections::Protocol::Http2, ..limits };
-            Some(tokio::spawn(connections::serve(grpc_listener, routes, limits, fired(shutdown.clone()))))
+            Some(tokio::spawn(connections::serve(grpc_listener, routes, limits, tls.clone(), fired(shutdown.clone()))))
         }
     };
     let mut app = api::router(state)
@@ -119,7 +136,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), Box<dyn std::error::Error
     if let Some(cors) = cors_layer(&config.cors_origins)? {
         app = app.layer(cors);
     }
-    let rest_drained = connections::serve(listener, app, limits, fired(shutdown)).await;
+    let rest_drained = connections::serve(listener, app, limits, tls, fired(shutdown)).await;
     let grpc_drained = match grpc {
         Some(task) => task.await.unwrap_or(false),
         None => true,
@@ -156,18 +173,23 @@ fn cors_layer(origins: &[String]) -> Result<Option<tower_http::cors::CorsLayer>,
     Ok(Some(CorsLayer::new().allow_origin(allow).allow_methods(Any).allow_headers(Any)))
 }
 
-/// `GET /health/ready` over a plain TCP connection: 0 when the answer is 200, 1 otherwise.
-/// A listener on 0.0.0.0 is asked on loopback.
-pub fn health_probe(addr: std::net::SocketAddr) -> i32 {
+/// `GET /health/ready` over a plain TCP connection (over TLS when `tls`): 0 when the answer
+/// is 200, 1 otherwise. A listener on 0.0.0.0 is asked on loopback.
+pub fn health_probe(addr: std::net::SocketAddr, tls: bool) -> i32 {
     use std::io::{Read, Write};
     let mut target = addr;
     if target.ip().is_unspecified() {
         target.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
     let timeout = std::time::Duration::from_secs(3);
+    let request = format!("GET /health/ready HTTP/1.0\r\nHost: {target}\r\n\r\n");
     let answer = std::net::TcpStream::connect_timeout(&target, timeout).and_then(|mut stream| {
         stream.set_read_timeout(Some(timeout))?;
-        write!(stream, "GET /health/ready HTTP/1.0\r\nHost: {target}\r\n\r\n")?;
+        stream.set_write_timeout(Some(timeout))?;
+        if tls {
+            return tls::probe_over_tls(stream, request.as_bytes());
+        }
+        stream.write_all(request.as_bytes())?;
         let mut head = [0u8; 12];
         stream.read_exact(&mut head)?;
         Ok(head)

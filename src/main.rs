@@ -16,7 +16,7 @@ fn main() {
 async fn run() {
     let config = ServerConfig::parse();
     if config.check_ready {
-        std::process::exit(visionserve::health_probe(config.addr));
+        std::process::exit(visionserve::health_probe(config.addr, config.tls_cert.is_some()));
     }
     let target = visionserve::telemetry::ExportTarget::from_config(config.otlp_endpoint.as_deref(), |k| std::env::var(k).ok());
     let telemetry = match target {

@@ -29,6 +29,9 @@ pub const CACHE_HITS: &str = "visionserve_response_cache_hits_total";
 pub const CACHE_MISSES: &str = "visionserve_response_cache_misses_total";
 pub const CACHE_EVICTIONS: &str = "visionserve_response_cache_evictions_total";
 pub const CACHE_BYTES: &str = "visionserve_response_cache_bytes";
+pub const TLS_HANDSHAKE_FAILURES: &str = "visionserve_tls_handshake_failures_total";
+pub const TLS_RELOADS: &str = "visionserve_tls_reloads_total";
+pub const TLS_CERTIFICATE_EXPIRY: &str = "visionserve_tls_certificate_expiry_timestamp_seconds";
 
 const SECONDS_BUCKETS: [f64; 16] =
     [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 10.0];
@@ -56,6 +59,9 @@ pub fn handle() -> PrometheusHandle {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(TLS_HANDSHAKE_FAILURES, "TLS handshakes that failed or timed out (no common protocol, a client certificate not from the client CA, a plain-HTTP client), by listener");
+    describe_counter!(TLS_RELOADS, "Changed TLS files (or SIGHUP) by outcome: loaded, or refused with the previous certificate kept");
+    describe_gauge!(TLS_CERTIFICATE_EXPIRY, Unit::Seconds, "When the served TLS certificate expires, in seconds since the Unix epoch; alert on it minus time()");
     describe_counter!(REQUESTS, "Inference requests (/v1, /v2, /predictions) by model and HTTP status");
     describe_counter!(ADMISSION_REFUSED, "Requests refused at once (503) because the model's queue was full or its expected wait over the request's budget");
     describe_gauge!(EXPECTED_QUEUE_WAIT, Unit::Seconds, "How long a request arriving now would wait for a worker (queued images x recent forward time per image / workers); the estimate admission uses, meant for autoscaling");

@@ -64,7 +64,16 @@ impl ServerUnderTest {
         Self::spawn(binary, repository, tempfile::tempdir().unwrap(), flags)
     }
 
+    /// As shipped with these flags, which turn TLS on; `ca` (PEM) verifies its certificate.
+    pub fn start_tls(binary: &Path, repository: &Path, flags: &[&str], ca: &[u8]) -> Self {
+        Self::spawn_with_ca(binary, repository, tempfile::tempdir().unwrap(), flags, Some(ca))
+    }
+
     fn spawn(binary: &Path, repository: &Path, repo: tempfile::TempDir, extra: &[&str]) -> Self {
+        Self::spawn_with_ca(binary, repository, repo, extra, None)
+    }
+
+    fn spawn_with_ca(binary: &Path, repository: &Path, repo: tempfile::TempDir, extra: &[&str], ca: Option<&[u8]>) -> Self {
         let mut child = Command::new(binary)
             .args(["--addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--model-repository"])
             .arg(repository)
@@ -79,11 +88,16 @@ impl ServerUnderTest {
         let (grpc_tx, grpc_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("listening on grpc://").nth(1) {
-                    let _ = grpc_tx.send(format!("http://{}", addr.trim()));
+                for (scheme, url_scheme) in [("grpc", "http"), ("grpcs", "https")] {
+                    if let Some(addr) = line.split(&format!("listening on {scheme}://")).nth(1) {
+                        let _ = grpc_tx.send(format!("{url_scheme}://{}", addr.trim()));
+                    }
                 }
-                if let Some(addr) = line.split("listening on http://").nth(1) {
-                    let _ = tx.send(format!("http://{}", addr.trim()));
+                for scheme in ["http", "https"] {
+                    if let Some(rest) = line.split(&format!("listening on {scheme}://")).nth(1) {
+                        let addr = rest.split_whitespace().next().unwrap_or_default();
+                        let _ = tx.send(format!("{scheme}://{addr}"));
+                    }
                 }
             }
         });
@@ -91,7 +105,12 @@ impl ServerUnderTest {
         let base = rx.recv_timeout(Duration::from_secs(60)).expect("server address");
         let server = ServerUnderTest { child, base, grpc, _repo: repo };
         let started = Instant::now();
-        while reqwest::blocking::get(format!("{}/health/ready", server.base)).map(|r| r.status() != 200).unwrap_or(true) {
+        let mut client = reqwest::blocking::Client::builder();
+        if let Some(ca) = ca {
+            client = client.add_root_certificate(reqwest::Certificate::from_pem(ca).expect("the CA certificate"));
+        }
+        let client = client.build().unwrap();
+        while client.get(format!("{}/health/ready", server.base)).send().map(|r| r.status() != 200).unwrap_or(true) {
             assert!(started.elapsed() < Duration::from_secs(120), "server not ready");
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -227,7 +246,11 @@ pub const JPEG: [(&str, &str); 1] = [("content-type", "image/jpeg")];
 /// A POST of `body` with `headers` to `url`, reading the whole answer, on a client with room
 /// for `concurrency` connections.
 pub fn http_sender(url: &str, body: axum::body::Bytes, headers: &[(&str, &str)], concurrency: usize) -> Send {
-    let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build().unwrap();
+    http_sender_on(reqwest::Client::builder().pool_max_idle_per_host(concurrency).build().unwrap(), url, body, headers)
+}
+
+/// The same on a client of the caller's (TLS roots, pool settings).
+pub fn http_sender_on(client: reqwest::Client, url: &str, body: axum::body::Bytes, headers: &[(&str, &str)]) -> Send {
     let url = url.to_string();
     let headers: Vec<(String, String)> = headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
     Arc::new(move || {

@@ -21,6 +21,7 @@ mod perf_analyzer;
 mod protocols;
 mod report;
 mod shipped;
+mod tls;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -41,7 +42,7 @@ struct Args {
     server: PathBuf,
     /// Model folders to measure (config.toml + model file); a numbered version folder
     /// (`models/mobilenet_v2/2`) is measured under its model's name, labelled with its format.
-    #[arg(long, value_delimiter = ',', required_unless_present_any = ["url", "shipped", "protocols", "pipeline", "cache", "perf_analyzer"])]
+    #[arg(long, value_delimiter = ',', required_unless_present_any = ["url", "shipped", "protocols", "pipeline", "cache", "perf_analyzer", "tls"])]
     models: Vec<PathBuf>,
     /// Instead of everything else: drive this predict URL of a running server (for example
     /// from docker compose) at each concurrency and print the table.
@@ -91,6 +92,10 @@ struct Args {
     /// 1, 4 and 16. Appends the table to `--out`, draws `perf_analyzer.png`.
     #[arg(long, requires = "repository")]
     perf_analyzer: Option<PathBuf>,
+    /// Also (or, without --models, only): mobilenet_v2 of this repository over TLS against
+    /// plain HTTP, keep-alive at c=16 and a new connection per request. Draws `tls.png`.
+    #[arg(long)]
+    tls: Option<PathBuf>,
     /// The model repository `--perf-analyzer` serves.
     #[arg(long)]
     repository: Option<PathBuf>,
@@ -184,6 +189,9 @@ fn main() {
         }
         if let Some(repository) = &args.pipeline {
             report.push_str(&format!("\n## Pipeline, {} — {cores} cores, {cpu}\n{}", utc_now(), pipeline_report(&args, repository)));
+        }
+        if let Some(repository) = &args.tls {
+            report.push_str(&format!("\n## TLS, {} — {cores} cores, {cpu}\n{}", utc_now(), tls_report(&args, repository, &body)));
         }
         if let Some(repository) = &args.cache {
             report.push_str(&format!("\n## Response cache, {} — {cores} cores, {cpu}\n{}", utc_now(), cache_report(&args, repository, &body)));
@@ -320,6 +328,15 @@ fn pipeline_report(args: &Args, repository: &std::path::Path) -> String {
 }
 
 /// REST against gRPC on the repository's classifier: the table and its chart.
+fn tls_report(args: &Args, repository: &std::path::Path, body: &[u8]) -> String {
+    println!("[bench] TLS against plain HTTP: mobilenet_v2 from {repository:?}, as shipped");
+    let figures = tls::measure(&args.server, repository, body, args.seconds);
+    std::fs::create_dir_all(&args.chart_dir).unwrap();
+    let chart = args.chart_dir.join("tls.png");
+    report::draw_quantiles(&chart, "TLS against plain HTTP: latency (c=16 keep-alive; new connections)", &tls::rows(&figures));
+    format!("{}\n![TLS against plain HTTP]({})\n", tls::render(&figures, args.seconds), chart.display())
+}
+
 fn protocol_report(args: &Args, repository: &std::path::Path, body: &[u8]) -> String {
     println!("[bench] REST against gRPC: {} from {repository:?}, as shipped", protocols::MODEL);
     let rows = protocols::measure(&args.server, repository, body, args.seconds);

@@ -11,7 +11,10 @@ import requests
 
 
 class Server:
-    def __init__(self, repository, extra_args=(), require_ready=True):
+    """`verify` and `cert` are requests' own arguments, for a server started with TLS (the base
+    URL is then https://) and mutual TLS."""
+
+    def __init__(self, repository, extra_args=(), require_ready=True, verify=True, cert=None):
         binary = os.environ.get("VISIONSERVE_BIN")
         if not binary:
             raise RuntimeError("VISIONSERVE_BIN is not set: run the suite with `make test`")
@@ -22,6 +25,7 @@ class Server:
             env={**os.environ, "RUST_LOG": "info"},
         )
         self.log = []
+        self.verify, self.cert = verify, cert
         found = threading.Event()
         self.base = None
         # host:port of the gRPC listener, as tritonclient.grpc takes it (None when off).
@@ -30,10 +34,10 @@ class Server:
         def pump():
             for line in self.process.stderr:
                 self.log.append(line)
-                grpc = re.search(r"listening on grpc://(\S+)", line)
+                grpc = re.search(r"listening on grpcs?://(\S+)", line)
                 if grpc:
                     self.grpc = grpc.group(1)
-                match = re.search(r"listening on (http://\S+)", line)
+                match = re.search(r"listening on (https?://\S+)", line)
                 if match and not found.is_set():
                     self.base = match.group(1)
                     found.set()
@@ -44,11 +48,11 @@ class Server:
             raise RuntimeError("visionserve did not start:\n" + "".join(self.log))
         deadline = time.time() + 300
         while time.time() < deadline:
-            models = requests.get(self.base + "/v1/models", timeout=10).json()["models"]
+            models = requests.get(self.base + "/v1/models", timeout=10, verify=verify, cert=cert).json()["models"]
             if all(m["status"] != "loading" for m in models):
                 break
             time.sleep(0.2)
-        ready = requests.get(self.base + "/health/ready", timeout=10)
+        ready = requests.get(self.base + "/health/ready", timeout=10, verify=verify, cert=cert)
         if require_ready and ready.status_code != 200:
             self.stop()
             raise RuntimeError(f"models failed to load: {ready.text}")
@@ -106,7 +110,8 @@ def metric(server, name, *labels):
     """The sum of the samples of Prometheus metric `name` (exactly) whose labels include every
     one of `labels` (written as `key="value"`)."""
     total = 0.0
-    for line in requests.get(server.url("/metrics"), timeout=10).text.splitlines():
+    tls = {"verify": server.verify, "cert": server.cert} if isinstance(server, Server) else {}
+    for line in requests.get(server.url("/metrics"), timeout=10, **tls).text.splitlines():
         if (line.startswith(name + "{") or line.startswith(name + " ")) and all(label in line for label in labels):
             total += float(line.rsplit(" ", 1)[1])
     return total
