@@ -43,7 +43,7 @@ TASK_MODELS     := $(CACHE)/task-models-$(TASK_MODELS_KEY)
 # ONNX Runtime and OpenVINO for `make bench-cpu`, in an environment of their own.
 BENCH_CPU_ENV   := $(CACHE)/bench-cpu-$(shell sha256sum scripts/bench-cpu.lock | cut -c1-12)
 
-.PHONY: ultralytics task-models bench-sliced bench-masks quantize openapi-json bench-cpu bench-perf-analyzer perf-analyzer kserve-sdk bench-cache bench-tls bench-pipeline bench-protocols bench-shipped compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
+.PHONY: ultralytics task-models bench-sliced bench-masks quantize openapi-json bench-cpu bench-perf-analyzer perf-analyzer kserve-sdk bench-cache bench-tls bench-poll bench-pipeline bench-protocols bench-shipped compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
 
 help:
 	@echo "make run    - prepare everything and serve the default models on http://127.0.0.1:8080"
@@ -70,6 +70,7 @@ help:
 	@echo "make bench-pipeline - the detect_then_classify pipeline against its two steps called alone"
 	@echo "make bench-protocols - REST against gRPC on mobilenet_v2 as shipped, median of three interleaved runs"
 	@echo "make bench-shipped - the server as shipped, a 640x480 and a 12 MP photo, concurrency 1, 16 and 160"
+	@echo "make bench-poll - 20 version swaps by repository polling at 80 % load: failed requests, p99"
 	@echo "make bench-tls - TLS against plain HTTP: keep-alive throughput at c=16, a new connection's cost"
 	@echo "make bench-cpu - the forward pass alone: our TorchScript and AOTI versions beside ONNX Runtime and OpenVINO"
 	@echo "make bench-torchserve - the same load on TorchServe 0.12 and on visionserve"
@@ -200,6 +201,11 @@ bench-masks: build test-models
 
 bench-cache: build models
 	cargo run --release --locked --example bench -- --server $(BIN) --seconds $(BENCH_SECONDS) --cache models
+
+# 20 version swaps by repository polling under an open loop at 80 % of capacity (mobilenet_v2
+# TorchScript as shipped): failed requests and p99 against steady. Appends to BENCHMARKS.md.
+bench-poll: build models
+	cargo run --release --locked --example bench -- --server $(BIN) --seconds $(BENCH_SECONDS) --poll models
 
 # TLS against plain HTTP on mobilenet_v2 as shipped: keep-alive throughput at c=16 and the cost
 # of a new connection (certificates made with openssl). Appends to BENCHMARKS.md, draws tls.png.

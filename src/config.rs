@@ -150,6 +150,17 @@ pub struct ServerConfig {
     #[arg(long, env = "VISIONSERVE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
 
+    /// Repository polling: read the repository again every this many seconds, and load new
+    /// model folders, reload changed ones (each loaded beside the old and swapped in) and
+    /// unload removed ones. Off (0) by default: the management API does it on request.
+    #[arg(long, env = "VISIONSERVE_REPOSITORY_POLL_SECS", default_value_t = 0)]
+    pub repository_poll_secs: u64,
+
+    /// Repository polling: a changed folder is taken only once its files have not changed for
+    /// this many seconds, so a model being copied in is never loaded half-way.
+    #[arg(long, env = "VISIONSERVE_REPOSITORY_POLL_SETTLE_SECS", default_value_t = 10)]
+    pub repository_poll_settle_secs: u64,
+
     /// TLS: the certificate chain (PEM, the server's certificate first) both listeners serve;
     /// with --tls-key. Re-read when the file changes or on SIGHUP, so a renewal needs no
     /// restart. Without it both listeners speak plain HTTP and plain gRPC.
@@ -232,6 +243,14 @@ impl ServerConfig {
             return Err("the admin token must be at least 16 characters".into());
         }
         Ok(token)
+    }
+
+    /// Repository polling's settings, when it is on.
+    pub fn poll_settings(&self) -> Option<crate::repository::poll::PollSettings> {
+        (self.repository_poll_secs > 0).then(|| crate::repository::poll::PollSettings {
+            interval: std::time::Duration::from_secs(self.repository_poll_secs),
+            settle: std::time::Duration::from_secs(self.repository_poll_settle_secs),
+        })
     }
 
     /// The TLS files, when TLS is on.

@@ -63,6 +63,9 @@ pub async fn serve(config: ServerConfig) -> Result<(), Box<dyn std::error::Error
 
     let loader = Arc::clone(&repository);
     std::thread::Builder::new().name("model-loader".into()).spawn(move || loader.load_all())?;
+    if let Some(settings) = config.poll_settings() {
+        repository::poll::spawn(Arc::clone(&repository), settings, config.models.clone())?;
+    }
 
     let limits = RequestLimits {
         max_body_bytes: config.max_body_bytes,

@@ -319,6 +319,11 @@ pub fn bytes_of(body: &[u8]) -> axum::body::Bytes {
 
 /// Requests at a fixed rate, whether or not earlier ones have been answered.
 pub fn open_loop(url: &str, body: &[u8], rate: f64, duration: Duration) -> Stats {
+    open_loop_while(url, body, rate, &|started: Instant| started.elapsed() < duration)
+}
+
+/// The same for as long as `go_on(started)` says.
+pub fn open_loop_while(url: &str, body: &[u8], rate: f64, go_on: &(dyn Fn(Instant) -> bool + Sync)) -> Stats {
     let rt = runtime();
     rt.block_on(async {
         let send = http_sender(url, bytes_of(body), &JPEG, 64);
@@ -326,7 +331,7 @@ pub fn open_loop(url: &str, body: &[u8], rate: f64, duration: Duration) -> Stats
         let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
         let started = Instant::now();
         let mut tasks = Vec::new();
-        while started.elapsed() < duration {
+        while go_on(started) {
             interval.tick().await;
             let (send, outcomes) = (Arc::clone(&send), outcomes.clone());
             tasks.push(tokio::spawn(async move {

@@ -17,6 +17,7 @@
 mod ceiling;
 mod load;
 mod pipeline;
+mod poll;
 mod perf_analyzer;
 mod protocols;
 mod report;
@@ -42,7 +43,7 @@ struct Args {
     server: PathBuf,
     /// Model folders to measure (config.toml + model file); a numbered version folder
     /// (`models/mobilenet_v2/2`) is measured under its model's name, labelled with its format.
-    #[arg(long, value_delimiter = ',', required_unless_present_any = ["url", "shipped", "protocols", "pipeline", "cache", "perf_analyzer", "tls"])]
+    #[arg(long, value_delimiter = ',', required_unless_present_any = ["url", "shipped", "protocols", "pipeline", "cache", "perf_analyzer", "tls", "poll"])]
     models: Vec<PathBuf>,
     /// Instead of everything else: drive this predict URL of a running server (for example
     /// from docker compose) at each concurrency and print the table.
@@ -96,6 +97,10 @@ struct Args {
     /// plain HTTP, keep-alive at c=16 and a new connection per request. Draws `tls.png`.
     #[arg(long)]
     tls: Option<PathBuf>,
+    /// Also (or, without --models, only): 20 version swaps of this repository's mobilenet_v2
+    /// by repository polling under an open loop at 80 % of capacity. Draws `polling.png`.
+    #[arg(long)]
+    poll: Option<PathBuf>,
     /// The model repository `--perf-analyzer` serves.
     #[arg(long)]
     repository: Option<PathBuf>,
@@ -189,6 +194,9 @@ fn main() {
         }
         if let Some(repository) = &args.pipeline {
             report.push_str(&format!("\n## Pipeline, {} — {cores} cores, {cpu}\n{}", utc_now(), pipeline_report(&args, repository)));
+        }
+        if let Some(repository) = &args.poll {
+            report.push_str(&format!("\n## Repository polling, {} — {cores} cores, {cpu}\n{}", utc_now(), poll_report(&args, repository, &body)));
         }
         if let Some(repository) = &args.tls {
             report.push_str(&format!("\n## TLS, {} — {cores} cores, {cpu}\n{}", utc_now(), tls_report(&args, repository, &body)));
@@ -328,6 +336,14 @@ fn pipeline_report(args: &Args, repository: &std::path::Path) -> String {
 }
 
 /// REST against gRPC on the repository's classifier: the table and its chart.
+fn poll_report(args: &Args, repository: &std::path::Path, body: &[u8]) -> String {
+    let figures = poll::measure(&args.server, repository, body, args.seconds);
+    std::fs::create_dir_all(&args.chart_dir).unwrap();
+    let chart = args.chart_dir.join("polling.png");
+    report::draw_quantiles(&chart, "Version swaps by repository polling at 80 % load: latency", &poll::rows(&figures));
+    format!("{}\n![version swaps under load]({})\n", poll::render(&figures, args.seconds), chart.display())
+}
+
 fn tls_report(args: &Args, repository: &std::path::Path, body: &[u8]) -> String {
     println!("[bench] TLS against plain HTTP: mobilenet_v2 from {repository:?}, as shipped");
     let figures = tls::measure(&args.server, repository, body, args.seconds);

@@ -50,6 +50,10 @@ fn with_versions(state: &AppState, model: &ModelEntry, mut value: Value) -> Valu
         value["versions"] = json!(family.version_names());
         value["default_version"] = json!(family.default_version);
     }
+    // A reload (management call or repository polling) that failed while this one serves.
+    if let Some(reason) = state.repository.load_failure(&model.name) {
+        value["last_load_error"] = json!(reason);
+    }
     value
 }
 

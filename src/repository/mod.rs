@@ -11,6 +11,7 @@
 mod entry;
 mod on_demand;
 mod pipelines;
+pub mod poll;
 mod scan;
 mod statistics;
 
@@ -38,6 +39,9 @@ pub struct ModelFamily {
     pub name: String,
     pub versions: BTreeMap<VersionKey, Arc<ModelEntry>>,
     pub default_version: String,
+    /// Whether `default_version` was chosen through the management API (kept across reloads)
+    /// rather than being the newest installed version (which a reload recomputes).
+    pub default_chosen: bool,
 }
 
 /// Versions order numerically ("10" after "9"), whatever their text.
@@ -109,6 +113,9 @@ pub struct ModelRepository {
     admin: Mutex<()>,
     /// Models on demand: off unless a budget is set.
     on_demand: OnDemandPolicy,
+    /// Why the last load of a model (management call or repository polling) failed, until one
+    /// succeeds; what served before goes on serving meanwhile.
+    load_failures: Mutex<BTreeMap<String, String>>,
 }
 
 impl ModelRepository {
@@ -148,6 +155,7 @@ impl ModelRepository {
             pipelines,
             admin: Mutex::new(()),
             on_demand: OnDemandPolicy::default(),
+            load_failures: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -283,6 +291,21 @@ impl ModelRepository {
     /// Blocking: call it off the async reactor.
     pub fn load(&self, name: &str) -> Result<Vec<String>, String> {
         let _admin = self.admin.lock().unwrap();
+        let outcome = self.load_and_swap(name);
+        let mut failures = self.load_failures.lock().unwrap();
+        match &outcome {
+            Ok(_) => failures.remove(name),
+            Err(reason) => failures.insert(name.to_string(), reason.clone()),
+        };
+        outcome
+    }
+
+    /// Why the model's last load failed, while no later one has succeeded.
+    pub fn load_failure(&self, name: &str) -> Option<String> {
+        self.load_failures.lock().unwrap().get(name).cloned()
+    }
+
+    fn load_and_swap(&self, name: &str) -> Result<Vec<String>, String> {
         let dir = self.folder_of(name)?;
         let family = read_family(&dir);
         if family.name != name {
@@ -292,11 +315,13 @@ impl ModelRepository {
         for entry in family.versions.values().filter(|e| e.status().status != ModelStatus::NotInstalled) {
             on_demand::load_measured(entry).map_err(|reason| format!("version {}: {reason}", entry.version))?;
         }
-        // Keep a default version chosen through the API when it still exists.
+        // Keep a default version chosen through the API when it still exists; otherwise the
+        // newest, so a version folder added is what requests get once it is loaded.
         let mut family = family;
         if let Some(old) = self.family(name) {
-            if family.versions.contains_key(&VersionKey::new(&old.default_version)) {
+            if old.default_chosen && family.versions.contains_key(&VersionKey::new(&old.default_version)) {
                 family.default_version = old.default_version.clone();
+                family.default_chosen = true;
             }
         }
         let versions = family.version_names();
@@ -340,6 +365,7 @@ impl ModelRepository {
         let family = families.get(name).ok_or_else(|| LookupError::NoModel(name.to_string()))?;
         let mut changed = (**family).clone();
         changed.default_version = entry.version.clone();
+        changed.default_chosen = true;
         families.insert(name.to_string(), Arc::new(changed));
         Ok(())
     }
@@ -360,10 +386,14 @@ impl ModelRepository {
     fn folder_of(&self, name: &str) -> Result<PathBuf, String> {
         if let Some(family) = self.family(name) {
             let entry = family.default_entry();
-            let dir = if family.versions.len() == 1 && entry.version == FLAT_VERSION && entry.dir.join("config.toml").is_file() {
-                entry.dir.clone()
-            } else {
-                entry.dir.parent().map(Path::to_path_buf).unwrap_or_else(|| entry.dir.clone())
+            // A version folder is named by its version under a folder without a config.toml;
+            // a flat model's folder holds the config itself. (A versioned model with only a
+            // folder `1` looks flat by its version alone.)
+            let parent = entry.dir.parent().filter(|p| !p.join("config.toml").is_file());
+            let in_version_folder = entry.dir.file_name().is_some_and(|n| n == entry.version.as_str());
+            let dir = match parent {
+                Some(parent) if in_version_folder => parent.to_path_buf(),
+                _ => entry.dir.clone(),
             };
             if dir.is_dir() {
                 return Ok(dir);

@@ -58,7 +58,7 @@ pub(super) fn family_of(name: String, entries: Vec<ModelEntry>) -> ModelFamily {
         .or_else(|| versions.values().next_back())
         .map(|e| e.version.clone())
         .unwrap_or_else(|| FLAT_VERSION.into());
-    ModelFamily { name, versions, default_version }
+    ModelFamily { name, versions, default_version, default_chosen: false }
 }
 
 /// One model folder: flat (version 1) or with numbered versions; the newest is the default.
