@@ -48,14 +48,16 @@ pub enum Protocol {
 
 const OVER_LIMIT_BODY: &str = r#"{"error":{"code":"too_many_connections","message":"the server's connection limit is reached"}}"#;
 
-/// The whole answer to a connection over the limit, with its own request id like every other.
-fn over_limit_response() -> Vec<u8> {
-    format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nx-request-id: {}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{OVER_LIMIT_BODY}",
+/// Answers a connection that will not be served with one JSON error, its own request id like
+/// every other answer, and closes it; a client that does not read within a second is dropped.
+async fn answer_and_close(mut stream: tokio::net::TcpStream, status: &str, extra_headers: &str, body: &str) {
+    let answer = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n{extra_headers}x-request-id: {}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
         uuid::Uuid::new_v4(),
-        OVER_LIMIT_BODY.len()
-    )
-    .into_bytes()
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(answer.as_bytes())).await;
+    let _ = stream.shutdown().await;
 }
 
 /// Runs one connection to its end, holding its place under the connection limit meanwhile.
@@ -84,16 +86,6 @@ async fn looks_like_plain_http(stream: &tokio::net::TcpStream) -> bool {
 }
 
 const PLAIN_HTTP_BODY: &str = r#"{"error":{"code":"tls_required","message":"this port speaks HTTPS; call it with https://"}}"#;
-
-/// A `http://` call to the TLS port gets a readable answer rather than a closed connection.
-async fn answer_plain_http_on_tls_port(mut stream: tokio::net::TcpStream) {
-    let answer = format!(
-        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{PLAIN_HTTP_BODY}",
-        PLAIN_HTTP_BODY.len()
-    );
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(answer.as_bytes())).await;
-    let _ = stream.shutdown().await;
-}
 
 fn handshake_failed(protocol: Protocol, peer: std::net::SocketAddr, why: &str) {
     let listener = match protocol {
@@ -157,11 +149,7 @@ pub async fn serve(
                 drop(stream);
                 continue;
             }
-            tokio::spawn(async move {
-                let mut stream = stream;
-                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&over_limit_response())).await;
-                let _ = stream.shutdown().await;
-            });
+            tokio::spawn(answer_and_close(stream, "503 Service Unavailable", "retry-after: 1\r\n", OVER_LIMIT_BODY));
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -181,7 +169,8 @@ pub async fn serve(
         tokio::spawn(async move {
             let handshake = async {
                 if limits.protocol == Protocol::Http1 && looks_like_plain_http(&stream).await {
-                    answer_plain_http_on_tls_port(stream).await;
+                    // A `http://` call to the TLS port gets a readable answer, not a closed socket.
+                    answer_and_close(stream, "400 Bad Request", "", PLAIN_HTTP_BODY).await;
                     return Err(std::io::Error::other("a plain-HTTP request on the TLS port (answered 400)"));
                 }
                 acceptor.accept(stream).await
