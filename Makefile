@@ -43,7 +43,7 @@ TASK_MODELS     := $(CACHE)/task-models-$(TASK_MODELS_KEY)
 # ONNX Runtime and OpenVINO for `make bench-cpu`, in an environment of their own.
 BENCH_CPU_ENV   := $(CACHE)/bench-cpu-$(shell sha256sum scripts/bench-cpu.lock | cut -c1-12)
 
-.PHONY: ultralytics task-models bench-sliced bench-masks quantize openapi-json bench-cpu bench-perf-analyzer perf-analyzer kserve-sdk bench-cache bench-tls bench-poll bench-pipeline bench-protocols bench-shipped compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
+.PHONY: swarm-test bench-swarm ultralytics task-models bench-sliced bench-masks quantize openapi-json bench-cpu bench-perf-analyzer perf-analyzer kserve-sdk bench-cache bench-tls bench-poll bench-pipeline bench-protocols bench-shipped compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
 
 help:
 	@echo "make run    - prepare everything and serve the default models on http://127.0.0.1:8080"
@@ -55,6 +55,7 @@ help:
 	@echo "  make test-browser       - the web page in headless Chromium"
 	@echo "  make validate-manifests - Kubernetes and KServe manifests against their schemas, offline"
 	@echo "  make docker-test        - the image built and run, answers compared with the host binary"
+	@echo "  make swarm-test         - docker/swarm/stack.yml on a one-node swarm: rolling update and a killed replica under load"
 	@echo "  make audit              - cargo deny: licences, banned crates, sources (and advisories when reachable)"
 	@echo "make test-gpu - on a machine with an NVIDIA GPU: integration and reference tests on cuda:0"
 	@echo "make compare-answers BEFORE=<old binary> - every route's answers, old binary vs this build, byte for byte"
@@ -144,7 +145,7 @@ test-models: $(TEST_MODELS)/.complete
 run: build models
 	$(BIN) --model-repository models
 
-test: build models test-models audit test-rust test-python validate-manifests docker-test test-browser
+test: build models test-models audit test-rust test-python validate-manifests docker-test swarm-test test-browser
 
 test-rust: build test-models
 	VISIONSERVE_TEST_MODELS=$(TEST_MODELS) cargo test --release --locked
@@ -271,6 +272,18 @@ docker-image: build models
 docker-test: build models
 	cargo build --release --locked --example bench
 	scripts/docker-test.sh $(CACHE)
+
+# docker/swarm/stack.yml on a real orchestrator (swarm mode, one node, in a network namespace
+# of its own): two replicas behind HAProxy under load, a rolling update to a new image and a
+# killed replica; fails on a request lost to either. Report and chart in test-output/.
+swarm-test: build models
+	cargo build --release --locked --example bench
+	scripts/swarm-test.sh $(CACHE) test-output/swarm.md test-output
+
+# The same, its table appended to BENCHMARKS.md and its chart in docs/bench/.
+bench-swarm: build models
+	cargo build --release --locked --example bench
+	scripts/swarm-test.sh $(CACHE) BENCHMARKS.md docs/bench
 
 # A refactor's check: every route's answers (REST, gRPC, the pipeline, the test models) to the
 # sample photos and the corpus, recorded with the binary BEFORE and with this build, compared

@@ -150,6 +150,13 @@ pub struct ServerConfig {
     #[arg(long, env = "VISIONSERVE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
 
+    /// On SIGTERM or SIGINT: seconds to go on serving with readiness already off (503 on
+    /// /health/ready, NOT_SERVING on gRPC health) before the listeners close, so a load
+    /// balancer that polls readiness (a proxy, a swarm stack's HAProxy) stops routing here
+    /// first. 0 closes them at once; Kubernetes gets the same from a preStop pause.
+    #[arg(long, env = "VISIONSERVE_SHUTDOWN_DELAY_SECS", default_value_t = 0)]
+    pub shutdown_delay_secs: u64,
+
     /// Repository polling: read the repository again every this many seconds, and load new
     /// model folders, reload changed ones (each loaded beside the old and swapped in) and
     /// unload removed ones. Off (0) by default: the management API does it on request.

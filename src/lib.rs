@@ -44,6 +44,14 @@ pub async fn serve(config: ServerConfig) -> Result<(), Box<dyn std::error::Error
     if config.inference_threads > 0 {
         engine::set_inference_threads(config.inference_threads);
     }
+    // The cores Rust sees are the cgroup's CPU quota when one is set (a container's CPU
+    // limit), so the defaults below follow the limit, not the node's core count.
+    tracing::info!(
+        cores = std::thread::available_parallelism().map_or(1, |n| n.get()),
+        inference_threads = engine::inference_thread_count(),
+        preprocess_threads = config.preprocess_thread_count(),
+        "thread pools sized"
+    );
     for library in &config.op_libraries {
         engine::ops::load_op_library(library)?;
         tracing::info!(library = %library.display(), "operator library loaded");
@@ -74,6 +82,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), Box<dyn std::error::Error
         request_timeout_ms: config.request_timeout_ms,
         refusal_delay_ms: config.refusal_delay_ms,
     };
+    let repository_for_drain = Arc::clone(&repository);
     let state = AppState::builder(repository, limits)
         .cpu_threads(config.preprocess_thread_count())
         .api_keys(config.load_api_keys()?)
@@ -109,8 +118,17 @@ pub async fn serve(config: ServerConfig) -> Result<(), Box<dyn std::error::Error
     }
     // One signal drains both listeners.
     let (shutdown_sender, shutdown) = tokio::sync::watch::channel(false);
+    let draining = Arc::clone(&repository_for_drain);
+    let shutdown_delay = std::time::Duration::from_secs(config.shutdown_delay_secs);
     tokio::spawn(async move {
         shutdown_signal().await;
+        // Readiness off first, listeners closed after the delay: a balancer that polls
+        // readiness moves its traffic away before a connection is refused or cut.
+        draining.begin_draining();
+        if !shutdown_delay.is_zero() {
+            tracing::info!(delay_secs = shutdown_delay.as_secs(), "readiness off; serving on until the listeners close");
+            tokio::time::sleep(shutdown_delay).await;
+        }
         let _ = shutdown_sender.send(true);
     });
     let limits = connections::ConnectionLimits {

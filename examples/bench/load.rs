@@ -197,14 +197,14 @@ pub fn runtime() -> tokio::runtime::Runtime {
 /// What a load generator saw: the latencies of answered requests and of refusals (503) apart
 /// (a client without back-off retries a refusal at once), and the failures.
 #[derive(Clone)]
-struct Outcomes {
+pub struct Outcomes {
     answered: Arc<Mutex<Histogram<u64>>>,
     refused: Arc<Mutex<Histogram<u64>>>,
     errors: Arc<AtomicU64>,
 }
 
 impl Outcomes {
-    fn new() -> Self {
+    pub fn new() -> Self {
         Outcomes {
             answered: Arc::new(Mutex::new(Histogram::new(3).unwrap())),
             refused: Arc::new(Mutex::new(Histogram::new(3).unwrap())),
@@ -213,7 +213,7 @@ impl Outcomes {
     }
 
     /// One request's outcome, as an HTTP status (gRPC's codes mapped to theirs; 0: failed).
-    fn record(&self, status: u16, took: Duration) {
+    pub fn record(&self, status: u16, took: Duration) {
         let micros = took.as_micros() as u64;
         match status {
             200 => self.answered.lock().unwrap().record(micros).unwrap(),
@@ -224,7 +224,7 @@ impl Outcomes {
         }
     }
 
-    fn stats(&self, elapsed: Duration) -> Stats {
+    pub fn stats(&self, elapsed: Duration) -> Stats {
         let refused = self.refused.lock().unwrap();
         Stats {
             errors: self.errors.load(Ordering::Relaxed),

@@ -22,6 +22,7 @@ mod perf_analyzer;
 mod protocols;
 mod report;
 mod shipped;
+mod swarm;
 mod tls;
 
 use std::io::Write;
@@ -43,7 +44,7 @@ struct Args {
     server: PathBuf,
     /// Model folders to measure (config.toml + model file); a numbered version folder
     /// (`models/mobilenet_v2/2`) is measured under its model's name, labelled with its format.
-    #[arg(long, value_delimiter = ',', required_unless_present_any = ["url", "shipped", "protocols", "pipeline", "cache", "perf_analyzer", "tls", "poll"])]
+    #[arg(long, value_delimiter = ',', required_unless_present_any = ["url", "shipped", "protocols", "pipeline", "cache", "perf_analyzer", "tls", "poll", "swarm"])]
     models: Vec<PathBuf>,
     /// Instead of everything else: drive this predict URL of a running server (for example
     /// from docker compose) at each concurrency and print the table.
@@ -101,6 +102,20 @@ struct Args {
     /// by repository polling under an open loop at 80 % of capacity. Draws `polling.png`.
     #[arg(long)]
     poll: Option<PathBuf>,
+    /// Instead of everything else: `make swarm-test`'s load through the stack's proxy, this
+    /// predict URL, until `--swarm-events` holds `done` (see examples/bench/swarm.rs). Appends
+    /// the table to `--out`, draws `swarm.png` in `--chart-dir`.
+    #[arg(long, requires = "swarm_events")]
+    swarm: Option<String>,
+    /// The events file `--swarm` shares with scripts/swarm-test.sh.
+    #[arg(long)]
+    swarm_events: Option<PathBuf>,
+    /// Where `--swarm` writes its JSON summary for the script to judge.
+    #[arg(long)]
+    swarm_summary: Option<PathBuf>,
+    /// `--swarm` stops after this many seconds even without `done`.
+    #[arg(long, default_value_t = 900)]
+    swarm_limit_secs: u64,
     /// The model repository `--perf-analyzer` serves.
     #[arg(long)]
     repository: Option<PathBuf>,
@@ -136,6 +151,20 @@ fn main() {
                 "| {c} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.1} | {} | {:.0} % |",
                 s.throughput, s.p50, s.p95, s.p99, s.refused, s.refused_p99, s.errors, share * 100.0
             );
+        }
+        return;
+    }
+    if let (Some(url), Some(events)) = (&args.swarm, &args.swarm_events) {
+        let figures = swarm::measure(url, &body, events, args.seconds, Duration::from_secs(args.swarm_limit_secs));
+        std::fs::create_dir_all(&args.chart_dir).unwrap();
+        let chart = args.chart_dir.join("swarm.png");
+        swarm::draw_timeline(&chart, &figures);
+        let report = format!("\n## Swarm, {} — {cores} cores, {cpu}\n{}\n![swarm timeline]({})\n", utc_now(), swarm::render(&figures), chart.display());
+        println!("{report}");
+        let mut out = std::fs::OpenOptions::new().create(true).append(true).open(&args.out).unwrap();
+        out.write_all(report.as_bytes()).unwrap();
+        if let Some(path) = &args.swarm_summary {
+            std::fs::write(path, serde_json::to_vec_pretty(&swarm::summary_json(&figures)).unwrap()).unwrap();
         }
         return;
     }

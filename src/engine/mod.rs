@@ -26,7 +26,7 @@ use admission::QueuedImages;
 
 pub use backend::{load_model, Backend, LoadedModel, RawOutputSpec};
 pub use outputs::{RawData, RawTensor};
-pub use pool::set_inference_threads;
+pub use pool::{inference_thread_count, set_inference_threads};
 pub use statistics::{BatchRow, DurationCounter, DurationTotal};
 
 use pool::{pool, ModelQueue, Registration};

@@ -176,6 +176,11 @@ pub fn set_inference_threads(threads: usize) {
     let _ = EXECUTORS.set(threads.max(1));
 }
 
+/// How many executors the pool has (or will have once started).
+pub fn inference_thread_count() -> usize {
+    *EXECUTORS.get_or_init(cores)
+}
+
 fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }

@@ -116,6 +116,9 @@ pub struct ModelRepository {
     /// Why the last load of a model (management call or repository polling) failed, until one
     /// succeeds; what served before goes on serving meanwhile.
     load_failures: Mutex<BTreeMap<String, String>>,
+    /// Set on SIGTERM: readiness turns false at once so load balancers stop routing here,
+    /// while the listeners go on serving for the shutdown delay.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl ModelRepository {
@@ -156,6 +159,7 @@ impl ModelRepository {
             admin: Mutex::new(()),
             on_demand: OnDemandPolicy::default(),
             load_failures: Mutex::new(BTreeMap::new()),
+            draining: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -235,8 +239,13 @@ impl ModelRepository {
     /// traffic); versions an admin unloaded, or that `--models` left out, do not hold
     /// readiness back, nor do those waiting to be loaded on demand: with a budget set, the
     /// server is ready when its pinned models are.
+    /// From now on the server is not ready (it is shutting down); it is never undone.
+    pub fn begin_draining(&self) {
+        self.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn readiness(&self) -> Readiness {
-        let mut readiness = Readiness::default();
+        let mut readiness = Readiness { draining: self.draining.load(std::sync::atomic::Ordering::Relaxed), ..Readiness::default() };
         readiness.on_demand = self.entries().iter().filter(|e| e.status().status == ModelStatus::OnDemand).count();
         for entry in self.serving_entries() {
             let name = if entry.version == FLAT_VERSION { entry.name.clone() } else { format!("{}/{}", entry.name, entry.version) };
@@ -418,6 +427,8 @@ pub struct Readiness {
     pub not_ready: Vec<NotReady>,
     /// Versions waiting to be loaded by their first request.
     pub on_demand: usize,
+    /// Shutting down: every model may still be warm, but no new traffic should come here.
+    pub draining: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -429,11 +440,14 @@ pub struct NotReady {
 
 impl Readiness {
     pub fn is_ready(&self) -> bool {
-        self.not_ready.is_empty() && (!self.ready.is_empty() || self.on_demand > 0)
+        !self.draining && self.not_ready.is_empty() && (!self.ready.is_empty() || self.on_demand > 0)
     }
 
     /// The reason when no single model is to blame.
     pub fn reason(&self) -> Option<&'static str> {
+        if self.draining {
+            return Some("shutting down");
+        }
         (self.ready.is_empty() && self.not_ready.is_empty() && self.on_demand == 0).then_some("the repository holds no model")
     }
 }
@@ -457,6 +471,16 @@ mod tests {
         assert_eq!(family.version("1.0").unwrap().version, "1");
         assert_eq!(family.version_names(), ["1", "2", "10"]);
         assert!(family.version("3").is_none());
+    }
+
+    #[test]
+    fn a_draining_server_is_not_ready_and_says_why() {
+        let root = tempfile::tempdir().unwrap();
+        let repository = ModelRepository::scan(root.path(), &[]).unwrap();
+        repository.begin_draining();
+        let readiness = repository.readiness();
+        assert!(readiness.draining && !readiness.is_ready());
+        assert_eq!(readiness.reason(), Some("shutting down"));
     }
 
     #[test]

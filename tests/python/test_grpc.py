@@ -497,6 +497,42 @@ def test_sigterm_drains_calls_and_a_stream_in_flight():
         server.stop()
 
 
+def test_the_shutdown_delay_turns_readiness_off_and_serves_on_until_the_listeners_close():
+    """--shutdown-delay-secs: on SIGTERM readiness is off at once (REST 503 "shutting down",
+    gRPC health NOT_SERVING), inference still answers on REST and gRPC for the delay (a
+    balancer that polls readiness moves away first), then the listeners close and it exits 0."""
+    model = "resnet18"
+    server = Server(os.environ["VISIONSERVE_TEST_MODELS"], extra_args=["--models", model, "--shutdown-delay-secs", "4"])
+    try:
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.grpc))
+        image = encode(photo("chelsea"), "JPEG")
+        predict = lambda: requests.post(server.url(f"/v1/models/{model}/predict"), data=image,
+                                        headers={"content-type": "image/jpeg"}, timeout=30)
+        assert predict().status_code == 200
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 2
+        while requests.get(server.url("/health/ready"), timeout=5).status_code == 200:
+            assert time.monotonic() < deadline, "readiness stayed on after SIGTERM"
+            time.sleep(0.02)
+        ready = requests.get(server.url("/health/ready"), timeout=5)
+        assert ready.status_code == 503 and ready.json()["reason"] == "shutting down", ready.text
+        assert requests.get(server.url("/v2/health/ready"), timeout=5).status_code == 503
+        while health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline + 1, "gRPC health stayed SERVING after SIGTERM"
+            time.sleep(0.02)
+        answered = predict()
+        grpc_answer = client_for(server).infer(model, [bytes_input(image)])
+        # Only meaningful while the delay lasts: a slow machine that got here late says so.
+        assert time.monotonic() - signalled < 4, "the checks above took the whole delay: this run proves nothing"
+        assert answered.status_code == 200 and grpc_answer.as_numpy("scores") is not None
+        assert server.process.wait(timeout=60) == 0, "".join(server.log[-10:])
+        assert time.monotonic() - signalled >= 4, "the listeners closed before the delay was over"
+        assert any("readiness off" in line for line in server.log)
+    finally:
+        server.stop()
+
+
 def test_a_client_that_goes_away_cancels_its_queued_frames():
     """Eight frames queued on one slow inference thread, then the client disconnects: the
     frames still queued are skipped (not computed), and the stream's bound held them to 8."""
