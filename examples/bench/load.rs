@@ -86,8 +86,15 @@ impl ServerUnderTest {
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let (grpc_tx, grpc_rx) = std::sync::mpsc::channel();
+        // BENCH_SERVER_LOG=<file>: the server's log kept beside the figures, to see what a
+        // phase's latencies were made of.
+        let mut log = std::env::var_os("BENCH_SERVER_LOG").and_then(|path| std::fs::File::create(path).ok());
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(file) = log.as_mut() {
+                    use std::io::Write;
+                    let _ = writeln!(file, "{line}");
+                }
                 for (scheme, url_scheme) in [("grpc", "http"), ("grpcs", "https")] {
                     if let Some(addr) = line.split(&format!("listening on {scheme}://")).nth(1) {
                         let _ = grpc_tx.send(format!("{url_scheme}://{}", addr.trim()));
@@ -324,25 +331,55 @@ pub fn open_loop(url: &str, body: &[u8], rate: f64, duration: Duration) -> Stats
 
 /// The same for as long as `go_on(started)` says.
 pub fn open_loop_while(url: &str, body: &[u8], rate: f64, go_on: &(dyn Fn(Instant) -> bool + Sync)) -> Stats {
-    let rt = runtime();
-    rt.block_on(async {
+    let started = Instant::now();
+    let sent = open_loop_timeline(url, body, rate, go_on);
+    stats_of(sent.iter(), started.elapsed())
+}
+
+/// One request of an open loop: when it was sent (seconds since the Unix epoch, so it lines
+/// up with other processes' clocks and logs), its status and how long it took.
+pub struct Sent {
+    pub at: f64,
+    pub status: u16,
+    pub took: Duration,
+}
+
+pub fn epoch_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+/// An open loop that keeps every request's outcome, for timelines and phases.
+pub fn open_loop_timeline(url: &str, body: &[u8], rate: f64, go_on: &(dyn Fn(Instant) -> bool + Sync)) -> Vec<Sent> {
+    let sent: Arc<Mutex<Vec<Sent>>> = Arc::default();
+    runtime().block_on(async {
         let send = http_sender(url, bytes_of(body), &JPEG, 64);
-        let outcomes = Outcomes::new();
         let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
         let started = Instant::now();
         let mut tasks = Vec::new();
         while go_on(started) {
             interval.tick().await;
-            let (send, outcomes) = (Arc::clone(&send), outcomes.clone());
+            let (send, sent) = (Arc::clone(&send), Arc::clone(&sent));
             tasks.push(tokio::spawn(async move {
+                let at = epoch_now();
                 let t = Instant::now();
                 let status = send().await;
-                outcomes.record(status, t.elapsed());
+                sent.lock().unwrap().push(Sent { at, status, took: t.elapsed() });
             }));
         }
         for t in tasks {
             let _ = t.await;
         }
-        outcomes.stats(started.elapsed())
-    })
+    });
+    let mut sent = std::mem::take(&mut *sent.lock().unwrap());
+    sent.sort_by(|a, b| a.at.total_cmp(&b.at));
+    sent
+}
+
+/// The figures of some of those requests, over `elapsed`.
+pub fn stats_of<'a>(sent: impl Iterator<Item = &'a Sent>, elapsed: Duration) -> Stats {
+    let outcomes = Outcomes::new();
+    for s in sent {
+        outcomes.record(s.status, s.took);
+    }
+    outcomes.stats(elapsed)
 }

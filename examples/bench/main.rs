@@ -370,7 +370,15 @@ fn poll_report(args: &Args, repository: &std::path::Path, body: &[u8]) -> String
     std::fs::create_dir_all(&args.chart_dir).unwrap();
     let chart = args.chart_dir.join("polling.png");
     report::draw_quantiles(&chart, "Version swaps by repository polling at 80 % load: latency", &poll::rows(&figures));
-    format!("{}\n![version swaps under load]({})\n", poll::render(&figures, args.seconds), chart.display())
+    let timeline = args.chart_dir.join("polling-timeline.png");
+    poll::draw_timeline(&timeline, &figures);
+    format!(
+        "{}\n{}\n![version swaps under load]({})\n![every request during the swaps]({})\n",
+        poll::render(&figures, args.seconds),
+        poll::refusals_by_moment(&figures),
+        chart.display(),
+        timeline.display()
+    )
 }
 
 fn tls_report(args: &Args, repository: &std::path::Path, body: &[u8]) -> String {

@@ -267,3 +267,38 @@ pub fn draw_quantiles(path: &Path, title: &str, rows: &[(&str, Stats)]) {
     }
     root.present().unwrap();
 }
+
+/// Latency of every request over time (answered blue, refused orange, failed red at the top),
+/// marks (seconds from the start, label) as vertical lines. `points`: (seconds from the start,
+/// status, latency ms).
+pub fn draw_timeline(path: &Path, caption: &str, points: &[(f64, u16, f64)], marks: &[(f64, String)]) {
+    let font: &'static [u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, font);
+    let root = BitMapBackend::new(path, (900, 420)).into_drawing_area();
+    root.fill(&WHITE).unwrap();
+    let end = points.iter().map(|p| p.0).fold(1.0, f64::max) + 1.0;
+    let top = points.iter().map(|p| p.2).fold(10.0, f64::max) * 2.0;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(caption, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0f64..end, (1f64..top).log_scale())
+        .unwrap();
+    chart.configure_mesh().x_desc("seconds").y_desc("latency ms (failed: red, at the top)").draw().unwrap();
+    let dots = |status: fn(u16) -> bool, color: RGBColor, at_top: bool| {
+        points
+            .iter()
+            .filter(move |p| status(p.1))
+            .map(move |p| Circle::new((p.0, if at_top { top / 1.5 } else { p.2.max(1.0) }), 2, color.filled()))
+    };
+    chart.draw_series(dots(|s| s == 200, BLUE, false)).unwrap();
+    chart.draw_series(dots(|s| s == 503, RGBColor(230, 140, 0), false)).unwrap();
+    chart.draw_series(dots(|s| s != 200 && s != 503, RED, true)).unwrap();
+    for (x, label) in marks {
+        let x = *x;
+        chart.draw_series(LineSeries::new([(x, 1.0), (x, top)], BLACK.mix(0.5))).unwrap();
+        chart.draw_series(std::iter::once(Text::new(label.clone(), (x + 0.3, top / 3.0), ("sans-serif", 13)))).unwrap();
+    }
+    root.present().unwrap();
+}

@@ -1,5 +1,5 @@
-//! Model metadata: the list (every model in the repository, loaded or not), one model in
-//! detail, and one version of it.
+//! Model metadata: the list (every model in the repository, loaded or not, and folders whose
+//! first load failed), one model in detail, and one version of it.
 
 use axum::extract::State;
 use axum::routing::get;
@@ -61,6 +61,17 @@ fn with_versions(state: &AppState, model: &ModelEntry, mut value: Value) -> Valu
 async fn list(State(state): State<AppState>) -> Json<Value> {
     let mut models: Vec<Value> = state.repository.iter().iter().map(|m| with_versions(&state, m, summary(m))).collect();
     models.extend(state.repository.pipelines().iter().map(|p| pipeline_summary(&state, p)));
+    models.extend(state.repository.never_loaded_failures().into_iter().map(|failed| {
+        json!({
+            "name": failed.name,
+            "version": failed.default_version,
+            "status": "failed",
+            "reason": "its first load failed; nothing of it serves",
+            "last_load_error": failed.reason,
+            "versions": failed.versions,
+            "default_version": failed.default_version,
+        })
+    }));
     Json(json!({"models": models}))
 }
 
@@ -114,6 +125,10 @@ fn pipeline_summary(state: &AppState, pipeline: &PipelineEntry) -> Value {
     });
     if let Some(reason) = report.reason {
         value["reason"] = json!(reason);
+    }
+    // A polled pipeline.toml that no longer reads, while the one before serves.
+    if let Some(reason) = state.repository.load_failure(&pipeline.name) {
+        value["last_load_error"] = json!(reason);
     }
     if let Ok(spec) = &pipeline.spec {
         value["steps"] = json!({"detect": spec.detect, "classify": spec.classify});

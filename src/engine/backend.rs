@@ -5,7 +5,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
@@ -142,6 +142,12 @@ pub fn parse_device(spec: &str) -> Result<Device, String> {
 /// fit its config fails here, at start-up, rather than on the first request.
 pub fn load_model(config: &ModelConfig, model_file: &Path) -> Result<LoadedModel, String> {
     let device = parse_device(&config.runtime.device)?;
+    // One thread here, whatever the workers get: a thread that has run a multi-threaded
+    // OpenMP region keeps its thread team, and a second team slows the next one down (probably
+    // libgomp spinning less with more threads than cores; measured: BENCHMARKS.md, "Figures
+    // behind the code's choices"). The loading thread never needs a team, reading the file
+    // included (it ran before this was set, and left a team behind).
+    tch::set_num_threads(1);
     let (backend, parameter_count) = Backend::load(config, model_file, device)?;
     let mut model =
         LoadedModel {
@@ -156,11 +162,6 @@ pub fn load_model(config: &ModelConfig, model_file: &Path) -> Result<LoadedModel
         };
     let mut last_run = Default::default();
     let _no_grad = tch::no_grad_guard();
-    // One thread here, whatever the workers get: a thread that has run a multi-threaded
-    // OpenMP region keeps its thread team, and a second team slows the next one down (probably
-    // libgomp spinning less with more threads than cores; measured: BENCHMARKS.md, "Figures
-    // behind the code's choices"). The loading thread never needs a team.
-    tch::set_num_threads(1);
     let (w, h) = warmup_size(config);
     let variable_size = matches!(config.input.resize, ResizePolicy::Original | ResizePolicy::FitMultiple);
     // One blank input of the configured size, for the warm-up and the batch costs below.
@@ -168,10 +169,10 @@ pub fn load_model(config: &ModelConfig, model_file: &Path) -> Result<LoadedModel
     for run in 0..config.runtime.warmup_runs.max(1) {
         // The first run also reads the model's own outputs, to describe them in metadata.
         let want_raw = run == 0 && config.output.convention != OutputConvention::TorchvisionDetection;
-        let started = Instant::now();
+        let clock = LoaderClock::start(device);
         let outputs = run_images(&model, config, &[&blank], JobOptions { score_threshold: 1.0, want_confidence: false, want_raw }, &mut ForwardTimes::default())
             .map_err(|e| format!("warm-up failed: {e}"))?;
-        last_run = started.elapsed();
+        last_run = clock.elapsed();
         if let Some((_, raw)) = outputs.first().filter(|_| want_raw) {
             model.raw_outputs = raw
                 .iter()
@@ -205,8 +206,8 @@ fn measure_batch_bound(model: &LoadedModel, config: &ModelConfig, blank: &Prepar
         // The better of two runs: the first at a new size also pays for its allocations.
         (0..2)
             .map(|_| {
-                let started = Instant::now();
-                run_images(model, config, &images, options, &mut ForwardTimes::default()).map(|_| started.elapsed().as_secs_f64() / size as f64)
+                let clock = LoaderClock::start(model.device);
+                run_images(model, config, &images, options, &mut ForwardTimes::default()).map(|_| clock.elapsed().as_secs_f64() / size as f64)
             })
             .try_fold(f64::INFINITY, |best, run| run.map(|t| best.min(t)))
     };
@@ -229,6 +230,42 @@ fn measure_batch_bound(model: &LoadedModel, config: &ModelConfig, blank: &Prepar
         );
     }
     Ok(bound)
+}
+
+/// Times the loader's forwards. On the CPU they run on the loading thread alone (one
+/// intra-op thread), so the thread's own CPU time is what a forward costs, whatever else the
+/// cores are doing: a load beside serving traffic (a polled one runs at idle priority) is
+/// preempted by every batch, and wall time would count their work as this model's, seeding
+/// admission with a slow forward and the batch bound with noise. On a GPU the forward is
+/// asynchronous work elsewhere, so there wall time.
+enum LoaderClock {
+    Cpu(Duration),
+    Wall(Instant),
+}
+
+impl LoaderClock {
+    fn start(device: Device) -> Self {
+        match device {
+            Device::Cpu => LoaderClock::Cpu(thread_cpu_time()),
+            _ => LoaderClock::Wall(Instant::now()),
+        }
+    }
+
+    fn elapsed(&self) -> Duration {
+        match self {
+            LoaderClock::Cpu(start) => thread_cpu_time().saturating_sub(*start),
+            LoaderClock::Wall(start) => start.elapsed(),
+        }
+    }
+}
+
+fn thread_cpu_time() -> Duration {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime only writes the timespec it is given, which lives on this stack.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now);
+    }
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
 }
 
 fn available_cores() -> usize {

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::engine::{self, ModelRuntime};
 use crate::model_config::ModelConfig;
+use super::files::{version_fingerprint, Fingerprint};
 use super::statistics::InferenceStatistics;
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
@@ -68,6 +69,9 @@ pub struct ModelEntry {
     pub config: Option<Arc<ModelConfig>>,
     pub labels: Arc<Vec<String>>,
     pub file_size: Option<u64>,
+    /// Its files as read with its config: a polled reload keeps this version, loaded as it is,
+    /// when they are unchanged.
+    pub(super) files: Fingerprint,
     state: RwLock<ModelState>,
     parameter_count: RwLock<Option<u64>>,
     /// Models on demand: when a request last used this version, and what loading it cost.
@@ -98,6 +102,7 @@ impl ModelEntry {
         file_size: Option<u64>,
         state: ModelState,
     ) -> Self {
+        let files = version_fingerprint(&dir, &config);
         Self {
             name,
             version,
@@ -106,6 +111,7 @@ impl ModelEntry {
             config: Some(config),
             labels: Arc::new(labels),
             file_size,
+            files,
             state: RwLock::new(state),
             parameter_count: RwLock::new(None),
             usage: Usage::default(),
@@ -122,6 +128,7 @@ impl ModelEntry {
             config: None,
             labels: Arc::new(Vec::new()),
             file_size: None,
+            files: Fingerprint::new(),
             state: RwLock::new(ModelState::Failed(reason)),
             parameter_count: RwLock::new(None),
             usage: Usage::default(),
@@ -197,7 +204,7 @@ impl ModelEntry {
 
     /// Loads the model file, warms it up and gives it a queue in the inference pool; records
     /// the outcome.
-    pub(super) fn load(&self) -> Result<(), String> {
+    pub(super) fn load(&self, priority: LoadPriority) -> Result<(), String> {
         let Some(config) = self.config.clone() else {
             return Err(self.status().reason.unwrap_or_default());
         };
@@ -207,8 +214,9 @@ impl ModelEntry {
             return Err(reason);
         }
         let started = Instant::now();
-        let result = load_op_libraries(&self.dir, &config)
-            .and_then(|()| engine::load_model(&config, &self.dir.join(config.model_file())));
+        let result = on_a_thread_of_its_own(priority, || {
+            load_op_libraries(&self.dir, &config).and_then(|()| engine::load_model(&config, &self.dir.join(config.model_file())))
+        });
         match result {
             Ok(loaded) => {
                 *self.parameter_count.write().unwrap() = Some(loaded.parameter_count);
@@ -230,6 +238,46 @@ impl ModelEntry {
                 Err(reason)
             }
         }
+    }
+}
+
+/// How a load shares the CPU with the traffic being served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadPriority {
+    Normal,
+    /// Only CPU time the inference threads leave idle (Linux `SCHED_IDLE`): repository polling,
+    /// which loads beside traffic nobody paused. On a saturated server such a load waits for
+    /// idle time, however long; its timings are the loading thread's CPU time, so being
+    /// preempted does not make the model look slow (`engine::load_model`).
+    Background,
+}
+
+/// Reads and warms a model on a thread that ends with the load. libtorch's OpenMP runtime
+/// keeps a thread team for every thread that has run a parallel region, and once the process
+/// holds more such threads than cores it stops spinning at barriers, which made every
+/// forward of a 2-core server 2.5 x slower after one load from a long-lived thread (the
+/// polling thread; the management API's blocking threads live on too). A thread of its own
+/// also keeps a lowered priority to this load: without CAP_SYS_NICE it cannot be raised back.
+fn on_a_thread_of_its_own<T: Send>(priority: LoadPriority, load: impl FnOnce() -> Result<T, String> + Send) -> Result<T, String> {
+    std::thread::scope(|scope| {
+        let loader = std::thread::Builder::new()
+            .name("model-load".into())
+            .spawn_scoped(scope, move || {
+                if priority == LoadPriority::Background {
+                    run_at_idle_priority();
+                }
+                load()
+            })
+            .map_err(|e| format!("could not start a thread to load it: {e}"))?;
+        loader.join().unwrap_or_else(|_| Err("the load panicked".into()))
+    })
+}
+
+fn run_at_idle_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler only reads the parameter it is given; pid 0 is this thread.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "SCHED_IDLE refused; this load runs at the normal priority");
     }
 }
 

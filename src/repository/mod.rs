@@ -9,6 +9,7 @@
 //! answers, while the management API loads, reloads, scales or unloads behind it.
 
 mod entry;
+mod files;
 mod on_demand;
 mod pipelines;
 pub mod poll;
@@ -21,7 +22,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use serde::Serialize;
 
-pub use entry::{ModelEntry, ModelStatus, StatusReport};
+pub use entry::{LoadPriority, ModelEntry, ModelStatus, StatusReport};
 pub use on_demand::OnDemandPolicy;
 use on_demand::process_start;
 pub use statistics::{DurationTotal, InferenceStatistics, ServedRequest};
@@ -73,6 +74,18 @@ impl ModelFamily {
     }
 }
 
+/// What a load does with the versions of a model that serve already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reload {
+    /// Every version is loaded again: the management API's load, which an admin calls to start
+    /// afresh (a file may have changed in a way its size and time do not show).
+    Everything,
+    /// A version that serves and whose files (sizes and times, see `files`) are what they were
+    /// keeps serving as it is, warm, with its statistics and cached answers; only new and
+    /// changed versions load. Repository polling: adding a version costs that version's load.
+    Changed,
+}
+
 /// Why a lookup found nothing.
 #[derive(Debug)]
 pub enum LookupError {
@@ -107,8 +120,9 @@ pub enum Servable {
 pub struct ModelRepository {
     pub root: PathBuf,
     families: RwLock<BTreeMap<String, Arc<ModelFamily>>>,
-    /// Folders with a `pipeline.toml`: chains of the models above, read once at start.
-    pipelines: BTreeMap<String, Arc<PipelineEntry>>,
+    /// Folders with a `pipeline.toml`: chains of the models above, read at start and again by
+    /// repository polling when the file changes.
+    pipelines: RwLock<BTreeMap<String, Arc<PipelineEntry>>>,
     /// One management operation at a time: loads are slow and must not interleave.
     admin: Mutex<()>,
     /// Models on demand: off unless a budget is set.
@@ -155,7 +169,7 @@ impl ModelRepository {
         Ok(Self {
             root: root.to_path_buf(),
             families: RwLock::new(families),
-            pipelines,
+            pipelines: RwLock::new(pipelines),
             admin: Mutex::new(()),
             on_demand: OnDemandPolicy::default(),
             load_failures: Mutex::new(BTreeMap::new()),
@@ -199,11 +213,11 @@ impl ModelRepository {
 
     /// The pipeline of that name, if the repository has one.
     pub fn pipeline(&self, name: &str) -> Option<Arc<PipelineEntry>> {
-        self.pipelines.get(name).cloned()
+        self.pipelines.read().unwrap().get(name).cloned()
     }
 
     pub fn pipelines(&self) -> Vec<Arc<PipelineEntry>> {
-        self.pipelines.values().cloned().collect()
+        self.pipelines.read().unwrap().values().cloned().collect()
     }
 
     pub fn family(&self, name: &str) -> Option<Arc<ModelFamily>> {
@@ -257,8 +271,8 @@ impl ModelRepository {
             }
         }
         // A pipeline is ready when its steps are; a broken one holds readiness back.
-        for pipeline in self.pipelines.values() {
-            let report = self.pipeline_status(pipeline);
+        for pipeline in self.pipelines() {
+            let report = self.pipeline_status(&pipeline);
             match report.status {
                 ModelStatus::Ready => readiness.ready.push(pipeline.name.clone()),
                 ModelStatus::Unloaded | ModelStatus::OnDemand | ModelStatus::NotInstalled => {}
@@ -284,7 +298,7 @@ impl ModelRepository {
         for entry in self.entries() {
             match entry.status() {
                 StatusReport { status: ModelStatus::Loading, .. } => {
-                    let _ = on_demand::load_measured(&entry);
+                    let _ = on_demand::load_measured(&entry, LoadPriority::Normal);
                 }
                 StatusReport { status: ModelStatus::Failed, reason } => {
                     tracing::error!(model = %entry.name, version = %entry.version, reason = reason.unwrap_or_default(), "model is broken");
@@ -294,13 +308,14 @@ impl ModelRepository {
         }
     }
 
-    /// Reads the model's folder again and loads every version, then swaps the whole model in
-    /// at once. Requests already holding the old version finish on it; new ones get the new
-    /// one. When any version fails, nothing is swapped and the old model keeps serving.
+    /// Reads the model's folder again and loads its versions (every one, or with
+    /// [`Reload::Changed`] those whose files changed), then swaps the whole model in at once.
+    /// Requests already holding the old version finish on it; new ones get the new one. When
+    /// any version fails, nothing is swapped and the old model keeps serving.
     /// Blocking: call it off the async reactor.
-    pub fn load(&self, name: &str) -> Result<Vec<String>, String> {
+    pub fn load(&self, name: &str, reload: Reload, priority: LoadPriority) -> Result<Vec<String>, String> {
         let _admin = self.admin.lock().unwrap();
-        let outcome = self.load_and_swap(name);
+        let outcome = self.load_and_swap(name, reload, priority);
         let mut failures = self.load_failures.lock().unwrap();
         match &outcome {
             Ok(_) => failures.remove(name),
@@ -314,20 +329,59 @@ impl ModelRepository {
         self.load_failures.lock().unwrap().get(name).cloned()
     }
 
-    fn load_and_swap(&self, name: &str) -> Result<Vec<String>, String> {
+    /// Models and pipelines whose first load failed (a folder polling found, a management
+    /// load of a folder not listed yet): never in the map, so nothing else lists them. They are
+    /// reported, not listed as failed versions, because a failed version holds readiness back,
+    /// and a broken folder dropped into a running fleet's repository must not take every
+    /// replica out. Each as its folder reads now.
+    pub fn never_loaded_failures(&self) -> Vec<NeverLoaded> {
+        let failed: Vec<(String, String)> = {
+            let families = self.families.read().unwrap();
+            let pipelines = self.pipelines.read().unwrap();
+            let failures = self.load_failures.lock().unwrap();
+            failures
+                .iter()
+                .filter(|(name, _)| !families.contains_key(*name) && !pipelines.contains_key(*name))
+                .map(|(n, r)| (n.clone(), r.clone()))
+                .collect()
+        };
+        failed
+            .into_iter()
+            .filter_map(|(name, reason)| {
+                if let Ok(dir) = self.folder_of(&name) {
+                    let family = read_family(&dir);
+                    let versions = family.version_names();
+                    return Some(NeverLoaded { name, versions, default_version: family.default_version, reason });
+                }
+                let is_pipeline = is_safe_name(&name) && self.root.join(&name).join(crate::pipeline::PIPELINE_FILE).is_file();
+                is_pipeline.then(|| NeverLoaded { name, versions: vec![PIPELINE_VERSION.into()], default_version: PIPELINE_VERSION.into(), reason })
+            })
+            .collect()
+    }
+
+    fn load_and_swap(&self, name: &str, reload: Reload, priority: LoadPriority) -> Result<Vec<String>, String> {
         let dir = self.folder_of(name)?;
-        let family = read_family(&dir);
+        let mut family = read_family(&dir);
         if family.name != name {
             return Err(format!("the folder for '{name}' serves a model named '{}'", family.name));
         }
+        let old = self.family(name);
+        let mut kept = Vec::new();
+        if let (Reload::Changed, Some(old)) = (reload, &old) {
+            for (key, entry) in family.versions.iter_mut() {
+                if let Some(serving) = old.versions.get(key).filter(|s| s.status().is_ready() && s.files == entry.files) {
+                    *entry = Arc::clone(serving);
+                    kept.push(entry.version.clone());
+                }
+            }
+        }
         // A version `make models` did not install stays listed as such; the others must load.
-        for entry in family.versions.values().filter(|e| e.status().status != ModelStatus::NotInstalled) {
-            on_demand::load_measured(entry).map_err(|reason| format!("version {}: {reason}", entry.version))?;
+        for entry in family.versions.values().filter(|e| e.status().status != ModelStatus::NotInstalled && !kept.contains(&e.version)) {
+            on_demand::load_measured(entry, priority).map_err(|reason| format!("version {}: {reason}", entry.version))?;
         }
         // Keep a default version chosen through the API when it still exists; otherwise the
         // newest, so a version folder added is what requests get once it is loaded.
-        let mut family = family;
-        if let Some(old) = self.family(name) {
+        if let Some(old) = old {
             if old.default_chosen && family.versions.contains_key(&VersionKey::new(&old.default_version)) {
                 family.default_version = old.default_version.clone();
                 family.default_chosen = true;
@@ -335,7 +389,7 @@ impl ModelRepository {
         }
         let versions = family.version_names();
         self.families.write().unwrap().insert(name.to_string(), Arc::new(family));
-        tracing::info!(model = %name, ?versions, "model loaded and swapped in");
+        tracing::info!(model = %name, ?versions, unchanged_kept = ?kept, "model loaded and swapped in");
         Ok(versions)
     }
 
@@ -382,7 +436,7 @@ impl ModelRepository {
     /// Model folders on disk that are not (yet) in the repository's map, by name.
     pub fn unlisted_on_disk(&self) -> Vec<String> {
         let mut known = self.families.read().unwrap().keys().cloned().collect::<Vec<_>>();
-        known.extend(self.pipelines.keys().cloned());
+        known.extend(self.pipelines.read().unwrap().keys().cloned());
         model_folders(&self.root)
             .unwrap_or_default()
             .iter()
@@ -417,6 +471,14 @@ impl ModelRepository {
             .find(|dir| read_family(dir).name == name)
             .ok_or_else(|| format!("no folder for model '{name}' in the repository"))
     }
+}
+
+/// A model or pipeline folder whose first load failed, as it reads now.
+pub struct NeverLoaded {
+    pub name: String,
+    pub versions: Vec<String>,
+    pub default_version: String,
+    pub reason: String,
 }
 
 /// Whether the server is ready, and if not, why.

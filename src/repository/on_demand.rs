@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::entry::ModelState;
+use super::entry::{LoadPriority, ModelState};
 use super::{ModelEntry, ModelRepository, ModelStatus};
 
 /// The budget; a field left `None` does not limit.
@@ -70,11 +70,11 @@ fn trim_heap() {
 
 /// Loads a version (see `ModelEntry::load`) and records what it cost: the growth of the peak
 /// resident memory over the load and warm-up, at least the model file's size.
-pub(super) fn load_measured(entry: &ModelEntry) -> Result<Duration, String> {
+pub(super) fn load_measured(entry: &ModelEntry, priority: LoadPriority) -> Result<Duration, String> {
     reset_peak();
     let (before, _) = memory();
     let started = Instant::now();
-    entry.load()?;
+    entry.load(priority)?;
     let (_, peak) = memory();
     let estimate = peak.saturating_sub(before).max(entry.file_size.unwrap_or(0));
     entry.usage.memory_estimate.store(estimate, Ordering::Relaxed);
@@ -115,7 +115,7 @@ impl ModelRepository {
         let _admin = self.admin.lock().unwrap();
         self.make_room_for(entry);
         entry.set_state(ModelState::Loading);
-        let took = load_measured(entry)?;
+        let took = load_measured(entry, LoadPriority::Normal)?;
         let estimate = entry.memory_estimate().unwrap_or(0);
         tracing::info!(model = %entry.name, version = %entry.version, seconds = took.as_secs_f32(), estimate_bytes = estimate, "model loaded on demand");
         metrics::histogram!(crate::metrics::MODEL_LOAD_SECONDS, "model" => entry.name.clone()).record(took.as_secs_f64());

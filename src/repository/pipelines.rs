@@ -1,4 +1,5 @@
-//! Pipelines in the repository: folders with a `pipeline.toml`, read at start. A pipeline has
+//! Pipelines in the repository: folders with a `pipeline.toml`, read at start (and again by
+//! repository polling when the file changes). A pipeline has
 //! no state of its own but its request counters: its steps are models of this repository,
 //! looked up again for every request (so a step's reload or new default version takes effect
 //! for the next request), and its status is its steps' status.
@@ -41,16 +42,21 @@ pub(super) fn scan(root: &Path, only: &[String]) -> std::io::Result<BTreeMap<Str
         if !only.is_empty() && !only.contains(&name) {
             continue;
         }
-        let spec = std::fs::read_to_string(&file)
-            .map_err(|e| format!("{PIPELINE_FILE} unreadable: {e}"))
-            .and_then(|text| PipelineSpec::parse(&text))
-            .map(Arc::new);
-        if let Err(reason) = &spec {
-            tracing::error!(pipeline = %name, %reason, "pipeline is broken");
-        }
-        pipelines.insert(name.clone(), Arc::new(PipelineEntry { name, dir, spec, statistics: InferenceStatistics::default() }));
+        pipelines.insert(name.clone(), Arc::new(read_pipeline(name, dir)));
     }
     Ok(pipelines)
+}
+
+/// One pipeline folder as its `pipeline.toml` reads now; a broken one keeps the reason.
+fn read_pipeline(name: String, dir: PathBuf) -> PipelineEntry {
+    let spec = std::fs::read_to_string(dir.join(PIPELINE_FILE))
+        .map_err(|e| format!("{PIPELINE_FILE} unreadable: {e}"))
+        .and_then(|text| PipelineSpec::parse(&text))
+        .map(Arc::new);
+    if let Err(reason) = &spec {
+        tracing::error!(pipeline = %name, %reason, "pipeline is broken");
+    }
+    PipelineEntry { name, dir, spec, statistics: InferenceStatistics::default() }
 }
 
 /// Why a pipeline cannot run now, in the words of the step that stops it.
@@ -72,6 +78,41 @@ impl std::fmt::Display for StepError {
 }
 
 impl ModelRepository {
+    /// Reads a pipeline folder's `pipeline.toml` again (repository polling) and swaps it in: the
+    /// next request runs the new steps, requests under way finish on the old. A file that no
+    /// longer parses keeps the pipeline serving as it was, and says why (`load_failure`), as a
+    /// model's failed reload does.
+    pub fn reload_pipeline(&self, name: &str, dir: &Path) -> Result<(), String> {
+        let _admin = self.admin.lock().unwrap();
+        let entry = read_pipeline(name.to_string(), dir.to_path_buf());
+        let mut failures = self.load_failures.lock().unwrap();
+        let mut pipelines = self.pipelines.write().unwrap();
+        match (&entry.spec, pipelines.get(name)) {
+            // Broken now: the pipeline that served goes on, and a new one is not listed as a
+            // failed pipeline (that would hold the server's readiness back), only reported.
+            (Err(reason), old) if old.is_none_or(|old| old.spec.is_ok()) => {
+                failures.insert(name.to_string(), reason.clone());
+                Err(reason.clone())
+            }
+            (spec, _) => {
+                let outcome = spec.as_ref().map(|_| ()).map_err(|reason| reason.clone());
+                match &outcome {
+                    Ok(()) => failures.remove(name),
+                    Err(reason) => failures.insert(name.to_string(), reason.clone()),
+                };
+                pipelines.insert(name.to_string(), Arc::new(entry));
+                outcome
+            }
+        }
+    }
+
+    /// Stops serving a pipeline whose folder is gone; requests under way finish.
+    pub fn remove_pipeline(&self, name: &str) -> bool {
+        let _admin = self.admin.lock().unwrap();
+        self.load_failures.lock().unwrap().remove(name);
+        self.pipelines.write().unwrap().remove(name).is_some()
+    }
+
     /// The versions a pipeline's steps run now: each step's pinned version, or its default.
     pub fn pipeline_steps(&self, pipeline: &PipelineEntry) -> Result<PipelineSteps, StepError> {
         let spec = pipeline.spec.as_ref().map_err(|e| StepError::Broken(e.clone()))?;

@@ -1,9 +1,13 @@
 //! Repository polling (`--repository-poll-secs`): the repository folder is read again at that
 //! interval and what changed is done the way the management API does it — a new model folder
-//! is loaded, a changed one (a new version folder, a replaced model file or config) is loaded
-//! again whole, beside the old, warmed and swapped in at once (`ModelRepository::load`), and a
-//! removed one is unloaded, its requests finishing first. Polling and management calls take
-//! the same lock, so they never interleave.
+//! is loaded; in a changed one (a new version folder, a replaced model file or config) the
+//! versions whose files changed are loaded beside the old, warmed, and the model swapped in at
+//! once (`ModelRepository::load` with `Reload::Changed`: versions unchanged keep serving as
+//! they are, warm); a removed one is unloaded, its requests finishing first. A pipeline folder's
+//! `pipeline.toml` is read again when it changes, and a broken one leaves the old steps
+//! serving. Polled loads run at idle CPU priority (`LoadPriority::Background`), so they take
+//! only what serving leaves. Polling and management calls take the same lock, so they never
+//! interleave.
 //!
 //! **A folder is taken only once it has settled**: every file in it (names, sizes and
 //! modification times, read through symlinks) unchanged for the settle interval
@@ -15,12 +19,13 @@
 //! retried when the folder changes again, not at every poll.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
+use super::files::{fingerprint, Fingerprint};
 use super::scan::{model_folders, read_family};
-use super::ModelRepository;
+use super::{LoadPriority, ModelRepository, Reload};
 
 #[derive(Debug, Clone, Copy)]
 pub struct PollSettings {
@@ -28,40 +33,36 @@ pub struct PollSettings {
     pub settle: Duration,
 }
 
-/// Every file under a model folder (versions included), as path, size and modification time.
-type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
-
-fn fingerprint(dir: &Path) -> Fingerprint {
-    let mut files = Vec::new();
-    walk(dir, 0, &mut files);
-    files.sort();
-    files
-}
-
-/// Model folders are two levels deep at most (model/version/file); a little more is read in
-/// case a model keeps files in a sub-folder.
-fn walk(dir: &Path, depth: usize, files: &mut Fingerprint) {
-    let Ok(read) = std::fs::read_dir(dir) else { return };
-    for entry in read.flatten() {
-        let path = entry.path();
-        // Through symlinks: `make models` links model files into a cache.
-        match std::fs::metadata(&path) {
-            Ok(meta) if meta.is_dir() => {
-                if depth < 3 {
-                    walk(&path, depth + 1, files);
-                }
-            }
-            Ok(meta) => files.push((path, meta.len(), meta.modified().ok())),
-            // A dangling link (its target not there yet) counts as a file with no size.
-            Err(_) => files.push((path, 0, None)),
-        }
-    }
-}
-
 /// What a folder held when it was last acted on.
 struct Acted {
+    /// The model's (or pipeline's) name.
     model: String,
+    kind: Kind,
     fingerprint: Fingerprint,
+}
+
+/// What a folder holds: a model (a `config.toml`, or version folders) or a pipeline (a
+/// `pipeline.toml`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Model,
+    Pipeline,
+}
+
+/// A folder under the repository, what it holds, and the name it serves under.
+struct Folder {
+    folder: String,
+    dir: PathBuf,
+    kind: Kind,
+}
+
+impl Folder {
+    fn served_name(&self) -> String {
+        match self.kind {
+            Kind::Model => read_family(&self.dir).name,
+            Kind::Pipeline => self.folder.clone(),
+        }
+    }
 }
 
 /// A folder whose files differ from what was acted on, and since when they have not changed.
@@ -92,14 +93,14 @@ impl Poller {
     /// What is on disk now is what the start loaded.
     fn new(repository: &ModelRepository, settings: PollSettings, only: Vec<String>) -> Self {
         let mut poller = Poller { settings, only, acted: BTreeMap::new(), settling: BTreeMap::new() };
-        for (folder, dir) in poller.folders(repository) {
-            let model = read_family(&dir).name;
-            poller.acted.insert(folder, Acted { model, fingerprint: fingerprint(&dir) });
+        for folder in poller.folders(repository) {
+            let acted = Acted { model: folder.served_name(), kind: folder.kind, fingerprint: fingerprint(&folder.dir) };
+            poller.acted.insert(folder.folder, acted);
         }
         poller
     }
 
-    fn folders(&self, repository: &ModelRepository) -> Vec<(String, PathBuf)> {
+    fn folders(&self, repository: &ModelRepository) -> Vec<Folder> {
         let dirs = match model_folders(&repository.root) {
             Ok(dirs) => dirs,
             Err(e) => {
@@ -107,35 +108,38 @@ impl Poller {
                 return Vec::new();
             }
         };
-        dirs.into_iter()
-            .filter(|dir| !dir.join(crate::pipeline::PIPELINE_FILE).is_file())
-            .filter_map(|dir| Some((dir.file_name()?.to_str()?.to_string(), dir)))
-            .filter(|(folder, _)| self.only.is_empty() || self.only.contains(folder))
+        let pipelines = std::fs::read_dir(&repository.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|dir| dir.join(crate::pipeline::PIPELINE_FILE).is_file());
+        let models = dirs.into_iter().filter(|dir| !dir.join(crate::pipeline::PIPELINE_FILE).is_file());
+        models
+            .map(|dir| (dir, Kind::Model))
+            .chain(pipelines.map(|dir| (dir, Kind::Pipeline)))
+            .filter_map(|(dir, kind)| Some(Folder { folder: dir.file_name()?.to_str()?.to_string(), dir, kind }))
+            .filter(|f| self.only.is_empty() || self.only.contains(&f.folder))
             .collect()
     }
 
     fn poll(&mut self, repository: &ModelRepository, now: Instant) {
         let folders = self.folders(repository);
-        let present: Vec<&String> = folders.iter().map(|(folder, _)| folder).collect();
+        let present: Vec<&String> = folders.iter().map(|f| &f.folder).collect();
         let removed: Vec<String> = self.acted.keys().filter(|folder| !present.contains(folder)).cloned().collect();
         for folder in removed {
             let Some(acted) = self.acted.remove(&folder) else { continue };
             self.settling.remove(&folder);
-            match repository.unload(&acted.model, None) {
-                Ok(()) => {
-                    metrics::counter!(crate::metrics::REPOSITORY_POLL_LOADS, "model" => acted.model.clone(), "outcome" => "unloaded").increment(1);
-                    tracing::info!(model = %acted.model, folder, "model folder removed; unloaded once its requests finish");
-                }
-                Err(e) => tracing::warn!(model = %acted.model, error = %e, "model folder removed; nothing to unload"),
-            }
+            Self::remove(repository, &acted, &folder);
         }
-        for (folder, dir) in folders {
-            let now_on_disk = fingerprint(&dir);
-            if self.acted.get(&folder).is_some_and(|a| a.fingerprint == now_on_disk) {
-                self.settling.remove(&folder);
+        for folder in folders {
+            let now_on_disk = fingerprint(&folder.dir);
+            let key = folder.folder.clone();
+            if self.acted.get(&key).is_some_and(|a| a.fingerprint == now_on_disk) {
+                self.settling.remove(&key);
                 continue;
             }
-            let settling = self.settling.entry(folder.clone()).or_insert_with(|| Settling { fingerprint: now_on_disk.clone(), since: now });
+            let settling = self.settling.entry(key.clone()).or_insert_with(|| Settling { fingerprint: now_on_disk.clone(), since: now });
             if settling.fingerprint != now_on_disk {
                 *settling = Settling { fingerprint: now_on_disk, since: now };
                 continue;
@@ -143,54 +147,60 @@ impl Poller {
             if now.duration_since(settling.since) < self.settings.settle {
                 continue;
             }
-            let fingerprint = self.settling.remove(&folder).map(|s| s.fingerprint).unwrap_or_default();
-            let model = read_family(&dir).name;
-            let is_new = !self.acted.contains_key(&folder);
-            self.load(repository, &model, is_new);
-            self.acted.insert(folder, Acted { model, fingerprint });
+            let fingerprint = self.settling.remove(&key).map(|s| s.fingerprint).unwrap_or_default();
+            let model = folder.served_name();
+            let is_new = !self.acted.contains_key(&key);
+            match folder.kind {
+                Kind::Model => self.load(repository, &model, is_new),
+                Kind::Pipeline => Self::reload_pipeline(repository, &model, &folder.dir, is_new),
+            }
+            self.acted.insert(key, Acted { model, kind: folder.kind, fingerprint });
         }
+    }
+
+    fn remove(repository: &ModelRepository, acted: &Acted, folder: &str) {
+        let removed = match acted.kind {
+            Kind::Model => repository.unload(&acted.model, None).map_err(|e| e.to_string()),
+            Kind::Pipeline => repository.remove_pipeline(&acted.model).then_some(()).ok_or_else(|| "no such pipeline".to_string()),
+        };
+        match removed {
+            Ok(()) => {
+                metrics::counter!(crate::metrics::REPOSITORY_POLL_LOADS, "model" => acted.model.clone(), "outcome" => "unloaded").increment(1);
+                tracing::info!(model = %acted.model, folder, kind = ?acted.kind, "folder removed; unloaded once its requests finish");
+            }
+            Err(e) => tracing::warn!(model = %acted.model, error = %e, "folder removed; nothing to unload"),
+        }
+    }
+
+    /// A pipeline is its file: read again and swapped in, nothing to warm.
+    fn reload_pipeline(repository: &ModelRepository, name: &str, dir: &std::path::Path, is_new: bool) {
+        tracing::info!(pipeline = name, new = is_new, "pipeline folder changed and settled; reading it again");
+        let outcome = repository.reload_pipeline(name, dir);
+        Self::count(name, &outcome);
+        match outcome {
+            Ok(()) => tracing::info!(pipeline = name, "polled pipeline change swapped in"),
+            Err(reason) => tracing::error!(pipeline = name, %reason, "polled pipeline change is broken; what served before goes on serving"),
+        }
+    }
+
+    /// The outcome in the polling metrics.
+    fn count<T>(name: &str, outcome: &Result<T, String>) {
+        let (label, failing) = if outcome.is_ok() { ("loaded", 0.0) } else { ("failed", 1.0) };
+        metrics::counter!(crate::metrics::REPOSITORY_POLL_LOADS, "model" => name.to_string(), "outcome" => label).increment(1);
+        metrics::gauge!(crate::metrics::REPOSITORY_POLL_FAILING, "model" => name.to_string()).set(failing);
     }
 
     fn load(&self, repository: &ModelRepository, model: &str, is_new: bool) {
         let started = Instant::now();
-        tracing::info!(model, new = is_new, "model folder changed and settled; loading it beside what serves");
-        match repository.load(model) {
-            Ok(versions) => {
-                metrics::counter!(crate::metrics::REPOSITORY_POLL_LOADS, "model" => model.to_string(), "outcome" => "loaded").increment(1);
-                metrics::gauge!(crate::metrics::REPOSITORY_POLL_FAILING, "model" => model.to_string()).set(0.0);
-                tracing::info!(model, ?versions, seconds = started.elapsed().as_secs_f32(), "polled change loaded and swapped in");
-            }
+        tracing::info!(model, new = is_new, "model folder changed and settled; loading what changed beside what serves");
+        let outcome = repository.load(model, Reload::Changed, LoadPriority::Background);
+        Self::count(model, &outcome);
+        match outcome {
+            Ok(versions) => tracing::info!(model, ?versions, seconds = started.elapsed().as_secs_f32(), "polled change loaded and swapped in"),
             Err(reason) => {
-                metrics::counter!(crate::metrics::REPOSITORY_POLL_LOADS, "model" => model.to_string(), "outcome" => "failed").increment(1);
-                metrics::gauge!(crate::metrics::REPOSITORY_POLL_FAILING, "model" => model.to_string()).set(1.0);
                 let serving = if is_new { "nothing was serving it" } else { "the previous load keeps serving" };
                 tracing::error!(model, %reason, "polled change failed to load; {serving}; retried when its files change again");
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_fingerprint_sees_new_grown_and_removed_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let version = dir.path().join("1");
-        std::fs::create_dir(&version).unwrap();
-        std::fs::write(version.join("config.toml"), "a").unwrap();
-        let first = fingerprint(dir.path());
-        assert_eq!(first.len(), 1);
-        assert_eq!(fingerprint(dir.path()), first, "nothing changed");
-        std::fs::write(version.join("model.pt"), "x").unwrap();
-        let second = fingerprint(dir.path());
-        assert_ne!(second, first);
-        std::fs::write(version.join("model.pt"), "xy").unwrap();
-        assert_ne!(fingerprint(dir.path()), second, "a file growing is a change");
-        std::fs::remove_file(version.join("model.pt")).unwrap();
-        assert_eq!(fingerprint(dir.path()).len(), 1);
-        std::os::unix::fs::symlink(dir.path().join("not-yet"), version.join("link")).unwrap();
-        assert!(fingerprint(dir.path()).iter().any(|(p, size, time)| p.ends_with("link") && *size == 0 && time.is_none()));
     }
 }

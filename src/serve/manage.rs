@@ -2,7 +2,7 @@
 //! over REST and gRPC, TorchServe's management API): the repository index, load (or reload)
 //! and unload, each keeping the response cache in step.
 
-use crate::repository::{LookupError, ModelStatus};
+use crate::repository::{LoadPriority, LookupError, ModelStatus, Reload};
 use crate::serve::Core;
 
 fn state_name(status: ModelStatus) -> &'static str {
@@ -41,7 +41,8 @@ pub async fn repository_index(core: &Core, ready_only: bool) -> Vec<IndexRow> {
         let repository = core.repository.clone();
         let unlisted = tokio::task::spawn_blocking(move || repository.unlisted_on_disk()).await.unwrap_or_default();
         for name in unlisted {
-            rows.push(IndexRow { name, version: None, state: "UNAVAILABLE", reason: Some("not loaded".into()) });
+            let reason = core.repository.load_failure(&name).unwrap_or_else(|| "not loaded".into());
+            rows.push(IndexRow { name, version: None, state: "UNAVAILABLE", reason: Some(reason) });
         }
     }
     rows
@@ -52,7 +53,7 @@ pub async fn repository_index(core: &Core, ready_only: bool) -> Vec<IndexRow> {
 pub async fn load(core: &Core, name: String) -> Result<Vec<String>, String> {
     let repository = core.repository.clone();
     let model = name.clone();
-    let loaded = tokio::task::spawn_blocking(move || repository.load(&name))
+    let loaded = tokio::task::spawn_blocking(move || repository.load(&name, Reload::Everything, LoadPriority::Normal))
         .await
         .unwrap_or_else(|e| Err(format!("the load failed: {e}")));
     if let (Ok(_), Some(cache)) = (&loaded, &core.cache) {
