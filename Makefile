@@ -34,7 +34,7 @@ PERF_ANALYZER   := $(CACHE)/perf-analyzer-2.51.0
 KSERVE_ENV      := $(CACHE)/kserve-sdk-$(shell sha256sum tests/clients/kserve/requirements.lock | cut -c1-12)
 # ultralytics, for exporting YOLO models as users do and for reference checks against its own
 # post-processing: an environment that sees the torch one (no second torch) plus the lock.
-ULTRALYTICS_ENV    := $(CACHE)/ultralytics-$(shell cat tests/clients/ultralytics/requirements.lock requirements.lock | sha256sum | cut -c1-12)
+ULTRALYTICS_ENV    := $(CACHE)/ultralytics-$(shell cat tests/clients/ultralytics/requirements.lock tests/clients/ultralytics/tracking.lock requirements.lock | sha256sum | cut -c1-12)
 ULTRALYTICS_PYTHON := $(ULTRALYTICS_ENV)/bin/python
 # The test models of the tasks past detection (keypoints, YOLO instance masks): ultralytics
 # exports and a small torchvision Keypoint R-CNN, keyed by the scripts that make them.
@@ -43,7 +43,7 @@ TASK_MODELS     := $(CACHE)/task-models-$(TASK_MODELS_KEY)
 # ONNX Runtime and OpenVINO for `make bench-cpu`, in an environment of their own.
 BENCH_CPU_ENV   := $(CACHE)/bench-cpu-$(shell sha256sum scripts/bench-cpu.lock | cut -c1-12)
 
-.PHONY: swarm-test bench-swarm ultralytics task-models bench-sliced bench-masks quantize openapi-json bench-cpu bench-perf-analyzer perf-analyzer kserve-sdk bench-cache bench-tls bench-poll bench-pipeline bench-protocols bench-shipped compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
+.PHONY: bench-video swarm-test bench-swarm ultralytics task-models bench-sliced bench-masks quantize openapi-json bench-cpu bench-perf-analyzer perf-analyzer kserve-sdk bench-cache bench-tls bench-poll bench-pipeline bench-protocols bench-shipped compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
 
 help:
 	@echo "make run    - prepare everything and serve the default models on http://127.0.0.1:8080"
@@ -66,6 +66,7 @@ help:
 	@echo "make bench  - load-test the server against the in-process ceiling (BENCHMARKS.md)"
 	@echo "make soak   - ten minutes at 70 % load, resident memory over time"
 	@echo "make bench-sliced - sliced detection: 1920x1080 in 15 tiles against one 15-image forward plus a decode; the merge's time"
+	@echo "make bench-video - a 640x480 H.264 clip through the SSD against its frames as photos, with and without ByteTrack"
 	@echo "make bench-masks - instance masks: response size and server time per mask format, 1, 20 and 100 instances"
 	@echo "make bench-cache - mobilenet_v2 answered from the response cache against computed, one client"
 	@echo "make bench-pipeline - the detect_then_classify pipeline against its two steps called alone"
@@ -123,11 +124,11 @@ $(TEST_MODELS)/.complete: | $(PY_STAMP)
 	$(PYTHON) models/export.py --out $(TEST_MODELS) --set test --random-init
 	@touch $@
 
-$(ULTRALYTICS_ENV)/.installed: tests/clients/ultralytics/requirements.lock $(PY_STAMP)
+$(ULTRALYTICS_ENV)/.installed: tests/clients/ultralytics/requirements.lock tests/clients/ultralytics/tracking.lock $(PY_STAMP)
 	@echo "[setup] ultralytics in $(ULTRALYTICS_ENV) (first time: about 250 MB, under a minute)"
 	@test -x $(ULTRALYTICS_PYTHON) || $(PYTHON) -m venv $(ULTRALYTICS_ENV)
 	$(PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > $$($(ULTRALYTICS_PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/visionserve-torch-env.pth
-	$(ULTRALYTICS_PYTHON) -m pip install --progress-bar off -q -r tests/clients/ultralytics/requirements.lock
+	$(ULTRALYTICS_PYTHON) -m pip install --progress-bar off -q -r tests/clients/ultralytics/requirements.lock -r tests/clients/ultralytics/tracking.lock
 	@touch $@
 
 ultralytics: $(ULTRALYTICS_ENV)/.installed
@@ -152,9 +153,9 @@ test-rust: build test-models
 
 # The tests against ultralytics' own predictor, and against sahi's tiling and merge, run in its
 # environment (which holds sahi too).
-ULTRALYTICS_TESTS := tests/python/test_keypoints.py tests/python/test_yolo_seg.py tests/python/test_yolo_exports.py tests/python/test_sliced.py
+ULTRALYTICS_TESTS := tests/python/test_keypoints.py tests/python/test_yolo_seg.py tests/python/test_yolo_exports.py tests/python/test_sliced.py tests/python/test_tracking.py
 test-python: build models test-models task-models perf-analyzer kserve-sdk
-	@scripts/ensure-test-tools.sh openssl curl
+	@scripts/ensure-test-tools.sh openssl curl ffmpeg
 	VISIONSERVE_BIN=$(abspath $(BIN)) VISIONSERVE_TEST_MODELS=$(TEST_MODELS) VISIONSERVE_PERF_ANALYZER=$(PERF_ANALYZER)/run \
 	  VISIONSERVE_KSERVE_PYTHON=$(KSERVE_ENV)/bin/python \
 	  VISIONSERVE_DEFAULT_MODELS=$(abspath models) VISIONSERVE_DOWNLOADS=$(CACHE)/downloads VISIONSERVE_AOTI_CACHE=$(AOTI_CACHE) \
@@ -196,6 +197,12 @@ bench-pipeline: build models
 # Instance masks on the wire: response size and server time per mask format, 1/20/100 instances.
 bench-sliced: build models ultralytics
 	$(ULTRALYTICS_PYTHON) scripts/bench-sliced.py --bin $(abspath $(BIN)) --repo models
+
+# A video against its frames sent as photos: frames per second through the SSD as shipped,
+# with and without ByteTrack. Appends to BENCHMARKS.md, draws docs/bench/video.png.
+bench-video: build models
+	@scripts/ensure-test-tools.sh ffmpeg
+	$(PYTHON) scripts/bench-video.py --bin $(abspath $(BIN)) --repo models
 
 bench-masks: build test-models
 	$(PYTHON) scripts/bench-masks.py --bin $(abspath $(BIN)) --repo $(TEST_MODELS)

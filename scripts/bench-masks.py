@@ -14,10 +14,7 @@ BENCHMARKS.md and draws docs/bench/masks.png (instances on the x axis: 1, 20, 10
 import argparse
 import io
 import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 
@@ -25,35 +22,12 @@ import requests
 from PIL import Image
 from skimage import data as skdata
 
+from benchkit import cpu_name, start_server
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORMATS = ["rle", "polygon", "png", "none"]
 COUNTS = [1, 20, 100]
 CALLS = 7
-
-
-def cpu_name():
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
-def start(binary, repo):
-    process = subprocess.Popen([binary, "--addr", "127.0.0.1:0", "--grpc-addr", "off", "--model-repository", repo,
-                                "--models", "mask_rcnn_small"], stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    for line in process.stderr:
-        found = re.search(r"listening on (http://\S+)", line)
-        if found:
-            base = found.group(1)
-            break
-        if time.time() > deadline:
-            raise SystemExit("bench-masks: the server did not start")
-    else:
-        raise SystemExit("bench-masks: the server exited")
-    while requests.get(base + "/health/ready", timeout=5).status_code != 200:
-        time.sleep(0.3)
-    return process, base
 
 
 def main():
@@ -66,7 +40,7 @@ def main():
     photo = io.BytesIO()
     Image.fromarray(skdata.astronaut()).resize((800, 800), Image.BILINEAR).save(photo, "PNG")
     blob = photo.getvalue()
-    process, base = start(args.bin, args.repo)
+    process, base = start_server("bench-masks", args.bin, args.repo, "mask_rcnn_small")
     rows = {}
     try:
         total = len(FORMATS) * len(COUNTS)

@@ -16,29 +16,21 @@ import argparse
 import base64
 import io
 import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 
 import requests
-from PIL import Image, ImageDraw
+from PIL import Image
 from skimage import data as skdata
+
+from benchkit import bar_chart, cpu_name, start_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "ssd_mobilenet_v2_coco"
 CALLS = 7
 # Score thresholds for the merge rows: about 1,300 and 20,000 boxes out of the tiles.
 MERGE_SCORES = [0.05, 0.01]
-
-
-def cpu_name():
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def mosaic():
@@ -55,24 +47,6 @@ def mosaic():
             x, i = x + images[i % 4].width, i + 1
         y, row = y + 230, row + 1
     return canvas
-
-
-def start(binary, repo):
-    process = subprocess.Popen([binary, "--addr", "127.0.0.1:0", "--grpc-addr", "off", "--model-repository", repo,
-                                "--models", MODEL], stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    for line in process.stderr:
-        found = re.search(r"listening on (http://\S+)", line)
-        if found:
-            base = found.group(1)
-            break
-        if time.time() > deadline:
-            raise SystemExit("bench-sliced: the server did not start")
-    else:
-        raise SystemExit("bench-sliced: the server exited")
-    while requests.get(base + "/health/ready", timeout=5).status_code != 200:
-        time.sleep(0.3)
-    return process, base
 
 
 def headers_median(call, keys):
@@ -94,7 +68,7 @@ def main():
     jpeg = io.BytesIO()
     canvas.save(jpeg, "JPEG", quality=90)
     jpeg = jpeg.getvalue()
-    process, base = start(args.bin, args.repo)
+    process, base = start_server("bench-sliced", args.bin, args.repo, MODEL)
     predict = base + f"/v1/models/{MODEL}/predict"
 
     def post(blob, **params):
@@ -165,27 +139,9 @@ def main():
     print(table)
     with open(args.out, "a") as f:
         f.write("\n" + table)
-    draw([("sliced request", cost), ("15-image forward + decode", floor), ("1.25 x that (target)", 1.25 * floor)], args.chart)
+    bar_chart(args.chart, f"Sliced detection, 1920 x 1080 in 15 tiles of 512, ms ({cpu_name()})",
+              [("sliced request", cost), ("15-image forward + decode", floor), ("1.25 x that (target)", 1.25 * floor)])
 
-
-def draw(bars, path):
-    """A bar chart with Pillow (the server's environment has no plotting library)."""
-    width, height, margin = 640, 300, 40
-    chart = Image.new("RGB", (width, height), "white")
-    pen = ImageDraw.Draw(chart)
-    pen.text((margin, 8), f"Sliced detection, 1920 x 1080 in 15 tiles of 512, ms ({cpu_name()})", fill="black")
-    peak = max(v for _, v in bars) * 1.15
-    slot = (width - 2 * margin) / len(bars)
-    colours = [(31, 119, 180), (127, 127, 127), (214, 39, 40)]
-    bottom = height - 40
-    for i, ((name, value), colour) in enumerate(zip(bars, colours)):
-        x = margin + slot * i + 10
-        top = bottom - (bottom - 40) * value / peak
-        pen.rectangle([x, top, x + slot - 20, bottom], fill=colour)
-        pen.text((x, top - 14), f"{value:.0f}", fill="black")
-        pen.text((x, bottom + 6), name, fill="black")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    chart.save(path)
 
 
 if __name__ == "__main__":

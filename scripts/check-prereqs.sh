@@ -19,6 +19,16 @@ for tool in cmake nasm; do
   fi
   need "$tool" "$tool is not installed; libjpeg-turbo's build needs it (Debian: apt-get install $tool)."
 done
+# FFmpeg decodes uploaded videos (src/video): optional, the server serves photos without it
+# and answers video requests 501. Installed here when we may, as cmake and nasm are.
+if ! command -v ffmpeg >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "visionserve setup: installing ffmpeg (Debian package) for video input" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get install -y -q --no-install-recommends ffmpeg || { apt-get update -q && apt-get install -y -q --no-install-recommends ffmpeg; }; } >/dev/null 2>&1
+  fi
+  command -v ffmpeg >/dev/null 2>&1 || echo "visionserve setup: ffmpeg is not installed; video requests will be answered 501 (Debian: apt-get install ffmpeg)." >&2
+fi
 if command -v python3 >/dev/null 2>&1; then
   if ! python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)'; then
     echo "visionserve setup: python3 is $(python3 -V 2>&1 | cut -d' ' -f2); torch 2.13 needs 3.10 or newer." >&2; missing=1

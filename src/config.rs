@@ -96,6 +96,24 @@ pub struct ServerConfig {
     #[arg(long, env = "VISIONSERVE_RESPONSE_CACHE_BYTES", default_value_t = 0)]
     pub response_cache_bytes: usize,
 
+    /// The FFmpeg program that decodes uploaded videos (a name on PATH or a path); `ffprobe`
+    /// is looked for beside it. Without it the server runs, and answers video requests 501.
+    #[arg(long, env = "VISIONSERVE_FFMPEG", default_value = "ffmpeg")]
+    pub ffmpeg: PathBuf,
+
+    /// Largest video upload, in bytes (written to a temporary file while it is answered).
+    #[arg(long, env = "VISIONSERVE_MAX_VIDEO_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_video_bytes: usize,
+
+    /// Most frames one video request is answered (a request's `max_frames` may ask for fewer).
+    #[arg(long, env = "VISIONSERVE_MAX_VIDEO_FRAMES", default_value_t = 3600)]
+    pub max_video_frames: usize,
+
+    /// Frames of one video in the model's queue at once: enough for the model to batch them,
+    /// few enough that one video does not fill the queue other requests share.
+    #[arg(long, env = "VISIONSERVE_VIDEO_FRAMES_IN_FLIGHT", default_value_t = 4)]
+    pub video_frames_in_flight: usize,
+
     /// OTLP endpoint to export traces to (a collector: `http://host:4318` for HTTP/protobuf,
     /// `http://host:4317` with OTEL_EXPORTER_OTLP_PROTOCOL=grpc). Unset, the standard
     /// OTEL_EXPORTER_OTLP_ENDPOINT is used; with neither, tracing is off.
@@ -267,6 +285,15 @@ impl ServerConfig {
 
     pub fn grpc_message_limit(&self) -> usize {
         self.grpc_max_message_bytes.unwrap_or(self.max_body_bytes)
+    }
+
+    pub fn video_settings(&self) -> crate::serve::video::VideoSettings {
+        crate::serve::video::VideoSettings {
+            tools: crate::video::VideoTools::beside(self.ffmpeg.clone()),
+            max_bytes: self.max_video_bytes,
+            max_frames: self.max_video_frames.max(1),
+            in_flight: self.video_frames_in_flight.max(1),
+        }
     }
 
     pub fn preprocess_thread_count(&self) -> usize {

@@ -39,6 +39,9 @@ pub enum ApiError {
     ModelFailed { model: String, detail: String },
     #[error("internal error")]
     Internal(String),
+    /// A kind of request this server is not set up for (video without FFmpeg).
+    #[error("{0}")]
+    NotImplemented(String),
 }
 
 impl ApiError {
@@ -56,6 +59,7 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::ModelFailed { .. } | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -76,6 +80,7 @@ impl ApiError {
             ApiError::DeadlineExceeded(_) => "deadline_exceeded",
             ApiError::ModelFailed { .. } => "model_failed",
             ApiError::Internal(_) => "internal",
+            ApiError::NotImplemented(_) => "not_implemented",
         }
     }
 }

@@ -28,6 +28,7 @@ pub mod serve;
 pub mod tasks;
 pub mod telemetry;
 pub mod tls;
+pub mod video;
 
 use std::sync::Arc;
 
@@ -88,6 +89,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), Box<dyn std::error::Error
         .api_keys(config.load_api_keys()?)
         .admin_token(config.load_admin_token()?)
         .response_cache_bytes(config.response_cache_bytes)
+        .video(config.video_settings())
         .build();
     if state.cache.is_some() {
         tracing::info!(bytes = config.response_cache_bytes, "response cache on");

@@ -31,6 +31,7 @@ pub const CACHE_EVICTIONS: &str = "visionserve_response_cache_evictions_total";
 pub const CACHE_BYTES: &str = "visionserve_response_cache_bytes";
 pub const REPOSITORY_POLL_LOADS: &str = "visionserve_repository_poll_loads_total";
 pub const REPOSITORY_POLL_FAILING: &str = "visionserve_repository_poll_failing";
+pub const VIDEO_FRAMES: &str = "visionserve_video_frames_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "visionserve_tls_handshake_failures_total";
 pub const TLS_RELOADS: &str = "visionserve_tls_reloads_total";
 pub const TLS_CERTIFICATE_EXPIRY: &str = "visionserve_tls_certificate_expiry_timestamp_seconds";
@@ -63,6 +64,7 @@ fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(REPOSITORY_POLL_LOADS, "Changes repository polling acted on, by model and outcome: loaded, failed (the previous load keeps serving), unloaded (folder removed)");
     describe_gauge!(REPOSITORY_POLL_FAILING, "1 while a model's last polled change failed to load (the previous load serving), else 0");
+    describe_counter!(VIDEO_FRAMES, "Frames of uploaded videos answered, by model (or pipeline) and outcome: answered, failed");
     describe_counter!(TLS_HANDSHAKE_FAILURES, "TLS handshakes that failed or timed out (no common protocol, a client certificate not from the client CA, a plain-HTTP client), by listener");
     describe_counter!(TLS_RELOADS, "Changed TLS files (or SIGHUP) by outcome: loaded, or refused with the previous certificate kept");
     describe_gauge!(TLS_CERTIFICATE_EXPIRY, Unit::Seconds, "When the served TLS certificate expires, in seconds since the Unix epoch; alert on it minus time()");

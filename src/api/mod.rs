@@ -13,9 +13,11 @@ pub(crate) mod metrics_route;
 pub(crate) mod model_path;
 pub mod input;
 mod models;
+mod pipeline_v1;
 mod predict;
 mod torchserve;
 mod unread_body;
+mod video;
 pub mod v2;
 mod web;
 
@@ -28,6 +30,7 @@ use axum::http::{HeaderName, Request, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use tower::{Layer, ServiceBuilder};
+use tower_http::compression::predicate::{DefaultPredicate, NotForContentType, Predicate};
 use tower_http::compression::CompressionLayer;
 use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::normalize_path::NormalizePathLayer;
@@ -70,9 +73,16 @@ pub struct AppStateBuilder {
     api_keys: Vec<String>,
     admin_token: Option<String>,
     response_cache_bytes: usize,
+    video: crate::serve::video::VideoSettings,
 }
 
 impl AppStateBuilder {
+    /// FFmpeg's place and the video limits; unset, `ffmpeg` on `PATH` and the defaults.
+    pub fn video(mut self, settings: crate::serve::video::VideoSettings) -> Self {
+        self.video = settings;
+        self
+    }
+
     /// The response cache's byte budget; 0 (the default) leaves it off.
     pub fn response_cache_bytes(mut self, bytes: usize) -> Self {
         self.response_cache_bytes = bytes;
@@ -96,8 +106,10 @@ impl AppStateBuilder {
     }
 
     pub fn build(self) -> AppState {
+        let mut core = Core::new(self.repository, self.limits, self.cpu_threads, self.response_cache_bytes);
+        core.video = Arc::new(self.video);
         AppState {
-            core: Core::new(self.repository, self.limits, self.cpu_threads, self.response_cache_bytes),
+            core,
             metrics: crate::metrics::handle(),
             api_keys: Arc::new(self.api_keys),
             admin_token: self.admin_token.map(Arc::new),
@@ -107,7 +119,7 @@ impl AppStateBuilder {
 
 impl AppState {
     pub fn builder(repository: Arc<ModelRepository>, limits: RequestLimits) -> AppStateBuilder {
-        AppStateBuilder { repository, limits, cpu_threads: 1, api_keys: Vec::new(), admin_token: None, response_cache_bytes: 0 }
+        AppStateBuilder { repository, limits, cpu_threads: 1, api_keys: Vec::new(), admin_token: None, response_cache_bytes: 0, video: Default::default() }
     }
 }
 
@@ -150,7 +162,9 @@ pub fn router(state: AppState) -> Router {
         // limit counts decompressed bytes, so a small bomb is a 413, never memory; answers are
         // compressed when the client's `Accept-Encoding` asks (tritonclient, browsers).
         .layer(RequestDecompressionLayer::new())
-        .layer(CompressionLayer::new())
+        // Not a video's NDJSON lines: a compressor holds them back until its buffer fills,
+        // and a frame's answer must leave when it is done (SSE is left alone by default).
+        .layer(CompressionLayer::new().compress_when(DefaultPredicate::new().and(NotForContentType::const_new(video::NDJSON))))
         .layer(axum::middleware::from_fn_with_state(body_limit, unread_body::read_before_answering))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(

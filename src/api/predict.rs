@@ -7,23 +7,23 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::{FromRequest, Query, Request, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::input::ImageUploads;
 use super::model_path::ModelPath;
+use super::{pipeline_v1, video};
 use super::AppState;
 use crate::cache::{CacheKey, Cached};
 use crate::error::ApiError;
-use crate::pipeline::PIPELINE_VERSION;
 use crate::render;
 use crate::repository::{PipelineEntry, Servable};
 use crate::serve::infer::{self, answer_headers, write_cache, write_pairs, Answered, CacheOutcome, ImageRequest, Wants};
-use crate::serve::pipeline::{self, PipelineRun};
+use crate::serve::pipeline;
 use crate::serve::{ImageInput, RequestContext, Target};
 use crate::model_config::Task;
 use crate::tasks::{PredictParams, TaskResult};
@@ -39,10 +39,15 @@ async fn predict(
     model: ModelPath,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
     headers: HeaderMap,
-    uploads: ImageUploads,
+    request: Request,
 ) -> Result<Response, ApiError> {
     let context = RequestContext::from_headers(&headers, state.limits.request_timeout_ms)?;
     let Query(mut raw) = query.map_err(|e| ApiError::InvalidParameter(format!("malformed query string: {}", e.body_text())))?;
+    if video::is_video(&headers) {
+        let servable = state.repository.lookup(&model.name, model.version())?;
+        return video::predict_video(&state, servable, raw, &headers, request.into_body(), &context).await;
+    }
+    let uploads = ImageUploads::from_request(request, &state).await?;
     raw.extend(uploads.body_parameters);
     let render = wants_png(raw.remove("render").as_deref(), &headers)?;
     if render && uploads.images.len() != 1 {
@@ -102,7 +107,7 @@ async fn predict_overlay(
         }
     }
     // The decoded original comes back to be drawn on.
-    let wants = Wants { raw: false, original: true };
+    let wants = Wants { original: true, ..Wants::default() };
     let answered = infer::answer(state, target, ImageRequest { input: ImageInput::Encoded(vec![image]), params, wants }, context).await?;
     let post_started = Instant::now();
     let Answered { results, timings, labels, original, .. } = answered;
@@ -151,32 +156,10 @@ async fn predict_pipeline(
                 .await??;
             png_response(Bytes::from(png))
         }
-        None => Json(pipeline_json(&run)).into_response(),
+        None => Json(pipeline_v1::answer(&run)).into_response(),
     };
     write_pairs(run.timing_pairs(), response.headers_mut());
     Ok(response)
-}
-
-/// A pipeline's `/v1` answer: each image's detections, each with its classifier's answer nested.
-fn pipeline_json(run: &PipelineRun) -> Value {
-    let results: Vec<Value> = run
-        .images
-        .iter()
-        .map(|found| {
-            let detections: Vec<Value> = found
-                .iter()
-                .map(|n| {
-                    let mut value = serde_json::to_value(&n.detection).expect("detections serialise");
-                    value["classification"] = json!({"predictions": n.predictions});
-                    value
-                })
-                .collect();
-            json!({"detections": detections})
-        })
-        .collect();
-    let step = |s: &pipeline::StepRun| json!({"model": s.model, "version": s.version});
-    let steps = json!({"detect": step(&run.detect), "classify": run.classify.as_ref().map(step)});
-    json!({"model": run.name, "version": PIPELINE_VERSION, "task": "detection", "steps": steps, "results": results})
 }
 
 /// `?render=png` or an `Accept` that names `image/png` (and not JSON first) asks for the

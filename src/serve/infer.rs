@@ -199,6 +199,9 @@ pub struct Wants {
     pub raw: bool,
     /// The decoded first image too (to draw an overlay on).
     pub original: bool,
+    /// Not through the response cache (video frames: never seen twice, they would only
+    /// evict photos' results).
+    pub uncached: bool,
 }
 
 /// One request for one model, as every protocol hands it to the core: its images (encoded,
@@ -242,7 +245,7 @@ async fn answer_counted(
     let statistics = &target.entry.statistics;
     let labels = target.labels();
     let ImageRequest { input, params, wants } = &request;
-    let cache = core.cache.clone().filter(|_| !wants.raw && !wants.original);
+    let cache = core.cache.clone().filter(|_| !wants.raw && !wants.original && !wants.uncached);
     let keys: Option<Vec<CacheKey>> = cache.as_ref().and_then(|_| input.identities()).map(|images| {
         images
             .iter()

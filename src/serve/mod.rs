@@ -17,6 +17,7 @@ pub mod oip;
 pub mod pipeline;
 pub mod prepare;
 pub mod request;
+pub mod video;
 
 use std::sync::Arc;
 
@@ -52,6 +53,8 @@ pub struct Core {
     pub cpu_permits: Arc<Semaphore>,
     /// The response cache; `None` when off.
     pub cache: Option<Arc<ResponseCache>>,
+    /// What video requests may be, and where FFmpeg is.
+    pub video: Arc<video::VideoSettings>,
 }
 
 impl Core {
@@ -61,6 +64,7 @@ impl Core {
             limits,
             cpu_permits: Arc::new(Semaphore::new(cpu_threads.max(1))),
             cache: ResponseCache::new(cache_bytes).map(Arc::new),
+            video: Arc::new(video::VideoSettings::default()),
         }
     }
 

@@ -49,6 +49,11 @@ impl Deadline {
         Ok(Deadline { at: started + Duration::from_millis(ms), ms })
     }
 
+    /// `ms` from now (a video frame's, from when it is read).
+    pub fn from_now(ms: u64) -> Deadline {
+        Deadline { at: Instant::now() + Duration::from_millis(ms), ms }
+    }
+
     /// The earlier of this deadline and `ms` from now (a stream frame within its call's).
     pub fn within(self, ms: u64) -> Deadline {
         let now = Instant::now();

@@ -15,6 +15,7 @@ pub mod params;
 pub mod prototypes;
 pub mod segmentation;
 pub mod slicing;
+pub mod tracking;
 
 use std::sync::Arc;
 

@@ -21,7 +21,7 @@ pub fn to_status(error: ApiError) -> Status {
             Code::InvalidArgument
         }
         ApiError::NotFound(_) | ApiError::ModelNotFound(_) => Code::NotFound,
-        ApiError::MethodNotAllowed(_) => Code::Unimplemented,
+        ApiError::MethodNotAllowed(_) | ApiError::NotImplemented(_) => Code::Unimplemented,
         ApiError::PayloadTooLarge(_) => Code::ResourceExhausted,
         ApiError::ModelNotReady { .. } | ApiError::Overloaded(_) => Code::Unavailable,
         ApiError::Conflict(_) => Code::FailedPrecondition,

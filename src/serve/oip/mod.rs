@@ -216,7 +216,7 @@ pub async fn infer(core: &Core, servable: Servable, request: InferRequest, conte
             return Err(refused);
         }
     };
-    let answered = infer::answer(core, &target, ImageRequest { input: images, params, wants: Wants { raw: want_raw, original: false } }, context).await?;
+    let answered = infer::answer(core, &target, ImageRequest { input: images, params, wants: Wants { raw: want_raw, ..Wants::default() } }, context).await?;
 
     let post_started = Instant::now();
     let Answered { results, timings, raw, labels, cache, .. } = answered;
