@@ -109,6 +109,20 @@ def mask_iou(a, b):
     return 1.0 if union == 0 else np.logical_and(a, b).sum() / union
 
 
+def paired(detections, ref_boxes, ref_scores, ref_classes, score_tolerance=1e-4):
+    """For each of our detections in order, the reference index it is: the same class and the
+    nearest box among the unused instances whose score is within the tolerance of its own."""
+    order, used = [], set()
+    for d in detections:
+        near = [j for j in range(len(ref_scores)) if j not in used and abs(ref_scores[j] - d["score"]) <= score_tolerance
+                and ref_classes[j] == d["index"]]
+        assert near, f"no reference instance for {d}"
+        j = min(near, key=lambda j: np.abs(ref_boxes[j] - box_of(d)).max())
+        used.add(j)
+        order.append(j)
+    return np.array(order)
+
+
 @pytest.mark.parametrize("photo", ["astronaut-320.png", "page-crop.png"])
 def test_masks_match_ultralytics_pixel_for_pixel_when_the_photo_is_not_resized(server, ultralytics_model, photo):
     detections = ours(server, photo)
@@ -116,9 +130,14 @@ def test_masks_match_ultralytics_pixel_for_pixel_when_the_photo_is_not_resized(s
     assert len(ref_scores) >= 3, "the test model should find instances"
     assert len(detections) == len(ref_scores)
     np.testing.assert_allclose([d["score"] for d in detections], ref_scores, atol=1e-4)
-    np.testing.assert_allclose(np.array([box_of(d) for d in detections]), ref_boxes, atol=0.05)
-    assert [d["index"] for d in detections] == ref_classes.tolist()
-    for d, ref in zip(detections, ref_masks):
+    # Two instances whose scores are within the two sides' rounding of each other may come in
+    # either order (seen on an Intel Xeon's export: 0.691194 / 0.691187 here, 0.691194 /
+    # 0.691193 in ultralytics), so each of ours is paired with the reference instance of its
+    # class and box among those of a score within the tolerance, not by position.
+    order = paired(detections, ref_boxes, ref_scores, ref_classes)
+    np.testing.assert_allclose(np.array([box_of(d) for d in detections]), ref_boxes[order], atol=0.05)
+    assert [d["index"] for d in detections] == ref_classes[order].tolist()
+    for d, ref in zip(detections, ref_masks[order]):
         mask = decode(d)
         assert mask.shape == ref.shape
         assert d["area"] == int(mask.sum())
