@@ -8,28 +8,15 @@
 //! timeline chart, and a JSON summary the script judges.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use plotters::prelude::*;
-use plotters::style::FontStyle;
-
-use crate::load::{bytes_of, closed_loop, http_sender, runtime, Outcomes, Stats, JPEG};
+use crate::load::{closed_loop, epoch_now, open_loop_timeline, Outcomes, Sent, Stats};
 
 /// The load is this share of the measured capacity of two replicas: sized so that one replica
 /// alone carries it (as N+1 sizing does), since a killed replica leaves one; and a start-first
 /// update runs a third replica (loading and warming its models) on the same cores for a while.
 const LOAD_SHARE: f64 = 0.4;
-
-struct Sent {
-    at: f64,
-    status: u16,
-    took: Duration,
-}
-
-fn epoch_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
-}
 
 fn events(path: &Path) -> Vec<(f64, String)> {
     std::fs::read_to_string(path)
@@ -70,37 +57,20 @@ pub fn measure(url: &str, jpeg: &[u8], events_file: &Path, seconds: f64, limit: 
     println!("[bench] swarm: capacity through the proxy, closed loop c=8, {seconds} s");
     let capacity = closed_loop(url, jpeg, 8, Duration::from_secs_f64(seconds)).throughput;
     let rate = (capacity * LOAD_SHARE).max(1.0);
-    let sent: Arc<Mutex<Vec<Sent>>> = Arc::default();
     let started = epoch_now();
     append_event(events_file, "steady");
     println!("[bench] swarm: {capacity:.1} req/s; load on at {rate:.1} req/s until the script writes `done`");
-    let clock = Instant::now();
-    runtime().block_on(async {
-        let send = http_sender(url, bytes_of(jpeg), &JPEG, 64);
-        let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-        let mut tasks = Vec::new();
-        let mut last_look = Instant::now();
-        loop {
-            interval.tick().await;
-            if last_look.elapsed() > Duration::from_millis(200) {
-                last_look = Instant::now();
-                if clock.elapsed() > limit || events(events_file).iter().any(|(_, label)| label == "done") {
-                    break;
-                }
-            }
-            let (send, sent) = (Arc::clone(&send), Arc::clone(&sent));
-            tasks.push(tokio::spawn(async move {
-                let at = epoch_now();
-                let t = Instant::now();
-                let status = send().await;
-                sent.lock().unwrap().push(Sent { at, status, took: t.elapsed() });
-            }));
+    // The events file is read at most every 200 ms, not at every request.
+    let last_look = Mutex::new(Instant::now());
+    let go_on = |clock: Instant| {
+        let mut last = last_look.lock().unwrap();
+        if last.elapsed() < Duration::from_millis(200) {
+            return true;
         }
-        for t in tasks {
-            let _ = t.await;
-        }
-    });
-    let sent = std::mem::take(&mut *sent.lock().unwrap());
+        *last = Instant::now();
+        clock.elapsed() <= limit && !events(events_file).iter().any(|(_, label)| label == "done")
+    };
+    let sent = open_loop_timeline(url, jpeg, rate, &go_on);
     let marks: Vec<(f64, String)> = events(events_file).into_iter().filter(|(at, _)| *at >= started - 1.0).collect();
     let phases = split_into_phases(&sent, &marks);
     let points = sent.iter().map(|s| (s.at - started, s.status, s.took.as_secs_f64() * 1000.0)).collect();
@@ -163,36 +133,8 @@ pub fn summary_json(f: &SwarmFigures) -> serde_json::Value {
     })
 }
 
-/// Latency of every request over time (answered blue, refused orange, failed red at the top),
-/// the phases as vertical lines.
+/// Every request over time, the phases marked.
 pub fn draw_timeline(path: &Path, f: &SwarmFigures) {
-    let font: &'static [u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
-    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, font);
-    let root = BitMapBackend::new(path, (900, 420)).into_drawing_area();
-    root.fill(&WHITE).unwrap();
-    let end = f.points.iter().map(|p| p.0).fold(1.0, f64::max) + 1.0;
-    let top = f.points.iter().map(|p| p.2).fold(10.0, f64::max) * 2.0;
-    let mut chart = ChartBuilder::on(&root)
-        .caption("Swarm: rolling update and a killed replica under load", ("sans-serif", 18))
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(56)
-        .build_cartesian_2d(0f64..end, (1f64..top).log_scale())
-        .unwrap();
-    chart.configure_mesh().x_desc("seconds").y_desc("latency ms (failed: red, at the top)").draw().unwrap();
-    let dots = |status: fn(u16) -> bool, color: RGBColor, at_top: bool| {
-        f.points
-            .iter()
-            .filter(move |p| status(p.1))
-            .map(move |p| Circle::new((p.0, if at_top { top / 1.5 } else { p.2.max(1.0) }), 2, color.filled()))
-    };
-    chart.draw_series(dots(|s| s == 200, BLUE, false)).unwrap();
-    chart.draw_series(dots(|s| s == 503, RGBColor(230, 140, 0), false)).unwrap();
-    chart.draw_series(dots(|s| s != 200 && s != 503, RED, true)).unwrap();
-    for (at, label) in &f.marks {
-        let x = at - f.started;
-        chart.draw_series(LineSeries::new([(x, 1.0), (x, top)], BLACK.mix(0.5))).unwrap();
-        chart.draw_series(std::iter::once(Text::new(label.clone(), (x + 0.3, top / 3.0), ("sans-serif", 13)))).unwrap();
-    }
-    root.present().unwrap();
+    let marks: Vec<(f64, String)> = f.marks.iter().map(|(at, label)| (at - f.started, label.clone())).collect();
+    crate::report::draw_timeline(path, "Swarm: rolling update and a killed replica under load", &f.points, &marks);
 }
