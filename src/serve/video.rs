@@ -206,7 +206,7 @@ where
             }
         });
         let answer_frame = std::sync::Arc::new(answer_frame);
-        let mut tracker = tracking.map(|t| (ByteTrack::new(t.settings), t.detect_every, HashMap::<u64, Value>::new()));
+        let mut tracker = tracking.map(|t| (ByteTrack::new(t.settings), HashMap::<u64, LastSeen>::new()));
         let mut in_flight = FuturesOrdered::new();
         // Frames at the model; the frames between (`detect_every`) wait only for their turn, so
         // they count apart, up to the frames they sit between.
@@ -218,7 +218,7 @@ where
                 Some((index, timestamp, detected, result)) = in_flight.next(), if !in_flight.is_empty() => {
                     at_model -= usize::from(detected);
                     let mut result: Result<Value, ApiError> = result;
-                    if let Some((tracker, _, last_seen)) = tracker.as_mut() {
+                    if let Some((tracker, last_seen)) = tracker.as_mut() {
                         match (&mut result, detected) {
                             (Ok(value), true) => track(tracker, last_seen, value),
                             (Ok(value), false) => *value = coast(tracker, last_seen),
@@ -236,7 +236,7 @@ where
                 next = decoded.recv(), if !decoding_done && at_model < settings.in_flight && in_flight.len() < settings.in_flight * every => {
                     match next {
                         Some(Ok(Ok(frame))) => {
-                            let detected = tracker.as_ref().is_none_or(|(_, every, _)| frame.index % every == 0);
+                            let detected = frame.index % every == 0;
                             let context = RequestContext { deadline: Deadline::from_now(frame_timeout_ms), request_id: format!("{request_id}/{}", frame.index) };
                             let answer = std::sync::Arc::clone(&answer_frame);
                             let (index, timestamp) = (frame.index, frame.timestamp);
@@ -302,15 +302,22 @@ fn detections_of(value: &Value) -> Vec<Observed> {
         .collect()
 }
 
+/// What a coasted frame tells of a track: its last detection's label and score (not its mask
+/// or keypoints, which were that frame's).
+struct LastSeen {
+    label: Value,
+    score: Value,
+}
+
 /// A detected frame: each detection gains its `track_id` (`null` when no confirmed track
-/// holds it); what each track last looked like is kept for the frames it coasts through.
-fn track(tracker: &mut ByteTrack, last_seen: &mut HashMap<u64, Value>, value: &mut Value) {
+/// holds it); each track's label and score are kept for the frames it coasts through.
+fn track(tracker: &mut ByteTrack, last_seen: &mut HashMap<u64, LastSeen>, value: &mut Value) {
     let ids = tracker.update(&detections_of(value));
     if let Some(list) = value["detections"].as_array_mut() {
         for (detection, id) in list.iter_mut().zip(ids) {
             detection["track_id"] = json!(id);
             if let Some(id) = id {
-                last_seen.insert(id, detection.clone());
+                last_seen.insert(id, LastSeen { label: detection["label"].clone(), score: detection["score"].clone() });
             }
         }
     }
@@ -320,14 +327,13 @@ fn track(tracker: &mut ByteTrack, last_seen: &mut HashMap<u64, Value>, value: &m
 
 /// A frame the model did not run on: the tracks where their motion puts them, each with its
 /// last detection's label (and score), marked `coasted`.
-fn coast(tracker: &mut ByteTrack, last_seen: &HashMap<u64, Value>) -> Value {
+fn coast(tracker: &mut ByteTrack, last_seen: &HashMap<u64, LastSeen>) -> Value {
     let detections: Vec<Value> = tracker
         .coast()
         .into_iter()
         .map(|t| {
-            // Its label and last score; not its mask or keypoints, which were the last frame's.
             let last = last_seen.get(&t.id);
-            let mut detection = json!({"label": last.map(|d| d["label"].clone()), "score": last.map(|d| d["score"].clone())});
+            let mut detection = json!({"label": last.map(|d| d.label.clone()), "score": last.map(|d| d.score.clone())});
             detection["box"] = json!({"x1": t.bbox.x1, "y1": t.bbox.y1, "x2": t.bbox.x2, "y2": t.bbox.y2});
             detection["track_id"] = json!(t.id);
             detection["coasted"] = json!(true);

@@ -199,8 +199,9 @@ impl ByteTrack {
         self.tracked.iter().chain(&self.lost).filter_map(|t| t.id)
     }
 
-    /// Tracks alive (tracked or lost), for tests and metrics.
-    pub fn alive(&self) -> usize {
+    /// Tracks alive (tracked or lost).
+    #[cfg(test)]
+    fn alive(&self) -> usize {
         self.tracked.len() + self.lost.len()
     }
 }
