@@ -43,7 +43,7 @@ TASK_MODELS     := $(CACHE)/task-models-$(TASK_MODELS_KEY)
 # ONNX Runtime and OpenVINO for `make bench-cpu`, in an environment of their own.
 BENCH_CPU_ENV   := $(CACHE)/bench-cpu-$(shell sha256sum scripts/bench-cpu.lock | cut -c1-12)
 
-.PHONY: bench-video swarm-test bench-swarm ultralytics task-models bench-sliced bench-masks quantize openapi-json bench-cpu bench-perf-analyzer perf-analyzer kserve-sdk bench-cache bench-tls bench-poll bench-pipeline bench-protocols bench-shipped compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
+.PHONY: bench-video bench-streams swarm-test bench-swarm ultralytics task-models bench-sliced bench-masks quantize openapi-json bench-cpu bench-perf-analyzer perf-analyzer kserve-sdk bench-cache bench-tls bench-poll bench-pipeline bench-protocols bench-shipped compare-answers help prereqs pyenv build models test-models run test test-rust test-python test-browser bench bench-torchserve soak docker-image docker-test validate-manifests test-gpu zoo clean audit licenses fuzz
 
 help:
 	@echo "make run    - prepare everything and serve the default models on http://127.0.0.1:8080"
@@ -67,6 +67,7 @@ help:
 	@echo "make soak   - ten minutes at 70 % load, resident memory over time"
 	@echo "make bench-sliced - sliced detection: 1920x1080 in 15 tiles against one 15-image forward plus a decode; the merge's time"
 	@echo "make bench-video - a 640x480 H.264 clip through the SSD against its frames as photos, with and without ByteTrack"
+	@echo "make bench-streams - 3, 4, then 3 live RTSP streams through the SSD with ByteTrack: p95, drops, camera restarts, a 10-minute soak"
 	@echo "make bench-masks - instance masks: response size and server time per mask format, 1, 20 and 100 instances"
 	@echo "make bench-cache - mobilenet_v2 answered from the response cache against computed, one client"
 	@echo "make bench-pipeline - the detect_then_classify pipeline against its two steps called alone"
@@ -156,6 +157,7 @@ test-rust: build test-models
 ULTRALYTICS_TESTS := tests/python/test_keypoints.py tests/python/test_yolo_seg.py tests/python/test_yolo_exports.py tests/python/test_sliced.py tests/python/test_tracking.py
 test-python: build models test-models task-models perf-analyzer kserve-sdk
 	@scripts/ensure-test-tools.sh openssl curl ffmpeg
+	@scripts/ensure-rtsp-server.sh
 	VISIONSERVE_BIN=$(abspath $(BIN)) VISIONSERVE_TEST_MODELS=$(TEST_MODELS) VISIONSERVE_PERF_ANALYZER=$(PERF_ANALYZER)/run \
 	  VISIONSERVE_KSERVE_PYTHON=$(KSERVE_ENV)/bin/python \
 	  VISIONSERVE_DEFAULT_MODELS=$(abspath models) VISIONSERVE_DOWNLOADS=$(CACHE)/downloads VISIONSERVE_AOTI_CACHE=$(AOTI_CACHE) \
@@ -203,6 +205,11 @@ bench-sliced: build models ultralytics
 bench-video: build models
 	@scripts/ensure-test-tools.sh ffmpeg
 	$(PYTHON) scripts/bench-video.py --bin $(abspath $(BIN)) --repo models
+
+bench-streams: build models
+	@scripts/ensure-test-tools.sh ffmpeg
+	@scripts/ensure-rtsp-server.sh
+	$(PYTHON) scripts/bench-streams.py --bin $(abspath $(BIN)) --repo models
 
 bench-masks: build test-models
 	$(PYTHON) scripts/bench-masks.py --bin $(abspath $(BIN)) --repo $(TEST_MODELS)

@@ -1,4 +1,4 @@
-"""What the Python benches share (bench-sliced, bench-masks, bench-video): the CPU's name for
+"""What the Python benches share (bench-sliced, bench-masks, bench-video, bench-streams): the CPU's name for
 their tables, and a server of one model started on an ephemeral port and waited for."""
 import platform
 import re
@@ -15,10 +15,11 @@ def cpu_name():
     return platform.processor() or "unknown CPU"
 
 
-def start_server(bench, binary, repo, model, timeout=300):
-    """`binary` serving `model` of `repo` (no gRPC), once ready: the process and its base URL."""
+def start_server(bench, binary, repo, model, timeout=300, extra=()):
+    """`binary` serving `model` of `repo` (no gRPC; `extra` flags), once ready: the process and
+    its base URL."""
     process = subprocess.Popen([binary, "--addr", "127.0.0.1:0", "--grpc-addr", "off", "--model-repository", repo,
-                                "--models", model], stderr=subprocess.PIPE, text=True)
+                                "--models", model, *extra], stderr=subprocess.PIPE, text=True)
     deadline = time.time() + timeout
     for line in process.stderr:
         found = re.search(r"listening on (http://\S+)", line)

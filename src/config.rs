@@ -114,6 +114,22 @@ pub struct ServerConfig {
     #[arg(long, env = "VISIONSERVE_VIDEO_FRAMES_IN_FLIGHT", default_value_t = 4)]
     pub video_frames_in_flight: usize,
 
+    /// Live streams: the sources `POST /v1/streams` may open, comma separated:
+    /// `rtsp://host[:port]`, `http(s)://host[:port]`, `scheme://*` for any host of a scheme,
+    /// `file:///folder` for files under a folder. Unset, streams are off: a server that opens
+    /// URLs its clients name can be made to reach into its own network (see SECURITY.md).
+    #[arg(long, env = "VISIONSERVE_STREAMS_ALLOW", value_delimiter = ',')]
+    pub streams_allow: Vec<String>,
+
+    /// Live streams running at once.
+    #[arg(long, env = "VISIONSERVE_MAX_STREAMS", default_value_t = 16)]
+    pub max_streams: usize,
+
+    /// The longest wait, in milliseconds, between two tries at reopening a stream's lost
+    /// source (the waits double from 100 ms up to this).
+    #[arg(long, env = "VISIONSERVE_STREAM_RECONNECT_MAX_MS", default_value_t = 1000)]
+    pub stream_reconnect_max_ms: u64,
+
     /// OTLP endpoint to export traces to (a collector: `http://host:4318` for HTTP/protobuf,
     /// `http://host:4317` with OTEL_EXPORTER_OTLP_PROTOCOL=grpc). Unset, the standard
     /// OTEL_EXPORTER_OTLP_ENDPOINT is used; with neither, tracing is off.
@@ -294,6 +310,15 @@ impl ServerConfig {
             max_frames: self.max_video_frames.max(1),
             in_flight: self.video_frames_in_flight.max(1),
         }
+    }
+
+    pub fn stream_settings(&self) -> Result<crate::serve::streams::StreamSettings, String> {
+        Ok(crate::serve::streams::StreamSettings {
+            allow: crate::video::AllowList::parse(&self.streams_allow)?,
+            max_streams: self.max_streams,
+            reconnect_max: std::time::Duration::from_millis(self.stream_reconnect_max_ms.max(100)),
+            ..Default::default()
+        })
     }
 
     pub fn preprocess_thread_count(&self) -> usize {

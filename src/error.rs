@@ -39,6 +39,9 @@ pub enum ApiError {
     ModelFailed { model: String, detail: String },
     #[error("internal error")]
     Internal(String),
+    /// The server's operator does not allow it (live streams off, or a source not allowed).
+    #[error("{0}")]
+    Forbidden(String),
     /// A kind of request this server is not set up for (video without FFmpeg).
     #[error("{0}")]
     NotImplemented(String),
@@ -48,6 +51,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) | ApiError::InvalidImage(_) => StatusCode::BAD_REQUEST,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) | ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -68,6 +72,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::InvalidImage(_) => "invalid_image",
+            ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::ModelNotFound(_) => "model_not_found",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",

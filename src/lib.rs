@@ -90,7 +90,12 @@ pub async fn serve(config: ServerConfig) -> Result<(), Box<dyn std::error::Error
         .admin_token(config.load_admin_token()?)
         .response_cache_bytes(config.response_cache_bytes)
         .video(config.video_settings())
+        .streams(config.stream_settings()?)
         .build();
+    if !state.streams.settings.allow.is_empty() {
+        tracing::info!(allowed = ?config.streams_allow, "live streams on");
+    }
+    let streams = Arc::clone(&state.streams);
     if state.cache.is_some() {
         tracing::info!(bytes = config.response_cache_bytes, "response cache on");
     }
@@ -131,6 +136,8 @@ pub async fn serve(config: ServerConfig) -> Result<(), Box<dyn std::error::Error
             tracing::info!(delay_secs = shutdown_delay.as_secs(), "readiness off; serving on until the listeners close");
             tokio::time::sleep(shutdown_delay).await;
         }
+        // A stream's subscribers would hold their connections open past the drain.
+        streams.stop_all();
         let _ = shutdown_sender.send(true);
     });
     let limits = connections::ConnectionLimits {

@@ -282,3 +282,38 @@ async fn torchserves_api_description_and_trailing_slashes() {
     assert_eq!(call(get("/v2/models/broken/config/")).await.0, StatusCode::OK);
     assert_eq!(call(get("/health/live/")).await.0, StatusCode::OK);
 }
+
+/// Live streams: off by default (403 before the source is even parsed), and with an
+/// allow-list, a source outside it is refused before anything is opened, its credentials not
+/// said back; the request's own mistakes are 4xx; unknown ids are 404.
+#[tokio::test]
+async fn live_streams_are_off_by_default_and_held_to_the_allow_list() {
+    let body = br#"{"source": "rtsp://127.0.0.1:8554/live", "model": "broken"}"#;
+    let (status, _, answer) = call(post("/v1/streams", "application/json", body)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+    assert!(answer["error"]["message"].as_str().unwrap().contains("--streams-allow"));
+    let (status, _, answer) = call(get("/v1/streams")).await;
+    assert_eq!((status, answer), (StatusCode::OK, json!({"streams": []})));
+    for request in [get("/v1/streams/s1"), Request::delete("/v1/streams/s1").body(Body::empty()).unwrap(), get("/v1/streams/nope/events")] {
+        assert_eq!(call(request).await.0, StatusCode::NOT_FOUND);
+    }
+
+    let repo = tempfile::tempdir().unwrap();
+    let repository = ModelRepository::scan(repo.path(), &[]).unwrap();
+    let allow = visionserve::video::AllowList::parse(&["rtsp://camera.local".to_string()]).unwrap();
+    let settings = visionserve::serve::streams::StreamSettings { allow, ..Default::default() };
+    let app = router(AppState::builder(Arc::new(repository), limits()).streams(settings).build());
+    let cases: [(&'static [u8], StatusCode); 6] = [
+        (br#"{"source": "rtsp://admin:hunter2@10.0.0.7/s1", "model": "m"}"#, StatusCode::FORBIDDEN),
+        (br#"{"source": "file:///etc/passwd", "model": "m"}"#, StatusCode::FORBIDDEN),
+        (br#"{"source": "concat:/a|/b", "model": "m"}"#, StatusCode::UNPROCESSABLE_ENTITY),
+        (br#"{"source": "rtsp://camera.local/s1", "model": "m", "drop_policy": "never"}"#, StatusCode::UNPROCESSABLE_ENTITY),
+        (br#"{"source": "rtsp://camera.local/s1", "model": "no_such_model"}"#, StatusCode::NOT_FOUND),
+        (br#"{"source": "rtsp://camera.local/s1"}"#, StatusCode::BAD_REQUEST),
+    ];
+    for (body, expected) in cases {
+        let (status, _, answer) = call_app(app.clone(), post("/v1/streams", "application/json", body)).await;
+        assert_eq!(status, expected, "{}: {answer}", String::from_utf8_lossy(body));
+        assert!(!answer.to_string().contains("hunter2"), "{answer}");
+    }
+}

@@ -15,6 +15,7 @@ pub mod input;
 mod models;
 mod pipeline_v1;
 mod predict;
+mod streams;
 mod torchserve;
 mod unread_body;
 mod video;
@@ -74,9 +75,16 @@ pub struct AppStateBuilder {
     admin_token: Option<String>,
     response_cache_bytes: usize,
     video: crate::serve::video::VideoSettings,
+    streams: crate::serve::streams::StreamSettings,
 }
 
 impl AppStateBuilder {
+    /// What live streams may open; unset, streams are off.
+    pub fn streams(mut self, settings: crate::serve::streams::StreamSettings) -> Self {
+        self.streams = settings;
+        self
+    }
+
     /// FFmpeg's place and the video limits; unset, `ffmpeg` on `PATH` and the defaults.
     pub fn video(mut self, settings: crate::serve::video::VideoSettings) -> Self {
         self.video = settings;
@@ -108,6 +116,7 @@ impl AppStateBuilder {
     pub fn build(self) -> AppState {
         let mut core = Core::new(self.repository, self.limits, self.cpu_threads, self.response_cache_bytes);
         core.video = Arc::new(self.video);
+        core.streams = Arc::new(crate::serve::streams::Streams::new(self.streams));
         AppState {
             core,
             metrics: crate::metrics::handle(),
@@ -119,7 +128,7 @@ impl AppStateBuilder {
 
 impl AppState {
     pub fn builder(repository: Arc<ModelRepository>, limits: RequestLimits) -> AppStateBuilder {
-        AppStateBuilder { repository, limits, cpu_threads: 1, api_keys: Vec::new(), admin_token: None, response_cache_bytes: 0, video: Default::default() }
+        AppStateBuilder { repository, limits, cpu_threads: 1, api_keys: Vec::new(), admin_token: None, response_cache_bytes: 0, video: Default::default(), streams: Default::default() }
     }
 }
 
@@ -137,6 +146,7 @@ pub fn router(state: AppState) -> Router {
     };
     let inference = Router::new()
         .merge(inference_of(predict::inference_routes(), "v1"))
+        .merge(inference_of(streams::routes(), "v1"))
         .merge(inference_of(v2::inference_routes(), "v2"))
         .merge(inference_of(torchserve::inference_routes(), "torchserve"))
         .merge(inference_of(torchserve::kserve_routes(), "kserve_v1"));

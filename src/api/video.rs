@@ -24,7 +24,7 @@ use crate::model_config::Task;
 use crate::pipeline::PIPELINE_VERSION;
 use crate::repository::Servable;
 use crate::serve::infer::{self, ImageRequest, Wants};
-use crate::serve::video::{self, Clip, Tracking, VideoEvent};
+use crate::serve::video::{self, Clip, FrameAnswer, FrameAnswerer, FrameFuture, Tracking, VideoEvent};
 use crate::serve::{pipeline, RequestContext, Target};
 use crate::tasks::{PredictParams, TaskResult};
 use crate::video::Sampling;
@@ -60,11 +60,52 @@ pub async fn predict_video(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.split(',').any(|t| t.split(';').next().unwrap_or("").trim() == EVENT_STREAM));
     // Refused before the upload is read: an unknown or unready model, bad parameters.
-    let (name, version, task, answer_frame) = match servable {
+    let FrameTarget { name, version, task, answer: answer_frame } = frame_target(state, servable, &raw, tracking, context).await?;
+    let file = spool(body, state.video.max_bytes).await?;
+    let clip = Clip::probe(state, file).await?;
+    let start = json!({
+        "model": name, "version": version, "task": task,
+        "sampling": {"fps": sampling.fps, "max_frames": sampling.max_frames, "start": sampling.start, "end": sampling.end},
+        "tracking": tracking_json(tracking),
+    });
+    let events = video::run(state, clip, sampling, tracking, context, &name, answer_frame).await?;
+    let lines = futures_util::stream::unfold((events, start), move |(mut events, start)| async move {
+        let event = events.recv().await?;
+        let (kind, value) = event_json(event, &start);
+        let text = if events_wanted { format!("event: {kind}\ndata: {value}\n\n") } else { format!("{value}\n") };
+        Some((Ok::<_, Infallible>(Bytes::from(text)), (events, start)))
+    });
+    let mut response = Body::from_stream(lines).into_response();
+    let content_type = if events_wanted { EVENT_STREAM } else { NDJSON };
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
+}
+
+
+/// What a video's or a stream's frames are answered by: a model (with the request's
+/// parameters) or a pipeline, each frame answered as the photo's `/v1` result.
+pub(super) struct FrameTarget {
+    pub name: String,
+    pub version: String,
+    pub task: Task,
+    pub answer: FrameAnswerer,
+}
+
+/// Checks the model (known, ready, a task with boxes when tracking) or pipeline and the
+/// parameters, and makes its frame answerer.
+pub(super) async fn frame_target(
+    state: &AppState,
+    servable: Servable,
+    raw: &HashMap<String, String>,
+    tracking: Option<Tracking>,
+    context: &RequestContext,
+) -> Result<FrameTarget, ApiError> {
+    let (name, version, task, answer) = match servable {
         Servable::Model(entry) => {
             let target = Target::resolve(state, entry.clone(), context).await?;
             let task = target.task();
-            let params = PredictParams::from_raw(&raw, task)?;
+            let params = PredictParams::from_raw(raw, task)?;
             if tracking.is_some() && !has_boxes(task) {
                 return Err(ApiError::InvalidParameter(format!("'track' follows boxes; '{}' is a {task:?} model", target.name())));
             }
@@ -109,35 +150,8 @@ pub async fn predict_video(
             (name, PIPELINE_VERSION.to_string(), Task::Detection, Box::new(answer) as FrameAnswerer)
         }
     };
-    let file = spool(body, state.video.max_bytes).await?;
-    let clip = Clip::probe(state, file).await?;
-    // Thresholds as they were written, not as f32 reads back (0.8, not 0.800000011920929).
-    let written = |v: f32| (f64::from(v) * 1e6).round() / 1e6;
-    let start = json!({
-        "model": name, "version": version, "task": task,
-        "sampling": {"fps": sampling.fps, "max_frames": sampling.max_frames, "start": sampling.start, "end": sampling.end},
-        "tracking": tracking.map(|t| json!({
-            "tracker": "bytetrack", "track_threshold": written(t.settings.track_threshold), "track_match_threshold": written(t.settings.match_threshold),
-            "track_lost_frames": t.settings.lost_frames, "detect_every": t.detect_every,
-        })),
-    });
-    let events = video::run(state, clip, sampling, tracking, context, &name, move |input, context| answer_frame(input, context)).await?;
-    let lines = futures_util::stream::unfold((events, start), move |(mut events, start)| async move {
-        let event = events.recv().await?;
-        let (kind, value) = event_json(event, &start);
-        let text = if events_wanted { format!("event: {kind}\ndata: {value}\n\n") } else { format!("{value}\n") };
-        Some((Ok::<_, Infallible>(Bytes::from(text)), (events, start)))
-    });
-    let mut response = Body::from_stream(lines).into_response();
-    let content_type = if events_wanted { EVENT_STREAM } else { NDJSON };
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Ok(response)
+    Ok(FrameTarget { name, version, task, answer })
 }
-
-/// One frame's answer, as the model's or the pipeline's shell makes it.
-type FrameFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Value, ApiError>> + Send>>;
-type FrameAnswerer = Box<dyn Fn(crate::serve::ImageInput, RequestContext) -> FrameFuture + Send + Sync>;
 
 /// The upload, written to a temporary file as it arrives (FFmpeg seeks in it: an MP4's index
 /// may be at its end), at most `limit` bytes.
@@ -162,6 +176,37 @@ async fn spool(body: Body, limit: usize) -> Result<tempfile::TempPath, ApiError>
     Ok(path)
 }
 
+/// A request's tracking as its answer restates it.
+pub(super) fn tracking_json(tracking: Option<Tracking>) -> Value {
+    // Thresholds as they were written, not as f32 reads back (0.8, not 0.800000011920929).
+    let written = |v: f32| (f64::from(v) * 1e6).round() / 1e6;
+    tracking.map_or(Value::Null, |t| {
+        json!({
+            "tracker": "bytetrack", "track_threshold": written(t.settings.track_threshold), "track_match_threshold": written(t.settings.match_threshold),
+            "track_lost_frames": t.settings.lost_frames, "detect_every": t.detect_every,
+        })
+    })
+}
+
+/// A frame's line: its index, timestamp and whether the model ran, then its answer's fields
+/// (or its `error`).
+pub(super) fn frame_json(frame: &FrameAnswer) -> Value {
+    let mut value = json!({"event": "frame", "frame": frame.index, "timestamp": frame.timestamp, "detected": frame.detected});
+    match &frame.result {
+        Ok(Value::Object(fields)) => {
+            for (k, v) in fields {
+                value[k] = v.clone();
+            }
+        }
+        Ok(other) => value["result"] = other.clone(),
+        Err(e) => {
+            e.log();
+            value["error"] = json!({"code": e.code(), "message": e.to_string()});
+        }
+    }
+    value
+}
+
 fn event_json(event: VideoEvent, start: &Value) -> (&'static str, Value) {
     match event {
         VideoEvent::Start(info) => {
@@ -172,22 +217,7 @@ fn event_json(event: VideoEvent, start: &Value) -> (&'static str, Value) {
             value["video"] = json!(info);
             ("start", value)
         }
-        VideoEvent::Frame(frame) => {
-            let mut value = json!({"event": "frame", "frame": frame.index, "timestamp": frame.timestamp, "detected": frame.detected});
-            match frame.result {
-                Ok(Value::Object(fields)) => {
-                    for (k, v) in fields {
-                        value[k] = v;
-                    }
-                }
-                Ok(other) => value["result"] = other,
-                Err(e) => {
-                    e.log();
-                    value["error"] = json!({"code": e.code(), "message": e.to_string()});
-                }
-            }
-            ("frame", value)
-        }
+        VideoEvent::Frame(frame) => ("frame", frame_json(&frame)),
         VideoEvent::End(summary) => {
             let mut value = json!({"event": "end"});
             if let Value::Object(fields) = json!(summary) {

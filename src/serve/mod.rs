@@ -17,6 +17,7 @@ pub mod oip;
 pub mod pipeline;
 pub mod prepare;
 pub mod request;
+pub mod streams;
 pub mod video;
 
 use std::sync::Arc;
@@ -55,6 +56,8 @@ pub struct Core {
     pub cache: Option<Arc<ResponseCache>>,
     /// What video requests may be, and where FFmpeg is.
     pub video: Arc<video::VideoSettings>,
+    /// The live streams running, and what the operator allows of them.
+    pub streams: Arc<streams::Streams>,
 }
 
 impl Core {
@@ -65,6 +68,7 @@ impl Core {
             cpu_permits: Arc::new(Semaphore::new(cpu_threads.max(1))),
             cache: ResponseCache::new(cache_bytes).map(Arc::new),
             video: Arc::new(video::VideoSettings::default()),
+            streams: Arc::new(streams::Streams::new(streams::StreamSettings::default())),
         }
     }
 

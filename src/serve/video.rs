@@ -110,6 +110,8 @@ pub struct FrameAnswer {
     pub index: usize,
     /// Seconds from the clip's start.
     pub timestamp: f64,
+    /// When it came off the decoder.
+    pub read_at: Instant,
     /// Whether the model ran on it (with `detect_every`, the frames between only coast).
     pub detected: bool,
     /// The shell's answer for the frame (with `track_id`s when tracking), or its failure.
@@ -154,27 +156,162 @@ impl Clip {
     }
 }
 
+/// One frame's answer, as a protocol shell makes it for a model or a pipeline.
+pub type FrameFuture = std::pin::Pin<Box<dyn Future<Output = Result<Value, ApiError>> + Send>>;
+pub type FrameAnswerer = Box<dyn Fn(ImageInput, RequestContext) -> FrameFuture + Send + Sync>;
+
+/// A frame as a decoder gives it: a frame, the end, or a failure.
+pub type Decoded = Result<Result<Frame, Ended>, VideoError>;
+
+/// Where [`answer_in_order`] takes its frames from: a file's decoder, a stream's queue.
+/// `next` must be cancel-safe (it is raced against answers coming back).
+pub trait FrameSource: Send {
+    fn next(&mut self) -> impl Future<Output = Option<Decoded>> + Send;
+}
+
+impl FrameSource for mpsc::Receiver<Decoded> {
+    fn next(&mut self) -> impl Future<Output = Option<Decoded>> + Send {
+        self.recv()
+    }
+}
+
+/// Where [`answer_in_order`] puts each frame's answer, in frame order; `false`: no one is
+/// listening any more, stop.
+pub trait FrameSink: Send {
+    fn deliver(&mut self, answer: FrameAnswer) -> impl Future<Output = bool> + Send;
+}
+
+/// What a refused frame does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Patience {
+    /// Waits and is tried again until its deadline: a file's client wants every frame.
+    Retry,
+    /// Is answered refused at once: a live stream drops it and counts it, rather than let the
+    /// frames behind it age.
+    GiveUp,
+}
+
+/// How frames go to the model: how many at once, on which frames, within what time.
+#[derive(Debug, Clone, Copy)]
+pub struct Flow {
+    /// Frames at the model at once.
+    pub in_flight: usize,
+    /// Each frame's deadline, from when it is sent.
+    pub frame_timeout_ms: u64,
+    pub refusal_pause: Duration,
+    pub patience: Patience,
+}
+
+/// What [`answer_in_order`] did, and why it stopped.
+#[derive(Debug, Default)]
+pub struct Answered {
+    pub frames: usize,
+    pub detected: usize,
+    pub failed: usize,
+    /// How the source ended (`None`: the sink stopped listening, or the source closed).
+    pub ended: Option<Result<Ended, VideoError>>,
+}
+
+/// Answers the frames of `source` through `answer` (`flow.in_flight` at the model at once, so
+/// it batches them), tracks them, and delivers the answers to `sink` in frame order as each is
+/// done. While `in_flight` frames are out, no frame is taken from the source: backpressure.
+pub async fn answer_in_order<S: FrameSource, K: FrameSink>(
+    source: &mut S,
+    sink: &mut K,
+    flow: Flow,
+    tracking: Option<Tracking>,
+    answer: std::sync::Arc<FrameAnswerer>,
+    request_id: &str,
+) -> Answered {
+    let mut tracker = tracking.map(|t| (ByteTrack::new(t.settings), HashMap::<u64, LastSeen>::new()));
+    let mut in_flight = FuturesOrdered::new();
+    // Frames at the model; the frames between (`detect_every`) wait only for their turn, so
+    // they count apart, up to the frames they sit between.
+    let (mut at_model, every) = (0usize, tracking.map_or(1, |t| t.detect_every));
+    let mut done = Answered::default();
+    let mut source_done = false;
+    loop {
+        tokio::select! {
+            Some((index, timestamp, read_at, detected, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                at_model -= usize::from(detected);
+                let mut result: Result<Value, ApiError> = result;
+                if let Some((tracker, last_seen)) = tracker.as_mut() {
+                    match (&mut result, detected) {
+                        (Ok(value), true) => track(tracker, last_seen, value),
+                        (Ok(value), false) => *value = coast(tracker, last_seen),
+                        (Err(_), _) => { tracker.coast(); }
+                    }
+                }
+                done.frames += 1;
+                done.detected += usize::from(detected);
+                done.failed += usize::from(result.is_err());
+                if !sink.deliver(FrameAnswer { index, timestamp, read_at, detected, result }).await {
+                    break; // the client went away: dropping the decoder kills FFmpeg
+                }
+            }
+            next = source.next(), if !source_done && at_model < flow.in_flight && in_flight.len() < flow.in_flight * every => {
+                match next {
+                    Some(Ok(Ok(frame))) => {
+                        let detected = frame.index % every == 0;
+                        let context = RequestContext { deadline: Deadline::from_now(flow.frame_timeout_ms), request_id: format!("{request_id}/{}", frame.index) };
+                        let answer = std::sync::Arc::clone(&answer);
+                        let (index, timestamp, read_at) = (frame.index, frame.timestamp, frame.read_at);
+                        at_model += usize::from(detected);
+                        in_flight.push_back(async move {
+                            if !detected {
+                                return (index, timestamp, read_at, false, Ok(Value::Null));
+                            }
+                            (index, timestamp, read_at, true, answer_patiently(&*answer, frame, context, flow).await)
+                        });
+                    }
+                    Some(ended) => {
+                        done.ended = Some(ended.map(|e| e.err().expect("a frame is matched above")));
+                        source_done = true;
+                    }
+                    None => source_done = true,
+                }
+            }
+            else => break,
+        }
+    }
+    done
+}
+
+/// The events of a file's answer, to the shell's channel; each frame counted.
+struct FileSink {
+    events: mpsc::Sender<VideoEvent>,
+    model: String,
+}
+
+impl FrameSink for FileSink {
+    async fn deliver(&mut self, answer: FrameAnswer) -> bool {
+        let outcome = if answer.result.is_ok() { "answered" } else { "failed" };
+        metrics::counter!(m::VIDEO_FRAMES, "model" => self.model.clone(), "outcome" => outcome).increment(1);
+        self.events.send(VideoEvent::Frame(answer)).await.is_ok()
+    }
+}
+
 /// Runs `clip` frame by frame; the events arrive on the returned channel, which the shell
 /// writes out. `answer_frame(pixels, context)` answers one frame as the shell does a photo.
 /// The first frame is decoded before this returns, so a clip that probes but does not decode
 /// (a cut-off file, a broken stream) is refused with a 400 before the answer's status goes out.
-pub async fn run<F, Fut>(
+pub async fn run(
     core: &Core,
     clip: Clip,
     sampling: Sampling,
     tracking: Option<Tracking>,
     context: &RequestContext,
     model: &str,
-    answer_frame: F,
-) -> Result<mpsc::Receiver<VideoEvent>, ApiError>
-where
-    F: Fn(ImageInput, RequestContext) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<Value, ApiError>> + Send + 'static,
-{
+    answer_frame: FrameAnswerer,
+) -> Result<mpsc::Receiver<VideoEvent>, ApiError> {
     let settings = core.video.clone();
     let (events, received) = mpsc::channel(settings.in_flight * 2);
-    let frame_timeout_ms = core.limits.request_timeout_ms;
-    let refusal_pause = Duration::from_millis(core.limits.refusal_delay_ms.max(10));
+    let flow = Flow {
+        in_flight: settings.in_flight,
+        frame_timeout_ms: core.limits.request_timeout_ms,
+        refusal_pause: Duration::from_millis(core.limits.refusal_delay_ms.max(10)),
+        patience: Patience::Retry,
+    };
     let max_pixels = core.limits.max_image_pixels;
     let request_id = context.request_id.clone();
     let model = model.to_string();
@@ -191,7 +328,7 @@ where
             return;
         }
         // The decoder in a task of its own, so a frame half read is never abandoned.
-        let (frames, mut decoded) = mpsc::channel::<Result<Result<Frame, Ended>, VideoError>>(settings.in_flight);
+        let (frames, mut decoded) = mpsc::channel::<Decoded>(settings.in_flight);
         let decoding = tokio::spawn(async move {
             let mut first = Some(first);
             loop {
@@ -205,85 +342,36 @@ where
                 }
             }
         });
-        let answer_frame = std::sync::Arc::new(answer_frame);
-        let mut tracker = tracking.map(|t| (ByteTrack::new(t.settings), HashMap::<u64, LastSeen>::new()));
-        let mut in_flight = FuturesOrdered::new();
-        // Frames at the model; the frames between (`detect_every`) wait only for their turn, so
-        // they count apart, up to the frames they sit between.
-        let (mut at_model, every) = (0usize, tracking.map_or(1, |t| t.detect_every));
-        let mut summary = VideoSummary { frames: 0, detected: 0, failed: 0, ended: "complete", error: None, seconds: 0.0 };
-        let mut decoding_done = false;
-        loop {
-            tokio::select! {
-                Some((index, timestamp, detected, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                    at_model -= usize::from(detected);
-                    let mut result: Result<Value, ApiError> = result;
-                    if let Some((tracker, last_seen)) = tracker.as_mut() {
-                        match (&mut result, detected) {
-                            (Ok(value), true) => track(tracker, last_seen, value),
-                            (Ok(value), false) => *value = coast(tracker, last_seen),
-                            (Err(_), _) => { tracker.coast(); }
-                        }
-                    }
-                    summary.frames += 1;
-                    summary.detected += usize::from(detected);
-                    let outcome = if result.is_ok() { "answered" } else { summary.failed += 1; "failed" };
-                    metrics::counter!(m::VIDEO_FRAMES, "model" => model.clone(), "outcome" => outcome).increment(1);
-                    if events.send(VideoEvent::Frame(FrameAnswer { index, timestamp, detected, result })).await.is_err() {
-                        break; // the client went away: dropping the decoder kills FFmpeg
-                    }
-                }
-                next = decoded.recv(), if !decoding_done && at_model < settings.in_flight && in_flight.len() < settings.in_flight * every => {
-                    match next {
-                        Some(Ok(Ok(frame))) => {
-                            let detected = frame.index % every == 0;
-                            let context = RequestContext { deadline: Deadline::from_now(frame_timeout_ms), request_id: format!("{request_id}/{}", frame.index) };
-                            let answer = std::sync::Arc::clone(&answer_frame);
-                            let (index, timestamp) = (frame.index, frame.timestamp);
-                            at_model += usize::from(detected);
-                            in_flight.push_back(async move {
-                                if !detected {
-                                    return (index, timestamp, false, Ok(Value::Null));
-                                }
-                                (index, timestamp, true, answer_patiently(&*answer, frame, context, refusal_pause).await)
-                            });
-                        }
-                        Some(Ok(Err(ended))) => {
-                            summary.ended = if ended == Ended::AtMaxFrames { "max_frames" } else { "complete" };
-                            decoding_done = true;
-                        }
-                        Some(Err(e)) => {
-                            summary.ended = "error";
-                            summary.error = Some(e.to_string());
-                            decoding_done = true;
-                        }
-                        None => decoding_done = true,
-                    }
-                }
-                else => break,
-            }
-        }
+        let mut sink = FileSink { events, model };
+        let done = answer_in_order(&mut decoded, &mut sink, flow, tracking, std::sync::Arc::new(answer_frame), &request_id).await;
         decoding.abort();
         drop(file);
-        summary.seconds = started.elapsed().as_secs_f64();
+        let (ended, error) = match done.ended {
+            Some(Ok(Ended::AtMaxFrames)) => ("max_frames", None),
+            Some(Err(e)) => ("error", Some(e.to_string())),
+            _ => ("complete", None),
+        };
+        let summary = VideoSummary { frames: done.frames, detected: done.detected, failed: done.failed, ended, error, seconds: started.elapsed().as_secs_f64() };
         tracing::info!(parent: &span, frames = summary.frames, failed = summary.failed, ended = summary.ended, seconds = summary.seconds, "video answered");
-        let _ = events.send(VideoEvent::End(summary)).await;
+        let _ = sink.events.send(VideoEvent::End(summary)).await;
     });
     Ok(received)
 }
 
-/// One frame through the shell's answer; a refusal for overload is tried again (the frames
-/// of a file are not dropped) until the frame's deadline.
-async fn answer_patiently<F, Fut>(answer: &F, frame: Frame, context: RequestContext, pause: Duration) -> Result<Value, ApiError>
+/// One frame through the shell's answer; with [`Patience::Retry`], a refusal for overload is
+/// tried again until the frame's deadline.
+async fn answer_patiently<F, Fut>(answer: &F, frame: Frame, context: RequestContext, flow: Flow) -> Result<Value, ApiError>
 where
-    F: Fn(ImageInput, RequestContext) -> Fut,
+    F: Fn(ImageInput, RequestContext) -> Fut + ?Sized,
     Fut: Future<Output = Result<Value, ApiError>>,
 {
     let pixels = Bytes::from(frame.pixels);
     loop {
         let input = ImageInput::Pixels(PixelBatch { data: pixels.clone(), count: 1, width: frame.width, height: frame.height });
         match answer(input, context.clone()).await {
-            Err(ApiError::Overloaded(_)) if Instant::now() + pause < context.deadline.at => tokio::time::sleep(pause).await,
+            Err(ApiError::Overloaded(_)) if flow.patience == Patience::Retry && Instant::now() + flow.refusal_pause < context.deadline.at => {
+                tokio::time::sleep(flow.refusal_pause).await
+            }
             answered => return answered,
         }
     }

@@ -5,12 +5,14 @@ use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 use tokio::process::{Child, ChildStdout, Command};
 use tokio::sync::mpsc;
 
+use super::source::StreamSource;
 use super::Sampling;
 
 /// Where the FFmpeg programs are.
@@ -137,6 +139,16 @@ pub struct Frame {
     pub width: u32,
     pub height: u32,
     pub pixels: Vec<u8>,
+    /// When it came off FFmpeg's pipe (a live frame's latency is counted from here).
+    pub read_at: Instant,
+}
+
+/// `ffmpeg` with what every decode shares. One decoding thread: the cores are the models'; a
+/// 1080p H.264 frame decodes in a few ms.
+fn ffmpeg(tools: &VideoTools) -> Command {
+    let mut command = Command::new(&tools.ffmpeg);
+    command.args(["-hide_banner", "-nostdin", "-nostats", "-loglevel", "info", "-threads", "1"]);
+    command
 }
 
 /// Lines of FFmpeg's log kept for an error message.
@@ -152,8 +164,9 @@ pub struct FrameReader {
     start: f64,
     max_frames: usize,
     max_pixels: u64,
-    /// The upload's temporary path, kept out of the messages the client reads.
-    path: String,
+    /// The upload's temporary path or the source's URL (with its credentials), kept out of the
+    /// messages a client reads, and what is said in its place.
+    hidden: (String, &'static str),
 }
 
 /// How a [`FrameReader`] ended.
@@ -166,10 +179,9 @@ pub enum Ended {
 }
 
 impl FrameReader {
+    /// The frames of the clip at `path`, as `sampling` asks.
     pub fn spawn(tools: &VideoTools, path: &Path, sampling: &Sampling, max_pixels: u64) -> Result<FrameReader, VideoError> {
-        let mut command = Command::new(&tools.ffmpeg);
-        // One decoding thread: the cores are the models'; a 1080p H.264 frame decodes in a few ms.
-        command.args(["-hide_banner", "-nostdin", "-nostats", "-loglevel", "info", "-threads", "1"]);
+        let mut command = ffmpeg(tools);
         if sampling.start > 0.0 {
             command.arg("-ss").arg(format!("{}", sampling.start));
         }
@@ -181,16 +193,43 @@ impl FrameReader {
         if let Some(fps) = sampling.fps {
             filters.push(format!("fps={fps}"));
         }
+        // One frame past the limit, to tell "the clip had more" from "it ended".
+        let limit = sampling.max_frames + 1;
+        let hidden = (path.display().to_string(), "the upload");
+        FrameReader::launch(tools, command, filters, Some(limit), sampling.start, sampling.max_frames, max_pixels, hidden)
+    }
+
+    /// The frames of a live source, as they come, until it ends or stalls.
+    pub fn spawn_live(tools: &VideoTools, source: &StreamSource, stall_micros: u64, max_pixels: u64) -> Result<FrameReader, VideoError> {
+        let mut command = ffmpeg(tools);
+        let (input_args, input) = source.ffmpeg_input(stall_micros);
+        command.args(input_args).arg("-i").arg(&input);
+        let hidden = (input.to_string_lossy().into_owned(), "the source");
+        FrameReader::launch(tools, command, Vec::new(), None, 0.0, usize::MAX, max_pixels, hidden)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        tools: &VideoTools,
+        mut command: Command,
+        mut filters: Vec<String>,
+        frame_limit: Option<usize>,
+        start: f64,
+        max_frames: usize,
+        max_pixels: u64,
+        hidden: (String, &'static str),
+    ) -> Result<FrameReader, VideoError> {
         // One log line per frame, with its timestamp; checksums off (they cost more than the decode).
         filters.push("showinfo=checksum=0".to_string());
         command
             // Every frame the filters give is written as it is (no frames duplicated or dropped
             // to make a constant rate), so frames and showinfo's lines pair one to one.
             .args(["-map", "0:v:0", "-an", "-sn", "-dn", "-fps_mode", "passthrough", "-vf"])
-            .arg(filters.join(","))
-            // One frame past the limit, to tell "the clip had more" from "it ended".
-            .arg("-frames:v")
-            .arg((sampling.max_frames + 1).to_string())
+            .arg(filters.join(","));
+        if let Some(limit) = frame_limit {
+            command.arg("-frames:v").arg(limit.to_string());
+        }
+        command
             .args(["-f", "image2pipe", "-c:v", "ppm", "-pix_fmt", "rgb24", "pipe:1"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -202,17 +241,7 @@ impl FrameReader {
         let (sender, timestamps) = mpsc::unbounded_channel();
         let log = Arc::new(Mutex::new(VecDeque::with_capacity(LOG_TAIL)));
         tokio::spawn(read_log(stderr, sender, Arc::clone(&log)));
-        Ok(FrameReader {
-            child,
-            stdout,
-            timestamps,
-            log,
-            next_index: 0,
-            start: sampling.start,
-            max_frames: sampling.max_frames,
-            max_pixels,
-            path: path.display().to_string(),
-        })
+        Ok(FrameReader { child, stdout, timestamps, log, next_index: 0, start, max_frames, max_pixels, hidden })
     }
 
     /// The next frame, or how the clip ended.
@@ -238,7 +267,7 @@ impl FrameReader {
         // showinfo logs a frame before the encoder writes it, so its line is here or coming.
         let pts = self.timestamps.recv().await.unwrap_or(f64::NAN);
         self.next_index += 1;
-        Ok(Ok(Frame { index: frame, timestamp: self.start + pts, width, height, pixels }))
+        Ok(Ok(Frame { index: frame, timestamp: self.start + pts, width, height, pixels, read_at: Instant::now() }))
     }
 
     async fn finish(&mut self) -> Result<Ended, VideoError> {
@@ -259,7 +288,7 @@ impl FrameReader {
 
     fn log_tail(&self) -> String {
         let log = self.log.lock().expect("log lock");
-        let lines: Vec<String> = log.iter().filter(|l| !l.contains("Parsed_showinfo")).map(|l| l.replace(&self.path, "the upload")).collect();
+        let lines: Vec<String> = log.iter().filter(|l| !l.contains("Parsed_showinfo")).map(|l| l.replace(&self.hidden.0, self.hidden.1)).collect();
         lines.join("; ")
     }
 }

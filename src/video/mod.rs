@@ -12,8 +12,10 @@
 //! FFmpeg's `showinfo` filter, one log line per frame.
 
 pub mod ffmpeg;
+pub mod source;
 
 pub use ffmpeg::{Frame, FrameReader, VideoError, VideoInfo, VideoTools};
+pub use source::{AllowList, StreamSource};
 
 use std::collections::HashMap;
 

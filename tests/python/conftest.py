@@ -100,6 +100,20 @@ def task_server():
     server.stop()
 
 
+def wait_for(predicate, seconds=60, what=None):
+    """`predicate()`'s first truthy value within `seconds` (polled every 0.1 s); else None, or,
+    given `what` the test waits for, an AssertionError naming it."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    if what is not None:
+        raise AssertionError(f"not within {seconds} s: {what}")
+    return None
+
+
 def encode(image, fmt, **kwargs):
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **kwargs)

@@ -17,7 +17,7 @@ import time
 import pytest
 import requests
 
-from conftest import Server, metric
+from conftest import Server, metric, wait_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PHOTO = (ROOT / "assets" / "samples" / "coffee.jpg").read_bytes()
@@ -39,16 +39,6 @@ def listing(server, name):
     for model in requests.get(server.url("/v1/models"), timeout=10).json()["models"]:
         if model["name"] == name:
             return model
-    return None
-
-
-def wait_for(predicate, seconds=60):
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
     return None
 
 

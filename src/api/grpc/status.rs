@@ -20,6 +20,7 @@ pub fn to_status(error: ApiError) -> Status {
         ApiError::BadRequest(_) | ApiError::InvalidImage(_) | ApiError::InvalidParameter(_) | ApiError::UnsupportedMediaType(_) => {
             Code::InvalidArgument
         }
+        ApiError::Forbidden(_) => Code::PermissionDenied,
         ApiError::NotFound(_) | ApiError::ModelNotFound(_) => Code::NotFound,
         ApiError::MethodNotAllowed(_) | ApiError::NotImplemented(_) => Code::Unimplemented,
         ApiError::PayloadTooLarge(_) => Code::ResourceExhausted,
