@@ -48,6 +48,7 @@ fn compile_aoti_shim(lib_dir: &std::path::Path) {
 fn compile_protos() {
     println!("cargo:rerun-if-changed=proto/grpc_service.proto");
     println!("cargo:rerun-if-changed=proto/model_config.proto");
+    println!("cargo:rerun-if-changed=proto/streams.proto");
     let protoc = protoc_bin_vendored::protoc_bin_path().expect("protoc-bin-vendored ships protoc for this platform");
     std::env::set_var("PROTOC", protoc);
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -57,4 +58,8 @@ fn compile_protos() {
         .bytes(".inference")
         .compile_protos(&["proto/grpc_service.proto", "proto/model_config.proto"], &["proto"])
         .expect("compiling proto/grpc_service.proto and proto/model_config.proto");
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("streams_descriptor.bin"))
+        .compile_protos(&["proto/streams.proto"], &["proto"])
+        .expect("compiling proto/streams.proto");
 }

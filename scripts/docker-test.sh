@@ -4,7 +4,8 @@
 #  2. makes the base image locally if missing (mmdebstrap; no registry is reachable);
 #  3. builds the image; 4. runs it with host networking on 127.0.0.1;
 #  5. waits for readiness, predicts once with each default model and compares with the host
-#     binary's answers; checks gRPC health and one gRPC inference; 6. checks the HEALTHCHECK state, sends SIGTERM under load and checks
+#     binary's answers (photos, and a video clip: the image carries FFmpeg); checks gRPC
+#     health and one gRPC inference; 6. checks the HEALTHCHECK state, sends SIGTERM under load and checks
 #     that every accepted request was answered and the exit code is 0;
 #  7. prints the image size and the start-to-ready time.
 set -euo pipefail
@@ -108,6 +109,32 @@ if not same(container, host):
 print(f"[docker-test] {model}: container and host agree")
 PY
 done
+# Video: the image carries FFmpeg. A 1 s clip made here from a sample photo, per-frame boxes
+# from the container equal to the host binary's.
+ffmpeg -y -hide_banner -loglevel error -loop 1 -i assets/samples/coffee.jpg -t 1 -r 5 \
+  -vf scale=640:480 -c:v libx264 -pix_fmt yuv420p "$work/clip.mp4"
+for p in $port $host_port; do
+  curl -sf -H 'content-type: video/mp4' --data-binary @"$work/clip.mp4" \
+    "http://127.0.0.1:$p/v1/models/ssd_mobilenet_v2_coco/versions/1/predict" >"$work/video.$p.ndjson"
+done
+python3 - "$work/video.$port.ndjson" "$work/video.$host_port.ndjson" <<'PY'
+import json, sys
+def frames(path):
+    lines = [json.loads(line) for line in open(path) if line.strip()]
+    if not lines or lines[-1].get("event") != "end" or lines[-1].get("ended") == "error":
+        sys.exit(f"[docker-test] video: {path} did not end cleanly: {lines[-1] if lines else 'no lines'}")
+    return [(l["frame"], [(d["label"], d["score"], *d["box"].values()) for d in l["detections"]])
+            for l in lines if l["event"] == "frame"]
+def close(a, b):
+    return a == b if isinstance(a, str) else abs(a - b) <= 1e-4 * max(1.0, abs(b))
+container, host = frames(sys.argv[1]), frames(sys.argv[2])
+same = len(container) == len(host) and all(
+    i == j and len(a) == len(b) and all(all(close(x, y) for x, y in zip(d, e)) for d, e in zip(a, b))
+    for (i, a), (j, b) in zip(container, host))
+if len(container) != 5 or not same:
+    sys.exit(f"[docker-test] video: the container answered {len(container)} frames, the host {len(host)}, or their boxes differ")
+print(f"[docker-test] video: FFmpeg in the image; {len(container)} frames, container and host agree")
+PY
 kill "$host_pid"; host_pid=""
 
 echo "[docker-test] gRPC: one health check and one inference against the container"

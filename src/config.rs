@@ -317,6 +317,7 @@ impl ServerConfig {
             allow: crate::video::AllowList::parse(&self.streams_allow)?,
             max_streams: self.max_streams,
             reconnect_max: std::time::Duration::from_millis(self.stream_reconnect_max_ms.max(100)),
+            browser_origins: self.cors_origins.clone(),
             ..Default::default()
         })
     }

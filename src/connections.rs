@@ -19,8 +19,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt;
@@ -61,16 +62,10 @@ async fn answer_and_close(mut stream: tokio::net::TcpStream, status: &str, extra
 }
 
 /// Runs one connection to its end, holding its place under the connection limit meanwhile.
-fn spawn_connection<C>(connection: C, peer: std::net::SocketAddr, permit: tokio::sync::OwnedSemaphorePermit)
+async fn run_connection<C, E>(connection: C, peer: std::net::SocketAddr, permit: tokio::sync::OwnedSemaphorePermit)
 where
-    C: Future<Output = Result<(), hyper::Error>> + Send + 'static,
-{
-    tokio::spawn(run_connection(connection, peer, permit));
-}
-
-async fn run_connection<C>(connection: C, peer: std::net::SocketAddr, permit: tokio::sync::OwnedSemaphorePermit)
-where
-    C: Future<Output = Result<(), hyper::Error>>,
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
 {
     if let Err(e) = connection.await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -121,8 +116,10 @@ pub async fn serve(
     });
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
-    let mut http1 = http1::Builder::new();
-    http1.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).keep_alive(true);
+    // HTTP/1.1 with upgrades, so a WebSocket (`/v1/streams/{id}/ws`) can take its connection
+    // over: hyper-util's builder, as only its upgradeable connection drains gracefully.
+    let mut http1 = auto::Builder::new(TokioExecutor::new()).http1_only();
+    http1.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).keep_alive(true);
     let mut http2 = http2::Builder::new(TokioExecutor::new());
     // Images are megabytes: a window that grows with the measured bandwidth-delay product
     // instead of HTTP/2's 64 KiB default, which would cap a large upload at a crawl.
@@ -157,8 +154,13 @@ pub async fn serve(
             let service = TowerToHyperService::new(app.clone());
             let io = TokioIo::new(stream);
             match limits.protocol {
-                Protocol::Http1 => spawn_connection(graceful.watch(http1.serve_connection(io, service)), peer, permit),
-                Protocol::Http2 => spawn_connection(graceful.watch(http2.serve_connection(io, service)), peer, permit),
+                Protocol::Http1 => {
+                    let (watcher, http1) = (graceful.watcher(), http1.clone());
+                    tokio::spawn(async move { run_connection(watcher.watch(http1.serve_connection_with_upgrades(io, service)), peer, permit).await });
+                }
+                Protocol::Http2 => {
+                    tokio::spawn(run_connection(graceful.watch(http2.serve_connection(io, service)), peer, permit));
+                }
             }
             continue;
         };
@@ -188,7 +190,7 @@ pub async fn serve(
             let service = TowerToHyperService::new(app);
             let io = TokioIo::new(stream);
             match limits.protocol {
-                Protocol::Http1 => run_connection(watcher.watch(http1.serve_connection(io, service)), peer, permit).await,
+                Protocol::Http1 => run_connection(watcher.watch(http1.serve_connection_with_upgrades(io, service)), peer, permit).await,
                 Protocol::Http2 => run_connection(watcher.watch(http2.serve_connection(io, service)), peer, permit).await,
             }
         });

@@ -15,7 +15,7 @@ pub mod input;
 mod models;
 mod pipeline_v1;
 mod predict;
-mod streams;
+pub(crate) mod streams;
 mod torchserve;
 mod unread_body;
 mod video;

@@ -19,6 +19,7 @@ use super::model_path::ModelPath;
 use super::{pipeline_v1, video};
 use super::AppState;
 use crate::cache::{CacheKey, Cached};
+use crate::engine::Arrival;
 use crate::error::ApiError;
 use crate::render;
 use crate::repository::{PipelineEntry, Servable};
@@ -144,7 +145,7 @@ async fn predict_pipeline(
             pipeline.name
         )));
     }
-    let run = pipeline::run(state, pipeline, ImageInput::Encoded(images), context, render).await?;
+    let run = pipeline::run(state, pipeline, ImageInput::Encoded(images), context, render, Arrival::New).await?;
     let mut response = match run.original.clone() {
         Some(mut image) => {
             let drawn = run.overlay();

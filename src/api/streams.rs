@@ -2,7 +2,8 @@
 //! parameters, and how frames are taken and dropped), `GET /v1/streams` and
 //! `GET /v1/streams/{id}` tell how each is doing (frames read, processed, dropped, failed,
 //! reconnects, latency), `DELETE /v1/streams/{id}` stops one, and
-//! `GET /v1/streams/{id}/events` follows its answers as server-sent events: a `frame` event
+//! `GET /v1/streams/{id}/events` follows its answers as server-sent events (or
+//! `GET /v1/streams/{id}/ws`, the same messages over a WebSocket): a `frame` event
 //! per frame answered (the same line as a video file's, with `latency_ms`), `state` when its
 //! source is lost (`reconnecting`) and read again (`running`), `end` when it is over. The
 //! serving core runs them (`serve::streams`); this shell checks the request and writes JSON.
@@ -13,18 +14,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
+use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::video::{frame_json, frame_target, tracking_json, FrameTarget};
 use super::AppState;
+use crate::engine::Arrival;
 use crate::error::ApiError;
 use crate::serve::streams::{DropPolicy, LiveStream, Published, StreamEvent, StreamRequest};
 use crate::serve::video::Tracking;
@@ -36,6 +41,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/streams", get(list).post(start))
         .route("/v1/streams/{id}", get(show).delete(remove))
         .route("/v1/streams/{id}/events", get(events))
+        .route("/v1/streams/{id}/ws", get(websocket))
 }
 
 /// `POST /v1/streams`'s body.
@@ -109,7 +115,7 @@ async fn start(State(state): State<AppState>, headers: HeaderMap, body: Result<J
         .collect();
     let tracking = Tracking::take_from(&mut raw)?;
     let servable = state.repository.lookup(&body.model, body.version.as_deref())?;
-    let FrameTarget { name, version, answer, .. } = frame_target(&state, servable, &raw, tracking, &context).await?;
+    let FrameTarget { name, version, answer, .. } = frame_target(&state, servable, &raw, tracking, &context, Arrival::Sheddable).await?;
     let described = json!({"parameters": raw, "tracking": tracking_json(tracking)});
     let request = StreamRequest { source, max_fps: body.max_fps, policy, buffer, tracking, frame_deadline_ms, model: name, version, described };
     let stream = state.streams.start(&state, request, answer).await?;
@@ -133,11 +139,68 @@ async fn remove(State(state): State<AppState>, Path(id): Path<String>) -> Result
     Ok(Json(state.streams.remove(&id)?).into_response())
 }
 
-/// The stream's answers as they come, each event numbered (its SSE `id`). A client that
-/// sends `Last-Event-ID` (as a browser's EventSource does when it reconnects), or asks
-/// `?last_event_id=N`, first gets the events after it that the stream still keeps (the last
-/// 128). A subscriber too slow for the stream misses events (a `lagged` event says how many)
-/// rather than hold the stream back.
+/// One message a subscriber is sent, whatever carries it (SSE, WebSocket, gRPC): its number (none for `lagged` and
+/// for the `end` of a stream that was over before the subscriber came), its kind and its JSON.
+pub(crate) struct Outgoing {
+    pub number: Option<u64>,
+    pub kind: &'static str,
+    pub body: Value,
+}
+
+/// The subscriber's messages: first the kept events after `after`, then each as it is
+/// published, ending with the stream's `end`. A subscriber too slow for the stream misses
+/// events (a `lagged` message says how many) rather than hold the stream back.
+pub(crate) fn follow(stream: Arc<LiveStream>, after: Option<u64>) -> impl futures_util::Stream<Item = Outgoing> + Send {
+    let (replay, receiver) = stream.subscribe(after);
+    let over = stream.is_over() && replay.iter().all(|(_, e)| !matches!(**e, StreamEvent::End { .. }));
+    let backlog: std::collections::VecDeque<Published> = replay.into();
+    futures_util::stream::unfold((backlog, receiver, Some(stream), over), |(mut backlog, mut receiver, stream, over)| async move {
+        let stream: Arc<LiveStream> = stream?;
+        if over {
+            let end = Outgoing { number: None, kind: "end", body: json!({"event": "end", "stream": stream.status()}) };
+            return Some((end, (backlog, receiver, None, true)));
+        }
+        let (number, event) = match backlog.pop_front() {
+            Some(published) => published,
+            None => match receiver.recv().await {
+                Ok(published) => published,
+                Err(RecvError::Lagged(missed)) => {
+                    let lagged = Outgoing { number: None, kind: "lagged", body: json!({"event": "lagged", "missed": missed}) };
+                    return Some((lagged, (backlog, receiver, Some(stream), false)));
+                }
+                Err(RecvError::Closed) => return None,
+            },
+        };
+        let (kind, body) = match &*event {
+            StreamEvent::Frame { answer, latency_ms } => {
+                let mut value = frame_json(answer);
+                value["latency_ms"] = json!((latency_ms * 1000.0).round() / 1000.0);
+                ("frame", value)
+            }
+            StreamEvent::State { state, reason } => ("state", json!({"event": "state", "state": state, "reason": reason})),
+            StreamEvent::End { .. } => ("end", json!({"event": "end", "stream": stream.status()})),
+        };
+        let last = kind == "end";
+        Some((Outgoing { number: Some(number), kind, body }, (backlog, receiver, (!last).then_some(stream), false)))
+    })
+}
+
+/// The event number to replay after: `Last-Event-ID` (as a browser's EventSource sends when it
+/// reconnects) or `?last_event_id=N`.
+fn replay_after(headers: &HeaderMap, query: &HashMap<String, String>) -> Result<Option<u64>, ApiError> {
+    match headers.get("last-event-id").and_then(|v| v.to_str().ok()).or(query.get("last_event_id").map(String::as_str)) {
+        None => Ok(None),
+        Some(text) => text
+            .trim()
+            .parse::<u64>()
+            .map(Some)
+            .map_err(|_| ApiError::InvalidParameter(format!("'Last-Event-ID' must be an event number, got '{text}'"))),
+    }
+}
+
+/// The stream's answers as server-sent events, each numbered (its SSE `id`); a client that
+/// sends `Last-Event-ID`, or asks `?last_event_id=N`, first gets the events after it that the
+/// stream still keeps (the last 128).
 async fn events(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -145,41 +208,115 @@ async fn events(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let stream = state.streams.get(&id)?;
-    let after = match headers.get("last-event-id").and_then(|v| v.to_str().ok()).or(query.get("last_event_id").map(String::as_str)) {
-        None => None,
-        Some(text) => Some(text.trim().parse::<u64>().map_err(|_| ApiError::InvalidParameter(format!("'Last-Event-ID' must be an event number, got '{text}'")))?),
-    };
-    let (replay, receiver) = stream.subscribe(after);
-    let over = stream.is_over() && replay.iter().all(|(_, e)| !matches!(**e, StreamEvent::End { .. }));
-    let backlog: std::collections::VecDeque<Published> = replay.into();
-    let events = futures_util::stream::unfold((backlog, receiver, Some(stream), over), |(mut backlog, mut receiver, stream, over)| async move {
-        let stream: Arc<LiveStream> = stream?;
-        if over {
-            let event = Event::default().event("end").json_data(json!({"event": "end", "stream": stream.status()})).ok()?;
-            return Some((Ok::<_, Infallible>(event), (backlog, receiver, None, true)));
-        }
-        let (number, event) = match backlog.pop_front() {
-            Some(published) => published,
-            None => match receiver.recv().await {
-                Ok(published) => published,
-                Err(RecvError::Lagged(missed)) => {
-                    let event = Event::default().event("lagged").json_data(json!({"event": "lagged", "missed": missed})).ok()?;
-                    return Some((Ok(event), (backlog, receiver, Some(stream), false)));
-                }
-                Err(RecvError::Closed) => return None,
-            },
-        };
-        let (event, last) = match &*event {
-            StreamEvent::Frame { answer, latency_ms } => {
-                let mut value = frame_json(answer);
-                value["latency_ms"] = json!((latency_ms * 1000.0).round() / 1000.0);
-                (Event::default().event("frame").json_data(value), false)
-            }
-            StreamEvent::State { state, reason } => (Event::default().event("state").json_data(json!({"event": "state", "state": state, "reason": reason})), false),
-            StreamEvent::End { .. } => (Event::default().event("end").json_data(json!({"event": "end", "stream": stream.status()})), true),
-        };
-        let event = event.ok()?.id(number.to_string());
-        Some((Ok(event), (backlog, receiver, (!last).then_some(stream), false)))
+    let after = replay_after(&headers, &query)?;
+    let events = follow(stream, after).filter_map(|out| async move {
+        let event = Event::default().event(out.kind).json_data(out.body).ok()?;
+        Some(Ok::<_, Infallible>(match out.number {
+            Some(number) => event.id(number.to_string()),
+            None => event,
+        }))
     });
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response())
+}
+
+/// The same messages over a WebSocket, for clients that have one and not SSE: each a text
+/// message holding the event's JSON with its number as `id`; `?last_event_id=N` replays as on
+/// SSE. The server closes the socket (code 1000) after `end`; what the client sends is ignored
+/// but a close, which ends the subscription (the stream goes on).
+async fn websocket(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let stream = state.streams.get(&id)?;
+    check_origin(&headers, &state.streams.settings.browser_origins)?;
+    let after = replay_after(&headers, &query)?;
+    let upgrade = upgrade.map_err(|rejection| ApiError::BadRequest(format!("not a WebSocket upgrade: {}", rejection.body_text())))?;
+    Ok(upgrade.on_upgrade(move |socket| send_over_websocket(socket, follow(stream, after))))
+}
+
+/// A browser opens a WebSocket to any origin and lets the page read it, CORS or not, so a
+/// page elsewhere could read a stream's answers through its visitor (cross-site WebSocket
+/// hijacking). A request with an `Origin` must come from the server's own origin or one the
+/// operator allows (`--cors-origins`, `*` for any); one without (not a browser) is let in.
+fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), ApiError> {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return Ok(());
+    };
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    let same_origin = url::Url::parse(origin).is_ok_and(|o| {
+        let authority = match o.port() {
+            Some(port) => format!("{}:{port}", o.host_str().unwrap_or_default()),
+            None => o.host_str().unwrap_or_default().to_string(),
+        };
+        host.is_some_and(|h| h.eq_ignore_ascii_case(&authority))
+    });
+    if same_origin || allowed.iter().any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin)) {
+        return Ok(());
+    }
+    Err(ApiError::Forbidden(format!(
+        "a page from {origin} may not follow streams over a WebSocket: the server allows its own origin and those of --cors-origins"
+    )))
+}
+
+async fn send_over_websocket(mut socket: WebSocket, messages: impl futures_util::Stream<Item = Outgoing> + Send) {
+    let mut messages = std::pin::pin!(messages);
+    loop {
+        tokio::select! {
+            next = messages.next() => {
+                let Some(out) = next else { break };
+                let mut body = out.body;
+                if let Some(number) = out.number {
+                    body["id"] = json!(number);
+                }
+                if socket.send(Message::Text(body.to_string().into())).await.is_err() {
+                    return;
+                }
+            }
+            incoming = socket.recv() => match incoming {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+    let close = CloseFrame { code: close_code::NORMAL, reason: "the stream is over".into() };
+    if socket.send(Message::Close(Some(close))).await.is_err() {
+        return;
+    }
+    // The closing handshake: the client's close answers ours (the socket ends after it); one
+    // that never answers is let go after a few seconds.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(_)) = socket.recv().await {}
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(origin: Option<&str>, host: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, host.parse().unwrap());
+        if let Some(origin) = origin {
+            headers.insert(header::ORIGIN, origin.parse().unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn a_websocket_is_followed_from_the_servers_own_pages_and_the_allowed_origins_only() {
+        let none: Vec<String> = Vec::new();
+        assert!(check_origin(&headers(None, "127.0.0.1:8080"), &none).is_ok(), "not a browser");
+        assert!(check_origin(&headers(Some("http://127.0.0.1:8080"), "127.0.0.1:8080"), &none).is_ok());
+        assert!(check_origin(&headers(Some("https://cams.example"), "cams.example"), &none).is_ok());
+        assert!(check_origin(&headers(Some("http://evil.example"), "127.0.0.1:8080"), &none).is_err());
+        assert!(check_origin(&headers(Some("http://127.0.0.1:9999"), "127.0.0.1:8080"), &none).is_err(), "another port is another origin");
+        assert!(check_origin(&headers(Some("null"), "127.0.0.1:8080"), &none).is_err());
+        let allowed = vec!["https://dash.example/".to_string()];
+        assert!(check_origin(&headers(Some("https://dash.example"), "127.0.0.1:8080"), &allowed).is_ok());
+        assert!(check_origin(&headers(Some("http://evil.example"), "127.0.0.1:8080"), &["*".to_string()]).is_ok());
+    }
 }

@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 
 use super::AppState;
+use crate::engine::Arrival;
 use crate::error::ApiError;
 use crate::model_config::Task;
 use crate::pipeline::PIPELINE_VERSION;
@@ -60,7 +61,7 @@ pub async fn predict_video(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.split(',').any(|t| t.split(';').next().unwrap_or("").trim() == EVENT_STREAM));
     // Refused before the upload is read: an unknown or unready model, bad parameters.
-    let FrameTarget { name, version, task, answer: answer_frame } = frame_target(state, servable, &raw, tracking, context).await?;
+    let FrameTarget { name, version, task, answer: answer_frame } = frame_target(state, servable, &raw, tracking, context, Arrival::New).await?;
     let file = spool(body, state.video.max_bytes).await?;
     let clip = Clip::probe(state, file).await?;
     let start = json!({
@@ -93,13 +94,15 @@ pub(super) struct FrameTarget {
 }
 
 /// Checks the model (known, ready, a task with boxes when tracking) or pipeline and the
-/// parameters, and makes its frame answerer.
+/// parameters, and makes its frame answerer; each frame is admitted as `arrival` (an uploaded
+/// video's as a photo, a live stream's as [`Arrival::Sheddable`]).
 pub(super) async fn frame_target(
     state: &AppState,
     servable: Servable,
     raw: &HashMap<String, String>,
     tracking: Option<Tracking>,
     context: &RequestContext,
+    arrival: Arrival,
 ) -> Result<FrameTarget, ApiError> {
     let (name, version, task, answer) = match servable {
         Servable::Model(entry) => {
@@ -115,7 +118,7 @@ pub(super) async fn frame_target(
             let answer = move |input, context: RequestContext| {
                 let (state, entry, params) = (state.clone(), entry.clone(), params.clone());
                 Box::pin(async move {
-                    let target = Target::resolve(&state, entry, &context).await?;
+                    let target = Target::resolve_as(&state, entry, &context, arrival).await?;
                     // Frames are not seen twice: cached, they would only evict photos' results.
                     let request = ImageRequest { input, params: params.clone(), wants: Wants { uncached: true, ..Wants::default() } };
                     let answered = infer::answer(&state, &target, request, &context).await?;
@@ -142,7 +145,7 @@ pub(super) async fn frame_target(
             let answer = move |input, context: RequestContext| {
                 let (state, entry) = (state.clone(), entry.clone());
                 Box::pin(async move {
-                    let run = pipeline::run(&state, &entry, input, &context, false).await?;
+                    let run = pipeline::run(&state, &entry, input, &context, false, arrival).await?;
                     let mut answer = super::pipeline_v1::answer(&run);
                     Ok(answer["results"][0].take())
                 }) as FrameFuture

@@ -75,10 +75,15 @@ pub fn cheapest_batch(sizes: &[usize], per_image: &[f64]) -> usize {
 /// Whether a request reaches a model fresh, or as a later step of work already under way (a
 /// pipeline's second model): refusing the latter for `max_queue_ms` would throw the first
 /// step's work away to shorten a queue, so it is held only to its deadline and the queue's bound.
+/// A live stream's frame is `Sheddable`: another frame follows it in a tenth of a second, so it
+/// is the first thing a growing queue turns away — admitted only while the wait is within half
+/// of what a fresh request is admitted to — and a busy server drops frames before it refuses
+/// a photo.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arrival {
     New,
     Continuing,
+    Sheddable,
 }
 
 /// Images a model's queue always admits, whatever `max_queue_ms` says: what 16 clients keep
@@ -107,15 +112,18 @@ pub fn floor_images(parallelism: usize, batch_bound: usize) -> usize {
 
 /// Whether a request can be answered in time: its expected wait must be within what is left of
 /// its deadline, and — arriving fresh — within the model's `max_queue_ms` or the floor's time,
-/// whichever is longer.
+/// whichever is longer; a sheddable frame within half of that (half the floor's time where
+/// the model sets no `max_queue_ms`).
 pub fn admits(state: QueueState, arrival: Arrival) -> bool {
     if state.expected_wait > state.time_left {
         return false;
     }
-    if state.max_queue_ms == 0 || arrival == Arrival::Continuing {
-        return true;
+    let fresh_bound = Duration::from_millis(state.max_queue_ms).max(state.floor);
+    match arrival {
+        Arrival::Continuing => true,
+        Arrival::New => state.max_queue_ms == 0 || state.expected_wait <= fresh_bound,
+        Arrival::Sheddable => state.expected_wait <= fresh_bound / 2,
     }
-    state.expected_wait <= Duration::from_millis(state.max_queue_ms).max(state.floor)
 }
 
 #[cfg(test)]
@@ -186,6 +194,15 @@ mod tests {
         assert!(admits(state(500, 10_000, 100, 400), Arrival::Continuing));
         // No max_queue_ms: only the deadline counts.
         assert!(admits(state(5_000, 10_000, 0, 0), Arrival::New));
+        // A stream's frame goes first: past half the fresh bound it is turned away while a photo
+        // is still admitted, and where max_queue_ms is 0 it is held to half the floor's time.
+        assert!(admits(state(200, 10_000, 100, 400), Arrival::Sheddable));
+        assert!(!admits(state(300, 10_000, 100, 400), Arrival::Sheddable));
+        assert!(admits(state(300, 10_000, 100, 400), Arrival::New));
+        assert!(!admits(state(300, 10_000, 0, 400), Arrival::Sheddable));
+        assert!(admits(state(300, 10_000, 0, 400), Arrival::New));
+        assert!(!admits(state(100, 50, 100, 400), Arrival::Sheddable));
+        assert!(admits(state(0, 1_000, 0, 0), Arrival::Sheddable));
         assert_eq!(floor_images(2, 4), 16);
         assert_eq!(floor_images(4, 8), 32);
     }

@@ -56,9 +56,10 @@ impl Target {
         Self::resolve_as(core, entry, context, Arrival::Continuing).await
     }
 
-    /// A request refused here (not ready, a failed load on demand, over capacity) is one of the
-    /// version's failures, as one that fails later is.
-    async fn resolve_as(core: &Core, entry: Arc<ModelEntry>, context: &RequestContext, arrival: Arrival) -> Result<Target, ApiError> {
+    /// As [`Target::resolve`], arriving as `arrival` says (a live stream's frame is
+    /// [`Arrival::Sheddable`]). A request refused here (not ready, a failed load on demand, over
+    /// capacity) is one of the version's failures, as one that fails later is.
+    pub async fn resolve_as(core: &Core, entry: Arc<ModelEntry>, context: &RequestContext, arrival: Arrival) -> Result<Target, ApiError> {
         let started = Instant::now();
         let resolved = Self::admit(core, Arc::clone(&entry), context, arrival).await;
         if resolved.is_err() {
@@ -99,6 +100,8 @@ impl Target {
         // Decided before decoding, so a request over capacity costs no preprocessing.
         let Ok(admission) = runtime.try_admit(context.deadline.at, arrival) else {
             metrics::counter!(m::ADMISSION_REFUSED, "model" => name.clone()).increment(1);
+            // Only a fresh request's refusal is held: a continuing step has done work already,
+            // and a dropped stream frame must not hold up the frames behind it.
             if arrival == Arrival::New {
                 hold_refusal(core.limits.refusal_delay_ms, context.deadline).await;
             }

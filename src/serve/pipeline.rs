@@ -18,6 +18,7 @@ use image::RgbImage;
 use super::infer::{self, Inference, Outputs};
 use super::prepare::{decode_whole, preprocess_images, slice_decoded, ImageInput};
 use super::{millis, Core, RequestContext, StageTimings, Target};
+use crate::engine::Arrival;
 use crate::error::ApiError;
 use crate::pipeline::{crop_of, PipelineSpec};
 use crate::repository::{PipelineEntry, ServedRequest, StepError};
@@ -79,16 +80,18 @@ fn step_error(pipeline: &PipelineEntry, error: StepError) -> ApiError {
 }
 
 /// Runs both steps on the request's images, counted in the pipeline's statistics as one
-/// request (its stage times the sums of its steps').
+/// request (its stage times the sums of its steps'). `arrival` is how the first step is
+/// admitted ([`Arrival::Sheddable`] for a live stream's frame); the second always continues.
 pub async fn run(
     core: &Core,
     pipeline: &PipelineEntry,
     input: ImageInput,
     context: &RequestContext,
     keep_original: bool,
+    arrival: Arrival,
 ) -> Result<PipelineRun, ApiError> {
     let started = Instant::now();
-    let run = run_steps(core, pipeline, input, context, keep_original).await;
+    let run = run_steps(core, pipeline, input, context, keep_original, arrival).await;
     match &run {
         Ok(done) => pipeline.statistics.served(ServedRequest {
             images: done.images.len(),
@@ -109,11 +112,12 @@ async fn run_steps(
     input: ImageInput,
     context: &RequestContext,
     keep_original: bool,
+    arrival: Arrival,
 ) -> Result<PipelineRun, ApiError> {
     let spec = spec_of(pipeline)?;
     let steps = core.repository.pipeline_steps(pipeline).map_err(|e| step_error(pipeline, e))?;
     // Step 1's admission before anything is decoded.
-    let detector = Target::resolve(core, Arc::clone(&steps.detect), context).await?;
+    let detector = Target::resolve_as(core, Arc::clone(&steps.detect), context, arrival).await?;
 
     let decode_started = Instant::now();
     let limits = core.decode_limits();

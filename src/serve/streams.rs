@@ -6,9 +6,10 @@
 //! What differs from a file is the clock: a camera does not wait for the model. Frames read
 //! from the source go into a small queue whose policy says what happens when it is full —
 //! `wait` (the decoder blocks; nothing is dropped here), `drop_oldest` (the freshest frames
-//! are answered) or `drop_newest` — and a frame the model's admission refuses (its expected
-//! wait is over the frame's own deadline, which is short) is dropped and counted rather than
-//! retried, so a busy server sheds stream frames before it refuses a photo with a 30 s budget.
+//! are answered) or `drop_newest` — and a frame the model's admission refuses is dropped and
+//! counted rather than retried. Frames are admitted as `Arrival::Sheddable` (within half the
+//! wait a photo is admitted to, and within the frame's own short deadline), so a busy server
+//! sheds stream frames before it refuses a photo.
 //! A source that ends, fails or stalls is reopened with back-off, and the outage is counted.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -41,6 +42,9 @@ pub struct StreamSettings {
     pub stall_timeout: Duration,
     /// The longest wait between two tries at reopening a source.
     pub reconnect_max: Duration,
+    /// Origins (besides the server's own) whose web pages may follow a stream over a
+    /// WebSocket, which browsers open across origins without asking CORS: `--cors-origins`.
+    pub browser_origins: Vec<String>,
 }
 
 impl Default for StreamSettings {
@@ -51,6 +55,7 @@ impl Default for StreamSettings {
             open_timeout: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(5),
             reconnect_max: Duration::from_secs(1),
+            browser_origins: Vec::new(),
         }
     }
 }
@@ -276,11 +281,17 @@ impl LiveStream {
         }
     }
 
+    /// The stream's new state, published; a stream that is over stays over (a stream stopped
+    /// as its source ends is over once, and counted off the gauge once).
     fn set_phase(&self, phase: Phase, reason: Option<String>) {
+        let over = |p: Phase| matches!(p, Phase::Ended | Phase::Stopped);
         {
             let mut health = self.health.lock().expect("stream health");
-            if health.phase == phase {
+            if health.phase == phase || over(health.phase) {
                 return;
+            }
+            if over(phase) {
+                metrics::gauge!(m::STREAMS).decrement(1.0);
             }
             health.phase = phase;
             if reason.is_some() {
@@ -300,7 +311,6 @@ impl LiveStream {
             task.abort();
         }
         self.set_phase(Phase::Stopped, None);
-        metrics::gauge!(m::STREAMS).decrement(1.0);
     }
 }
 
@@ -455,7 +465,6 @@ async fn run(stream: Arc<LiveStream>, request: StreamRequest, reading: Reading, 
     answer_in_order(&mut source, &mut sink, flow, request.tracking, Arc::new(answer), &stream.id).await;
     drop(reader_task);
     stream.set_phase(Phase::Ended, None);
-    metrics::gauge!(m::STREAMS).decrement(1.0);
     tracing::info!(stream = %stream.id, "stream ended: its source ended");
 }
 

@@ -58,7 +58,8 @@ impl StreamSource {
     /// What FFmpeg is given before `-i` and as the input: the protocols it may use for this
     /// scheme, a socket timeout (a source that stalls ends the read, and it is reconnected),
     /// RTSP over TCP (no lost UDP packets smearing frames, and it passes firewalls), and for a
-    /// file, reading at its own frame rate, as a camera would send it.
+    /// file, reading at its own frame rate, as a camera would send it; and a short analysis
+    /// of a network source, so its first frame comes soon after it answers.
     pub fn ffmpeg_input(&self, stall_micros: u64) -> (Vec<OsString>, OsString) {
         let mut args: Vec<OsString> = Vec::new();
         let mut arg = |a: &str| args.push(a.into());
@@ -70,6 +71,10 @@ impl StreamSource {
                 arg("tcp");
                 arg("-timeout");
                 arg(&stall_micros.to_string());
+                // The SDP and the first packets carry the codec's parameters; FFmpeg's default
+                // 5 s of analysis made a camera's first frame (and each reconnect) ~3 s late.
+                arg("-analyzeduration");
+                arg("100000");
             }
             "http" | "https" => {
                 // `crypto` for AES-encrypted HLS segments; `hls` reads playlists through these.
@@ -77,6 +82,8 @@ impl StreamSource {
                 arg("http,https,tcp,tls,crypto");
                 arg("-rw_timeout");
                 arg(&stall_micros.to_string());
+                arg("-analyzeduration");
+                arg("1000000");
             }
             _ => {
                 arg("-protocol_whitelist");
@@ -111,6 +118,15 @@ fn shown_text(text: &str) -> String {
         (Some(scheme_end), Some(at)) if at > scheme_end => format!("{}://…@{}", &text[..scheme_end], &text[at + 1..]),
         _ => text.to_string(),
     }
+}
+
+/// A URL's port, or its scheme's default (RTSP's 554 and 322, which the URL parser does not know).
+fn default_port(url: &Url) -> Option<u16> {
+    url.port().or(match url.scheme() {
+        "rtsp" => Some(554),
+        "rtsps" => Some(322),
+        _ => url.port_or_known_default(),
+    })
 }
 
 /// What the operator allows streams to open (`--streams-allow`); empty: streams are off.
@@ -155,7 +171,10 @@ impl AllowList {
             } else {
                 let url = Url::parse(&format!("{scheme}://{authority}/")).map_err(|e| format!("--streams-allow entry '{entry}': {e}"))?;
                 let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| format!("--streams-allow entry '{entry}' names no host"))?;
-                (Some(host.to_ascii_lowercase()), url.port())
+                // A port written is that port, even the scheme's default (which the URL parser
+                // drops for http and https: `http://host:80` must not mean any port).
+                let written = authority.rsplit_once(':').filter(|(_, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+                (Some(host.to_ascii_lowercase()), written.and_then(|_| default_port(&url)))
             };
             list.entries.push(Allowed::Host { scheme, host, port });
         }
@@ -180,7 +199,7 @@ impl AllowList {
             Allowed::Host { scheme, host, port } => {
                 scheme == url.scheme()
                     && host.as_deref().is_none_or(|h| url.host_str().is_some_and(|u| u.eq_ignore_ascii_case(h)))
-                    && port.is_none_or(|p| url.port_or_known_default() == Some(p))
+                    && port.is_none_or(|p| default_port(url) == Some(p))
             }
         })
     }
@@ -216,6 +235,11 @@ mod tests {
         assert!(allowed.allows(&source("rtsp://127.0.0.1:8554/live")));
         assert!(!allowed.allows(&source("rtsp://127.0.0.1:9000/live")), "another port");
         assert!(!allowed.allows(&source("rtsp://127.0.0.1/live")), "the default port is not 8554");
+        let ports = list(&["http://camera.local:80", "rtsp://nvr.local:554"]);
+        assert!(ports.allows(&source("http://camera.local/feed.mjpg")));
+        assert!(!ports.allows(&source("http://camera.local:8080/feed.mjpg")), "an entry's port 80 is not any port");
+        assert!(ports.allows(&source("rtsp://nvr.local/s1")), "RTSP's default port is 554");
+        assert!(!ports.allows(&source("rtsp://nvr.local:8554/s1")));
         assert!(!allowed.allows(&source("rtsps://camera.local/stream1")), "another scheme");
         assert!(!allowed.allows(&source("http://camera.local/feed.mjpg")));
         assert!(allowed.allows(&source("https://cdn.example/live/index.m3u8")));

@@ -117,6 +117,43 @@ def read_events(server, stream_id, until, seconds=120, last_event_id=None):
     return events
 
 
+def read_websocket(server, stream_id, last_event_id=None, seconds=60):
+    """The same messages over `GET /v1/streams/{id}/ws` (aiohttp's client): each message's JSON,
+    until the server closes; and the close code."""
+    import asyncio
+
+    import aiohttp
+
+    async def run():
+        params = {} if last_event_id is None else {"last_event_id": str(last_event_id)}
+        url = server.url(f"/v1/streams/{stream_id}/ws").replace("http://", "ws://", 1)
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(url, params=params) as socket:
+                messages = [json.loads(m.data) async for m in socket if m.type == aiohttp.WSMsgType.TEXT]
+                return messages, socket.close_code
+
+    return asyncio.run(asyncio.wait_for(run(), seconds))
+
+
+def follow_over_grpc(server, stream_id, last_event_id=None):
+    """The same events over gRPC (`visionserve.streams.v1.Streams/Follow`), its messages built
+    from what the server's reflection describes, as a client with no generated code can."""
+    import grpc
+    from google.protobuf import descriptor_pool, message_factory
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(server.grpc) as channel:
+        pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+        request_type, event_type = (message_factory.GetMessageClass(pool.FindMessageTypeByName(f"visionserve.streams.v1.{name}"))
+                                    for name in ("FollowRequest", "StreamEvent"))
+        follow = channel.unary_stream("/visionserve.streams.v1.Streams/Follow",
+                                      request_serializer=request_type.SerializeToString, response_deserializer=event_type.FromString)
+        request = request_type(stream_id=stream_id)
+        if last_event_id is not None:
+            request.last_event_id = last_event_id
+        return [(e.event, e.id, json.loads(e.json)) for e in follow(request, timeout=60)]
+
+
 def stop(server, stream_id):
     response = requests.delete(server.url(f"/v1/streams/{stream_id}"), timeout=30)
     assert response.status_code == 200, response.text
@@ -181,6 +218,25 @@ def test_a_file_stream_answers_each_frame_as_the_same_frame_sent_as_a_photo(stre
     for frame, png in zip(frames, decoded_frames(clips["short"], tmp_path)):
         photo = requests.post(stream_server.url(f"/v1/models/{DETECTOR}/predict"), data=png.read_bytes(), timeout=60)
         same_detections(frame["detections"], photo.json()["results"][0]["detections"])
+    # The same events over a WebSocket (replayed: the stream has ended), then a normal close.
+    messages, close_code = read_websocket(stream_server, stream_id, last_event_id=0)
+    assert close_code == 1000, close_code
+    assert [(m["event"], m.get("id")) for m in messages] == [(kind, number) for kind, number, _ in events]
+    assert [m for m in messages if m["event"] == "frame"] == [dict(f, id=n) for kind, n, f in events if kind == "frame"]
+    not_upgraded = requests.get(stream_server.url(f"/v1/streams/{stream_id}/ws"), timeout=10)
+    assert not_upgraded.status_code == 400 and "WebSocket" in not_upgraded.json()["error"]["message"], not_upgraded.text
+    assert requests.get(stream_server.url("/v1/streams/s999/ws"), timeout=10).status_code == 404
+    # A page on another origin may not read a stream through its visitor's browser.
+    hijack = requests.get(stream_server.url(f"/v1/streams/{stream_id}/ws"), headers={"Origin": "http://evil.example"}, timeout=10)
+    assert hijack.status_code == 403 and "--cors-origins" in hijack.json()["error"]["message"], hijack.text
+    # And over gRPC, a server stream of the same events.
+    over_grpc = follow_over_grpc(stream_server, stream_id, last_event_id=0)
+    assert [(kind, number) for kind, number, _ in over_grpc] == [(kind, number) for kind, number, _ in events]
+    assert [data for kind, _, data in over_grpc if kind == "frame"] == frames
+    import grpc
+    with pytest.raises(grpc.RpcError) as missing:
+        follow_over_grpc(stream_server, "s999")
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND, missing.value
     final = stop(stream_server, stream_id)
     assert final["frames"]["read"] == 20 and final["frames"]["processed"] == 20 and final["frames"]["dropped"] == 0, final
 

@@ -1,6 +1,7 @@
 //! The Open Inference Protocol over gRPC (`inference.GRPCInferenceService`, Triton's
 //! definitions in `proto/grpc_service.proto`), with the standard health service and server
-//! reflection, on its own HTTP/2 listener.
+//! reflection, on its own HTTP/2 listener; and live streams' events
+//! (`visionserve.streams.v1.Streams`, `proto/streams.proto`, in `streams`).
 //!
 //! A shell only: every RPC goes through the Open Inference Protocol's shared part that REST V2
 //! uses too (`serve::oip`) — the same model lookup, admission, queue, batching, deadline and
@@ -13,6 +14,7 @@ mod infer;
 mod service;
 mod status;
 mod stream;
+mod streams;
 
 use std::time::Duration;
 
@@ -28,6 +30,13 @@ pub mod proto {
 
     /// What server reflection describes: `proto/grpc_service.proto`, compiled.
     pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/inference_descriptor.bin"));
+
+    /// Live streams' events (`proto/streams.proto`).
+    pub mod streams {
+        tonic::include_proto!("visionserve.streams.v1");
+
+        pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/streams_descriptor.bin"));
+    }
 }
 
 pub use service::InferenceService;
@@ -55,10 +64,12 @@ pub fn routes(state: AppState, options: GrpcOptions, shutdown: watch::Receiver<b
     let descriptors = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(proto::streams::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     let reflection_v1 = descriptors().build_v1().expect("the compiled descriptor sets are valid");
     let reflection_v1alpha = descriptors().build_v1alpha().expect("the compiled descriptor sets are valid");
+    let streams = proto::streams::streams_server::StreamsServer::new(streams::StreamsService::new(state.clone()));
     let inference = proto::grpc_inference_service_server::GrpcInferenceServiceServer::new(InferenceService::new(state, options))
         .max_decoding_message_size(options.max_message_bytes)
         .max_encoding_message_size(usize::MAX)
@@ -68,6 +79,7 @@ pub fn routes(state: AppState, options: GrpcOptions, shutdown: watch::Receiver<b
         .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
         .send_compressed(tonic::codec::CompressionEncoding::Gzip);
     Routes::new(inference)
+        .add_service(streams)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

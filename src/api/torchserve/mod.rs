@@ -25,6 +25,7 @@ use serde_json::{json, Map, Value};
 use crate::api::input::{body_bytes, decode_base64, ImageUploads};
 use crate::api::model_path::ModelPath;
 use crate::api::AppState;
+use crate::engine::Arrival;
 use crate::error::ApiError;
 use crate::repository::{PipelineEntry, Servable};
 use crate::serve::infer::{self, answer_headers, write_pairs, Answered, ImageRequest};
@@ -126,7 +127,7 @@ async fn pipeline_answers_for(
     images: Vec<Bytes>,
     context: &RequestContext,
 ) -> Result<(Vec<Value>, HeaderMap), ApiError> {
-    let run = pipeline::run(state, pipeline, ImageInput::Encoded(images), context, false).await?;
+    let run = pipeline::run(state, pipeline, ImageInput::Encoded(images), context, false, Arrival::New).await?;
     let mut headers = HeaderMap::new();
     write_pairs(run.timing_pairs(), &mut headers);
     Ok((pipeline_answers(&run), headers))

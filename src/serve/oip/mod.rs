@@ -17,7 +17,7 @@ use super::infer::{self, answer_headers, write_pairs, Answered, ImageRequest, Wa
 use super::pipeline::{self, PipelineRun};
 use super::prepare::{ImageInput, PixelBatch, TensorBatch};
 use super::{Core, RequestContext, Target};
-use crate::engine::{RawData, RawTensor};
+use crate::engine::{Arrival, RawData, RawTensor};
 use crate::error::ApiError;
 use crate::model_config::{ModelFormat, PixelDatatype, Task};
 use crate::pipeline::PIPELINE_VERSION;
@@ -258,7 +258,7 @@ async fn pipeline_infer(core: &Core, pipeline: &PipelineEntry, request: InferReq
         return Err(ApiError::BadRequest(format!("a pipeline takes BYTES images or UINT8 pixels, not {}", input.datatype)));
     }
     let images = image_input(&input, Accepts::Pipeline { max_pixels: core.limits.max_image_pixels })?;
-    let run = pipeline::run(core, pipeline, images, context, false).await?;
+    let run = pipeline::run(core, pipeline, images, context, false, Arrival::New).await?;
     let tensors = pipeline_tensors(&run)?;
     let outputs = choose_outputs(tensors, requested.as_deref(), all_binary, &pipeline.name, &[])?;
     let mut timing_headers = HeaderMap::new();
