@@ -115,7 +115,10 @@ async fn start(State(state): State<AppState>, headers: HeaderMap, body: Result<J
         .collect();
     let tracking = Tracking::take_from(&mut raw)?;
     let servable = state.repository.lookup(&body.model, body.version.as_deref())?;
-    let FrameTarget { name, version, answer, .. } = frame_target(&state, servable, &raw, tracking, &context, Arrival::Sheddable).await?;
+    // A stream that drops frames sheds them first as a queue grows; one that waits (`wait`:
+    // every frame answered, the source slowed) is admitted as a photo is.
+    let arrival = if policy == DropPolicy::Wait { Arrival::New } else { Arrival::Sheddable };
+    let FrameTarget { name, version, answer, .. } = frame_target(&state, servable, &raw, tracking, &context, arrival).await?;
     let described = json!({"parameters": raw, "tracking": tracking_json(tracking)});
     let request = StreamRequest { source, max_fps: body.max_fps, policy, buffer, tracking, frame_deadline_ms, model: name, version, described };
     let stream = state.streams.start(&state, request, answer).await?;

@@ -9,7 +9,8 @@
 //! are answered) or `drop_newest` — and a frame the model's admission refuses is dropped and
 //! counted rather than retried. Frames are admitted as `Arrival::Sheddable` (within half the
 //! wait a photo is admitted to, and within the frame's own short deadline), so a busy server
-//! sheds stream frames before it refuses a photo.
+//! sheds stream frames before it refuses a photo; a `wait` stream's frames, which are all to
+//! be answered, are admitted as photos are and retried.
 //! A source that ends, fails or stalls is reopened with back-off, and the outage is counted.
 
 use std::collections::{BTreeMap, VecDeque};

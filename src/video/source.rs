@@ -80,6 +80,10 @@ impl StreamSource {
                 // `crypto` for AES-encrypted HLS segments; `hls` reads playlists through these.
                 arg("-protocol_whitelist");
                 arg("http,https,tcp,tls,crypto");
+                // A redirect would take the read to a host the allow-list never named (an
+                // allowed server answering 302 to 169.254.169.254): refused, not followed.
+                arg("-max_redirects");
+                arg("0");
                 arg("-rw_timeout");
                 arg(&stall_micros.to_string());
                 arg("-analyzeduration");
@@ -275,6 +279,9 @@ mod tests {
         let args: Vec<String> = args.into_iter().map(|a| a.into_string().unwrap()).collect();
         assert_eq!(&args[..4], ["-protocol_whitelist", "rtsp,rtsps,rtp,srtp,tcp,udp,tls", "-rtsp_transport", "tcp"]);
         assert_eq!(input, "rtsp://camera.local/s1");
+        let (args, _) = source("https://cdn.example/live.m3u8").ffmpeg_input(5_000_000);
+        let args: Vec<String> = args.into_iter().map(|a| a.into_string().unwrap()).collect();
+        assert_eq!(&args[..4], ["-protocol_whitelist", "http,https,tcp,tls,crypto", "-max_redirects", "0"]);
         let mut file = source("file:///srv/clips/a%20b.mp4");
         file.looped = true;
         let (args, input) = file.ffmpeg_input(5_000_000);

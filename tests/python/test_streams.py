@@ -74,10 +74,90 @@ def camera(clips):
         camera.kill()
 
 
+def listening(port):
+    """Whether a socket listens on 127.0.0.1:`port` (the kernel's table: no connection made)."""
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return any(row[1] == f"0100007F:{port:04X}" and row[3] == "0A" for row in rows)
+
+
+class Web:
+    """HTTP sources on 127.0.0.1: an HLS playlist (python's http.server over a folder ffmpeg
+    wrote), an MJPEG feed (ffmpeg's own HTTP server, `-f mpjpeg -listen 1`, one client), and a
+    server that answers every request with a redirect to the HLS one."""
+
+    def __init__(self, clips):
+        import functools
+        import http.server
+        import threading
+
+        self.hls_port, self.mjpeg_port, self.redirect_port = free_port(), free_port(), free_port()
+        folder = clips["folder"] / "hls"
+        folder.mkdir()
+        # The short clip's own H.264 packets, cut into segments: the same frames once decoded.
+        subprocess.run(["ffmpeg", "-y", "-hide_banner", "-loglevel", "error", "-i", str(clips["short"]), "-c", "copy",
+                        "-f", "hls", "-hls_time", "1", "-hls_list_size", "0", "-hls_playlist_type", "vod",
+                        str(folder / "live.m3u8")], check=True)
+
+        class Quiet(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+        hls_url = self.hls_url
+
+        class Redirect(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(302)
+                self.send_header("Location", hls_url)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.servers = [http.server.ThreadingHTTPServer(("127.0.0.1", self.hls_port), functools.partial(Quiet, directory=str(folder))),
+                        http.server.ThreadingHTTPServer(("127.0.0.1", self.redirect_port), Redirect)]
+        for server in self.servers:
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    @property
+    def hls_url(self):
+        return f"http://127.0.0.1:{self.hls_port}/live.m3u8"
+
+    @property
+    def redirect_url(self):
+        return f"http://127.0.0.1:{self.redirect_port}/live.m3u8"
+
+    @property
+    def mjpeg_url(self):
+        return f"http://127.0.0.1:{self.mjpeg_port}/feed.mjpg"
+
+    def serve_mjpeg(self, clip_path):
+        """ffmpeg serving `clip_path` as a multipart MJPEG feed, at its own rate, to one client."""
+        process = subprocess.Popen(["ffmpeg", "-hide_banner", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(clip_path),
+                                    "-f", "mpjpeg", "-q:v", "4", "-listen", "1", self.mjpeg_url], stderr=subprocess.PIPE)
+        # Not probed by connecting: its one client would be the probe.
+        wait_for(lambda: listening(self.mjpeg_port) or process.poll() is not None, 30, "ffmpeg's MJPEG server listens")
+        assert process.poll() is None, process.stderr.read()
+        return process
+
+    def stop(self):
+        for server in self.servers:
+            server.shutdown()
+            server.server_close()
+
+
 @pytest.fixture(scope="module")
-def stream_server(clips, camera):
-    server = Server(os.environ["VISIONSERVE_DEFAULT_MODELS"],
-                    ["--streams-allow", f"rtsp://127.0.0.1:{camera.port},file://{clips['folder']}", "--max-streams", "3"])
+def web(clips):
+    web = Web(clips)
+    yield web
+    web.stop()
+
+
+@pytest.fixture(scope="module")
+def stream_server(clips, camera, web):
+    allowed = [f"rtsp://127.0.0.1:{camera.port}", f"file://{clips['folder']}",
+               *(f"http://127.0.0.1:{p}" for p in (web.hls_port, web.mjpeg_port, web.redirect_port))]
+    server = Server(os.environ["VISIONSERVE_DEFAULT_MODELS"], ["--streams-allow", ",".join(allowed), "--max-streams", "3"])
     yield server
     server.stop()
 
@@ -201,7 +281,7 @@ def test_the_allow_list_and_the_request_are_checked(stream_server, camera, clips
 
 
 def test_a_file_stream_answers_each_frame_as_the_same_frame_sent_as_a_photo(stream_server, clips, tmp_path):
-    response = start(stream_server, f"file://{clips['short']}", drop_policy="wait")
+    response = start(stream_server, f"file://{clips['short']}", drop_policy="wait", frame_deadline_ms=60000)
     assert response.status_code == 201, response.text
     assert response.headers["location"] == f"/v1/streams/{response.json()['id']}"
     stream_id = response.json()["id"]
@@ -244,10 +324,12 @@ def test_a_file_stream_answers_each_frame_as_the_same_frame_sent_as_a_photo(stre
 def test_a_fast_source_is_dropped_by_policy_and_every_frame_is_counted(stream_server, clips):
     counts = {}
     for policy in ("drop_oldest", "wait"):
-        response = start(stream_server, f"file://{clips['fast']}", drop_policy=policy, buffer=1)
+        # `wait` answers every frame however slow the machine: a deadline no busy machine passes.
+        deadline = {"frame_deadline_ms": 60000} if policy == "wait" else {}
+        response = start(stream_server, f"file://{clips['fast']}", drop_policy=policy, buffer=1, **deadline)
         assert response.status_code == 201, response.text
         stream_id = response.json()["id"]
-        wait_for(lambda: status(stream_server, stream_id)["state"] == "ended", 120, f"{policy}: the 2 s clip ends")
+        wait_for(lambda: status(stream_server, stream_id)["state"] == "ended", 300, f"{policy}: the 2 s clip ends")
         final = stop(stream_server, stream_id)["frames"]
         counts[policy] = final
         # Every frame read is accounted for once: answered, dropped (and by whom) or failed.
@@ -309,3 +391,37 @@ def test_an_rtsp_camera_is_read_tracked_cut_off_and_reconnected(stream_server, c
     # Its FFmpeg is gone with it.
     wait_for(lambda: camera.url not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout, 10,
              "the stream's ffmpeg exits")
+
+
+def test_an_hls_playlist_and_an_mjpeg_feed_are_read_and_a_redirect_is_refused(stream_server, web, clips, tmp_path):
+    photos = [requests.post(stream_server.url(f"/v1/models/{DETECTOR}/predict"), data=png.read_bytes(), timeout=60).json()
+              for png in decoded_frames(clips["short"], tmp_path)]
+    # HLS: the playlist's 2 s, every frame answered (`wait`), as the same frames sent as photos.
+    response = start(stream_server, web.hls_url, drop_policy="wait", frame_deadline_ms=60000)
+    assert response.status_code == 201, response.text
+    stream_id = response.json()["id"]
+    events = read_events(stream_server, stream_id, lambda kind, data: kind == "frame" and data["frame"] == 19, last_event_id=0)
+    frames = [data for kind, _, data in events if kind == "frame"]
+    assert [f["frame"] for f in frames] == list(range(20)), [f["frame"] for f in frames]
+    for frame, photo in zip(frames, photos):
+        same_detections(frame["detections"], photo["results"][0]["detections"])
+    stop(stream_server, stream_id)
+    # MJPEG over HTTP (multipart/x-mixed-replace), as an IP camera serves it: JPEG frames, so
+    # the detections are the photos' within JPEG's loss; frames keep coming at the feed's rate.
+    feed = web.serve_mjpeg(clips["long"])
+    try:
+        response = start(stream_server, web.mjpeg_url)
+        assert response.status_code == 201, response.text
+        stream_id = response.json()["id"]
+        events = read_events(stream_server, stream_id, lambda kind, data: kind == "frame" and data["frame"] >= 14)
+        frames = [data for kind, _, data in events if kind == "frame"]
+        assert len(frames) >= 5 and all(f["detections"] for f in frames), frames[-1]
+        assert {d["label"] for f in frames for d in f["detections"]} & {"cat", "cup"}, frames[-1]
+        final = stop(stream_server, stream_id)["frames"]
+        assert final["processed"] >= 15 and final["failed"] == 0, final
+    finally:
+        feed.kill()
+        feed.wait(10)
+    # An allowed host that redirects does not take the server elsewhere: refused, not followed.
+    response = start(stream_server, web.redirect_url)
+    assert response.status_code == 400 and "could not open source" in response.json()["error"]["message"], response.text
