@@ -15,6 +15,20 @@ torch_lib=$(readelf -d "$bin" | sed -n 's/.*R.*PATH.*\[\(.*\)\]/\1/p' | tr ':' '
 ldd "$bin" | awk '/=> \// {print $3}' | while read -r lib; do
   case "$lib" in "$torch_lib"/*|*/site-packages/*) cp -L "$lib" "$ctx/lib/" ;; esac
 done
+# FFmpeg, for video uploads and live streams: the host's Debian build (the image's base is the
+# same Debian release), with exactly the libraries it and ffprobe load (ldd) but glibc's,
+# which the base carries. Debian's package with its dependencies would add ~0.7 GB; these are
+# a third of that, and the image build needs no package registry (swarm-test builds it where
+# none can be reached).
+ffmpeg=$(command -v ffmpeg) || { echo "docker-context: the image carries the host's ffmpeg, and there is none (apt-get install ffmpeg)" >&2; exit 1; }
+mkdir -p "$ctx/ffmpeg/bin" "$ctx/ffmpeg/lib"
+cp -L "$ffmpeg" "$(dirname "$ffmpeg")/ffprobe" "$ctx/ffmpeg/bin/"
+for tool in "$ctx"/ffmpeg/bin/*; do ldd "$tool"; done | awk '/=> \// {print $3}' | sort -u | while read -r lib; do
+  case "$(basename "$lib")" in
+    libc.so.*|libm.so.*|libpthread.so.*|libdl.so.*|librt.so.*|libresolv.so.*|ld-linux*) ;;
+    *) cp -L "$lib" "$ctx/ffmpeg/lib/" ;;
+  esac
+done
 # The image serves TorchScript: an AOTInductor package is machine code for the CPU that
 # compiled it (and needs libtorch.so, which would pull the CUDA libraries into the image), so
 # of a versioned model the newest TorchScript version is copied, as a flat folder.
