@@ -323,8 +323,8 @@ pub async fn run(core: &Core, target: &Target, request: ImageRequest, context: &
     let limits = core.decode_limits();
     let ImageRequest { input, params, wants } = request;
     if let Some(slicing) = params.slicing {
-        if target.task() != Task::Detection {
-            return Err(ApiError::BadRequest(format!("'slice' applies to detection models; '{}' is a {:?} model", target.name(), target.task())));
+        if !matches!(target.task(), Task::Detection | Task::InstanceSegmentation) {
+            return Err(ApiError::BadRequest(format!("'slice' applies to detection and instance segmentation models; '{}' is a {:?} model", target.name(), target.task())));
         }
         if wants.raw {
             return Err(ApiError::BadRequest("raw outputs are one per model input and a sliced image has one per tile: ask for raw outputs or for 'slice', not both".into()));

@@ -70,6 +70,36 @@ impl RegionMask {
         }
     }
 
+    /// The same mask on a larger canvas (`canvas_width × canvas_height`), its region moved
+    /// right by `dx` and down by `dy`: a tile's mask in its photo's pixels.
+    pub fn moved(self, dx: u32, dy: u32, canvas_width: u32, canvas_height: u32) -> Self {
+        if self.width == 0 {
+            return RegionMask::empty(canvas_width, canvas_height);
+        }
+        RegionMask { canvas_width, canvas_height, left: self.left + dx, top: self.top + dy, ..self }
+    }
+
+    /// The pixels set in either mask (of one canvas), on the region that holds both.
+    pub fn union(&self, other: &RegionMask) -> Self {
+        if other.width == 0 {
+            return self.clone();
+        }
+        if self.width == 0 {
+            return other.clone();
+        }
+        let (left, top) = (self.left.min(other.left), self.top.min(other.top));
+        let right = (self.left + self.width).max(other.left + other.width);
+        let bottom = (self.top + self.height).max(other.top + other.height);
+        let (width, height) = (right - left, bottom - top);
+        let mut bits = Vec::with_capacity((width * height) as usize);
+        for y in top..bottom {
+            for x in left..right {
+                bits.push(u8::from(self.contains(x, y) || other.contains(x, y)));
+            }
+        }
+        RegionMask { canvas_width: self.canvas_width, canvas_height: self.canvas_height, left, top, width, height, bits }
+    }
+
     /// Onto the original image: each original pixel centre is mapped into model-input pixels
     /// and takes the bit found there (nearest neighbour, as label maps are resampled). Taken by
     /// value: torchvision's masks are already in original pixels and pass through uncopied.

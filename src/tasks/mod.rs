@@ -181,15 +181,27 @@ pub fn finish_sliced(
     tiles
         .iter()
         .map(|photo| {
-            let mut all = Vec::new();
+            // The tiles cover the photo: its size is where the last ones end.
+            let width = photo.iter().map(|t| t.x + t.width).max().unwrap_or(0);
+            let height = photo.iter().map(|t| t.y + t.height).max().unwrap_or(0);
+            let (mut boxes, mut masked) = (Vec::new(), Vec::new());
             for (tile, (output, geometry)) in photo.iter().zip(outputs.by_ref()) {
-                let Finished::Detection { mut detections } = finish(task, output, geometry, labels, params)? else {
-                    return Err(OutputMismatch(task));
-                };
-                slicing::shift(&mut detections, *tile);
-                all.extend(detections);
+                match finish(task, output, geometry, labels, params)? {
+                    Finished::Detection { mut detections } => {
+                        slicing::shift(&mut detections, *tile);
+                        boxes.extend(detections);
+                    }
+                    Finished::InstanceSegmentation { mut instances } => {
+                        slicing::shift_instances(&mut instances, *tile, width, height);
+                        masked.extend(instances);
+                    }
+                    _ => return Err(OutputMismatch(task)),
+                }
             }
-            Ok(Finished::Detection { detections: slicing::merge(all, &slicing, params.max_detections) })
+            Ok(match task {
+                Task::InstanceSegmentation => Finished::InstanceSegmentation { instances: slicing::merge_instances(masked, &slicing, params.max_detections) },
+                _ => Finished::Detection { detections: slicing::merge(boxes, &slicing, params.max_detections) },
+            })
         })
         .collect()
 }

@@ -99,7 +99,7 @@ impl PredictParams {
             Task::Segmentation => &["mask_format"],
             Task::Detection => &["score_threshold", "iou_threshold", "max_detections", "slice", "overlap", "merge", "match", "match_threshold", "full_image"],
             Task::Embedding => &["neighbours"],
-            Task::InstanceSegmentation => &["score_threshold", "iou_threshold", "max_detections", "mask_format"],
+            Task::InstanceSegmentation => &["score_threshold", "iou_threshold", "max_detections", "mask_format", "slice", "overlap", "merge", "match", "match_threshold", "full_image"],
             Task::Keypoints | Task::OrientedDetection => &["score_threshold", "iou_threshold", "max_detections"],
         };
         if let Some(key) = raw.keys().find(|k| !allowed.contains(&k.as_str())) {

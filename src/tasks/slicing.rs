@@ -1,5 +1,6 @@
 //! Sliced detection (SAHI): a big photo cut into overlapping tiles, each tile detected at the
-//! model's own scale, the tiles' boxes moved into the photo's pixels and merged. Small objects
+//! model's own scale, the tiles' boxes (and instance masks) moved into the photo's pixels and
+//! merged. Small objects
 //! that vanish when a 12 MP photo is shrunk to 300 × 300 keep their pixels in a tile.
 //!
 //! The tiling and both merges follow `sahi` 0.12 (`slicing.get_slice_bboxes`,
@@ -7,6 +8,7 @@
 //! `tests/python/test_sliced.py` holds the server to `sahi`'s own merge.
 
 use super::detection::{BoundingBox, Detection};
+use super::instances::{Instance, RegionMask};
 
 /// What a request asks of slicing.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -192,14 +194,25 @@ pub fn shift(detections: &mut [Detection], tile: Tile) {
     }
 }
 
+/// One box a merge keeps: the box that seeded it (its label and score), the boxes it grew
+/// over (`nmm`'s second check; their masks join its own), and the box it grew to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Group {
+    pub seed: usize,
+    pub grown_over: Vec<usize>,
+    pub bbox: BoundingBox,
+}
+
 /// Every tile's boxes (in the photo's pixels) as one list, class by class as SAHI's
 /// `class_agnostic = False`: boxes in order of score (ties by x1, y1, x2, y2), each one not yet
 /// taken keeps its place and takes every later box of its class whose metric with it reaches the
 /// threshold. `Nms` drops what it takes; `Nmm` grows it to the union of the taken boxes that
-/// still match it as it grows (SAHI's second check), with the best score. At most
-/// `max_detections`, best first.
-pub fn merge(mut detections: Vec<Detection>, slicing: &Slicing, max_detections: usize) -> Vec<Detection> {
-    detections.sort_by(|a, b| {
+/// still match it as it grows (SAHI's second check), with the best score. The groups kept,
+/// best first, their indices those of `detections`.
+pub fn merge_groups(detections: &[Detection], slicing: &Slicing) -> Vec<Group> {
+    let mut order: Vec<usize> = (0..detections.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (a, b) = (&detections[a], &detections[b]);
         b.score
             .total_cmp(&a.score)
             .then(a.bbox.x1.total_cmp(&b.bbox.x1))
@@ -210,42 +223,76 @@ pub fn merge(mut detections: Vec<Detection>, slicing: &Slicing, max_detections: 
     let threshold = slicing.match_threshold;
     // Class by class: a box is only ever compared with its own class's, in score order.
     let mut classes: std::collections::BTreeMap<usize, Vec<usize>> = std::collections::BTreeMap::new();
-    for (i, d) in detections.iter().enumerate() {
-        classes.entry(d.index).or_default().push(i);
+    for (rank, &i) in order.iter().enumerate() {
+        classes.entry(detections[i].index).or_default().push(rank);
     }
     let mut taken = vec![false; detections.len()];
-    let mut kept: Vec<(usize, Detection)> = Vec::new();
+    let mut kept: Vec<(usize, Group)> = Vec::new();
     for members in classes.values() {
-        for (at, &i) in members.iter().enumerate() {
-            if taken[i] {
+        for (at, &rank) in members.iter().enumerate() {
+            if taken[rank] {
                 continue;
             }
-            taken[i] = true;
-            let seed = detections[i].bbox;
-            let mut merged = detections[i].clone();
-            for &j in &members[at + 1..] {
-                if taken[j] || slicing.metric.value(&seed, &detections[j].bbox) < threshold {
+            taken[rank] = true;
+            let seed = order[rank];
+            let seed_box = detections[seed].bbox;
+            let mut group = Group { seed, grown_over: Vec::new(), bbox: seed_box };
+            for &later in &members[at + 1..] {
+                let other = &detections[order[later]].bbox;
+                if taken[later] || slicing.metric.value(&seed_box, other) < threshold {
                     continue;
                 }
-                taken[j] = true;
-                if slicing.merge == Merge::Nmm && slicing.metric.value(&merged.bbox, &detections[j].bbox) >= threshold {
-                    let other = &detections[j].bbox;
-                    merged.bbox = BoundingBox {
-                        x1: merged.bbox.x1.min(other.x1),
-                        y1: merged.bbox.y1.min(other.y1),
-                        x2: merged.bbox.x2.max(other.x2),
-                        y2: merged.bbox.y2.max(other.y2),
+                taken[later] = true;
+                if slicing.merge == Merge::Nmm && slicing.metric.value(&group.bbox, other) >= threshold {
+                    group.bbox = BoundingBox {
+                        x1: group.bbox.x1.min(other.x1),
+                        y1: group.bbox.y1.min(other.y1),
+                        x2: group.bbox.x2.max(other.x2),
+                        y2: group.bbox.y2.max(other.y2),
                     };
+                    group.grown_over.push(order[later]);
                 }
             }
-            kept.push((i, merged));
+            kept.push((rank, group));
         }
     }
     // Each kept box carries its group's best score, its seed's: the seeds' order is best first.
-    kept.sort_unstable_by_key(|(i, _)| *i);
-    let mut kept: Vec<Detection> = kept.into_iter().map(|(_, d)| d).collect();
-    kept.truncate(max_detections);
-    kept
+    kept.sort_unstable_by_key(|(rank, _)| *rank);
+    kept.into_iter().map(|(_, group)| group).collect()
+}
+
+/// The merged boxes ([`merge_groups`]), at most `max_detections`, best first.
+pub fn merge(detections: Vec<Detection>, slicing: &Slicing, max_detections: usize) -> Vec<Detection> {
+    merge_groups(&detections, slicing)
+        .into_iter()
+        .take(max_detections)
+        .map(|group| Detection { bbox: group.bbox, ..detections[group.seed].clone() })
+        .collect()
+}
+
+/// A tile's instances, boxes and masks moved from the tile's pixels into the photo's
+/// (`width × height`).
+pub fn shift_instances(instances: &mut [Instance], tile: Tile, width: u32, height: u32) {
+    for instance in instances.iter_mut() {
+        shift(std::slice::from_mut(&mut instance.detection), tile);
+        let mask = std::mem::replace(&mut instance.mask, RegionMask::empty(0, 0));
+        instance.mask = mask.moved(tile.x, tile.y, width, height);
+    }
+}
+
+/// Every tile's instances merged as their boxes are ([`merge_groups`]); a box grown over
+/// another (`nmm`) takes the union of their masks too, as SAHI's merge of two predictions does.
+pub fn merge_instances(instances: Vec<Instance>, slicing: &Slicing, max_detections: usize) -> Vec<Instance> {
+    let boxes: Vec<Detection> = instances.iter().map(|i| i.detection.clone()).collect();
+    merge_groups(&boxes, slicing)
+        .into_iter()
+        .take(max_detections)
+        .map(|group| {
+            let seed = &instances[group.seed];
+            let mask = group.grown_over.iter().fold(seed.mask.clone(), |mask, &other| mask.union(&instances[other].mask));
+            Instance { detection: Detection { bbox: group.bbox, ..seed.detection.clone() }, mask }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -315,6 +362,47 @@ mod tests {
         assert_eq!(grown[0].bbox.x2, 200.0);
         let iou = Slicing { metric: MatchMetric::Iou, ..slicing };
         assert_eq!(merge(vec![det(100.0, 0.0, 150.0, 50.0, 0.6, 1), det(90.0, 0.0, 200.0, 50.0, 0.9, 1)], &iou, 100).len(), 2);
+    }
+
+    /// A filled rectangle on a `canvas` × `canvas` mask.
+    fn block(canvas: u32, left: u32, top: u32, width: u32, height: u32) -> RegionMask {
+        RegionMask { canvas_width: canvas, canvas_height: canvas, left, top, width, height, bits: vec![1; (width * height) as usize] }
+    }
+
+    #[test]
+    fn an_instance_cut_by_a_tile_edge_is_one_instance_with_both_tiles_mask() {
+        // An object across the edge of two 100² tiles of a 200 × 100 photo: its left part seen
+        // by the tile at x 0, the whole of it by the tile at x 60.
+        let (left_tile, right_tile) = (Tile { x: 0, y: 0, width: 100, height: 100 }, Tile { x: 60, y: 0, width: 100, height: 100 });
+        let mut left = vec![Instance { detection: det(80.0, 10.0, 100.0, 30.0, 0.6, 1), mask: block(100, 80, 10, 20, 20) }];
+        let mut right = vec![Instance { detection: det(15.0, 10.0, 60.0, 30.0, 0.9, 1), mask: block(100, 15, 10, 45, 20) }];
+        slicing_shift(&mut left, left_tile);
+        slicing_shift(&mut right, right_tile);
+        assert_eq!((right[0].mask.left, right[0].mask.canvas_width), (75, 200), "in the photo's pixels");
+        let merged = merge_instances([left, right].concat(), &Slicing::default(), 100);
+        assert_eq!(merged.len(), 1);
+        let one = &merged[0];
+        assert_eq!((one.detection.score, one.detection.bbox), (0.9, BoundingBox { x1: 75.0, y1: 10.0, x2: 120.0, y2: 30.0 }));
+        assert_eq!((one.mask.left, one.mask.width, one.mask.area()), (75, 45, 45 * 20), "the union of both masks");
+        // NMS keeps the best instance's own mask.
+        let mut shifted = vec![Instance { detection: det(80.0, 10.0, 130.0, 30.0, 0.6, 1), mask: block(200, 80, 10, 50, 20) },
+                               Instance { detection: det(75.0, 10.0, 120.0, 30.0, 0.9, 1), mask: block(200, 75, 10, 45, 20) }];
+        let nms = merge_instances(std::mem::take(&mut shifted), &Slicing { merge: Merge::Nms, ..Slicing::default() }, 100);
+        assert_eq!((nms.len(), nms[0].mask.left, nms[0].mask.width), (1, 75, 45));
+    }
+
+    fn slicing_shift(instances: &mut [Instance], tile: Tile) {
+        shift_instances(instances, tile, 200, 100);
+    }
+
+    #[test]
+    fn masks_join_on_the_region_that_holds_both() {
+        let (a, b) = (block(50, 2, 2, 3, 3), block(50, 10, 4, 2, 2));
+        let both = a.union(&b);
+        assert_eq!((both.left, both.top, both.width, both.height, both.area()), (2, 2, 10, 4, 9 + 4));
+        assert!(both.contains(11, 5) && both.contains(2, 2) && !both.contains(7, 3));
+        assert_eq!(RegionMask::empty(50, 50).union(&a), a);
+        assert_eq!(a.clone().moved(5, 1, 100, 60), RegionMask { canvas_width: 100, canvas_height: 60, left: 7, top: 3, ..a });
     }
 
     #[test]

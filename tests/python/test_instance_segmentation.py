@@ -191,3 +191,45 @@ def test_a_wrong_mask_format_is_a_422_naming_the_choices(test_server):
     response = requests.post(test_server.url(f"/v1/models/{MODEL}/predict"), params={"mask_format": "jpeg"}, data=PHOTOS["coffee.png"], timeout=60)
     assert response.status_code == 422
     assert "rle, polygon, png or none" in response.json()["error"]["message"]
+
+
+def test_sliced_instances_are_each_tiles_own_moved_into_the_photo(test_server):
+    """`slice` on an instance segmentation model: each tile's instances, boxes and masks, moved
+    into the photo's pixels and merged. With tiles that do not overlap (a 600 × 300 photo in two
+    300² tiles, `overlap=0`) and a match only identical boxes reach (`match=iou`, threshold 1),
+    the merge keeps every instance, so the answer must be each tile sent as a photo of its own,
+    moved by the tile's corner: boxes, scores, and masks at the same pixels of the photo."""
+    photo = Image.fromarray(skdata.coffee()).crop((0, 0, 600, 300))
+    tiles = {x: encode(photo.crop((x, 0, x + 300, 300)), "PNG") for x in (0, 300)}
+    # A score threshold in a gap of the scores, so the ~40 best instances are kept whatever the
+    # last digits of a batched forward, and no cap cuts the list.
+    scores = sorted((d["score"] for blob in tiles.values() for d in predict(test_server, blob)), reverse=True)
+    cut = next(i for i in range(40, 10, -1) if scores[i - 1] - scores[i] > 2e-3)
+    threshold = (scores[cut - 1] + scores[cut]) / 2
+    expected = []
+    for x, blob in tiles.items():
+        for d in predict(test_server, blob, score_threshold=threshold):
+            mask = coco_mask.decode({"size": d["mask"]["size"], "counts": d["mask"]["counts"].encode()})
+            placed = np.zeros((300, 600), np.uint8)
+            placed[:, x:x + 300] = mask
+            expected.append({**d, "box": {k: v + (x if k in ("x1", "x2") else 0) for k, v in d["box"].items()}, "placed": placed})
+    sliced = predict(test_server, encode(photo, "PNG"), score_threshold=threshold, slice=300, overlap=0, match="iou", match_threshold=1.0)
+    assert len(sliced) == len(expected) == cut, (len(sliced), len(expected), cut)
+    for ours in sliced:
+        assert ours["mask"]["size"] == [300, 600], "in the photo's pixels"
+        twin = min((e for e in expected if e["index"] == ours["index"]), key=lambda e: max(abs(e["box"][k] - ours["box"][k]) for k in "x1 y1 x2 y2".split()))
+        assert max(abs(twin["box"][k] - ours["box"][k]) for k in ("x1", "y1", "x2", "y2")) <= 0.01, (twin["box"], ours["box"])
+        assert abs(twin["score"] - ours["score"]) <= 1e-4
+        decoded = coco_mask.decode({"size": ours["mask"]["size"], "counts": ours["mask"]["counts"].encode()})
+        assert iou(decoded, twin["placed"]) >= 0.99, iou(decoded, twin["placed"])
+    # The default merge (nmm over IoS, overlapping tiles): masks in the photo's pixels, each
+    # within its grown box (as torchvision pastes a mask: over the box grown by 1/14).
+    merged = predict(test_server, encode(photo, "PNG"), score_threshold=threshold, slice=300, overlap=0.2)
+    assert merged and all(d["mask"]["size"] == [300, 600] for d in merged)
+    for d in merged:
+        decoded = coco_mask.decode({"size": d["mask"]["size"], "counts": d["mask"]["counts"].encode()})
+        ys, xs = np.nonzero(decoded)
+        margin = 0.1 * max(d["box"]["x2"] - d["box"]["x1"], d["box"]["y2"] - d["box"]["y1"]) + 2
+        if len(xs):
+            assert xs.min() >= d["box"]["x1"] - margin and xs.max() <= d["box"]["x2"] + margin, (d["box"], xs.min(), xs.max())
+            assert ys.min() >= d["box"]["y1"] - margin and ys.max() <= d["box"]["y2"] + margin, (d["box"], ys.min(), ys.max())
