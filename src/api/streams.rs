@@ -142,8 +142,9 @@ async fn remove(State(state): State<AppState>, Path(id): Path<String>) -> Result
     Ok(Json(state.streams.remove(&id)?).into_response())
 }
 
-/// One message a subscriber is sent, whatever carries it (SSE, WebSocket, gRPC): its number (none for `lagged` and
-/// for the `end` of a stream that was over before the subscriber came), its kind and its JSON.
+/// One message a subscriber is sent, whatever carries it (SSE, WebSocket, gRPC): its number
+/// (none for `lagged` and for the `end` of a stream that was over before the subscriber came),
+/// its kind and its JSON.
 pub(crate) struct Outgoing {
     pub number: Option<u64>,
     pub kind: &'static str,
