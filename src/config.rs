@@ -312,12 +312,18 @@ impl ServerConfig {
         }
     }
 
+    /// `--cors-origins` as both of its readers take it (the CORS layer, and the WebSocket's
+    /// Origin check): each entry trimmed, empty ones left out.
+    pub fn browser_origins(&self) -> Vec<String> {
+        self.cors_origins.iter().map(|o| o.trim()).filter(|o| !o.is_empty()).map(str::to_string).collect()
+    }
+
     pub fn stream_settings(&self) -> Result<crate::serve::streams::StreamSettings, String> {
         Ok(crate::serve::streams::StreamSettings {
             allow: crate::video::AllowList::parse(&self.streams_allow)?,
             max_streams: self.max_streams,
             reconnect_max: std::time::Duration::from_millis(self.stream_reconnect_max_ms.max(100)),
-            browser_origins: self.cors_origins.clone(),
+            browser_origins: self.browser_origins(),
             ..Default::default()
         })
     }

@@ -163,7 +163,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), Box<dyn std::error::Error
     };
     let mut app = api::router(state)
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(std::time::Duration::from_secs(config.body_timeout_secs)));
-    if let Some(cors) = cors_layer(&config.cors_origins)? {
+    if let Some(cors) = cors_layer(&config.browser_origins())? {
         app = app.layer(cors);
     }
     let rest_drained = connections::serve(listener, app, limits, tls, fired(shutdown)).await;
@@ -187,11 +187,10 @@ async fn fired(mut shutdown: tokio::sync::watch::Receiver<bool>) {
 /// CORS is off unless origins are configured; `*` allows any origin.
 fn cors_layer(origins: &[String]) -> Result<Option<tower_http::cors::CorsLayer>, Box<dyn std::error::Error>> {
     use tower_http::cors::{AllowOrigin, Any, CorsLayer};
-    let origins: Vec<&str> = origins.iter().map(|o| o.trim()).filter(|o| !o.is_empty()).collect();
     if origins.is_empty() {
         return Ok(None);
     }
-    let allow = if origins.contains(&"*") {
+    let allow = if origins.iter().any(|o| o == "*") {
         AllowOrigin::any()
     } else {
         let parsed = origins

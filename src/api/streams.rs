@@ -257,7 +257,8 @@ fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), ApiError>
         };
         host.is_some_and(|h| h.eq_ignore_ascii_case(&authority))
     });
-    if same_origin || allowed.iter().any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin)) {
+    // The allowed origins as the CORS layer matches them: `*`, or the header's exact value.
+    if same_origin || allowed.iter().any(|a| a == "*" || a == origin) {
         return Ok(());
     }
     Err(ApiError::Forbidden(format!(
@@ -319,8 +320,9 @@ mod tests {
         assert!(check_origin(&headers(Some("http://evil.example"), "127.0.0.1:8080"), &none).is_err());
         assert!(check_origin(&headers(Some("http://127.0.0.1:9999"), "127.0.0.1:8080"), &none).is_err(), "another port is another origin");
         assert!(check_origin(&headers(Some("null"), "127.0.0.1:8080"), &none).is_err());
-        let allowed = vec!["https://dash.example/".to_string()];
+        let allowed = vec!["https://dash.example".to_string()];
         assert!(check_origin(&headers(Some("https://dash.example"), "127.0.0.1:8080"), &allowed).is_ok());
+        assert!(check_origin(&headers(Some("https://dash.example.evil"), "127.0.0.1:8080"), &allowed).is_err());
         assert!(check_origin(&headers(Some("http://evil.example"), "127.0.0.1:8080"), &["*".to_string()]).is_ok());
     }
 }
