@@ -10,7 +10,8 @@
 #     measured capacity; then a rolling update to swarm-2, then one replica killed (SIGKILL);
 #  5. judged: no request failed or was refused during the rolling update; after the kill,
 #     the client's failures are at most the requests the killed replica held (read from the
-#     proxy's log: sent to it, not finished at the kill); back to two healthy replicas within
+#     proxy's log: sent to it, not finished at the kill; plus those the proxy closed unanswered
+#     without a log line, which only the client saw); back to two healthy replicas within
 #     two minutes (the time is reported against health-check interval + start time);
 #     the proxy's retries (connections no replica accepted, retried on another) are reported
 #     beside the client's failures.
@@ -216,7 +217,18 @@ for line in open(log):
     m = re.search(r"Server replicas-rest/(replica\d+) is DOWN\..* (\d+) sessions active", line)
     if m and slot and m.group(1) == slot:
         at_down = max(at_down, int(m.group(2)))
-held_count = max(len(held), at_down)
+# And the requests the proxy closed without an answer and without a log line: when a replica's
+# connection breaks under a request that is not the first on its client connection, HAProxy
+# closes that client connection silently and logs nothing (http_ana.c, abort_keep_alive: it
+# expects the client to retry, as browsers do). Only the client saw them: the open loop's
+# requests the log lacks, counted where the client got no answer between the kill and the
+# return to two replicas (the only replica whose connections broke then is the killed one).
+open_loop = [r for r in predicts if r["at"] >= loaded["started"]]
+unlogged = max(0, loaded["sent"] - len(open_loop))
+no_answer_after_kill = sum(1 for at, status in loaded["not_answered"]
+                           if status == 0 and kill_at <= at < kill_at + recovery_s)
+silent = min(unlogged, no_answer_after_kill)
+held_count = max(len(held) + silent, at_down)
 retried = [r for r in predicts if r["retries"] > 0]
 def during(label):
     return phases.get(label, {"sent": 0, "failed": 0, "refused": 0})
@@ -229,7 +241,8 @@ lines = [
     f"Rolling update of two replicas to a new image: {update_s} s; client failures {update['failed']}, refused {update['refused']} "
     f"of {update['sent']} sent (target 0).",
     f"Killed replica (SIGKILL): the proxy's log shows it held {held_count} requests at the kill "
-    f"({len(held)} logged in flight, {at_down} sessions open when its check marked it down); the client saw "
+    f"({len(held)} logged in flight, {silent} closed by the proxy unanswered and unlogged, {at_down} sessions open "
+    f"when its check marked it down); the client saw "
     f"{after_kill_failed} fail after it (target: at most {held_count}) and {after_kill_refused} refused with 503 "
     f"(the surviving replica's admission control while it carried the load alone and the replacement warmed up "
     f"on the same cores).",

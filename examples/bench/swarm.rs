@@ -124,6 +124,10 @@ pub fn summary_json(f: &SwarmFigures) -> serde_json::Value {
     serde_json::json!({
         "capacity": f.capacity,
         "rate": f.rate,
+        // When the open loop began and how many it sent in all (the script holds them against
+        // the proxy's log lines: a request the proxy closed without an answer has none).
+        "started": f.started,
+        "sent": f.points.len(),
         // Every request not answered 200: when it was sent (epoch seconds) and its status (0: no answer).
         "not_answered": f.points.iter().filter(|p| p.1 != 200).map(|p| serde_json::json!([f.started + p.0, p.1])).collect::<Vec<_>>(),
         "phases": f.phases.iter().map(|p| serde_json::json!({
