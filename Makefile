@@ -115,7 +115,7 @@ models: $(PRETRAINED)/.complete
 	$(PYTHON) models/aoti.py compile-repo --repo models --cache $(AOTI_CACHE) --downloads $(CACHE)/downloads
 	@echo "[models] $(DEFAULT_MODELS) ready in models/"
 
-# One version folder with [compile] precision = "int8" (models/README.md); exits 1 when the
+# One version folder with [compile] precision = "int8" or "bf16" (models/README.md); exits 1 when the
 # variant fails its gates (and is then listed as not installed).
 quantize: $(PY_STAMP)
 	@test -n "$(MODEL)" || { echo "usage: make quantize MODEL=models/<name>/<version> [CALIBRATION=<folder of photos>]"; exit 2; }

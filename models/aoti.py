@@ -36,7 +36,7 @@ KEY_TORCH_VERSION = "visionserve.torch_version"
 KEY_CPU_FLAGS = "visionserve.cpu_flags_sha256"
 KEY_MAX_BATCH = "visionserve.max_batch"
 KEY_PROGRAM = "visionserve.program_sha256"
-# "fp32" or "int8": the server refuses a package whose precision is not its config's.
+# "fp32", "int8" or "bf16": the server refuses a package whose precision is not its config's.
 KEY_PRECISION = "visionserve.precision"
 # The package's batch-1 models by thread count, "1:batch1_t1,2:batch1_t2" (compile_package).
 KEY_BATCH1 = "visionserve.batch1_models"
@@ -47,6 +47,8 @@ FREEZE = os.environ.get("VISIONSERVE_AOTI_FREEZE", "1") != "0"
 KERNEL_PATTERNS = {
     "onednn_fp32": r"mkldnn__convolution_pointwise|mkldnn__linear_pointwise|mkl_linear|mkldnn_rnn",
     "onednn_int8": r"qconv\w*pointwise|qlinear\w*pointwise",
+    # Every bfloat16 tensor the wrapper makes or checks: none in an FP32 package.
+    "bf16": r"cached_torch_dtype_bfloat16",
 }
 
 
@@ -55,6 +57,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Written into a version folder whose package was compiled but not installed (a failed gate):
 # the server reports the version failed with this file's reason.
 NOT_INSTALLED = "not-installed.txt"
+# The precisions made from an FP32 twin and judged by models/quantize.py's gates.
+VARIANTS = ("int8", "bf16")
 
 
 def cpu_flags_digest(cpuinfo_path="/proc/cpuinfo"):
@@ -79,21 +83,22 @@ def reexported(program_path):
     return export_program(program.module(), example, spec["max_batch"], spec["multiple"], spec["max_side"]), spec
 
 
-def compile_package(program_path, package_path, pixels=None, batch1=True, quantized=None):
+def compile_package(program_path, package_path, pixels=None, batch1=True, variant=None, precision="fp32"):
     """Compiles an exported program for this machine, with the metadata the server checks.
     The device is the program's own: export on cuda:0 for a GPU package. `pixels` (the
     config's [input] table) says what values the model sees, for timing its batch-1 models.
-    `quantized`: the program's INT8 version (models/quantize.py), compiled in its place."""
+    `variant`: the program's INT8 or BF16 version (models/quantize.py), compiled in its place,
+    its `precision` recorded."""
     program, spec = reexported(program_path)
     example = torch.zeros(spec["example_shape"], device=spec["device"])
-    if quantized is not None:
-        program = quantized
+    if variant is not None:
+        program = variant
     metadata = {
         KEY_TORCH_VERSION: torch.__version__,
         KEY_CPU_FLAGS: cpu_flags_digest(),
         KEY_MAX_BATCH: str(spec["max_batch"]),
         KEY_PROGRAM: sha256(program_path),
-        KEY_PRECISION: "fp32" if quantized is None else "int8",
+        KEY_PRECISION: precision,
     }
     files = {"model": compile_part(program, metadata)}
     tmp = package_path + ".tmp.pt2"
@@ -319,14 +324,14 @@ def aoti_folders(repo):
 
 
 def twin_package(folder, config, cache):
-    """The FP32 twin's package for an INT8 version (`[compile] twin` names its version folder),
+    """The FP32 twin's package for an INT8 or BF16 version (`[compile] twin` names its version folder),
     compiled as its own folder would be (so it is the cached package that folder links)."""
     twin = str(config.get("compile", {}).get("twin", ""))
     twin_folder = os.path.join(os.path.dirname(folder), twin)
     path = os.path.join(twin_folder, "program.pt2")
     if not twin or not os.path.exists(path):
-        sys.exit(f"aoti: {folder} has precision = \"int8\" but no [compile] twin = \"<version>\" with a program.pt2 "
-                 f"(looked for {path})")
+        sys.exit(f"aoti: {folder} has precision = \"{config.get('compile', {}).get('precision')}\" but no [compile] "
+                 f"twin = \"<version>\" with a program.pt2 (looked for {path})")
     with open(os.path.join(twin_folder, "config.toml"), "rb") as f:
         twin_config = tomllib.load(f)
     name = f"{os.path.basename(os.path.dirname(folder))}-v{twin}"
@@ -334,10 +339,11 @@ def twin_package(folder, config, cache):
                           twin_config.get("compile", {}).get("batch1_models", True))
 
 
-def compile_int8_cached(program_path, twin_package, cache, name, config, downloads, calibration_folder=None):
-    """The INT8 package for this program on this machine and its gate report, quantized,
-    compiled and judged on first use (models/quantize.py)."""
+def compile_variant_cached(program_path, twin_package, cache, name, config, downloads, calibration_folder=None):
+    """The INT8 or BF16 package for this program on this machine and its gate report,
+    converted, compiled and judged on first use (models/quantize.py)."""
     import quantize
+    precision = config["compile"]["precision"]
     crops_n = int(config.get("compile", {}).get("calibration_crops", 512))
     # What the quantization depends on: the script, and the config's [compile] and [input].
     recipe = json.dumps([config.get("compile", {}), config.get("input", {})], sort_keys=True)
@@ -345,11 +351,11 @@ def compile_int8_cached(program_path, twin_package, cache, name, config, downloa
     if calibration_folder:
         listing = "\n".join(sorted(f"{n} {os.path.getsize(os.path.join(calibration_folder, n))}" for n in os.listdir(calibration_folder)))
         calibration_key += "-" + hashlib.sha256(listing.encode()).hexdigest()[:8]
-    key = f"{sha256(program_path)[:16]}-{sha256(os.path.abspath(__file__))[:8]}-int8-{calibration_key}"
+    key = f"{sha256(program_path)[:16]}-{sha256(os.path.abspath(__file__))[:8]}-{precision}-{calibration_key}"
     folder = os.path.join(cache_folder(cache), f"{name}-{key}")
     package, report_path = os.path.join(folder, "model.pt2"), os.path.join(folder, "gate.json")
     if os.path.exists(package) and os.path.exists(report_path):
-        progress(f"{name}: cached INT8 package {package}")
+        progress(f"{name}: cached {precision.upper()} package {package}")
         with open(report_path) as f:
             return package, json.load(f)
     os.makedirs(folder, exist_ok=True)
@@ -357,27 +363,32 @@ def compile_int8_cached(program_path, twin_package, cache, name, config, downloa
     pixels = config.get("input", {})
     size = (pixels["width"], pixels["height"])
     if config.get("task") != "classification":
-        sys.exit(f"aoti: {name}: INT8 has an accuracy gate for classification only so far (task = "
-                 f"\"{config.get('task')}\")")
+        sys.exit(f"aoti: {name}: {precision.upper()} versions have an accuracy gate for classification only so far "
+                 f"(task = \"{config.get('task')}\")")
     program, spec = reexported(program_path)
-    calibration = quantize.crops(quantize.calibration_photos(calibration_folder), crops_n, quantize.CALIBRATION_SEED,
-                                 pixels, size)
     options = config.get("compile", {})
-    quantized = quantize.quantize(program, spec, calibration, first=int(options.get("fp32_first_layers", quantize.FP32_FIRST_LAYERS)),
-                                  last=int(options.get("fp32_last_layers", quantize.FP32_LAST_LAYERS)))
-    progress(f"{name}: compiling the INT8 program for this machine ...")
-    compile_package(program_path, package, pixels, config.get("compile", {}).get("batch1_models", True), quantized)
-    progress(f"{name}: judging the INT8 package against its FP32 program on held-apart photos ...")
+    if precision == "bf16":
+        variant = quantize.to_bf16(program, spec)
+    else:
+        calibration = quantize.crops(quantize.calibration_photos(calibration_folder), crops_n, quantize.CALIBRATION_SEED,
+                                     pixels, size)
+        variant = quantize.quantize(program, spec, calibration,
+                                    first=int(options.get("fp32_first_layers", quantize.FP32_FIRST_LAYERS)),
+                                    last=int(options.get("fp32_last_layers", quantize.FP32_LAST_LAYERS)))
+    progress(f"{name}: compiling the {precision.upper()} program for this machine ...")
+    compile_package(program_path, package, pixels, options.get("batch1_models", True), variant, precision)
+    progress(f"{name}: judging the {precision.upper()} package against its FP32 program on held-apart photos ...")
     evaluation = quantize.crops(quantize.evaluation_photos(downloads), quantize.EVALUATION_CROPS,
                                 quantize.EVALUATION_SEED, pixels, size)
     shape = [1, 3, size[1], size[0]]
     threads = max(1, os.cpu_count() or 1)
     speed = {"threads": threads}
     for count, label in ((1, "1_thread"), (threads, "all_threads")):
-        int8_ms, fp32_ms = time_in_fresh_process((package, SERVING), (twin_package, SERVING), shape, count, pixels)
-        speed.update({f"int8_ms_{label}": int8_ms, f"fp32_ms_{label}": fp32_ms, f"speedup_{label}": fp32_ms / int8_ms})
-    report = {"accuracy": quantize.accuracy(program.module(), package, evaluation, min(8, spec["max_batch"])), "speed": speed,
-              "kernels": package_kernels(package), "cpu": quantize.cpu_int8_support(),
+        variant_ms, fp32_ms = time_in_fresh_process((package, SERVING), (twin_package, SERVING), shape, count, pixels)
+        speed.update({f"variant_ms_{label}": variant_ms, f"fp32_ms_{label}": fp32_ms, f"speedup_{label}": fp32_ms / variant_ms})
+    report = {"precision": precision,
+              "accuracy": quantize.accuracy(program.module(), package, evaluation, min(8, spec["max_batch"])), "speed": speed,
+              "kernels": package_kernels(package), "cpu": quantize.cpu_support(),
               "compile_s": round(time.time() - started)}
     report["failed"] = quantize.gate(report)
     quantize.save_report(report_path, report)
@@ -391,22 +402,23 @@ def link(package, target):
         os.symlink(package, target)
 
 
-def install_int8(name, folder, config, cache, downloads, calibration_folder=None):
-    """Quantizes, compiles and judges an INT8 version folder; links its package in when it
-    passes its gates, else writes NOT_INSTALLED with the reason. True when installed."""
+def install_variant(name, folder, config, cache, downloads, calibration_folder=None):
+    """Converts, compiles and judges an INT8 or BF16 version folder; links its package in when
+    it passes its gates, else writes NOT_INSTALLED with the reason. True when installed."""
     import quantize
+    precision = config["compile"]["precision"].upper()
     program = os.path.realpath(os.path.join(folder, "program.pt2"))
     target = os.path.join(folder, config.get("file", "model.pt2"))
     refusal = os.path.join(folder, NOT_INSTALLED)
     twin = twin_package(folder, config, cache)
-    package, report = compile_int8_cached(program, twin, cache, name, config, downloads, calibration_folder)
+    package, report = compile_variant_cached(program, twin, cache, name, config, downloads, calibration_folder)
     if report["failed"]:
-        progress(f"{name}: INT8 version NOT installed: {report['failed']} ({quantize.describe(report)})")
+        progress(f"{name}: {precision} version NOT installed: {report['failed']} ({quantize.describe(report)})")
         link(None, target)
         with open(refusal, "w") as f:
-            f.write(f"INT8 variant failed its gate on this machine: {report['failed']}\n")
+            f.write(f"{precision} variant failed its gate on this machine: {report['failed']}\n")
         return False
-    progress(f"{name}: INT8 version installed: {quantize.describe(report)}")
+    progress(f"{name}: {precision} version installed: {quantize.describe(report)}")
     if os.path.exists(refusal):
         os.remove(refusal)
     link(package, target)
@@ -421,8 +433,8 @@ def compile_repo(repo, cache, downloads):
             sys.exit(f"aoti: {folder} is format = \"aoti\" but has no program.pt2 to compile")
         progress(f"({i}/{len(found)}) {name}")
         options = config.get("compile", {})
-        if options.get("precision", "fp32") == "int8":
-            install_int8(name, folder, config, cache, downloads)
+        if options.get("precision", "fp32") in VARIANTS:
+            install_variant(name, folder, config, cache, downloads)
             continue
         package = compile_cached(os.path.realpath(program), cache, name, config.get("input", {}),
                                  options.get("batch1_models", True))
@@ -431,13 +443,14 @@ def compile_repo(repo, cache, downloads):
 
 
 def quantize_folder(folder, cache, downloads, calibration_folder):
-    """`make quantize`: one version folder with `[compile] precision = "int8"` (its program.pt2
-    the twin's, or linked by you), calibrated on your photos when given."""
+    """`make quantize`: one version folder with `[compile] precision = "int8"` or "bf16" (its
+    program.pt2 the twin's, or linked by you), an INT8 one calibrated on your photos when given."""
     folder = os.path.abspath(folder.rstrip("/"))
     with open(os.path.join(folder, "config.toml"), "rb") as f:
         config = tomllib.load(f)
-    if config.get("compile", {}).get("precision") != "int8" or not config.get("compile", {}).get("twin"):
-        sys.exit(f"aoti: {folder}/config.toml needs [compile] precision = \"int8\" and twin = \"<FP32 version>\"")
+    if config.get("compile", {}).get("precision") not in VARIANTS or not config.get("compile", {}).get("twin"):
+        sys.exit(f"aoti: {folder}/config.toml needs [compile] precision = \"int8\" (or \"bf16\") and "
+                 "twin = \"<FP32 version>\"")
     program = os.path.join(folder, "program.pt2")
     if not os.path.exists(program):
         twin = os.path.join(os.path.dirname(folder), str(config["compile"]["twin"]), "program.pt2")
@@ -445,7 +458,7 @@ def quantize_folder(folder, cache, downloads, calibration_folder):
             sys.exit(f"aoti: neither {program} nor the twin's {twin} exists: export the FP32 program first")
         os.symlink(os.path.realpath(twin), program)
     name = f"{os.path.basename(os.path.dirname(folder))}-v{os.path.basename(folder)}"
-    sys.exit(0 if install_int8(name, folder, config, cache, downloads, calibration_folder) else 1)
+    sys.exit(0 if install_variant(name, folder, config, cache, downloads, calibration_folder) else 1)
 
 
 def main():
@@ -459,8 +472,9 @@ def main():
     many.add_argument("--cache", required=True)
     many.add_argument("--downloads", default=os.path.expanduser("~/.cache/visionserve/downloads"),
                       help="where the INT8 gate's evaluation photos are fetched to")
-    int8 = commands.add_parser("quantize", help="quantize one version folder to INT8 and install it past its gates")
-    int8.add_argument("--folder", required=True, help="a version folder whose config has [compile] precision = \"int8\"")
+    int8 = commands.add_parser("quantize", help="make one version folder's INT8 or BF16 package, installed past its gates")
+    int8.add_argument("--folder", required=True, help="a version folder whose config has [compile] precision = \"int8\" "
+                      "or \"bf16\"")
     int8.add_argument("--cache", required=True)
     int8.add_argument("--downloads", default=os.path.expanduser("~/.cache/visionserve/downloads"))
     int8.add_argument("--calibration", help="a folder of your own photos (.jpg, .png) to calibrate on")

@@ -1,14 +1,19 @@
-"""INT8 versions of AOTInductor models: PT2E static quantization with torchao's X86 Inductor
-quantizer, calibrated on photos that ship in packages, compiled frozen by models/aoti.py, and
-installed only when they pass two gates.
+"""INT8 and BF16 versions of AOTInductor models, compiled frozen by models/aoti.py and
+installed only when they pass their gates on the machine that built them.
 
-A version folder asks for it with `precision = "int8"` under `[compile]` (models/README.md):
+INT8: PT2E static quantization with torchao's X86 Inductor quantizer, calibrated on photos that
+ship in packages. BF16: the FP32 program's weights and activations in bfloat16 (the input cast
+in, the output cast back to FP32, so the server sees the twin's tensors), which pays where the
+CPU multiplies bfloat16 in hardware (AMX-BF16, AVX512-BF16) and not elsewhere (measured in
+../shared/docs/cpu-speed-facts.md: slower than FP32 on a CPU without AMX).
+
+A version folder asks for one with `precision` under `[compile]` (models/README.md):
 
     [compile]
-    precision = "int8"
-    twin = "2"                 # the FP32 version whose program this one quantizes, and is judged against
-    calibration_crops = 512    # how many crops of the calibration photos the observers see
-    fp32_first_layers = 4      # convolution/linear layers kept FP32 at the input end
+    precision = "int8"         # or "bf16" (which needs only the twin)
+    twin = "2"                 # the FP32 version whose program this one converts, and is judged against
+    calibration_crops = 512    # INT8: how many crops of the calibration photos the observers see
+    fp32_first_layers = 4      # INT8: convolution/linear layers kept FP32 at the input end
     fp32_last_layers = 3       # ... and at the output end
 
 - Calibration: random crops (30-100 % of the area, 3:4 to 4:3, mirrored half the time) of
@@ -22,9 +27,9 @@ A version folder asks for it with `precision = "int8"` under `[compile]` (models
   crops where FP32's top-1 softmax margin is over 0.15; the overall agreement and the top-5
   overlap are reported beside it.
 - Speed gate: one image at one thread (what each inference thread of the pool runs) at least
-  1.5 x the FP32 twin's package, timed in a fresh process; and the package must call oneDNN's
-  quantized kernels (a quantized graph compiled without freezing silently runs in FP32,
-  pytorch/ao#4566).
+  1.5 x the FP32 twin's package, timed in a fresh process; and the package must call the
+  kernels of its precision: oneDNN's quantized ones for INT8 (a quantized graph compiled without
+  freezing silently runs in FP32, pytorch/ao#4566), bfloat16 tensors for BF16.
 
 The recipe, measured on mobilenet_v2 (top-1 agreement on the 344 evaluation crops where FP32 is
 confident, the converted graph run eagerly; models/README.md has the compiled figures):
@@ -75,13 +80,13 @@ EVALUATION_CROPS = 512
 
 ACCURACY_GATE = 0.99      # top-1 agreement where FP32 is confident
 CONFIDENT_MARGIN = 0.15   # FP32's top-1 softmax probability minus its second's
-SPEED_GATE = 1.5          # INT8 forward / FP32 twin forward, one image at one thread
+SPEED_GATE = 1.5          # FP32 twin forward / variant forward, one image at one thread
 # Convolution and linear layers kept FP32 at each end of the network ([compile]
 # fp32_first_layers, fp32_last_layers): the raw pixels in and the logits out are where 8 bits
 # cost the most agreement, and these layers are a small part of the work.
 FP32_FIRST_LAYERS, FP32_LAST_LAYERS = 4, 3
 
-progress = reporter("int8")
+progress = reporter("variant")
 
 
 def read_rgb(path):
@@ -229,18 +234,33 @@ def quantize(program, spec, calibration, batch=8, first=FP32_FIRST_LAYERS, last=
     return export_program(converted, example, spec["max_batch"])
 
 
+def to_bf16(program, spec):
+    """The FP32 exported program in bfloat16: its weights and every activation, the input cast
+    in and the logits cast back, exported again with the program's dynamic batch."""
+    class InBfloat16(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module.to(torch.bfloat16)
+
+        def forward(self, x):
+            return self.module(x.to(torch.bfloat16)).float()
+
+    example = torch.zeros(spec["example_shape"])
+    return export_program(InBfloat16(copy.deepcopy(program.module())), example, spec["max_batch"])
+
+
 def top_k(module, images, k=5, batch=8):
     with torch.no_grad():
         logits = torch.cat([module(chunk) for chunk in images.split(batch)])
     return logits.softmax(-1).topk(k, dim=-1)
 
 
-def accuracy(fp32_module, int8_package, images, batch=8):
-    """How the INT8 package's answers agree with the FP32 program's on `images`, `batch` at a
-    time (at most the program's batch bound)."""
+def accuracy(fp32_module, package, images, batch=8):
+    """How the variant package's answers agree with the FP32 program's on `images`, `batch` at
+    a time (at most the program's batch bound)."""
     from torch._inductor.package import load_package
     reference = top_k(fp32_module, images, batch=batch)
-    ours = top_k(load_package(int8_package, "model"), images, batch=batch)
+    ours = top_k(load_package(package, "model"), images, batch=batch)
     margin = reference.values[:, 0] - reference.values[:, 1]
     agree = ours.indices[:, 0] == reference.indices[:, 0]
     confident = margin > CONFIDENT_MARGIN
@@ -254,30 +274,43 @@ def accuracy(fp32_module, int8_package, images, batch=8):
     }
 
 
-def cpu_int8_support():
-    """What oneDNN has for 8-bit dot products on this CPU: without VNNI (AVX-512 VNNI, AVX-VNNI)
-    or AMX it multiplies u8 by s8 in pairs summed to int16 (AVX2's vpmaddubsw), which saturates
-    (an accuracy loss the eager graph does not show) and is barely faster than FP32."""
+def cpu_support():
+    """What oneDNN has on this CPU for the variants. 8-bit dot products: without VNNI (AVX-512
+    VNNI, AVX-VNNI) or AMX it multiplies u8 by s8 in pairs summed to int16 (AVX2's vpmaddubsw),
+    which saturates (an accuracy loss the eager graph does not show) and is barely faster than
+    FP32. bfloat16: without AVX512-BF16 or AMX it is converted to FP32 and back around every
+    multiply (slower than FP32)."""
     return {"capability": torch.backends.cpu.get_cpu_capability(), "vnni": bool(torch.cpu._is_vnni_supported()),
-            "amx": bool(torch.cpu._is_amx_tile_supported())}
+            "amx": bool(torch.cpu._is_amx_tile_supported()),
+            "bf16": bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())}
+
+
+# What each precision's package must call, among aoti.KERNEL_PATTERNS, and what it is without.
+KERNELS = {"int8": ("onednn_int8", "the package calls no quantized oneDNN kernel: it would run in FP32"),
+           "bf16": ("bf16", "the package computes on no bfloat16 tensor: it would run in FP32")}
 
 
 def gate(report):
     """Why a variant fails its gates, or None when it passes."""
     reasons = []
     a, s = report["accuracy"], report["speed"]
+    precision = report.get("precision", "int8")
+    kernel, missing = KERNELS[precision]
     if a["confident_crops"] < 50:
         reasons.append(f"only {a['confident_crops']} evaluation crops where FP32 is confident (need 50)")
     if a["top1_confident"] < ACCURACY_GATE:
         reasons.append(f"top-1 agreement {a['top1_confident']:.1%} where FP32 is confident, below {ACCURACY_GATE:.0%}")
-    if report["kernels"].get("onednn_int8", 0) == 0:
-        reasons.append("the package calls no quantized oneDNN kernel: it would run in FP32")
+    if report["kernels"].get(kernel, 0) == 0:
+        reasons.append(missing)
     if s["speedup_1_thread"] < SPEED_GATE:
         reasons.append(f"forward {s['speedup_1_thread']:.2f} x the FP32 twin's at one thread, below {SPEED_GATE} x")
     cpu = report.get("cpu", {})
-    if reasons and cpu and not (cpu.get("vnni") or cpu.get("amx")):
+    if reasons and cpu and precision == "int8" and not (cpu.get("vnni") or cpu.get("amx")):
         reasons.append(f"this CPU has no VNNI or AMX (oneDNN's INT8 runs on {cpu.get('capability')}, without 8-bit "
                        "dot products: slow and saturating)")
+    if reasons and cpu and precision == "bf16" and not cpu.get("bf16"):
+        reasons.append(f"this CPU has no AVX512-BF16 or AMX (oneDNN's bfloat16 runs on {cpu.get('capability')} by "
+                       "converting to FP32 around every multiply)")
     return "; ".join(reasons) or None
 
 
@@ -285,10 +318,12 @@ def describe(report):
     a, s = report["accuracy"], report["speed"]
     return (f"top-1 agreement {a['top1_confident']:.1%} on {a['confident_crops']} confident crops "
             f"({a['top1_overall']:.1%} of all {a['crops']}, top-5 overlap {a['top5_overlap']:.2f}); "
-            f"one image: {s['int8_ms_1_thread']:.1f} ms against FP32 {s['fp32_ms_1_thread']:.1f} ms at 1 thread "
-            f"({s['speedup_1_thread']:.2f} x), {s['int8_ms_all_threads']:.1f} against {s['fp32_ms_all_threads']:.1f} ms "
+            f"one image: {s['variant_ms_1_thread']:.1f} ms against FP32 {s['fp32_ms_1_thread']:.1f} ms at 1 thread "
+            f"({s['speedup_1_thread']:.2f} x), {s['variant_ms_all_threads']:.1f} against {s['fp32_ms_all_threads']:.1f} ms "
             f"at {s['threads']} ({s['speedup_all_threads']:.2f} x); "
-            f"{report['kernels'].get('onednn_int8', 0)} quantized oneDNN calls")
+            + ("{} quantized oneDNN calls".format(report["kernels"].get("onednn_int8", 0))
+               if report.get("precision", "int8") == "int8"
+               else "{} bfloat16 tensors in the wrapper".format(report["kernels"].get("bf16", 0))))
 
 
 def save_report(path, report):

@@ -209,13 +209,13 @@ def variants_for(name, repo, work, torch_python, extra):
         path = os.path.join(folder, config.get("file", "model.pt2" if runtime == "aoti" else "model.pt"))
         precision = config.get("compile", {}).get("precision", "fp32")
         if not os.path.exists(path):
-            # An INT8 version that failed its gates on this machine (make models says why).
+            # An INT8 or BF16 version that failed its gates on this machine (make models says why).
             why = os.path.join(folder, "not-installed.txt")
             progress(f"{name} v{version}: not installed, left out: "
                      f"{open(why).read().strip() if os.path.exists(why) else 'no ' + path}")
             continue
         kind = "AOTInductor" if runtime == "aoti" else "TorchScript"
-        found.append({"label": f"visionserve v{version} ({kind}{' INT8' if precision == 'int8' else ''})",
+        found.append({"label": f"visionserve v{version} ({kind}{'' if precision == 'fp32' else ' ' + precision.upper()})",
                       "runtime": runtime, "path": os.path.realpath(path), "python": torch_python, "config": config,
                       "precision": precision})
     for spec in extra:
@@ -246,7 +246,7 @@ def check_parity(name, variants, inputs, work):
     for v, out in zip(variants[1:], outputs[1:]):
         diff = float(np.abs(out - outputs[0]).max())
         v["max_abs_diff"] = diff
-        if v.get("precision") == "int8":
+        if v.get("precision", "fp32") != "fp32":
             # Not the same numbers by design: the same top-1 on the sample photos (the build's
             # gate judged it on many more crops).
             if (out.reshape(len(out), -1).argmax(-1) != outputs[0].reshape(len(out), -1).argmax(-1)).any():

@@ -67,12 +67,13 @@ pub struct CompileSpec {
     /// default; off where `make bench-cpu` shows they do not pay (each carries its own weights).
     #[serde(default = "yes")]
     pub batch1_models: bool,
-    /// The numbers the package computes in. `int8`: the `twin` version's program quantized
-    /// (models/quantize.py), installed only past its accuracy and speed gates. Shown in the
-    /// metadata and the forward-time metric; the package's own record must agree.
+    /// The numbers the package computes in. `int8`: the `twin` version's program quantized;
+    /// `bf16`: the twin's program in bfloat16 (models/quantize.py). Either is installed only past
+    /// its accuracy and speed gates. Shown in the metadata and the forward-time metric; the
+    /// package's own record must agree.
     #[serde(default)]
     pub precision: Precision,
-    /// The FP32 version an INT8 version quantizes and is judged against.
+    /// The FP32 version an INT8 or BF16 version is made from and judged against.
     #[serde(default)]
     pub twin: Option<String>,
     /// How many calibration crops the INT8 observers see (512 when absent).
@@ -106,6 +107,7 @@ pub enum Precision {
     #[default]
     Fp32,
     Int8,
+    Bf16,
 }
 
 impl Precision {
@@ -113,6 +115,7 @@ impl Precision {
         match self {
             Precision::Fp32 => "fp32",
             Precision::Int8 => "int8",
+            Precision::Bf16 => "bf16",
         }
     }
 }
@@ -587,9 +590,12 @@ impl ModelConfig {
         if !(0.0..=1.0).contains(&self.output.threshold) {
             return Err("output.threshold must be within 0..1".into());
         }
-        if self.compile.precision == Precision::Int8 && (self.format != ModelFormat::Aoti || self.compile.twin.is_none()) {
-            // The quantized program is made from an FP32 version's at compile time (models/quantize.py).
-            return Err("compile.precision = \"int8\" needs format = \"aoti\" and compile.twin naming the FP32 version".into());
+        if self.compile.precision != Precision::Fp32 && (self.format != ModelFormat::Aoti || self.compile.twin.is_none()) {
+            // The INT8 or BF16 program is made from an FP32 version's at compile time (models/quantize.py).
+            return Err(format!(
+                "compile.precision = \"{}\" needs format = \"aoti\" and compile.twin naming the FP32 version",
+                self.compile.precision.name()
+            ));
         }
         Ok(())
     }

@@ -1,7 +1,7 @@
-"""INT8 versions (models/quantize.py): the gates' arithmetic, the layers kept FP32, and the
-default mobilenet_v2's version 3 as `make models` left it on this machine: installed past both
-gates and serving the FP32 twin's answers on every protocol, or listed with the gate's reason,
-refused with a 404 and never the default."""
+"""INT8 and BF16 versions (models/quantize.py): the gates' arithmetic, the layers kept FP32, and
+the default mobilenet_v2's versions 3 (INT8) and 4 (BF16) as `make models` left them on this
+machine: installed past their gates and serving the FP32 twin's answers on every protocol, or
+listed with the gate's reason, refused with a 404 and never the default."""
 import json
 import os
 import sys
@@ -16,15 +16,19 @@ sys.path.insert(0, os.path.join(ROOT, "models"))
 import quantize  # noqa: E402
 
 SAMPLES = [os.path.join(ROOT, "assets", "samples", f) for f in ("chelsea.jpg", "coffee.jpg", "astronaut.jpg")]
-MODEL, INT8, TWIN = "mobilenet_v2", "3", "2"
+MODEL, TWIN = "mobilenet_v2", "2"
+# The variants of the default set: version, precision.
+VARIANTS = [("3", "int8"), ("4", "bf16")]
 
 
-def report(top1=0.995, confident=300, speedup=2.0, int8_calls=40):
-    return {"accuracy": {"crops": 512, "confident_crops": confident, "top1_confident": top1, "top1_overall": 0.9,
+def report(top1=0.995, confident=300, speedup=2.0, int8_calls=40, precision="int8", bf16_tensors=0):
+    return {"precision": precision,
+            "accuracy": {"crops": 512, "confident_crops": confident, "top1_confident": top1, "top1_overall": 0.9,
                          "top5_overlap": 0.9},
-            "speed": {"threads": 2, "int8_ms_1_thread": 10.0 / speedup, "fp32_ms_1_thread": 10.0, "speedup_1_thread": speedup,
-                      "int8_ms_all_threads": 5.0, "fp32_ms_all_threads": 6.0, "speedup_all_threads": 1.2},
-            "kernels": {"onednn_int8": int8_calls}}
+            "speed": {"threads": 2, "variant_ms_1_thread": 10.0 / speedup, "fp32_ms_1_thread": 10.0,
+                      "speedup_1_thread": speedup, "variant_ms_all_threads": 5.0, "fp32_ms_all_threads": 6.0,
+                      "speedup_all_threads": 1.2},
+            "kernels": {"onednn_int8": int8_calls, "bf16": bf16_tensors}}
 
 
 def test_the_gates_pass_only_a_variant_accurate_and_fast_with_quantized_kernels():
@@ -38,6 +42,43 @@ def test_the_gates_pass_only_a_variant_accurate_and_fast_with_quantized_kernels(
     avx2 = dict(report(speedup=1.1), cpu={"capability": "AVX2", "vnni": False, "amx": False})
     assert "no VNNI or AMX" in quantize.gate(avx2), "a failure on a CPU without 8-bit dot products says so"
     assert quantize.gate(dict(report(), cpu=avx2["cpu"])) is None, "a variant that passes, passes"
+
+
+def test_a_bf16_variant_has_the_same_gates_and_must_compute_in_bfloat16():
+    bf16 = dict(precision="bf16", int8_calls=0)
+    assert quantize.gate(report(bf16_tensors=100, **bf16)) is None
+    assert "would run in FP32" in quantize.gate(report(bf16_tensors=0, **bf16)), "a package left in FP32 fails"
+    assert "1.20 x" in quantize.gate(report(bf16_tensors=100, speedup=1.2, **bf16))
+    assert "top-1 agreement 98.0%" in quantize.gate(report(bf16_tensors=100, top1=0.98, **bf16))
+    slow = dict(report(bf16_tensors=100, speedup=0.8, **bf16), cpu={"capability": "AVX512", "vnni": True, "amx": False,
+                                                                   "bf16": False})
+    assert "no AVX512-BF16 or AMX" in quantize.gate(slow) and "VNNI" not in quantize.gate(slow)
+    assert "bfloat16 tensors" in quantize.describe(report(bf16_tensors=100, **bf16))
+
+
+def test_the_bf16_program_computes_in_bfloat16_and_answers_in_fp32():
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(self.conv(x).mean((2, 3)))
+
+    from program import export_program
+    torch.manual_seed(0)
+    tiny = Tiny().eval()
+    example = torch.randn(2, 3, 16, 16)
+    program = export_program(tiny, example, 4)
+    spec = {"example_shape": [2, 3, 16, 16], "max_batch": 4}
+    bf16 = quantize.to_bf16(program, spec)
+    out = bf16.module()(example)
+    assert out.dtype == torch.float32 and out.shape == (2, 4)
+    weights = [v.dtype for v in bf16.state_dict.values()]
+    assert weights and all(d == torch.bfloat16 for d in weights), weights
+    assert all(v.dtype == torch.float32 for v in program.state_dict.values()), "the FP32 program is left as it was"
+    with torch.no_grad():
+        assert (out - tiny(example)).abs().max().item() < 0.05
 
 
 def test_the_first_and_last_layers_are_found_by_name_in_the_exported_graph():
@@ -76,44 +117,51 @@ def top1(server, v, path):
     return response.status_code, response.json()
 
 
-def test_version_3_is_installed_only_past_its_gates(default_server):
-    folder = os.path.join(os.environ["VISIONSERVE_DEFAULT_MODELS"], MODEL, INT8)
+def installed(v):
+    return os.path.exists(os.path.join(os.environ["VISIONSERVE_DEFAULT_MODELS"], MODEL, v, "model.pt2"))
+
+
+@pytest.mark.parametrize("variant,precision", VARIANTS)
+def test_a_variant_is_installed_only_past_its_gates(default_server, variant, precision):
+    folder = os.path.join(os.environ["VISIONSERVE_DEFAULT_MODELS"], MODEL, variant)
     package, refusal = os.path.join(folder, "model.pt2"), os.path.join(folder, "not-installed.txt")
-    listed = version(default_server, INT8)
-    assert listed["precision"] == "int8" and version(default_server, TWIN)["precision"] == "fp32"
+    listed = version(default_server, variant)
+    assert listed["precision"] == precision and version(default_server, TWIN)["precision"] == "fp32"
+    family = requests.get(default_server.url(f"/v1/models/{MODEL}"), timeout=10).json()
+    newest_installed = max((v for v in [TWIN] + [v for v, _ in VARIANTS] if installed(v)), key=int)
+    assert family["default_version"] == newest_installed, family
     if not os.path.exists(package):
-        # make models judged it and left it out: the server says why and serves version 2.
+        # make models judged it and left it out: the server says why and serves another version.
         reason = open(refusal).read().strip()
-        assert "failed its gate" in reason
+        assert f"{precision.upper()} variant failed its gate" in reason
         assert listed["status"] == "not_installed" and reason in listed["reason"], listed
-        status, body = top1(default_server, INT8, SAMPLES[0])
+        status, body = top1(default_server, variant, SAMPLES[0])
         assert status == 404 and "not installed on this machine" in body["error"]["message"], body
-        family = requests.get(default_server.url(f"/v1/models/{MODEL}"), timeout=10).json()
-        assert family["default_version"] == TWIN, family
+        assert family["default_version"] != variant, family
         assert requests.get(default_server.url("/health/ready"), timeout=10).status_code == 200
-        pytest.skip(f"version 3 is not installed on this machine ({reason}); its refusal was checked")
+        pytest.skip(f"version {variant} is not installed on this machine ({reason}); its refusal was checked")
     assert not os.path.exists(refusal)
     with open(os.path.join(os.path.dirname(os.path.realpath(package)), "gate.json")) as f:
         gates = json.load(f)
-    assert gates["failed"] is None and quantize.gate(gates) is None, gates
+    assert gates["failed"] is None and quantize.gate(gates) is None and gates["precision"] == precision, gates
     assert listed["status"] == "ready", listed
     for path in SAMPLES:
-        (a, fp32), (b, int8) = top1(default_server, TWIN, path), top1(default_server, INT8, path)
+        (a, fp32), (b, ours) = top1(default_server, TWIN, path), top1(default_server, variant, path)
         assert a == b == 200
-        assert fp32["results"][0]["predictions"][0]["index"] == int8["results"][0]["predictions"][0]["index"], path
-    metadata = requests.get(default_server.url(f"/v2/models/{MODEL}/versions/{INT8}"), timeout=10).json()
-    assert metadata["parameters"]["precision"] == "int8"
-    config = requests.get(default_server.url(f"/v2/models/{MODEL}/versions/{INT8}/config"), timeout=10).json()
-    assert config["parameters"]["precision"]["string_value"] == "int8", config["parameters"]
+        assert fp32["results"][0]["predictions"][0]["index"] == ours["results"][0]["predictions"][0]["index"], path
+    metadata = requests.get(default_server.url(f"/v2/models/{MODEL}/versions/{variant}"), timeout=10).json()
+    assert metadata["parameters"]["precision"] == precision
+    config = requests.get(default_server.url(f"/v2/models/{MODEL}/versions/{variant}/config"), timeout=10).json()
+    assert config["parameters"]["precision"]["string_value"] == precision, config["parameters"]
     import tritonclient.grpc as grpcclient
     client = grpcclient.InferenceServerClient(default_server.grpc)
     answers = []
-    for v in (TWIN, INT8):
+    for v in (TWIN, variant):
         tensor = grpcclient.InferInput("image", [1], "BYTES")
         tensor.set_data_from_numpy(np.array([open(SAMPLES[0], "rb").read()], dtype=np.object_))
         answers.append(int(np.argmax(client.infer(MODEL, [tensor], model_version=v).as_numpy("scores")[0])))
     assert answers[0] == answers[1]
-    assert "precision=\"int8\"" in requests.get(default_server.url("/metrics"), timeout=10).text
+    assert f"precision=\"{precision}\"" in requests.get(default_server.url("/metrics"), timeout=10).text
 
 
 def test_the_gates_run_on_a_test_classifier_and_refuse_what_fails(tmp_path):
