@@ -80,6 +80,11 @@ EVALUATION_CROPS = 512
 
 ACCURACY_GATE = 0.99      # top-1 agreement where FP32 is confident
 CONFIDENT_MARGIN = 0.15   # FP32's top-1 softmax probability minus its second's
+# Detection: FP32's confident detections (score >= 0.5 after per-class NMS) the variant finds too,
+# with the same class and a box at IoU >= 0.7, among its own down to score 0.3 (a detection that
+# only slips under 0.5 is still found).
+BOX_GATE, BOX_IOU, CONFIDENT_SCORE, VARIANT_SCORE, NMS_IOU = 0.98, 0.7, 0.5, 0.3, 0.5
+CONFIDENT_MIN = 50  # confident crops (classification) or detections (detection) the gate needs
 SPEED_GATE = 1.5          # FP32 twin forward / variant forward, one image at one thread
 # Convolution and linear layers kept FP32 at each end of the network ([compile]
 # fp32_first_layers, fp32_last_layers): the raw pixels in and the logits out are where 8 bits
@@ -236,14 +241,17 @@ def quantize(program, spec, calibration, batch=8, first=FP32_FIRST_LAYERS, last=
 
 def to_bf16(program, spec):
     """The FP32 exported program in bfloat16: its weights and every activation, the input cast
-    in and the logits cast back, exported again with the program's dynamic batch."""
+    in and every floating-point output cast back (logits; a detector's boxes and scores),
+    exported again with the program's dynamic batch."""
     class InBfloat16(torch.nn.Module):
         def __init__(self, module):
             super().__init__()
             self.module = module.to(torch.bfloat16)
 
         def forward(self, x):
-            return self.module(x.to(torch.bfloat16)).float()
+            from torch.utils._pytree import tree_map
+            out = self.module(x.to(torch.bfloat16))
+            return tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, out)
 
     example = torch.zeros(spec["example_shape"])
     return export_program(InBfloat16(copy.deepcopy(program.module())), example, spec["max_batch"])
@@ -274,6 +282,50 @@ def accuracy(fp32_module, package, images, batch=8):
     }
 
 
+def detections(boxes, scores, background, threshold):
+    """Per image, (boxes [K, 4], classes [K], scores [K]) above `threshold` after per-class NMS,
+    from a `boxes_scores` model's outputs (boxes [N, A, 4], per-class scores [N, A, C])."""
+    import torchvision
+    found = []
+    for b, s in zip(boxes.float(), scores.float()):
+        s = s.clone()
+        if background is not None and 0 <= background < s.shape[1]:
+            s[:, background] = 0
+        anchor, cls = (s >= threshold).nonzero(as_tuple=True)
+        kept = torchvision.ops.batched_nms(b[anchor], s[anchor, cls], cls, NMS_IOU)
+        found.append((b[anchor][kept], cls[kept], s[anchor, cls][kept]))
+    return found
+
+
+def box_accuracy(fp32_module, package, images, batch=8, background=0):
+    """How many of the FP32 program's confident detections on `images` the variant package
+    finds: same class, box at IoU >= BOX_IOU (each of the variant's detections matched once)."""
+    import torchvision
+    from torch._inductor.package import load_package
+    variant = load_package(package, "model")
+    confident = matched = 0
+    ious = []
+    with torch.no_grad():
+        for chunk in images.split(batch):
+            reference, ours = fp32_module(chunk), variant(chunk)
+            for (rb, rc, _), (vb, vc, _) in zip(detections(*reference[:2], background, CONFIDENT_SCORE),
+                                                detections(*ours[:2], background, VARIANT_SCORE)):
+                confident += len(rb)
+                taken = torch.zeros(len(vb), dtype=torch.bool)
+                overlap = torchvision.ops.box_iou(rb, vb) if len(rb) and len(vb) else torch.zeros(len(rb), len(vb))
+                for i in range(len(rb)):
+                    candidates = (vc == rc[i]) & ~taken
+                    if candidates.any():
+                        best = torch.where(candidates, overlap[i], torch.tensor(-1.0)).argmax()
+                        ious.append(float(overlap[i, best]))
+                        if overlap[i, best] >= BOX_IOU:
+                            taken[best] = True
+                            matched += 1
+    return {"kind": "boxes", "crops": len(images), "confident_detections": confident,
+            "matched": matched / confident if confident else 0.0,
+            "median_iou": float(torch.tensor(ious).median()) if ious else 0.0}
+
+
 def cpu_support():
     """What oneDNN has on this CPU for the variants. 8-bit dot products: without VNNI (AVX-512
     VNNI, AVX-VNNI) or AMX it multiplies u8 by s8 in pairs summed to int16 (AVX2's vpmaddubsw),
@@ -296,10 +348,19 @@ def gate(report):
     a, s = report["accuracy"], report["speed"]
     precision = report.get("precision", "int8")
     kernel, missing = KERNELS[precision]
-    if a["confident_crops"] < 50:
-        reasons.append(f"only {a['confident_crops']} evaluation crops where FP32 is confident (need 50)")
-    if a["top1_confident"] < ACCURACY_GATE:
-        reasons.append(f"top-1 agreement {a['top1_confident']:.1%} where FP32 is confident, below {ACCURACY_GATE:.0%}")
+    if a.get("kind") == "boxes":
+        if a["confident_detections"] < CONFIDENT_MIN:
+            reasons.append(f"only {a['confident_detections']} confident FP32 detections on the evaluation crops "
+                           f"(need {CONFIDENT_MIN})")
+        if a["matched"] < BOX_GATE:
+            reasons.append(f"{a['matched']:.1%} of FP32's confident detections matched at IoU >= {BOX_IOU}, "
+                           f"below {BOX_GATE:.0%}")
+    else:
+        if a["confident_crops"] < CONFIDENT_MIN:
+            reasons.append(f"only {a['confident_crops']} evaluation crops where FP32 is confident "
+                           f"(need {CONFIDENT_MIN})")
+        if a["top1_confident"] < ACCURACY_GATE:
+            reasons.append(f"top-1 agreement {a['top1_confident']:.1%} where FP32 is confident, below {ACCURACY_GATE:.0%}")
     if report["kernels"].get(kernel, 0) == 0:
         reasons.append(missing)
     if s["speedup_1_thread"] < SPEED_GATE:
@@ -316,8 +377,13 @@ def gate(report):
 
 def describe(report):
     a, s = report["accuracy"], report["speed"]
-    return (f"top-1 agreement {a['top1_confident']:.1%} on {a['confident_crops']} confident crops "
-            f"({a['top1_overall']:.1%} of all {a['crops']}, top-5 overlap {a['top5_overlap']:.2f}); "
+    if a.get("kind") == "boxes":
+        agreement = (f"{a['matched']:.1%} of {a['confident_detections']} confident FP32 detections matched at "
+                     f"IoU >= {BOX_IOU} on {a['crops']} crops (median IoU {a['median_iou']:.3f}); ")
+    else:
+        agreement = (f"top-1 agreement {a['top1_confident']:.1%} on {a['confident_crops']} confident crops "
+                     f"({a['top1_overall']:.1%} of all {a['crops']}, top-5 overlap {a['top5_overlap']:.2f}); ")
+    return (agreement +
             f"one image: {s['variant_ms_1_thread']:.1f} ms against FP32 {s['fp32_ms_1_thread']:.1f} ms at 1 thread "
             f"({s['speedup_1_thread']:.2f} x), {s['variant_ms_all_threads']:.1f} against {s['fp32_ms_all_threads']:.1f} ms "
             f"at {s['threads']} ({s['speedup_all_threads']:.2f} x); "

@@ -17,8 +17,8 @@ import quantize  # noqa: E402
 
 SAMPLES = [os.path.join(ROOT, "assets", "samples", f) for f in ("chelsea.jpg", "coffee.jpg", "astronaut.jpg")]
 MODEL, TWIN = "mobilenet_v2", "2"
-# The variants of the default set: version, precision.
-VARIANTS = [("3", "int8"), ("4", "bf16")]
+# The variants of the default set: model, version, precision (each made from version 2).
+VARIANTS = [(MODEL, "3", "int8"), (MODEL, "4", "bf16"), ("ssd_mobilenet_v2_coco", "3", "bf16")]
 
 
 def report(top1=0.995, confident=300, speedup=2.0, int8_calls=40, precision="int8", bf16_tensors=0):
@@ -54,6 +54,29 @@ def test_a_bf16_variant_has_the_same_gates_and_must_compute_in_bfloat16():
                                                                    "bf16": False})
     assert "no AVX512-BF16 or AMX" in quantize.gate(slow) and "VNNI" not in quantize.gate(slow)
     assert "bfloat16 tensors" in quantize.describe(report(bf16_tensors=100, **bf16))
+
+
+def test_a_detector_variant_is_judged_by_its_matched_boxes():
+    boxes = {"kind": "boxes", "crops": 512, "confident_detections": 400, "matched": 0.985, "median_iou": 0.97}
+    bf16 = dict(report(precision="bf16", int8_calls=0, bf16_tensors=10), accuracy=boxes)
+    assert quantize.gate(bf16) is None
+    assert "97.0% of FP32's confident detections matched at IoU >= 0.7" in quantize.gate(
+        dict(bf16, accuracy=dict(boxes, matched=0.97)))
+    assert "only 49 confident FP32 detections" in quantize.gate(dict(bf16, accuracy=dict(boxes, confident_detections=49)))
+    assert "400 confident FP32 detections" in quantize.describe(bf16)
+
+
+def test_detections_are_per_class_nms_above_the_threshold_without_the_background():
+    # Anchors: two overlapping boxes of class 1 (NMS keeps the better), one of class 2, one box
+    # whose only high score is the background's, one under the threshold.
+    boxes = torch.tensor([[[0.1, 0.1, 0.5, 0.5], [0.11, 0.1, 0.5, 0.52], [0.6, 0.6, 0.9, 0.9], [0, 0, 1, 1],
+                           [0.2, 0.6, 0.3, 0.7]]])
+    scores = torch.zeros(1, 5, 3)
+    scores[0, 0, 1], scores[0, 1, 1], scores[0, 2, 2], scores[0, 3, 0], scores[0, 4, 1] = 0.9, 0.8, 0.7, 0.99, 0.2
+    (kept, classes, values), = quantize.detections(boxes, scores, 0, 0.5)
+    assert sorted(zip(classes.tolist(), values.tolist())) == [(1, pytest.approx(0.9)), (2, pytest.approx(0.7))]
+    (everything, _, _), = quantize.detections(boxes, scores, None, 0.5)
+    assert len(everything) == 3, "without a background class its column counts"
 
 
 def test_the_bf16_program_computes_in_bfloat16_and_answers_in_fp32():
@@ -107,51 +130,69 @@ def test_crops_are_preprocessed_as_the_server_does_and_repeatable():
     assert torch.equal(quantize.crops(photos, 4, 0, pixels, (224, 224)), a)
 
 
-def version(server, v):
-    return requests.get(server.url(f"/v1/models/{MODEL}/versions/{v}"), timeout=10).json()
+def version(server, model, v):
+    return requests.get(server.url(f"/v1/models/{model}/versions/{v}"), timeout=10).json()
 
 
-def top1(server, v, path):
-    response = requests.post(server.url(f"/v1/models/{MODEL}/versions/{v}/predict"), data=open(path, "rb").read(),
+def answer(server, model, v, path):
+    response = requests.post(server.url(f"/v1/models/{model}/versions/{v}/predict"), data=open(path, "rb").read(),
                              headers={"content-type": "image/jpeg"}, timeout=60)
     return response.status_code, response.json()
 
 
-def installed(v):
-    return os.path.exists(os.path.join(os.environ["VISIONSERVE_DEFAULT_MODELS"], MODEL, v, "model.pt2"))
+def installed(model, v):
+    return os.path.exists(os.path.join(os.environ["VISIONSERVE_DEFAULT_MODELS"], model, v, "model.pt2"))
 
 
-@pytest.mark.parametrize("variant,precision", VARIANTS)
-def test_a_variant_is_installed_only_past_its_gates(default_server, variant, precision):
-    folder = os.path.join(os.environ["VISIONSERVE_DEFAULT_MODELS"], MODEL, variant)
+def box_iou(a, b):
+    a, b = [a[k] for k in ("x1", "y1", "x2", "y2")], [b[k] for k in ("x1", "y1", "x2", "y2")]
+    w, h = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(w, 0) * max(h, 0)
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def same_answers(fp32, ours):
+    """The variant's answer agrees with its twin's: the same top-1, or each of the twin's
+    detections at score >= 0.5 found with the same label at IoU >= 0.7 (the build's box gate)."""
+    fp32, ours = fp32["results"][0], ours["results"][0]
+    if "predictions" in fp32:
+        return fp32["predictions"][0]["index"] == ours["predictions"][0]["index"]
+    confident = [d for d in fp32["detections"] if d["score"] >= 0.5]
+    return all(any(o["label"] == d["label"] and box_iou(o["box"], d["box"]) >= 0.7 for o in ours["detections"])
+               for d in confident)
+
+
+@pytest.mark.parametrize("model,variant,precision", VARIANTS)
+def test_a_variant_is_installed_only_past_its_gates(default_server, model, variant, precision):
+    folder = os.path.join(os.environ["VISIONSERVE_DEFAULT_MODELS"], model, variant)
     package, refusal = os.path.join(folder, "model.pt2"), os.path.join(folder, "not-installed.txt")
-    listed = version(default_server, variant)
-    assert listed["precision"] == precision and version(default_server, TWIN)["precision"] == "fp32"
-    family = requests.get(default_server.url(f"/v1/models/{MODEL}"), timeout=10).json()
-    newest_installed = max((v for v in [TWIN] + [v for v, _ in VARIANTS] if installed(v)), key=int)
-    assert family["default_version"] == newest_installed, family
+    listed = version(default_server, model, variant)
+    assert listed["precision"] == precision and version(default_server, model, TWIN)["precision"] == "fp32"
+    family = requests.get(default_server.url(f"/v1/models/{model}"), timeout=10).json()
+    versions = [TWIN] + [v for m, v, _ in VARIANTS if m == model]
+    assert family["default_version"] == max((v for v in versions if installed(model, v)), key=int), family
     if not os.path.exists(package):
         # make models judged it and left it out: the server says why and serves another version.
         reason = open(refusal).read().strip()
         assert f"{precision.upper()} variant failed its gate" in reason
         assert listed["status"] == "not_installed" and reason in listed["reason"], listed
-        status, body = top1(default_server, variant, SAMPLES[0])
+        status, body = answer(default_server, model, variant, SAMPLES[0])
         assert status == 404 and "not installed on this machine" in body["error"]["message"], body
         assert family["default_version"] != variant, family
         assert requests.get(default_server.url("/health/ready"), timeout=10).status_code == 200
-        pytest.skip(f"version {variant} is not installed on this machine ({reason}); its refusal was checked")
+        pytest.skip(f"{model} version {variant} is not installed on this machine ({reason}); its refusal was checked")
     assert not os.path.exists(refusal)
     with open(os.path.join(os.path.dirname(os.path.realpath(package)), "gate.json")) as f:
         gates = json.load(f)
     assert gates["failed"] is None and quantize.gate(gates) is None and gates["precision"] == precision, gates
     assert listed["status"] == "ready", listed
     for path in SAMPLES:
-        (a, fp32), (b, ours) = top1(default_server, TWIN, path), top1(default_server, variant, path)
+        (a, fp32), (b, ours) = answer(default_server, model, TWIN, path), answer(default_server, model, variant, path)
         assert a == b == 200
-        assert fp32["results"][0]["predictions"][0]["index"] == ours["results"][0]["predictions"][0]["index"], path
-    metadata = requests.get(default_server.url(f"/v2/models/{MODEL}/versions/{variant}"), timeout=10).json()
+        assert same_answers(fp32, ours), (path, fp32, ours)
+    metadata = requests.get(default_server.url(f"/v2/models/{model}/versions/{variant}"), timeout=10).json()
     assert metadata["parameters"]["precision"] == precision
-    config = requests.get(default_server.url(f"/v2/models/{MODEL}/versions/{variant}/config"), timeout=10).json()
+    config = requests.get(default_server.url(f"/v2/models/{model}/versions/{variant}/config"), timeout=10).json()
     assert config["parameters"]["precision"]["string_value"] == precision, config["parameters"]
     import tritonclient.grpc as grpcclient
     client = grpcclient.InferenceServerClient(default_server.grpc)
@@ -159,8 +200,13 @@ def test_a_variant_is_installed_only_past_its_gates(default_server, variant, pre
     for v in (TWIN, variant):
         tensor = grpcclient.InferInput("image", [1], "BYTES")
         tensor.set_data_from_numpy(np.array([open(SAMPLES[0], "rb").read()], dtype=np.object_))
-        answers.append(int(np.argmax(client.infer(MODEL, [tensor], model_version=v).as_numpy("scores")[0])))
-    assert answers[0] == answers[1]
+        result = client.infer(model, [tensor], model_version=v)
+        scores = result.as_numpy("scores")[0]
+        # The class of the top score, or the detections' classes: at score >= 0.5 for the twin,
+        # >= 0.3 for the variant (a detection that slips just under 0.5 is still found).
+        answers.append(int(np.argmax(scores)) if model == MODEL else
+                       set(result.as_numpy("classes")[0][scores >= (0.5 if v == TWIN else 0.3)].tolist()))
+    assert answers[0] == answers[1] if model == MODEL else answers[0] <= answers[1], answers
     assert f"precision=\"{precision}\"" in requests.get(default_server.url("/metrics"), timeout=10).text
 
 
