@@ -79,6 +79,28 @@ def test_detections_are_per_class_nms_above_the_threshold_without_the_background
     assert len(everything) == 3, "without a background class its column counts"
 
 
+def test_a_variant_that_cannot_be_built_here_is_not_installed_and_the_build_goes_on(tmp_path, monkeypatch):
+    import shutil
+    import tomllib
+    import aoti
+    folder = tmp_path / MODEL / "4"
+    folder.mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, "models", MODEL, "4", "config.toml"), folder / "config.toml")
+    (folder / "program.pt2").write_bytes(b"")
+    (folder / "model.pt2").symlink_to(tmp_path / "an-old-package.pt2")
+
+    def no_kernel(*args, **kwargs):
+        raise RuntimeError("no bfloat16 kernel for this operator on this CPU\nmore detail")
+    monkeypatch.setattr(aoti, "twin_package", lambda *args: str(tmp_path / "twin.pt2"))
+    monkeypatch.setattr(aoti, "compile_variant_cached", no_kernel)
+    config = tomllib.load(open(folder / "config.toml", "rb"))
+    assert aoti.install_variant(f"{MODEL}-v4", str(folder), config, str(tmp_path / "cache"), str(tmp_path)) is False
+    assert not os.path.lexists(folder / "model.pt2"), "an older package is unlinked"
+    reason = (folder / "not-installed.txt").read_text()
+    assert reason.startswith("BF16 variant failed its gate on this machine: could not be built on this machine: "
+                             "RuntimeError: no bfloat16 kernel for this operator on this CPU"), reason
+
+
 def test_the_bf16_program_computes_in_bfloat16_and_answers_in_fp32():
     class Tiny(torch.nn.Module):
         def __init__(self):
