@@ -421,24 +421,23 @@ def install_variant(name, folder, config, cache, downloads, calibration_folder=N
     target = os.path.join(folder, config.get("file", "model.pt2"))
     refusal = os.path.join(folder, NOT_INSTALLED)
     twin = twin_package(folder, config, cache)
+
+    def refuse(reason, detail=""):
+        progress(f"{name}: {precision} version NOT installed: {reason}{detail}")
+        link(None, target)
+        with open(refusal, "w") as f:
+            f.write(f"{precision} variant failed its gate on this machine: {reason}\n")
+        return False
+
     try:
         package, report = compile_variant_cached(program, twin, cache, name, config, downloads, calibration_folder)
     except Exception as error:
         # A variant this machine's torch cannot convert or compile (an operator without a
         # bfloat16 or quantized kernel on this CPU) is a variant not installed, not a failed
         # build: the FP32 versions serve as before.
-        reason = f"could not be built on this machine: {type(error).__name__}: {str(error).splitlines()[0][:300]}"
-        progress(f"{name}: {precision} version NOT installed: {reason}")
-        link(None, target)
-        with open(refusal, "w") as f:
-            f.write(f"{precision} variant failed its gate on this machine: {reason}\n")
-        return False
+        return refuse(f"could not be built on this machine: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
     if report["failed"]:
-        progress(f"{name}: {precision} version NOT installed: {report['failed']} ({quantize.describe(report)})")
-        link(None, target)
-        with open(refusal, "w") as f:
-            f.write(f"{precision} variant failed its gate on this machine: {report['failed']}\n")
-        return False
+        return refuse(report["failed"], f" ({quantize.describe(report)})")
     progress(f"{name}: {precision} version installed: {quantize.describe(report)}")
     if os.path.exists(refusal):
         os.remove(refusal)

@@ -114,6 +114,14 @@ def wait_for(predicate, seconds=60, what=None):
     return None
 
 
+def box_iou(a, b):
+    """Intersection over union of two [x1, y1, x2, y2] boxes."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
 def encode(image, fmt, **kwargs):
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **kwargs)

@@ -14,6 +14,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "models"))
 import quantize  # noqa: E402
+from conftest import box_iou  # noqa: E402
 
 SAMPLES = [os.path.join(ROOT, "assets", "samples", f) for f in ("chelsea.jpg", "coffee.jpg", "astronaut.jpg")]
 MODEL, TWIN = "mobilenet_v2", "2"
@@ -166,13 +167,6 @@ def installed(model, v):
     return os.path.exists(os.path.join(os.environ["VISIONSERVE_DEFAULT_MODELS"], model, v, "model.pt2"))
 
 
-def box_iou(a, b):
-    a, b = [a[k] for k in ("x1", "y1", "x2", "y2")], [b[k] for k in ("x1", "y1", "x2", "y2")]
-    w, h = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
-    inter = max(w, 0) * max(h, 0)
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
 def same_answers(fp32, ours):
     """The variant's answer agrees with its twin's: the same top-1, or each of the twin's
     detections at score >= 0.5 found with the same label at IoU >= 0.7 (the build's box gate)."""
@@ -180,8 +174,10 @@ def same_answers(fp32, ours):
     if "predictions" in fp32:
         return fp32["predictions"][0]["index"] == ours["predictions"][0]["index"]
     confident = [d for d in fp32["detections"] if d["score"] >= 0.5]
-    return all(any(o["label"] == d["label"] and box_iou(o["box"], d["box"]) >= 0.7 for o in ours["detections"])
-               for d in confident)
+    def corners(box):
+        return [box[k] for k in ("x1", "y1", "x2", "y2")]
+    return all(any(o["label"] == d["label"] and box_iou(corners(o["box"]), corners(d["box"])) >= 0.7
+                   for o in ours["detections"]) for d in confident)
 
 
 @pytest.mark.parametrize("model,variant,precision", VARIANTS)
