@@ -636,6 +636,22 @@ mod tests {
     }
 
     #[test]
+    fn an_int8_or_bf16_version_is_an_aoti_package_made_from_a_twin() {
+        for precision in ["int8", "bf16"] {
+            let variant = format!("format = \"aoti\"\n{CLASSIFIER}\n[compile]\nprecision = \"{precision}\"\ntwin = \"2\"\n");
+            let config = ModelConfig::parse(&variant).unwrap();
+            assert_eq!(config.compile.precision.name(), precision);
+            let no_twin = variant.replace("twin = \"2\"\n", "");
+            let err = ModelConfig::parse(&no_twin).unwrap_err();
+            assert!(err.contains(&format!("compile.precision = \"{precision}\" needs")) && err.contains("twin"), "{err}");
+            let torchscript = variant.replace("format = \"aoti\"\n", "");
+            assert!(ModelConfig::parse(&torchscript).unwrap_err().contains("needs format = \"aoti\""));
+        }
+        let unknown = format!("format = \"aoti\"\n{CLASSIFIER}\n[compile]\nprecision = \"fp16\"\ntwin = \"2\"\n");
+        assert!(ModelConfig::parse(&unknown).is_err(), "a precision no build makes is refused");
+    }
+
+    #[test]
     fn an_aoti_model_defaults_to_model_pt2() {
         let text = format!("format = \"aoti\"\n{CLASSIFIER}");
         let config = ModelConfig::parse(&text).unwrap();
